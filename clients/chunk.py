@@ -1,0 +1,117 @@
+"""What a caller sees of a streamed completion: plain dataclasses, free of protobuf types."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from llmserve.v1 import common_pb2, generate_service_pb2
+
+# "length", "stop", ... derived from the enum so a reason added to the contract needs no edit here.
+_FINISH_REASONS: dict[int, str] = {
+    value.number: value.name.removeprefix("FINISH_REASON_").lower()
+    for value in common_pb2.FinishReason.DESCRIPTOR.values
+    if value.number != common_pb2.FINISH_REASON_UNSPECIFIED
+}
+
+
+class TopLogprob(NamedTuple):
+    """One alternative at a position: `(token_id, logprob, text)`."""
+
+    token_id: int
+    logprob: float
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """The log-probability of a generated token and the most likely alternatives at its position."""
+
+    token_id: int
+    logprob: float
+    top: list[TopLogprob] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts for a finished request."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    # Prompt tokens the engine served from its prefix cache.
+    cached_prompt_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One streamed piece of a completion: one or more new tokens and their text.
+
+    `finish_reason` ("length" or "stop") and `usage` are set on the stream's last chunk only.
+    """
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob]
+    finish_reason: str | None
+    usage: Usage | None
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A whole completion: the chunks of one stream joined."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    usage: Usage | None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    request_id: str = ""
+
+    @classmethod
+    def from_chunks(cls, chunks: Iterable[Chunk]) -> Completion:
+        """Joins the chunks of one stream, in order."""
+        texts: list[str] = []
+        token_ids: list[int] = []
+        logprobs: list[TokenLogprob] = []
+        finish_reason: str | None = None
+        usage: Usage | None = None
+        request_id = ""
+        for chunk in chunks:
+            texts.append(chunk.text)
+            token_ids.extend(chunk.token_ids)
+            logprobs.extend(chunk.logprobs)
+            finish_reason = chunk.finish_reason or finish_reason
+            usage = chunk.usage or usage
+            request_id = request_id or chunk.request_id
+        return cls("".join(texts), token_ids, finish_reason, usage, logprobs, request_id)
+
+
+def chunk_from_proto(response: generate_service_pb2.GenerateResponse) -> Chunk:
+    """Converts one streamed `GenerateResponse` into a `Chunk`."""
+    reason = response.finish_reason
+    return Chunk(
+        text=response.text,
+        token_ids=list(response.token_ids),
+        logprobs=[
+            TokenLogprob(
+                token_id=lp.token_id,
+                logprob=lp.logprob,
+                top=[TopLogprob(t.token_id, t.logprob, t.text) for t in lp.top_logprobs],
+            )
+            for lp in response.logprobs
+        ],
+        # A reason newer than this client still marks the end of the stream.
+        finish_reason=_FINISH_REASONS.get(reason, f"unknown_{reason}") if reason else None,
+        usage=(
+            Usage(
+                prompt_tokens=response.usage.prompt_tokens,
+                completion_tokens=response.usage.completion_tokens,
+                cached_prompt_tokens=response.usage.cached_prompt_tokens,
+            )
+            if response.HasField("usage")
+            else None
+        ),
+        request_id=response.request_id,
+    )

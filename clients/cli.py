@@ -1,0 +1,160 @@
+"""`llmserve`: the command-line client. Streams completions to the terminal.
+
+    llmserve generate "Once upon a time" --max-tokens 64
+    llmserve generate "Hi!" --chat --json
+    llmserve tokenize "Hello"
+    llmserve info
+    llmserve health
+
+The target defaults to $LLMSERVE_TARGET, else localhost:50051; the bearer token to
+$LLMSERVE_TOKEN. A failed call prints `error: <CODE>: <details>` and exits 1; Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from typing import Any
+
+import grpc
+
+from llmserve.clients._base import DEFAULT_TARGET
+from llmserve.clients.client import LLMClient
+from llmserve.clients.request import PRIORITIES
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the CLI with `argv` (default: `sys.argv[1:]`); returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        with LLMClient(args.target, token=args.token) as client:
+            return args.run(client, args)
+    except grpc.RpcError as err:
+        print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        # Leaving the `with` block closed the channel, which cancelled the call.
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`| head`): point stdout at /dev/null so the interpreter's
+        # final flush does not complain about it again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+# `generate` options whose argparse names are also `LLMClient.generate` keywords.
+_GENERATE_OPTIONS = (
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "stop",
+    "ignore_eos",
+    "logprobs",
+    "priority",
+    "tenant",
+    "request_id",
+)
+
+
+def _prompt_or_messages(args: argparse.Namespace) -> dict[str, Any]:
+    if args.chat:
+        return {"messages": [{"role": "user", "content": args.prompt}]}
+    return {"prompt": args.prompt}
+
+
+def _generate(client: LLMClient, args: argparse.Namespace) -> int:
+    last = None
+    params = {name: getattr(args, name) for name in _GENERATE_OPTIONS}
+    for chunk in client.generate(timeout=args.timeout, **_prompt_or_messages(args), **params):
+        if args.json:
+            print(json.dumps(dataclasses.asdict(chunk)), flush=True)
+        else:
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+        last = chunk
+    if not args.json:
+        print()
+    if args.show_usage and last is not None and last.usage is not None:
+        u = last.usage
+        print(
+            f"finish_reason={last.finish_reason} prompt_tokens={u.prompt_tokens} "
+            f"completion_tokens={u.completion_tokens} "
+            f"cached_prompt_tokens={u.cached_prompt_tokens}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _tokenize(client: LLMClient, args: argparse.Namespace) -> int:
+    print(json.dumps(client.tokenize(**_prompt_or_messages(args), timeout=args.timeout)))
+    return 0
+
+
+def _info(client: LLMClient, args: argparse.Namespace) -> int:
+    print(json.dumps(client.model_info(timeout=args.timeout), indent=2))
+    return 0
+
+
+def _health(client: LLMClient, args: argparse.Namespace) -> int:
+    status = client.health(args.service, timeout=args.timeout)
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    # Built per call so the environment defaults are read when main() runs, not at import.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--target",
+        default=os.environ.get("LLMSERVE_TARGET", DEFAULT_TARGET),
+        help="router address (default: $LLMSERVE_TARGET or %(default)s)",
+    )
+    common.add_argument(
+        "--token",
+        default=os.environ.get("LLMSERVE_TOKEN"),
+        help="bearer token (default: $LLMSERVE_TOKEN)",
+    )
+    common.add_argument("--timeout", type=float, help="deadline in seconds")
+
+    parser = argparse.ArgumentParser(prog="llmserve", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", parents=[common], help="stream a completion")
+    gen.set_defaults(run=_generate)
+    gen.add_argument("prompt")
+    gen.add_argument("--chat", action="store_true", help="send PROMPT as one user message")
+    gen.add_argument("--max-tokens", type=int)
+    gen.add_argument("--temperature", type=float, help="0 = greedy")
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--min-p", type=float, default=0.0)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--logprobs", type=int, help="alternatives per token (shown with --json)")
+    gen.add_argument("--priority", choices=list(PRIORITIES), default="standard")
+    gen.add_argument("--tenant", default="")
+    gen.add_argument("--request-id", default="")
+    gen.add_argument("--json", action="store_true", help="print each chunk as a JSON line")
+    gen.add_argument(
+        "--show-usage", action="store_true", help="print finish reason and usage to stderr"
+    )
+
+    tok = sub.add_parser("tokenize", parents=[common], help="print a prompt's token ids")
+    tok.set_defaults(run=_tokenize)
+    tok.add_argument("prompt")
+    tok.add_argument("--chat", action="store_true", help="tokenize PROMPT as one user message")
+
+    info = sub.add_parser("info", parents=[common], help="describe the served model")
+    info.set_defaults(run=_info)
+
+    health = sub.add_parser("health", parents=[common], help="exit 0 only if SERVING")
+    health.set_defaults(run=_health)
+    health.add_argument("--service", default="", help="service name to check (default: server)")
+    return parser

@@ -1,0 +1,30 @@
+"""The content address of a full KV block, computed identically by engines and routers.
+
+hash = xxh3_64(parent hash as 8 little-endian bytes + token ids as little-endian uint32, seed);
+the first block's parent is 0. Anything that changes KV content (model, adapter) goes into the seed.
+"""
+
+import struct
+from collections.abc import Sequence
+
+import xxhash
+
+ALGORITHM = "xxh3_64"
+
+
+def hash_block(parent: int, token_ids: Sequence[int], seed: int) -> int:
+    """Hash of one full block whose predecessor hashed to `parent` (0 for the first block)."""
+    data = struct.pack(f"<Q{len(token_ids)}I", parent, *token_ids)
+    return xxhash.xxh3_64_intdigest(data, seed)
+
+
+def hash_full_blocks(
+    token_ids: Sequence[int], block_size: int, seed: int, known: Sequence[int] = ()
+) -> list[int]:
+    """Chained hashes of every full block of `token_ids`, reusing the `known` leading hashes."""
+    hashes = list(known)
+    parent = hashes[-1] if hashes else 0
+    for start in range(len(hashes) * block_size, len(token_ids) - block_size + 1, block_size):
+        parent = hash_block(parent, token_ids[start : start + block_size], seed)
+        hashes.append(parent)
+    return hashes

@@ -1,0 +1,3 @@
+from llmserve.engine_service.cli import main
+
+main()

@@ -1,0 +1,110 @@
+"""`llmserve-engine`: serve one checkpoint over the internal EngineService gRPC API."""
+
+import argparse
+import asyncio
+import contextlib
+import signal
+from pathlib import Path
+
+import grpc
+import structlog
+from prometheus_client import start_http_server
+
+from llmserve.common.logs import configure_logging
+from llmserve.engine_service.async_engine import AsyncEngine
+from llmserve.engine_service.config import EngineConfig
+from llmserve.engine_service.demo_model import ensure_demo_model
+from llmserve.engine_service.engine_builder import build_engine
+from llmserve.engine_service.server import serve_engine
+
+log = structlog.get_logger(__name__)
+DEFAULT_PORT = 50052
+PORT_SEARCH = 16
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="llmserve-engine", description=__doc__)
+    p.add_argument(
+        "--model",
+        default="demo",
+        help="checkpoint directory, or 'demo' for the embedded demo model",
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help=f"gRPC port (default {DEFAULT_PORT}, or the next free one; 0 = any)",
+    )
+    p.add_argument("--metrics-port", type=int, default=9401, help="-1 turns /metrics off")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument(
+        "--num-kv-blocks",
+        type=int,
+        default=None,
+        help="KV blocks in the pool (default: what fits in --kv-cache-memory-gb)",
+    )
+    p.add_argument("--kv-cache-memory-gb", type=float, default=1.0)
+    p.add_argument("--max-tokens-default", type=int, default=256)
+    p.add_argument("--log-format", default="auto", choices=["auto", "json", "console"])
+    p.add_argument("--log-level", default="info")
+    return p.parse_args(argv)
+
+
+def _free_port(host: str) -> int:
+    """The first port from DEFAULT_PORT on that nobody listens on (a second local engine)."""
+    import socket
+
+    for port in range(DEFAULT_PORT, DEFAULT_PORT + PORT_SEARCH):
+        with socket.socket() as sock:
+            if sock.connect_ex((host if host != "0.0.0.0" else "127.0.0.1", port)) != 0:
+                return port
+    raise OSError(f"no free port in {DEFAULT_PORT}..{DEFAULT_PORT + PORT_SEARCH - 1}")
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    model = ensure_demo_model() if args.model == "demo" else Path(args.model)
+    config = EngineConfig(
+        model=model,
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks,
+        kv_cache_memory_bytes=int(args.kv_cache_memory_gb * (1 << 30)),
+        max_tokens_default=args.max_tokens_default,
+    )
+    core, info = await asyncio.to_thread(build_engine, config)
+    if args.metrics_port >= 0:
+        server, _ = start_http_server(args.metrics_port, addr=args.host)
+        log.info("metrics_serving", port=server.server_port, path="/metrics")
+    port = args.port if args.port is not None else _free_port(args.host)
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        await serve_engine(AsyncEngine(core), info, args.host, port)
+    log.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    configure_logging(args.log_format, args.log_level)
+    try:
+        asyncio.run(_serve(args))
+    except (OSError, ValueError, grpc.RpcError) as exc:
+        log.error("startup_failed", error=str(exc))
+        raise SystemExit(1) from exc
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Model definitions the engine runs (pure torch modules; attention goes through a backend)."""

@@ -1,0 +1,207 @@
+"""The engine's gRPC server: `EngineService`, health and reflection on one port."""
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from llmserve.engine_service import metrics
+from llmserve.engine_service.async_engine import AsyncEngine, EngineDeadError
+from llmserve.engine_service.engine_builder import EngineInfo
+from llmserve.engine_service.request import EngineRequest, FinishReason, RequestOutput
+from llmserve.engine_service.validation import InvalidRequestError, check_prompt, sampling_options
+from llmserve.v1 import common_pb2, engine_service_pb2, engine_service_pb2_grpc
+
+log = structlog.get_logger(__name__)
+
+SERVICE_NAME = engine_service_pb2.DESCRIPTOR.services_by_name["EngineService"].full_name
+PRIORITY_CLASS = {
+    common_pb2.PRIORITY_UNSPECIFIED: 1,
+    common_pb2.PRIORITY_CRITICAL: 0,
+    common_pb2.PRIORITY_STANDARD: 1,
+    common_pb2.PRIORITY_BATCH: 2,
+}
+FINISH_REASON = {
+    FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
+    FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
+}
+
+
+def request_from_proto(
+    msg: engine_service_pb2.EngineServiceGenerateRequest, info: EngineInfo
+) -> EngineRequest:
+    """Converts and validates a Generate request (raises InvalidRequestError)."""
+    prompt = list(msg.prompt_token_ids)
+    check_prompt(prompt, info)
+    if msg.priority not in PRIORITY_CLASS:
+        raise InvalidRequestError(f"priority: unknown value {msg.priority}")
+    s, stop = msg.sampling, msg.stopping
+    options = sampling_options(
+        info,
+        len(prompt),
+        temperature=s.temperature if s.HasField("temperature") else None,
+        top_p=s.top_p if s.HasField("top_p") else None,
+        top_k=s.top_k,
+        min_p=s.min_p,
+        seed=s.seed if s.HasField("seed") else None,
+        logprobs=s.logprobs if s.HasField("logprobs") else None,
+        max_tokens=stop.max_tokens if stop.HasField("max_tokens") else None,
+        stop_token_ids=list(stop.stop_token_ids),
+        ignore_eos=stop.ignore_eos,
+    )
+    # Internal ids are always unique: two callers may reuse the same request_id.
+    return EngineRequest(
+        request_id=f"{msg.request_id or 'req'}-{uuid.uuid4().hex[:12]}",
+        prompt_token_ids=prompt,
+        sampling=options,
+        priority=PRIORITY_CLASS[msg.priority],
+        tenant=msg.tenant,
+    )
+
+
+def response_from_outputs(
+    outputs: list[RequestOutput],
+) -> engine_service_pb2.EngineServiceGenerateResponse:
+    """Merges one or more step outputs of a request into one streamed response."""
+    response = engine_service_pb2.EngineServiceGenerateResponse()
+    for out in outputs:
+        response.token_ids.extend(out.new_token_ids)
+        for lp in out.new_logprobs or ():
+            response.logprobs.add(
+                token_id=lp.token_id,
+                logprob=lp.logprob,
+                top_logprobs=[common_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
+            )
+    last = outputs[-1]
+    if last.finish_reason is not None:
+        response.finish_reason = FINISH_REASON[last.finish_reason]
+    response.usage.CopyFrom(
+        common_pb2.Usage(
+            prompt_tokens=last.prompt_tokens,
+            completion_tokens=last.completion_tokens,
+            cached_prompt_tokens=last.cached_prompt_tokens,
+        )
+    )
+    return response
+
+
+def info_to_proto(info: EngineInfo) -> engine_service_pb2.GetInfoResponse:
+    return engine_service_pb2.GetInfoResponse(
+        model=info.model,
+        architecture=info.architecture,
+        vocab_size=info.vocab_size,
+        max_model_len=info.max_model_len,
+        block_size=info.block_size,
+        num_blocks=info.num_blocks,
+        max_num_seqs=info.max_num_seqs,
+        max_num_batched_tokens=info.max_num_batched_tokens,
+        block_hash_algorithm=info.block_hash_algorithm,
+        block_hash_seed=info.block_hash_seed,
+        eos_token_ids=list(info.eos_token_ids),
+        attention_backend=info.attention_backend,
+        dtype=info.dtype,
+        device=info.device,
+        max_tokens_default=info.max_tokens_default,
+    )
+
+
+class EngineServicer(engine_service_pb2_grpc.EngineServiceServicer):
+    """Serves token-id generation from one engine core to many concurrent streams."""
+
+    def __init__(self, engine: AsyncEngine, info: EngineInfo) -> None:
+        self.engine = engine
+        self.info = info
+
+    async def Generate(
+        self,
+        request: engine_service_pb2.EngineServiceGenerateRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[engine_service_pb2.EngineServiceGenerateResponse]:
+        """Streams the request's tokens; several per response when this reader lags behind."""
+        try:
+            engine_request = request_from_proto(request, self.info)
+        except InvalidRequestError as exc:
+            metrics.REQUESTS.labels("invalid").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        bound = log.bind(request_id=engine_request.request_id)
+        bound.info(
+            "request_started",
+            prompt_tokens=len(engine_request.prompt_token_ids),
+            max_tokens=engine_request.sampling.max_tokens,
+            priority=engine_request.priority,
+        )
+        finished = False
+        try:
+            async for outputs in self.engine.generate(engine_request):
+                metrics.GENERATED_TOKENS.inc(sum(len(o.new_token_ids) for o in outputs))
+                finished = outputs[-1].finish_reason is not None
+                yield response_from_outputs(outputs)
+        except EngineDeadError as exc:
+            metrics.REQUESTS.labels("failed").inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        finally:
+            outcome = "finished" if finished else "cancelled"
+            metrics.REQUESTS.labels(outcome).inc()
+            bound.info("request_" + outcome)
+
+    async def GetInfo(
+        self, request: engine_service_pb2.GetInfoRequest, context: grpc.aio.ServicerContext
+    ) -> engine_service_pb2.GetInfoResponse:
+        """Describes the model, KV-cache geometry and block-hash scheme."""
+        return info_to_proto(self.info)
+
+    async def WatchLoad(
+        self, request: engine_service_pb2.WatchLoadRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[engine_service_pb2.WatchLoadResponse]:
+        """Streams the engine's load: the current value at once, then every change."""
+        async for load in self.engine.watch_load():
+            metrics.record_load(load)
+            yield engine_service_pb2.WatchLoadResponse(
+                num_running=load.num_running,
+                num_waiting=load.num_waiting,
+                num_free_blocks=load.num_free_blocks,
+                num_total_blocks=load.num_total_blocks,
+                queued_prefill_tokens=load.queued_prefill_tokens,
+                requests_per_priority=list(load.requests_per_priority),
+            )
+
+
+async def serve_engine(
+    engine: AsyncEngine, info: EngineInfo, host: str, port: int, ready: asyncio.Event | None = None
+) -> None:
+    """Serves until cancelled; health reports SERVING once the engine loop runs."""
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
+    engine_service_pb2_grpc.add_EngineServiceServicer_to_server(
+        EngineServicer(engine, info), server
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    bound_port = server.add_insecure_port(f"{host}:{port}")
+    if bound_port == 0:
+        raise OSError(f"cannot bind {host}:{port}")
+    await server.start()
+    engine.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving", service=SERVICE_NAME, host=host, port=bound_port)
+    if ready is not None:
+        ready.set()
+    try:
+        await server.wait_for_termination()
+    finally:
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.stop(grace=5)
+        engine.stop()

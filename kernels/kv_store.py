@@ -1,0 +1,17 @@
+"""Writes this step's keys and values into their cache slots (slot = block * block_size + offset)."""
+
+import torch
+
+
+def store_kv_torch(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """k/v [T, Hkv, D] into caches [num_blocks, block_size, Hkv, D]; slots < 0 are padding."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k[keep])
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v[keep])

@@ -1,0 +1,76 @@
+"""Causal attention of new query tokens over a paged KV cache (decode and prefill/extend alike).
+
+Layout: `k_cache`/`v_cache` are [num_blocks, block_size, num_kv_heads, head_dim]; sequence b owns
+the pages `block_tables[b, :]`, holds `seq_lens[b]` tokens after this step, and its queries
+`q[query_start_loc[b]:query_start_loc[b+1]]` are its last positions (causal inside the step).
+"""
+
+import torch
+
+
+def gather_paged(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """Returns the first `length` tokens of one sequence's pages as [length, heads, head_dim]."""
+    block_size = cache.shape[1]
+    num_pages = (length + block_size - 1) // block_size
+    pages = cache[block_table[:num_pages].long()]
+    return pages.reshape(-1, *cache.shape[2:])[:length]
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+            scale: float) -> torch.Tensor:
+    """q [B, Q, Hq, D], k/v [B, K, Hkv, D], mask [B, Q, K] (True = visible) -> [B, Q, Hq, D]."""
+    batch, num_q, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    group = num_heads // num_kv_heads
+    # GQA: query heads of one KV head sit next to each other (head h uses KV head h // group).
+    qg = q.float().view(batch, num_q, num_kv_heads, group, head_dim)
+    scores = torch.einsum("bqhgd,bkhd->bhgqk", qg, k.float()) * scale
+    scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("bhgqk,bkhd->bqhgd", probs, v.float())
+    return out.reshape(batch, num_q, num_heads, head_dim).to(q.dtype)
+
+
+def paged_attention_torch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Reference paged attention: q [T, Hq, D] (flat varlen) -> [T, Hq, D].
+
+    Single-token queries (decode) are batched into one padded computation; longer ones (prefill
+    chunks) run one sequence at a time so padding never multiplies by the longest prompt.
+    """
+    out = torch.empty_like(q)
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    decode_rows = [b for b in range(len(lens)) if starts[b + 1] - starts[b] == 1]
+    device = q.device
+    if decode_rows:
+        max_len = max(lens[b] for b in decode_rows)
+        keys = torch.zeros(len(decode_rows), max_len, *k_cache.shape[2:], dtype=k_cache.dtype,
+                           device=device)
+        values = torch.zeros_like(keys)
+        for i, b in enumerate(decode_rows):
+            keys[i, : lens[b]] = gather_paged(k_cache, block_tables[b], lens[b])
+            values[i, : lens[b]] = gather_paged(v_cache, block_tables[b], lens[b])
+        token_rows = torch.tensor([starts[b] for b in decode_rows], device=device)
+        row_lens = torch.tensor([lens[b] for b in decode_rows], device=device)
+        valid = torch.arange(max_len, device=device)[None, :] < row_lens[:, None]
+        out[token_rows] = _attend(q[token_rows][:, None], keys, values, valid[:, None], scale)[:, 0]
+    for b in range(len(lens)):
+        num_q = starts[b + 1] - starts[b]
+        if num_q <= 1:
+            continue
+        keys = gather_paged(k_cache, block_tables[b], lens[b])
+        values = gather_paged(v_cache, block_tables[b], lens[b])
+        q_pos = torch.arange(lens[b] - num_q, lens[b], device=device)
+        mask = torch.arange(lens[b], device=device)[None, :] <= q_pos[:, None]
+        out[starts[b] : starts[b + 1]] = _attend(
+            q[starts[b] : starts[b + 1]][None], keys[None], values[None], mask[None], scale
+        )[0]
+    return out

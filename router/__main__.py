@@ -1,0 +1,3 @@
+from llmserve.router.cli import main
+
+main()

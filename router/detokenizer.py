@@ -1,0 +1,58 @@
+"""Incremental detokenization with stop strings: text goes out as soon as it cannot change.
+
+Text that might be the start of a stop string is held back until it is clearly not one, so a
+stop string never reaches the client, and a UTF-8 character is never split (DecodeStream waits
+for its last byte).
+"""
+
+from tokenizers import Tokenizer
+
+from llmserve.router.tokenizer import TextTokenizer
+
+
+class IncrementalDetokenizer:
+    """Turns a stream of token ids into text chunks, stopping at the first stop string."""
+
+    def __init__(self, tokenizer: TextTokenizer, stop: list[str]) -> None:
+        self._tokenizer: Tokenizer = tokenizer.tokenizer
+        self._stream = tokenizer.decode_stream()
+        self._stop = [s for s in stop if s]
+        self._pending = ""
+        self._token_ids: list[int] = []
+        self._decoded_len = 0
+        self.stopped = False
+
+    def push(self, token_ids: list[int], final: bool = False) -> str:
+        """Adds tokens; returns the text now safe to emit. Sets `stopped` on a stop string."""
+        self._token_ids.extend(token_ids)
+        for token_id in token_ids:
+            piece = self._stream.step(self._tokenizer, token_id)
+            if piece:
+                self._pending += piece
+                self._decoded_len += len(piece)
+        if final:
+            # Bytes of an unfinished character stay in the stream: the full decode shows them
+            # (as U+FFFD), exactly as a one-shot decode of the whole output would.
+            full = self._tokenizer.decode(self._token_ids, skip_special_tokens=True)
+            self._pending += full[self._decoded_len :]
+        match = min(((i, s) for s in self._stop if (i := self._pending.find(s)) >= 0), default=None)
+        if match is not None:
+            self.stopped = True
+            text, self._pending = self._pending[: match[0]], ""
+            return text
+        cut = len(self._pending) if final else len(self._pending) - self._partial_match()
+        text, self._pending = self._pending[:cut], self._pending[cut:]
+        return text
+
+    def _partial_match(self) -> int:
+        """Length of the longest tail of the pending text that begins some stop string."""
+        pending = self._pending
+        return max(
+            (
+                k
+                for s in self._stop
+                for k in range(min(len(s) - 1, len(pending)), 0, -1)
+                if s.startswith(pending[-k:])
+            ),
+            default=0,
+        )

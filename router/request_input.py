@@ -1,0 +1,80 @@
+"""Turns a public request's input (prompt, messages or token ids) into prompt token ids."""
+
+from dataclasses import dataclass
+
+from llmserve.router.chat_template import ChatTemplateError
+from llmserve.router.tokenizer import TextTokenizer
+from llmserve.v1 import generate_service_pb2
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
+
+
+class InvalidInputError(ValueError):
+    """The request's input is unusable; the message names the field and the limit."""
+
+
+@dataclass(frozen=True)
+class PromptInput:
+    """The prompt as the engine will see it, and which request field it came from."""
+
+    field: str
+    text: str
+    token_ids: list[int]
+
+
+def prompt_input(
+    request: generate_service_pb2.GenerateRequest | generate_service_pb2.TokenizeRequest,
+    tokenizer: TextTokenizer,
+    max_model_len: int,
+) -> PromptInput:
+    """Tokenizes exactly one of prompt / messages / prompt_token_ids and checks its length."""
+    given = [
+        name
+        for name in ("prompt", "messages", "prompt_token_ids")
+        if name in request.DESCRIPTOR.fields_by_name and _is_set(request, name)
+    ]
+    if not given:
+        raise InvalidInputError(
+            "prompt: give one of prompt, messages or prompt_token_ids (all are empty)"
+        )
+    if len(given) > 1:
+        raise InvalidInputError(
+            f"{given[0]}: give only one of prompt, messages or prompt_token_ids "
+            f"(got {' and '.join(given)})"
+        )
+    field = given[0]
+    if field == "prompt":
+        result = PromptInput(field, request.prompt, tokenizer.encode(request.prompt))
+    elif field == "messages":
+        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        for i, message in enumerate(messages):
+            if not message["role"]:
+                raise InvalidInputError(f"messages[{i}].role: must not be empty")
+        try:
+            text, ids = tokenizer.encode_chat(messages)
+        except (ChatTemplateError, ValueError) as exc:
+            raise InvalidInputError(f"messages: {exc}") from exc
+        result = PromptInput(field, text, ids)
+    else:
+        result = PromptInput(field, "", list(request.prompt_token_ids))
+    if not result.token_ids:
+        raise InvalidInputError(f"{field}: tokenizes to no tokens")
+    if len(result.token_ids) >= max_model_len:
+        raise InvalidInputError(
+            f"{field}: {len(result.token_ids)} tokens; the limit is {max_model_len - 1} "
+            f"(max_model_len {max_model_len} minus at least one generated token)"
+        )
+    return result
+
+
+def check_stop_strings(stop: list[str]) -> None:
+    if len(stop) > MAX_STOP_STRINGS:
+        raise InvalidInputError(f"stop: {len(stop)} strings; the limit is {MAX_STOP_STRINGS}")
+    for i, s in enumerate(stop):
+        if not s or len(s) > MAX_STOP_LENGTH:
+            raise InvalidInputError(f"stop[{i}]: length {len(s)}; must be 1..{MAX_STOP_LENGTH}")
+
+
+def _is_set(request: object, name: str) -> bool:
+    return bool(getattr(request, name))

@@ -1,0 +1,216 @@
+"""The router's gRPC server: the public `GenerateService`, health and reflection."""
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from llmserve.router.detokenizer import IncrementalDetokenizer
+from llmserve.router.engine_pool import EnginePool
+from llmserve.router.request_input import InvalidInputError, check_stop_strings, prompt_input
+from llmserve.router.tokenizer import TextTokenizer
+from llmserve.router.wire import MalformedRequest, lenient_deserializer
+from llmserve.v1 import common_pb2, engine_service_pb2, generate_service_pb2
+
+log = structlog.get_logger(__name__)
+
+SERVICE = generate_service_pb2.DESCRIPTOR.services_by_name["GenerateService"]
+RELAYED_CODES = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+}
+
+
+class GenerateServicer:
+    """Serves text generation by tokenizing, forwarding to an engine and detokenizing."""
+
+    def __init__(self, tokenizer: TextTokenizer, pool: EnginePool) -> None:
+        self.tokenizer = tokenizer
+        self.pool = pool
+
+    async def _require_info(
+        self, context: grpc.aio.ServicerContext
+    ) -> engine_service_pb2.GetInfoResponse:
+        info = self.pool.info
+        if info is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "no engine is ready to serve")
+        return info
+
+    async def Generate(
+        self,
+        request: generate_service_pb2.GenerateRequest | MalformedRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[generate_service_pb2.GenerateResponse]:
+        """Streams a completion; each response carries new text and the tokens behind it."""
+        if isinstance(request, MalformedRequest):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        info = await self._require_info(context)
+        request_id = request.request_id or _metadata_request_id(context) or uuid.uuid4().hex
+        try:
+            check_stop_strings(list(request.stop))
+            prompt = prompt_input(request, self.tokenizer, info.max_model_len)
+        except InvalidInputError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        engine = self.pool.pick()
+        if engine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "no engine is ready to serve")
+        bound = log.bind(request_id=request_id, engine=engine.address)
+        bound.info("request_routed", input=prompt.field, prompt_tokens=len(prompt.token_ids))
+        engine_request = engine_service_pb2.EngineServiceGenerateRequest(
+            request_id=request_id,
+            prompt_token_ids=prompt.token_ids,
+            sampling=request.sampling,
+            stopping=request.stopping,
+            priority=request.priority,
+            tenant=request.tenant,
+        )
+        call = engine.stub.Generate(
+            engine_request,
+            timeout=context.time_remaining(),
+            metadata=(("x-request-id", request_id),),
+        )
+        detokenizer = IncrementalDetokenizer(self.tokenizer, list(request.stop))
+        try:
+            async for chunk in call:
+                final = chunk.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+                response = generate_service_pb2.GenerateResponse(
+                    request_id=request_id,
+                    text=detokenizer.push(list(chunk.token_ids), final),
+                    token_ids=chunk.token_ids,
+                    logprobs=self._with_text(chunk.logprobs),
+                )
+                if detokenizer.stopped or final:
+                    response.finish_reason = (
+                        common_pb2.FINISH_REASON_STOP
+                        if detokenizer.stopped
+                        else chunk.finish_reason
+                    )
+                    response.usage.CopyFrom(chunk.usage)
+                    bound.info(
+                        "request_finished",
+                        completion_tokens=chunk.usage.completion_tokens,
+                        finish_reason=common_pb2.FinishReason.Name(response.finish_reason),
+                    )
+                    yield response
+                    return
+                yield response
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            if code not in RELAYED_CODES:
+                bound.warning("engine_failed", code=code.name, details=exc.details())
+                code = grpc.StatusCode.UNAVAILABLE
+            await context.abort(code, exc.details() or code.name)
+        finally:
+            call.cancel()
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "engine stream ended without finishing")
+
+    def _with_text(self, logprobs: list[common_pb2.TokenLogprob]) -> list[common_pb2.TokenLogprob]:
+        for entry in logprobs:
+            for alternative in entry.top_logprobs:
+                alternative.text = self.tokenizer.token_text(alternative.token_id)
+        return logprobs
+
+    async def Tokenize(
+        self,
+        request: generate_service_pb2.TokenizeRequest | MalformedRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> generate_service_pb2.TokenizeResponse:
+        """Returns the token ids a Generate call with this input would send to an engine."""
+        if isinstance(request, MalformedRequest):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        info = await self._require_info(context)
+        try:
+            prompt = prompt_input(request, self.tokenizer, info.max_model_len)
+        except InvalidInputError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return generate_service_pb2.TokenizeResponse(token_ids=prompt.token_ids, text=prompt.text)
+
+    async def GetModelInfo(
+        self,
+        request: generate_service_pb2.GetModelInfoRequest | MalformedRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> generate_service_pb2.GetModelInfoResponse:
+        """Describes the served model and its limits."""
+        info = await self._require_info(context)
+        return generate_service_pb2.GetModelInfoResponse(
+            model=info.model,
+            max_model_len=info.max_model_len,
+            vocab_size=info.vocab_size,
+            num_engines=len(self.pool.ready_engines()),
+            max_tokens_default=info.max_tokens_default,
+        )
+
+
+def _metadata_request_id(context: grpc.aio.ServicerContext) -> str | None:
+    return dict(context.invocation_metadata() or ()).get("x-request-id")
+
+
+def _generic_handler(servicer: GenerateServicer) -> grpc.GenericRpcHandler:
+    """Registers the servicer with lenient request parsing (see `wire`)."""
+    methods = {}
+    for method in SERVICE.methods:
+        request_cls = getattr(generate_service_pb2, method.input_type.name)
+        response_cls = getattr(generate_service_pb2, method.output_type.name)
+        factory = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        methods[method.name] = factory(
+            getattr(servicer, method.name),
+            request_deserializer=lenient_deserializer(request_cls),
+            response_serializer=response_cls.SerializeToString,
+        )
+    return grpc.method_handlers_generic_handler(SERVICE.full_name, methods)
+
+
+async def serve_router(
+    tokenizer: TextTokenizer,
+    pool: EnginePool,
+    host: str,
+    port: int,
+    max_connection_age_s: float = 300.0,
+) -> None:
+    """Serves until cancelled; health turns SERVING once an engine is ready."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.so_reuseport", 0),
+            # Clients reconnect and spread over router replicas added by an autoscaler.
+            ("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", 30_000),
+            ("grpc.max_receive_message_length", 16 << 20),
+        ]
+    )
+    server.add_generic_rpc_handlers((_generic_handler(GenerateServicer(tokenizer, pool)),))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            SERVICE.full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    bound_port = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    log.info("serving", service=SERVICE.full_name, host=host, port=bound_port)
+    await pool.start()
+    try:
+        await pool.ready.wait()
+        for name in ("", SERVICE.full_name):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("ready", engines=[e.address for e in pool.ready_engines()])
+        await server.wait_for_termination()
+    finally:
+        for name in ("", SERVICE.full_name):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.stop(grace=5)
+        await pool.close()
+        await asyncio.sleep(0)

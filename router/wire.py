@@ -1,0 +1,66 @@
+"""Request decoding that turns malformed bytes into an error naming the field, not a crash.
+
+grpcio answers a request it cannot parse with a bare INTERNAL; invalid UTF-8 in a string field
+is the common case (protobuf refuses it), and a caller deserves to know which field it was.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from google.protobuf import empty_pb2
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import DecodeError, Message
+from google.protobuf.unknown_fields import UnknownFieldSet
+
+_LENGTH_DELIMITED = 2
+
+
+@dataclass(frozen=True)
+class MalformedRequest:
+    """Stands in for a request that could not be parsed; `message` says what was wrong."""
+
+    message: str
+
+
+def _find_bad_utf8(descriptor: Descriptor, data: bytes, prefix: str = "") -> str | None:
+    """Walks the raw fields and names the first string field that is not valid UTF-8."""
+    raw = empty_pb2.Empty()
+    raw.ParseFromString(data)
+    counts: dict[int, int] = {}
+    for field in UnknownFieldSet(raw):
+        fd = descriptor.fields_by_number.get(field.field_number)
+        if fd is None or field.wire_type != _LENGTH_DELIMITED:
+            continue
+        index = counts.get(fd.number, 0)
+        counts[fd.number] = index + 1
+        name = f"{prefix}{fd.name}" + (f"[{index}]" if fd.is_repeated else "")
+        if fd.type == FieldDescriptor.TYPE_STRING:
+            try:
+                field.data.decode("utf-8")
+            except UnicodeDecodeError:
+                return name
+        elif fd.type == FieldDescriptor.TYPE_MESSAGE:
+            found = _find_bad_utf8(fd.message_type, field.data, name + ".")
+            if found:
+                return found
+    return None
+
+
+def lenient_deserializer(
+    message_cls: type[Message],
+) -> Callable[[bytes], Message | MalformedRequest]:
+    """A request deserializer that returns MalformedRequest instead of raising."""
+
+    def deserialize(data: bytes) -> Message | MalformedRequest:
+        try:
+            return message_cls.FromString(data)
+        except DecodeError:
+            try:
+                field = _find_bad_utf8(message_cls.DESCRIPTOR, data)
+            except DecodeError:
+                field = None
+            if field:
+                return MalformedRequest(f"{field}: not valid UTF-8 (string fields must be UTF-8)")
+            return MalformedRequest(f"request is not a valid {message_cls.DESCRIPTOR.full_name}")
+
+    return deserialize

@@ -1,0 +1,114 @@
+"""Request building, response conversion, channel options and the hand-written health codec."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from grpc_health.v1 import health_pb2
+
+from llmserve.clients import Chunk, Completion, TokenLogprob, Usage
+from llmserve.clients._base import (
+    channel_options,
+    health_status_name,
+    model_info_to_dict,
+)
+from llmserve.clients.chunk import chunk_from_proto
+from llmserve.clients.request import build_generate_request, build_tokenize_request
+from llmserve.v1 import common_pb2, generate_service_pb2
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("critical", common_pb2.PRIORITY_CRITICAL),
+        ("standard", common_pb2.PRIORITY_STANDARD),
+        ("batch", common_pb2.PRIORITY_BATCH),
+        ("BATCH", common_pb2.PRIORITY_BATCH),
+    ],
+)
+def test_priority_names_map_to_the_enum(name: str, value: int) -> None:
+    assert build_generate_request("x", priority=name).priority == value
+
+
+def test_unknown_priority_is_a_value_error_naming_the_choices() -> None:
+    with pytest.raises(ValueError, match="critical, standard, batch"):
+        build_generate_request("x", priority="urgent")
+
+
+def test_unknown_keyword_is_a_type_error() -> None:
+    with pytest.raises(TypeError):
+        build_generate_request("x", temprature=0.5)  # type: ignore[call-arg]
+
+
+def test_zero_values_given_explicitly_are_sent() -> None:
+    request = build_generate_request("x", temperature=0.0, seed=0, logprobs=0, max_tokens=0)
+    assert request.sampling.HasField("temperature") and request.sampling.temperature == 0.0
+    assert request.sampling.HasField("seed") and request.sampling.HasField("logprobs")
+    assert request.stopping.HasField("max_tokens")
+
+
+def test_tokenize_request() -> None:
+    assert build_tokenize_request("hi") == generate_service_pb2.TokenizeRequest(prompt="hi")
+    request = build_tokenize_request(messages=[{"role": "user", "content": "yo"}])
+    assert request.prompt == "" and request.messages[0].content == "yo"
+
+
+def test_response_without_finish_or_usage() -> None:
+    chunk = chunk_from_proto(generate_service_pb2.GenerateResponse(text="a", token_ids=[7]))
+    assert chunk == Chunk("a", [7], [], None, None, "")
+
+
+def test_a_finish_reason_newer_than_the_client_still_ends_the_stream() -> None:
+    response = generate_service_pb2.GenerateResponse(finish_reason=7)
+    assert chunk_from_proto(response).finish_reason == "unknown_7"
+
+
+def test_usage_with_all_zero_counts_is_still_usage() -> None:
+    response = generate_service_pb2.GenerateResponse(usage=common_pb2.Usage())
+    assert chunk_from_proto(response).usage == Usage(0, 0, 0)
+
+
+def test_completion_from_no_chunks() -> None:
+    assert Completion.from_chunks([]) == Completion("", [], None, None, [], "")
+
+
+def test_completion_takes_finish_and_usage_from_the_last_chunk_that_has_them() -> None:
+    lp = TokenLogprob(1, -0.5)
+    chunks = [
+        Chunk("a", [1], [lp], None, None, "id"),
+        Chunk("b", [2], [], "length", Usage(1, 2, 0), "id"),
+    ]
+    assert Completion.from_chunks(chunks) == Completion(
+        "ab", [1, 2], "length", Usage(1, 2, 0), [lp], "id"
+    )
+
+
+def test_channel_options_add_a_round_robin_service_config() -> None:
+    base = [("grpc.max_receive_message_length", -1)]
+    assert channel_options(base, None) == base
+    merged = channel_options(base, "round_robin")
+    assert merged[0] == base[0]
+    key, value = merged[1]
+    assert key == "grpc.service_config"
+    assert json.loads(value) == {"loadBalancingConfig": [{"round_robin": {}}]}
+
+
+@pytest.mark.parametrize(
+    ("status", "name"),
+    [(0, "UNKNOWN"), (1, "SERVING"), (2, "NOT_SERVING"), (3, "SERVICE_UNKNOWN"), (200, None)],
+)
+def test_health_status_names(status: int, name: str | None) -> None:
+    response = health_pb2.HealthCheckResponse(status=status)
+    assert health_status_name(response) == (name or f"UNKNOWN_STATUS_{status}")
+
+
+def test_model_info_dict_keeps_zero_fields() -> None:
+    info = model_info_to_dict(generate_service_pb2.GetModelInfoResponse(model="m"))
+    assert info == {
+        "model": "m",
+        "max_model_len": 0,
+        "vocab_size": 0,
+        "num_engines": 0,
+        "max_tokens_default": 0,
+    }

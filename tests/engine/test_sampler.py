@@ -1,0 +1,67 @@
+"""Sampler: greedy, seeded draws independent of the batch, filters, logprobs."""
+
+import torch
+
+from llmserve.engine_service.sampler import Sampler, SamplingBatch, keyed_uniform
+
+
+def batch(
+    n: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    seeds: list[int] | None = None,
+    logprobs: int | None = None,
+) -> SamplingBatch:
+    return SamplingBatch(
+        temperature=torch.full((n,), temperature),
+        top_p=torch.full((n,), top_p),
+        top_k=torch.full((n,), top_k, dtype=torch.int64),
+        min_p=torch.full((n,), min_p),
+        seeds=torch.tensor(seeds or list(range(n)), dtype=torch.int64),
+        positions=torch.full((n,), 5, dtype=torch.int64),
+        num_logprobs=[logprobs] * n,
+    )
+
+
+def test_greedy_is_argmax_and_logprobs_are_log_softmax() -> None:
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    tokens, logprobs = Sampler()(logits, batch(3, temperature=0.0, logprobs=3))
+    assert tokens == logits.argmax(-1).tolist()
+    reference = torch.log_softmax(logits, -1)
+    for row, lp in enumerate(logprobs):
+        assert lp is not None and lp.token_id == tokens[row]
+        assert abs(lp.logprob - reference[row, tokens[row]].item()) < 1e-6
+        assert [t for t, _ in lp.top] == reference[row].topk(3).indices.tolist()
+
+
+def test_seeded_draw_is_independent_of_batch_neighbours() -> None:
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(8, 100, generator=gen)
+    alone, _ = Sampler()(logits[3:4], batch(1, seeds=[42]))
+    seeds = [9, 8, 7, 42, 6, 5, 4, 3]
+    together, _ = Sampler()(logits, batch(8, seeds=seeds))
+    assert together[3] == alone[0]
+
+
+def test_top_k_top_p_min_p_restrict_support() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(400, 1)
+    seeds = list(range(400))
+    for kwargs, allowed in [
+        ({"top_k": 2}, {0, 1}),
+        ({"top_p": 0.7}, {0, 1}),
+        ({"min_p": 0.4}, {0, 1}),
+        ({}, {0, 1, 2, 3}),
+    ]:
+        tokens, _ = Sampler()(logits, batch(400, seeds=seeds, **kwargs))
+        assert set(tokens) == allowed, kwargs
+
+
+def test_keyed_uniform_is_uniform_and_deterministic() -> None:
+    seeds = torch.tensor([1, 2**63 - 1, -5], dtype=torch.int64)
+    u = keyed_uniform(seeds, torch.tensor([0, 1, 2]), 20000)
+    assert torch.equal(u, keyed_uniform(seeds, torch.tensor([0, 1, 2]), 20000))
+    assert u.min() > 0 and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 0.01
+    assert not torch.equal(u[0], u[1])

@@ -1,0 +1,55 @@
+"""Reflection lists our services (as grpcurl sees them) and health reports SERVING."""
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+
+def services(address: str) -> set[str]:
+    with grpc.insecure_channel(address) as channel:
+        return set(ProtoReflectionDescriptorDatabase(channel).get_services())
+
+
+def health_status(address: str, service: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+
+def test_router_reflection_and_health(qwen3_system) -> None:
+    _, _, router = qwen3_system
+    found = services(router.address)
+    assert {"llmserve.v1.GenerateService", "grpc.health.v1.Health"} <= found
+    assert "llmserve.v1.EngineService" not in found
+    for name in ("", "llmserve.v1.GenerateService"):
+        assert health_status(router.address, name) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_engine_reflection_and_health(qwen3_system) -> None:
+    _, engine, _ = qwen3_system
+    found = services(engine.address)
+    assert {"llmserve.v1.EngineService", "grpc.health.v1.Health"} <= found
+    for name in ("", "llmserve.v1.EngineService"):
+        assert health_status(engine.address, name) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_describes_request_fields(qwen3_system) -> None:
+    _, _, router = qwen3_system
+    with grpc.insecure_channel(router.address) as channel:
+        db = ProtoReflectionDescriptorDatabase(channel)
+        file_proto = db.FindFileContainingSymbol("llmserve.v1.GenerateRequest")
+    assert file_proto.name == "llmserve/v1/generate_service.proto"
+    request = next(m for m in file_proto.message_type if m.name == "GenerateRequest")
+    assert {
+        "prompt",
+        "messages",
+        "prompt_token_ids",
+        "sampling",
+        "stopping",
+        "stop",
+        "priority",
+        "tenant",
+        "request_id",
+    } <= {f.name for f in request.field}
