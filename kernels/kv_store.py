@@ -1,4 +1,4 @@
-"""Writes this step's keys and values into their cache slots (slot = block * block_size + offset)."""
+"""Writes this step's keys and values into their cache slots (block * block_size + offset)."""
 
 import torch
 

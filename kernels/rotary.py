@@ -12,7 +12,7 @@ def rotary_cos_sin(head_dim: int, max_positions: int, inv_freq: torch.Tensor) ->
 def apply_rotary_torch(
     positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [T, Hq, D], k [T, Hkv, D] rotated at `positions` [T]; math in fp32, result in input dtype."""
+    """q [T, Hq, D], k [T, Hkv, D] rotated at `positions` [T]; fp32 math, output in input dtype."""
     half = cos_sin.shape[-1] // 2
     cos, sin = cos_sin[positions].split(half, dim=-1)
     cos = torch.cat([cos, cos], dim=-1)[:, None]
