@@ -1,60 +1,90 @@
-"""Runs the engine core on its own thread and fans its per-step outputs out to asyncio streams.
+"""The asyncio face of the engine core, which runs in its own process.
 
-The core never waits on a reader: each step's outputs are handed to the event loop in one call,
-and a slow stream's tokens pile up in its queue, to be coalesced into one response later.
+One reader thread receives the core's per-step results and hands each to the event loop in one
+call; streams take their tokens from per-request queues, so a slow reader's tokens pile up (and
+are coalesced into one response later) without ever holding up the core.
 """
 
 import asyncio
-import queue
+import multiprocessing
 import threading
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+import time
+from collections.abc import AsyncIterator, Callable
 
 import structlog
 
-from llmserve.engine_service.engine_core import EngineCore, LoadSnapshot
+from llmserve.common.logs import LogFormat
+from llmserve.engine_service.config import EngineConfig
+from llmserve.engine_service.core_process import (
+    AbortRequest,
+    AddRequest,
+    RejectedRequest,
+    StepResult,
+    core_process_main,
+)
+from llmserve.engine_service.engine_builder import EngineInfo
+from llmserve.engine_service.engine_core import LoadSnapshot
+from llmserve.engine_service.kv_event_feed import KvEventFeed
 from llmserve.engine_service.request import EngineRequest, RequestOutput
 
 log = structlog.get_logger(__name__)
 
 
-@dataclass(frozen=True)
-class _Add:
-    request: EngineRequest
-
-
-@dataclass(frozen=True)
-class _Abort:
-    request_id: str
-
-
 class EngineDeadError(RuntimeError):
-    """The engine loop stopped on an error; no request can be served."""
+    """The engine core process is gone; no request can be served."""
 
 
 class AsyncEngine:
-    """The asyncio face of an `EngineCore` running in a background thread."""
+    """Starts the core process and serves many concurrent streams from its step results."""
 
-    def __init__(self, core: EngineCore) -> None:
-        self.core = core
-        self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+    def __init__(self, config: EngineConfig, log_format: LogFormat = "auto",
+                 log_level: str = "info") -> None:
+        self.config = config
+        self.log_format, self.log_level = log_format, log_level
+        self.info: EngineInfo | None = None
+        self.kv_events = KvEventFeed()
+        self.on_step: Callable[[StepResult], None] | None = None
+        self.dead = asyncio.Event()
+        self.error: str | None = None
         self._streams: dict[str, asyncio.Queue[RequestOutput | Exception]] = {}
         self._load_watchers: set[asyncio.Queue[LoadSnapshot]] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._last_load: LoadSnapshot = core.load()
-        self._published_load = self._last_load  # touched by the core thread only
-        self.error: BaseException | None = None
+        self._last_load: LoadSnapshot | None = None
+        self._stopping = False
+        self._send_lock = threading.Lock()
 
-    def start(self) -> None:
+    async def start(self) -> EngineInfo:
+        """Spawns the core process and waits until it has loaded the model."""
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="engine-core", daemon=True)
-        self._thread.start()
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self._process = context.Process(
+            target=core_process_main, name="llmserve-engine-core", daemon=True,
+            args=(self.config, child, self.log_format, self.log_level))
+        self._process.start()
+        child.close()
+        try:
+            first = await asyncio.to_thread(self._conn.recv)
+        except EOFError as exc:
+            raise EngineDeadError(f"engine core exited during start-up "
+                                  f"(code {self._process.exitcode})") from exc
+        if isinstance(first, Exception):
+            raise first
+        self.info = first
+        threading.Thread(target=self._read, name="engine-core-reader", daemon=True).start()
+        return first
 
     def stop(self) -> None:
-        self._inbox.put(None)
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        """Asks the core to exit and waits for it."""
+        self._stopping = True
+        self._send(None)
+        self._process.join(timeout=10)
+        if self._process.is_alive():
+            self._process.kill()
+        self.kv_events.close()
+
+    @property
+    def num_streams(self) -> int:
+        return len(self._streams)
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[list[RequestOutput]]:
         """Yields batches of outputs for one request; a batch holds all that arrived meanwhile.
@@ -62,95 +92,87 @@ class AsyncEngine:
         Leaving early (the client went away) aborts the request and frees its KV blocks.
         """
         if self.error is not None:
-            raise EngineDeadError(f"engine loop failed: {self.error}")
+            raise EngineDeadError(self.error)
         outputs: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
         self._streams[request.request_id] = outputs
-        self._inbox.put(_Add(request))
+        self._send(AddRequest(request))
         finished = False
         try:
             while not finished:
-                batch = [await outputs.get()]
-                while not outputs.empty():
-                    batch.append(outputs.get_nowait())
-                for item in batch:
+                batch: list[RequestOutput] = []
+                item = await outputs.get()
+                while True:
                     if isinstance(item, Exception):
                         raise item
-                finished = batch[-1].finish_reason is not None  # type: ignore[union-attr]
-                yield batch  # type: ignore[misc]
+                    batch.append(item)
+                    if outputs.empty():
+                        break
+                    item = outputs.get_nowait()
+                finished = batch[-1].finish_reason is not None
+                yield batch
         finally:
             self._streams.pop(request.request_id, None)
-            if not finished:
-                self._inbox.put(_Abort(request.request_id))
+            if not finished and self.error is None:
+                self._send(AbortRequest(request.request_id))
 
     async def watch_load(self) -> AsyncIterator[LoadSnapshot]:
         """Yields the current load, then each new value (intermediate ones may be skipped)."""
         updates: asyncio.Queue[LoadSnapshot] = asyncio.Queue(maxsize=1)
         self._load_watchers.add(updates)
         try:
-            yield self._last_load
+            if self._last_load is not None:
+                yield self._last_load
             while True:
                 yield await updates.get()
         finally:
             self._load_watchers.discard(updates)
 
-    def _run(self) -> None:
+    def _send(self, command: object) -> None:
+        try:
+            with self._send_lock:
+                self._conn.send(command)
+        except (BrokenPipeError, OSError):
+            if not self._stopping:
+                self._loop.call_soon(self._core_died)
+
+    def _read(self) -> None:
         try:
             while True:
-                if not self._drain_inbox(block=not self.core.has_work):
-                    return
-                outputs = self.core.step() if self.core.has_work else []
-                self._publish(outputs, self.core.load())
-        except BaseException as exc:  # the loop must report any failure to every stream
-            log.exception("engine_loop_failed")
-            self.error = exc
-            assert self._loop is not None
-            self._loop.call_soon_threadsafe(self._fail_all, exc)
+                message = self._conn.recv()
+                self._loop.call_soon_threadsafe(self._dispatch, message)
+        except (EOFError, OSError):
+            if not self._stopping:
+                self._loop.call_soon_threadsafe(self._core_died)
 
-    def _drain_inbox(self, block: bool) -> bool:
-        """Applies queued adds and aborts; returns False when asked to stop."""
-        while True:
-            try:
-                command = self._inbox.get(block=block)
-            except queue.Empty:
-                return True
-            block = False
-            if command is None:
-                return False
-            if isinstance(command, _Add):
-                try:
-                    self.core.add_request(command.request)
-                except ValueError as exc:
-                    self._publish_error(command.request.request_id, exc)
-            else:
-                self.core.abort_request(command.request_id)
-
-    def _publish(self, outputs: list[RequestOutput], load: LoadSnapshot) -> None:
-        if outputs or load != self._published_load:
-            self._published_load = load
-            assert self._loop is not None
-            self._loop.call_soon_threadsafe(self._dispatch, outputs, load)
-
-    def _publish_error(self, request_id: str, exc: Exception) -> None:
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._dispatch_error, request_id, exc)
-
-    def _dispatch(self, outputs: list[RequestOutput], load: LoadSnapshot) -> None:
-        for output in outputs:
+    def _dispatch(self, message: StepResult | RejectedRequest) -> None:
+        if isinstance(message, RejectedRequest):
+            stream = self._streams.get(message.request_id)
+            if stream is not None:
+                stream.put_nowait(ValueError(message.reason))
+            return
+        now = time.monotonic()
+        for output in message.outputs:
             stream = self._streams.get(output.request_id)
             if stream is not None:
+                output.arrival = now
                 stream.put_nowait(output)
-        if load != self._last_load:
-            self._last_load = load
+        self.kv_events.publish(message.stored_hashes, message.removed_hashes)
+        if message.load != self._last_load:
+            self._last_load = message.load
             for watcher in self._load_watchers:
                 if watcher.full():
                     watcher.get_nowait()
-                watcher.put_nowait(load)
+                watcher.put_nowait(message.load)
+        if self.on_step is not None:
+            self.on_step(message)
 
-    def _dispatch_error(self, request_id: str, exc: Exception) -> None:
-        stream = self._streams.get(request_id)
-        if stream is not None:
-            stream.put_nowait(exc)
-
-    def _fail_all(self, exc: BaseException) -> None:
+    def _core_died(self) -> None:
+        if self.error is not None:
+            return
+        self._process.join(timeout=1)
+        self.error = f"engine core process exited (code {self._process.exitcode})"
+        log.error("engine_core_died", exitcode=self._process.exitcode)
         for stream in self._streams.values():
-            stream.put_nowait(EngineDeadError(f"engine loop failed: {exc}"))
+            stream.put_nowait(EngineDeadError(self.error))
+        self.kv_events.close()
+        self.dead.set()

@@ -2,7 +2,6 @@
 
 import argparse
 import asyncio
-import contextlib
 import signal
 from pathlib import Path
 
@@ -11,10 +10,9 @@ import structlog
 from prometheus_client import start_http_server
 
 from llmserve.common.logs import configure_logging
-from llmserve.engine_service.async_engine import AsyncEngine
+from llmserve.engine_service.async_engine import AsyncEngine, EngineDeadError
 from llmserve.engine_service.config import EngineConfig
 from llmserve.engine_service.demo_model import ensure_demo_model
-from llmserve.engine_service.engine_builder import build_engine
 from llmserve.engine_service.server import serve_engine
 
 log = structlog.get_logger(__name__)
@@ -51,6 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--kv-cache-memory-gb", type=float, default=1.0)
     p.add_argument("--max-tokens-default", type=int, default=256)
+    p.add_argument("--drain-timeout-s", type=float, default=30.0,
+                   help="on SIGTERM, how long requests in flight may take to finish")
     p.add_argument("--log-format", default="auto", choices=["auto", "json", "console"])
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv)
@@ -81,7 +81,8 @@ async def _serve(args: argparse.Namespace) -> None:
         kv_cache_memory_bytes=int(args.kv_cache_memory_gb * (1 << 30)),
         max_tokens_default=args.max_tokens_default,
     )
-    core, info = await asyncio.to_thread(build_engine, config)
+    engine = AsyncEngine(config, args.log_format, args.log_level)
+    info = await engine.start()
     if args.metrics_port >= 0:
         server, _ = start_http_server(args.metrics_port, addr=args.host)
         log.info("metrics_serving", port=server.server_port, path="/metrics")
@@ -91,9 +92,14 @@ async def _serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, task.cancel)
-    with contextlib.suppress(asyncio.CancelledError):
-        await serve_engine(AsyncEngine(core), info, args.host, port)
-    log.info("stopped")
+    try:
+        clean = await serve_engine(engine, info, args.host, port, args.drain_timeout_s)
+    except BaseException:
+        engine.stop()
+        raise
+    log.info("stopped", clean=clean)
+    if not clean:
+        raise SystemExit(1)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -101,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(args.log_format, args.log_level)
     try:
         asyncio.run(_serve(args))
-    except (OSError, ValueError, grpc.RpcError) as exc:
+    except (OSError, ValueError, grpc.RpcError, EngineDeadError) as exc:
         log.error("startup_failed", error=str(exc))
         raise SystemExit(1) from exc
 

@@ -119,7 +119,7 @@ def create_demo_model(out_dir: Path) -> None:
         "hidden_act": "silu",
         "rms_norm_eps": 1e-6,
         "rope_theta": 1000000.0,
-        "max_position_embeddings": 4096,
+        "max_position_embeddings": 8192,
         "tie_word_embeddings": True,
         "attention_bias": False,
         "torch_dtype": "float32",

@@ -55,3 +55,5 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0
+    # When the frontend received it (its own monotonic clock), for latency metrics.
+    arrival: float = 0.0

@@ -1,6 +1,7 @@
 """The engine's gRPC server: `EngineService`, health and reflection on one port."""
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -115,6 +116,7 @@ class EngineServicer(engine_service_pb2_grpc.EngineServiceServicer):
     def __init__(self, engine: AsyncEngine, info: EngineInfo) -> None:
         self.engine = engine
         self.info = info
+        self.draining = False
 
     async def Generate(
         self,
@@ -134,17 +136,23 @@ class EngineServicer(engine_service_pb2_grpc.EngineServiceServicer):
             max_tokens=engine_request.sampling.max_tokens,
             priority=engine_request.priority,
         )
-        finished = False
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "engine is shutting down")
+        latency = metrics.StreamLatency(time.monotonic())
+        outcome = "cancelled"
         try:
             async for outputs in self.engine.generate(engine_request):
-                metrics.GENERATED_TOKENS.inc(sum(len(o.new_token_ids) for o in outputs))
-                finished = outputs[-1].finish_reason is not None
+                latency.record(outputs)
+                if outputs[-1].finish_reason is not None:
+                    outcome = "finished"
                 yield response_from_outputs(outputs)
         except EngineDeadError as exc:
-            metrics.REQUESTS.labels("failed").inc()
+            outcome = "failed"
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except ValueError as exc:
+            outcome = "invalid"
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         finally:
-            outcome = "finished" if finished else "cancelled"
             metrics.REQUESTS.labels(outcome).inc()
             bound.info("request_" + outcome)
 
@@ -159,7 +167,6 @@ class EngineServicer(engine_service_pb2_grpc.EngineServiceServicer):
     ) -> AsyncIterator[engine_service_pb2.WatchLoadResponse]:
         """Streams the engine's load: the current value at once, then every change."""
         async for load in self.engine.watch_load():
-            metrics.record_load(load)
             yield engine_service_pb2.WatchLoadResponse(
                 num_running=load.num_running,
                 num_waiting=load.num_waiting,
@@ -169,39 +176,56 @@ class EngineServicer(engine_service_pb2_grpc.EngineServiceServicer):
                 requests_per_priority=list(load.requests_per_priority),
             )
 
+    async def WatchKvEvents(self, request: engine_service_pb2.WatchKvEventsRequest,
+                            context: grpc.aio.ServicerContext
+                            ) -> AsyncIterator[engine_service_pb2.WatchKvEventsResponse]:
+        """Streams the cached block hashes: a snapshot, then numbered batches of changes."""
+        async for change in self.engine.kv_events.subscribe():
+            yield engine_service_pb2.WatchKvEventsResponse(
+                sequence_number=change.sequence_number, snapshot=change.snapshot,
+                block_hashes_stored=change.stored, block_hashes_removed=change.removed)
 
-async def serve_engine(
-    engine: AsyncEngine, info: EngineInfo, host: str, port: int, ready: asyncio.Event | None = None
-) -> None:
-    """Serves until cancelled; health reports SERVING once the engine loop runs."""
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
-    engine_service_pb2_grpc.add_EngineServiceServicer_to_server(
-        EngineServicer(engine, info), server
-    )
+
+async def serve_engine(engine: AsyncEngine, info: EngineInfo, host: str, port: int,
+                       drain_timeout_s: float = 30.0) -> bool:
+    """Serves until cancelled (a graceful drain) or until the core dies; False on the latter.
+
+    Draining: health turns NOT_SERVING and new requests are refused at once, while requests in
+    flight run to completion for up to `drain_timeout_s`.
+    """
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0),
+                                      ("grpc.max_receive_message_length", 64 << 20)])
+    servicer = EngineServicer(engine, info)
+    engine_service_pb2_grpc.add_EngineServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (
-            SERVICE_NAME,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
-    )
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
     bound_port = server.add_insecure_port(f"{host}:{port}")
     if bound_port == 0:
         raise OSError(f"cannot bind {host}:{port}")
+    engine.on_step = metrics.record_step
     await server.start()
-    engine.start()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving", service=SERVICE_NAME, host=host, port=bound_port)
-    if ready is not None:
-        ready.set()
-    try:
-        await server.wait_for_termination()
-    finally:
+
+    async def set_health(status: int) -> None:
         for name in ("", SERVICE_NAME):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        await server.stop(grace=5)
+            await health_servicer.set(name, status)
+
+    await set_health(health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving", service=SERVICE_NAME, host=host, port=bound_port)
+    try:
+        await engine.dead.wait()
+        await set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.stop(grace=1)
+        return False
+    except asyncio.CancelledError:
+        servicer.draining = True
+        await set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        log.info("draining", in_flight=engine.num_streams, timeout_s=drain_timeout_s)
+        deadline = time.monotonic() + drain_timeout_s
+        while engine.num_streams and time.monotonic() < deadline and not engine.dead.is_set():
+            await asyncio.sleep(0.05)
+        await server.stop(grace=1)
         engine.stop()
+        return True

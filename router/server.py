@@ -189,6 +189,9 @@ async def serve_router(
     )
     server.add_generic_rpc_handlers((_generic_handler(GenerateServicer(tokenizer, pool)),))
     health_servicer = health.aio.HealthServicer()
+    # The servicer reports the server ("") SERVING by default: not until an engine is ready.
+    for name in ("", SERVICE.full_name):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (

@@ -66,3 +66,27 @@ def test_last_position_logits_match(
         reference = hf(torch.tensor([sequence])).logits[0, -1]
     torch.testing.assert_close(logits[0], reference, rtol=1e-4, atol=1e-4)
     assert core.pool.num_used == -(-len(sequence) // info.block_size)
+
+
+def test_logprobs_equal_log_softmax_of_transformers_logits(
+    tiny_checkpoint: Callable[[str], Path],
+) -> None:
+    model_dir = tiny_checkpoint("qwen3")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    core, _ = build_engine(EngineConfig(model=model_dir, device="cpu", num_kv_blocks=64))
+    prompt = [11, 22, 33, 44, 55, 66]
+    options = SamplingOptions(temperature=0.0, max_tokens=6, logprobs=5, ignore_eos=True)
+    core.add_request(EngineRequest("lp", prompt, options))
+    entries = []
+    while core.has_work:
+        for out in core.step():
+            entries.extend(out.new_logprobs or [])
+    sequence = prompt + [e.token_id for e in entries]
+    with torch.no_grad():
+        reference = torch.log_softmax(hf(torch.tensor([sequence])).logits[0].float(), dim=-1)
+    for i, entry in enumerate(entries):
+        row = reference[len(prompt) - 1 + i]
+        assert abs(entry.logprob - row[entry.token_id].item()) < 1e-4
+        top_values, top_ids = row.topk(5)
+        assert [t for t, _ in entry.top] == top_ids.tolist()
+        assert torch.allclose(torch.tensor([v for _, v in entry.top]), top_values, atol=1e-4)

@@ -65,3 +65,46 @@ def test_keyed_uniform_is_uniform_and_deterministic() -> None:
     assert u.min() > 0 and u.max() < 1
     assert abs(u.mean().item() - 0.5) < 0.01
     assert not torch.equal(u[0], u[1])
+
+
+# 99.9th percentile of the chi-square distribution by degrees of freedom.
+CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32}
+
+
+def reference_distribution(
+    probs: torch.Tensor, top_k: int, top_p: float, min_p: float
+) -> torch.Tensor:
+    """The filtered, renormalized distribution, written the plain way (one row)."""
+    order = probs.argsort(descending=True)
+    kept = torch.zeros_like(probs)
+    mass = 0.0
+    for rank, token in enumerate(order.tolist()):
+        p = probs[token].item()
+        if rank > 0 and ((top_k and rank >= top_k) or mass >= top_p or p < min_p * probs.max()):
+            continue
+        kept[token] = p
+        mass += p
+    return kept / kept.sum()
+
+
+def test_filtered_sampling_matches_reference_distribution() -> None:
+    probs = torch.tensor([0.3, 0.2, 0.15, 0.12, 0.09, 0.06, 0.05, 0.03])
+    logits = torch.log(probs)[None].repeat(6000, 1)
+    for top_k, top_p, min_p in [
+        (0, 1.0, 0.0),
+        (4, 1.0, 0.0),
+        (0, 0.7, 0.0),
+        (0, 1.0, 0.3),
+        (5, 0.8, 0.1),
+    ]:
+        expected = reference_distribution(probs, top_k, top_p, min_p)
+        tokens, _ = Sampler()(
+            logits,
+            batch(6000, top_k=top_k, top_p=top_p, min_p=min_p, seeds=list(range(10_000, 16_000))),
+        )
+        counts = torch.bincount(torch.tensor(tokens), minlength=8).float()
+        support = expected > 0
+        assert (counts[~support] == 0).all()
+        exp_counts = expected[support] * 6000
+        chi2 = ((counts[support] - exp_counts) ** 2 / exp_counts).sum().item()
+        assert chi2 < CHI2_999[int(support.sum()) - 1], (top_k, top_p, min_p, chi2)

@@ -92,3 +92,19 @@ class WatchLoadResponse(_message.Message):
     queued_prefill_tokens: int
     requests_per_priority: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., requests_per_priority: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class WatchKvEventsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WatchKvEventsResponse(_message.Message):
+    __slots__ = ("sequence_number", "snapshot", "block_hashes_stored", "block_hashes_removed")
+    SEQUENCE_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HASHES_STORED_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HASHES_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    sequence_number: int
+    snapshot: bool
+    block_hashes_stored: _containers.RepeatedScalarFieldContainer[int]
+    block_hashes_removed: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, sequence_number: _Optional[int] = ..., snapshot: _Optional[bool] = ..., block_hashes_stored: _Optional[_Iterable[int]] = ..., block_hashes_removed: _Optional[_Iterable[int]] = ...) -> None: ...

@@ -50,6 +50,11 @@ class EngineServiceStub:
                 request_serializer=llmserve_dot_v1_dot_engine__service__pb2.WatchLoadRequest.SerializeToString,
                 response_deserializer=llmserve_dot_v1_dot_engine__service__pb2.WatchLoadResponse.FromString,
                 _registered_method=True)
+        self.WatchKvEvents = channel.unary_stream(
+                '/llmserve.v1.EngineService/WatchKvEvents',
+                request_serializer=llmserve_dot_v1_dot_engine__service__pb2.WatchKvEventsRequest.SerializeToString,
+                response_deserializer=llmserve_dot_v1_dot_engine__service__pb2.WatchKvEventsResponse.FromString,
+                _registered_method=True)
 
 
 class EngineServiceServicer:
@@ -77,6 +82,13 @@ class EngineServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchKvEvents(self, request, context):
+        """Streams the prefix cache's block hashes: a snapshot first, then numbered batches of changes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EngineServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +106,11 @@ def add_EngineServiceServicer_to_server(servicer, server):
                     servicer.WatchLoad,
                     request_deserializer=llmserve_dot_v1_dot_engine__service__pb2.WatchLoadRequest.FromString,
                     response_serializer=llmserve_dot_v1_dot_engine__service__pb2.WatchLoadResponse.SerializeToString,
+            ),
+            'WatchKvEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchKvEvents,
+                    request_deserializer=llmserve_dot_v1_dot_engine__service__pb2.WatchKvEventsRequest.FromString,
+                    response_serializer=llmserve_dot_v1_dot_engine__service__pb2.WatchKvEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +195,33 @@ class EngineService:
             '/llmserve.v1.EngineService/WatchLoad',
             llmserve_dot_v1_dot_engine__service__pb2.WatchLoadRequest.SerializeToString,
             llmserve_dot_v1_dot_engine__service__pb2.WatchLoadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchKvEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/llmserve.v1.EngineService/WatchKvEvents',
+            llmserve_dot_v1_dot_engine__service__pb2.WatchKvEventsRequest.SerializeToString,
+            llmserve_dot_v1_dot_engine__service__pb2.WatchKvEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,
