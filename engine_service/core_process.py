@@ -4,10 +4,12 @@ The gRPC frontend talks to it over one pipe: commands in (add, abort, stop), one
 out per step. The loop never waits on the frontend except when it has nothing to do.
 """
 
+import os
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 import structlog
+import torch
 
 from llmserve.common.logs import LogFormat, configure_logging
 from llmserve.engine_service.block_pool import KvEvent
@@ -107,6 +109,10 @@ def core_process_main(config: EngineConfig, conn: Connection, log_format: LogFor
                       log_level: str) -> None:
     """Entry point of the core process: build the engine, report its info, run the loop."""
     configure_logging(log_format, log_level)
+    if config.device != "cuda" and (os.cpu_count() or 1) > 1:
+        # On the CPU the model would take every core; leave one to the gRPC frontend.
+        torch.set_num_threads(os.cpu_count() - 1)
+    log.info("core_process_started", pid=os.getpid(), torch_threads=torch.get_num_threads())
     try:
         core, info = build_engine(config)
     except Exception as exc:

@@ -1,6 +1,8 @@
 """RMSNorm, alone and fused with the residual add that precedes it in every decoder layer."""
 
 import torch
+import triton
+import triton.language as tl
 
 
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -16,3 +18,67 @@ def add_rms_norm_torch(
     """Returns (rms_norm(x + residual), x + residual)."""
     summed = x + residual
     return rms_norm_torch(summed, weight, eps), summed
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, residual_ptr, weight_ptr, out_ptr, summed_ptr, eps,
+    stride_x, stride_r, stride_o, stride_s,
+    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < HIDDEN
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if ADD_RESIDUAL:
+        residual = tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        # Rounded to the stream's dtype before the norm reads it, exactly as the twin does.
+        x = (x.to(tl.float32) + residual.to(tl.float32)).to(summed_ptr.dtype.element_ty)
+        tl.store(summed_ptr + row * stride_s + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(xf * xf, 0) / HIDDEN + eps)
+    # The twin rounds the normalized row to x's dtype before the weight multiplies it.
+    normed = (xf * rstd).to(x.dtype).to(tl.float32)
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, (normed * weight).to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+def _launch_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    hidden = x.shape[-1]
+    rows = x.reshape(-1, hidden)
+    stream_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    out = torch.empty(rows.shape, dtype=torch.promote_types(weight.dtype, stream_dtype),
+                      device=x.device)
+    summed = None
+    res_rows = rows
+    if residual is not None:
+        res_rows = residual.reshape(-1, hidden)
+        summed = torch.empty(rows.shape, dtype=stream_dtype, device=x.device)
+    if rows.shape[0]:
+        if rows.stride(-1) != 1 or res_rows.stride(-1) != 1 or weight.stride(-1) != 1:
+            raise ValueError("rms_norm needs unit stride in the hidden dimension")
+        block = triton.next_power_of_2(hidden)
+        _rms_norm_kernel[(rows.shape[0],)](
+            rows, res_rows, weight, out, out if summed is None else summed, eps,
+            rows.stride(0), res_rows.stride(0), out.stride(0),
+            out.stride(0) if summed is None else summed.stride(0),
+            HIDDEN=hidden, BLOCK=block, ADD_RESIDUAL=residual is not None,
+            num_warps=min(max(block // 256, 1), 16),
+        )
+    return out.view(x.shape), None if summed is None else summed.view(x.shape)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Triton twin of rms_norm_torch over the last dimension of x (one program per row)."""
+    return _launch_norm(x, None, weight, eps)[0]
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of add_rms_norm_torch: (rms_norm(x + residual), x + residual) in one pass."""
+    normed, summed = _launch_norm(x, residual, weight, eps)
+    assert summed is not None
+    return normed, summed

@@ -91,6 +91,12 @@ def start_server(module: str, args: list[str], workdir: Path, ready_event: str) 
     raise TimeoutError(f"{module} not ready in {STARTUP_TIMEOUT_S}s:\n{log_path.read_text()}")
 
 
+@pytest.fixture
+def unused_port() -> Callable[[], int]:
+    """Returns a function that finds a free loopback port."""
+    return free_port
+
+
 @pytest.fixture(scope="session")
 def start_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Server]]:
     """Starts real engine processes; all are stopped at the end of the session."""

@@ -37,7 +37,8 @@ def test_readme_grpcurl_lines_work(qwen3_system) -> None:
     messages = [json.loads(m) for m in re.findall(r"^\{.*?^\}", stream, re.S | re.M)]
     assert messages[-1]["finish_reason"] in {"FINISH_REASON_LENGTH", "FINISH_REASON_STOP"}
     assert sum(len(m.get("token_ids", [])) for m in messages) == int(
-        messages[-1]["usage"]["completion_tokens"])
+        messages[-1]["usage"]["completion_tokens"]
+    )
     assert json.loads(outputs["llmserve.v1.GenerateService/Tokenize"])["token_ids"]
     assert json.loads(outputs["grpc.health.v1.Health/Check"])["status"] == "SERVING"
     assert json.loads(outputs["llmserve.v1.EngineService/GetInfo"])["block_size"] == 16

@@ -1,0 +1,198 @@
+"""Triton paged decode attention: one query token per sequence, split-KV (flash-decoding).
+
+The twin is `paged_attention_torch` with one query per sequence. A program owns one
+(sequence, KV head, split): it loads each K/V tile once for all query heads of that KV head
+(GQA), padded to at least 16 rows so the tile products run on tl.dot. With several splits each
+program writes a normalized partial output and its log-sum-exp, and a second kernel merges them.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from llmserve.kernels.paged_common import (
+    LOG2E,
+    check_paged_inputs,
+    dot_modes,
+    load_kv_tile,
+    sm_count,
+    softmax_step,
+)
+
+MIN_SPLIT_TOKENS = 256  # below this a split's fixed cost (q load, partial write) stops paying
+SPLIT_TOKENS = 512  # the longest share of one sequence that one program should stream
+MAX_SPLITS = 64
+
+
+@dataclass(frozen=True)
+class DecodeTiles:
+    """Launch shape of the split kernel: keys per tile, warps, software-pipelining depth."""
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, sms: int) -> int:
+    """Splits per sequence when the caller gives none; `max_context` bounds every seq_len.
+
+    Two reasons to split: too few (sequence, KV head) programs to fill every SM a few times
+    over, and long contexts, whose programs would otherwise run on alone in the last wave
+    (SPLIT_TOKENS caps one program's share). Never more splits than MIN_SPLIT_TOKENS allows.
+    """
+    fill = triton.cdiv(4 * sms, batch * num_kv_heads)
+    balance = triton.cdiv(max_context, SPLIT_TOKENS)
+    return max(1, min(max(fill, balance), max_context // MIN_SPLIT_TOKENS, MAX_SPLITS))
+
+
+@triton.jit
+def _split_len(seq_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+               MIN_SPLIT: tl.constexpr):
+    """Keys per split: seq_len over NUM_SPLITS, rounded up to whole tiles (so tiles stay
+    page-aligned) and to at least MIN_SPLIT (a multiple of BLOCK_N); a short sequence then uses
+    fewer than NUM_SPLITS splits and the rest of its programs exit at once."""
+    return tl.maximum(tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N, MIN_SPLIT)
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_ptr, v_ptr, seq_lens_ptr, tables_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+    qk_scale,
+    stride_qb, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
+    stride_table, stride_ob, stride_oh,
+    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    MIN_SPLIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # KV heads vary fastest over the grid: the programs reading the neighbouring heads of the
+    # same tokens (adjacent rows of the same pages) run side by side, which keeps the DRAM
+    # access pattern close to a sequential read of each page.
+    kv_head = tl.program_id(0)
+    seq = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    split_len = _split_len(seq_len, NUM_SPLITS, BLOCK_N, MIN_SPLIT)
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, seq_len)
+    if NUM_SPLITS > 1 and lo >= hi:
+        return  # the reduction counts only the non-empty splits
+
+    rows = tl.arange(0, BLOCK_H)
+    heads = kv_head * GROUP + rows
+    row_mask = rows < GROUP
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+
+    table_row = tables_ptr + seq * stride_table
+    offs_n = tl.arange(0, BLOCK_N)
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        k, v, tok = load_kv_tile(k_ptr, v_ptr, table_row, start, kv_head, hi, offs_n, offs_d,
+                                 d_mask, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt,
+                                 stride_vh, PAGE_SIZE, BLOCK_N)
+        m_i, l_i, acc = softmax_step(q, k, v, tok[None, :] < hi, m_i, l_i, acc, qk_scale,
+                                     True, PRECISION, UPCAST)
+
+    # An empty sequence (a padded batch slot) gets zeros rather than 0/0.
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
+    else:
+        # Partials are [B, Hq, NUM_SPLITS, BLOCK_D] fp32 and [B, Hq, NUM_SPLITS].
+        part = (seq * tl.num_programs(0) * GROUP + heads) * NUM_SPLITS + split
+        tl.store(part_out_ptr + part[:, None] * BLOCK_D + offs_d[None, :], out,
+                 mask=row_mask[:, None])
+        tl.store(part_lse_ptr + part, m_i + tl.log2(l_i), mask=row_mask)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    part_out_ptr, part_lse_ptr, seq_lens_ptr, out_ptr,
+    stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    head = tl.program_id(0)
+    seq = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    used = tl.cdiv(seq_len, _split_len(seq_len, NUM_SPLITS, BLOCK_N, MIN_SPLIT))
+    offs_s = tl.arange(0, BLOCK_S)
+    s_mask = offs_s < used
+    offs_d = tl.arange(0, BLOCK_D)
+    part = (seq * tl.num_programs(0) + head) * NUM_SPLITS + offs_s
+    lse = tl.load(part_lse_ptr + part, mask=s_mask, other=float("-inf"))
+    top = tl.where(used > 0, tl.max(lse, 0), 0.0)  # no splits at all: avoid -inf - -inf
+    weight = tl.where(s_mask, tl.exp2(lse - top), 0.0)
+    parts = tl.load(part_out_ptr + part[:, None] * BLOCK_D + offs_d[None, :],
+                    mask=s_mask[:, None], other=0.0)
+    total = tl.sum(weight, 0)
+    out = tl.sum(parts * weight[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + seq * stride_ob + head * stride_oh + offs_d,
+             out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    num_splits: int | None = None,
+    tiles: DecodeTiles | None = None,
+) -> torch.Tensor:
+    """Decode attention over a paged KV cache: q [B, Hq, D] -> [B, Hq, D] in q's dtype.
+
+    k_cache/v_cache [num_blocks, block_size, Hkv, D] (block_size a power of two), seq_lens [B]
+    int32 (keys per sequence, this step's included; 0 gives zeros), block_tables [B, max_pages]
+    int32. A given num_splits divides every sequence's keys into that many parts of whole tiles;
+    None picks a count with choose_num_splits from the batch, the KV heads, the SM count and the
+    longest context the block table can hold (no device sync, so CUDA-graph capture is safe) and
+    splits a sequence only into parts of at least MIN_SPLIT_TOKENS keys.
+    """
+    check_paged_inputs(q, k_cache, v_cache, block_tables)
+    tiles = tiles or DecodeTiles()
+    batch, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    min_split = tiles.block_n
+    if num_splits is None:
+        num_splits = choose_num_splits(batch, num_kv_heads, block_tables.shape[1] * block_size,
+                                       sm_count(q.device))
+        min_split = triton.cdiv(MIN_SPLIT_TOKENS, tiles.block_n) * tiles.block_n
+    out = torch.empty_like(q)
+    if batch == 0:
+        return out
+    block_d = triton.next_power_of_2(head_dim)
+    precision, upcast = dot_modes(q.dtype)
+    if num_splits > 1:
+        part_out = torch.empty(batch, num_heads, num_splits, block_d, dtype=torch.float32,
+                               device=q.device)
+        part_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    else:
+        part_out = part_lse = out  # never touched with one split
+    _decode_split_kernel[(num_kv_heads, batch, num_splits)](
+        q, k_cache, v_cache, seq_lens, block_tables, out, part_out, part_lse,
+        scale * LOG2E,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK_D=block_d, BLOCK_N=tiles.block_n, PAGE_SIZE=block_size, NUM_SPLITS=num_splits,
+        MIN_SPLIT=min_split, PRECISION=precision, UPCAST=upcast,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+    if num_splits > 1:
+        _decode_reduce_kernel[(num_heads, batch)](
+            part_out, part_lse, seq_lens, out, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=tiles.block_n, NUM_SPLITS=num_splits,
+            MIN_SPLIT=min_split, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4,
+        )
+    return out

@@ -1,0 +1,116 @@
+"""paged_decode_attention (Triton) against its twin paged_attention_torch, one query per row."""
+
+import os
+
+import pytest
+import torch
+
+from llmserve.kernels.paged_attention import paged_attention_torch
+from llmserve.kernels.paged_decode import choose_num_splits, paged_decode_attention
+
+ON_CPU = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                            reason="the CPU cases run in Triton's interpreter (no CUDA here)")
+ON_GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def cpu(*args, name: str):
+    """A case for the interpreter on CPU tensors."""
+    return pytest.param(*args, "cpu", id=name, marks=ON_CPU)
+
+
+def gpu(*args, name: str):
+    """A case for the CUDA device (larger, Qwen3-0.6B-shaped)."""
+    return pytest.param(*args, "cuda", id=name, marks=ON_GPU)
+
+
+def boundary_lens(block_size: int) -> list[int]:
+    """Odd lengths and lengths at page boundaries and one either side."""
+    lens = [1, 3, block_size - 1, block_size, block_size + 1, 2 * block_size + 5, 3 * block_size]
+    return sorted({n for n in lens if n > 0})
+
+
+def check_decode(paged, lens, block_size, num_heads, num_kv_heads, head_dim, dtype, device,
+                 num_splits, q_view: bool = False) -> None:
+    kv = paged.pool(lens, block_size, num_kv_heads, head_dim, dtype, device)
+    batch = len(lens)
+    if q_view:  # a strided view, as the engine's q is a slice of the fused qkv projection
+        qkv = torch.randn(batch, num_heads + 2 * num_kv_heads, head_dim, device=device).to(dtype)
+        q = qkv[:, :num_heads]
+    else:
+        q = torch.randn(batch, num_heads, head_dim, device=device).to(dtype)
+    scale = head_dim**-0.5
+    out = paged_decode_attention(q, kv.k_cache, kv.v_cache, kv.seq_lens, kv.block_tables, scale,
+                                 num_splits=num_splits)
+    starts = torch.arange(batch + 1, dtype=torch.int32, device=device)
+    ref = paged_attention_torch(q, kv.k_cache, kv.v_cache, starts, kv.seq_lens, kv.block_tables,
+                                scale)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert paged.rel_err(out, ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 3, None])
+@pytest.mark.parametrize(("block_size", "num_heads", "num_kv_heads", "dtype", "device"), [
+    cpu(16, 4, 2, torch.float32, name="page16-gqa2-fp32"),
+    cpu(1, 4, 4, torch.float32, name="page1-mha-fp32"),
+    cpu(64, 8, 2, torch.float32, name="page64-gqa4-fp32"),
+    cpu(16, 4, 2, torch.bfloat16, name="page16-gqa2-bf16"),
+])
+def test_decode_boundaries_and_splits(paged, block_size, num_heads, num_kv_heads, dtype, device,
+                                      num_splits) -> None:
+    check_decode(paged, boundary_lens(block_size), block_size, num_heads, num_kv_heads, 32,
+                 dtype, device, num_splits)
+
+
+@pytest.mark.parametrize(("lens", "block_size", "num_heads", "num_kv_heads", "head_dim", "dtype",
+                          "num_splits", "device"), [
+    cpu([7, 33, 1], 16, 4, 1, 32, torch.float32, 2, name="mqa"),
+    cpu([19, 40], 16, 6, 2, 32, torch.float32, 3, name="group3"),
+    cpu([17, 64, 5], 16, 4, 2, 48, torch.float32, 1, name="head-dim-48"),
+    cpu([65, 9], 32, 4, 2, 32, torch.float16, 2, name="fp16-page32"),
+    cpu([300, 2], 256, 4, 2, 32, torch.bfloat16, 4, name="page256-bf16"),
+    # Automatic splits: long sequences split in parts of >= MIN_SPLIT_TOKENS, short ones not.
+    cpu([600, 300, 5], 64, 4, 2, 32, torch.float32, None, name="auto-splits"),
+    gpu(list(range(1, 4097, 16)), 16, 16, 8, 128, torch.bfloat16, None, name="qwen3-b256-page16"),
+    gpu(list(range(4096, 0, -16)), 64, 16, 8, 128, torch.bfloat16, 1, name="qwen3-b256-page64"),
+    gpu([4096, 4095, 4097, 1000, 1], 256, 16, 8, 128, torch.bfloat16, 8,
+        name="qwen3-long-page256-split8"),
+    gpu([2048, 1, 511, 513, 3333] * 8, 16, 16, 8, 128, torch.float32, None, name="qwen3-fp32"),
+    gpu([1024, 17, 4096], 16, 32, 8, 128, torch.bfloat16, 16, name="gqa4-split16"),
+    gpu([1024, 17, 4096], 1, 16, 16, 64, torch.float16, 4, name="mha-page1-fp16"),
+])
+def test_decode_shapes(paged, lens, block_size, num_heads, num_kv_heads, head_dim, dtype,
+                       num_splits, device) -> None:
+    check_decode(paged, lens, block_size, num_heads, num_kv_heads, head_dim, dtype, device,
+                 num_splits)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=ON_CPU),
+                                    pytest.param("cuda", marks=ON_GPU)])
+def test_decode_strided_query(paged, device) -> None:
+    check_decode(paged, [5, 40, 16], 16, 4, 2, 32, torch.float32, device, 2, q_view=True)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2])
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=ON_CPU),
+                                    pytest.param("cuda", marks=ON_GPU)])
+def test_decode_empty_sequence_gives_zeros(paged, device, num_splits) -> None:
+    """A padded batch slot (seq_len 0, as in a padded CUDA-graph batch) reads nothing."""
+    kv = paged.pool([20, 1], 16, 2, 32, torch.float32, device)
+    kv.seq_lens[1] = 0
+    q = torch.randn(2, 4, 32, device=device)
+    out = paged_decode_attention(q, kv.k_cache, kv.v_cache, kv.seq_lens, kv.block_tables, 0.2,
+                                 num_splits=num_splits)
+    assert torch.all(out[1] == 0)
+    assert torch.isfinite(out).all()
+
+
+def test_choose_num_splits() -> None:
+    # A big batch of short contexts already fills the GPU: no split, no reduction pass.
+    assert choose_num_splits(256, 8, 512, 132) == 1
+    # A big batch of long contexts splits so that no program streams much over SPLIT_TOKENS.
+    assert choose_num_splits(256, 8, 4096, 132) == 8
+    # A small batch splits to fill the SMs, but never below MIN_SPLIT_TOKENS per split.
+    assert choose_num_splits(4, 8, 4096, 132) == 16
+    assert choose_num_splits(1, 8, 32768, 132) == 64
+    assert choose_num_splits(1, 8, 300, 132) == 1

@@ -1,0 +1,116 @@
+"""store_kv, rms_norm, add_rms_norm, apply_rotary, silu_and_mul against their torch twins,
+and the CPU/CUDA dispatch in ops."""
+
+import os
+
+import pytest
+import torch
+
+from llmserve.kernels.activation import silu_and_mul, silu_and_mul_torch
+from llmserve.kernels.kv_store import store_kv, store_kv_torch
+from llmserve.kernels.ops import TORCH_OPS, TRITON_OPS, kernel_ops
+from llmserve.kernels.rms_norm import add_rms_norm, add_rms_norm_torch, rms_norm, rms_norm_torch
+from llmserve.kernels.rotary import apply_rotary, apply_rotary_torch, rotary_cos_sin
+
+ON_CPU = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                            reason="the CPU cases run in Triton's interpreter (no CUDA here)")
+ON_GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
+DTYPES = [torch.float32, torch.bfloat16]
+# (device, scale): the GPU cases run at Qwen3-0.6B sizes.
+DEVICES = [pytest.param("cpu", 1, id="cpu", marks=ON_CPU),
+           pytest.param("cuda", 64, id="cuda", marks=ON_GPU)]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref.double()).norm() / ref.double().norm())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [1, 16])
+@pytest.mark.parametrize(("device", "scale"), DEVICES)
+def test_store_kv(device, scale, block_size, dtype) -> None:
+    tokens, heads, head_dim, num_blocks = 7 * scale, 2, 32, 12 * scale
+    # k and v as strided slices of one fused tensor, the way the model runner produces them.
+    kv = torch.randn(tokens, 2 * heads + 1, head_dim, device=device).to(dtype)
+    k, v = kv[:, :heads], kv[:, heads : 2 * heads]
+    slots = torch.randperm(num_blocks * block_size, device=device)[:tokens].to(torch.int32)
+    slots[::3] = -1  # padding rows
+    caches = [torch.randn(num_blocks, block_size, heads, head_dim, device=device).to(dtype)
+              for _ in range(2)]
+    ref = [c.clone() for c in caches]
+    store_kv(k, v, caches[0], caches[1], slots)
+    store_kv_torch(k, v, ref[0], ref[1], slots)
+    assert torch.equal(caches[0], ref[0]) and torch.equal(caches[1], ref[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(5, 64), (3, 4, 128), (2, 96)])
+@pytest.mark.parametrize(("device", "scale"), DEVICES)
+def test_rms_norm(device, scale, shape, dtype) -> None:
+    shape = (shape[0] * scale, *shape[1:-1], shape[-1] * (8 if scale > 1 else 1))
+    x = torch.randn(shape, device=device).to(dtype) * 3
+    weight = (1 + 0.1 * torch.randn(shape[-1], device=device)).to(dtype)
+    assert rel_err(rms_norm(x, weight, 1e-6), rms_norm_torch(x, weight, 1e-6)) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(5, 64), (2, 96)])
+@pytest.mark.parametrize(("device", "scale"), DEVICES)
+def test_add_rms_norm(device, scale, shape, dtype) -> None:
+    shape = (shape[0] * scale, shape[1] * (8 if scale > 1 else 1))
+    x = torch.randn(shape, device=device).to(dtype)
+    residual = torch.randn(shape, device=device).to(dtype) * 4
+    weight = (1 + 0.1 * torch.randn(shape[-1], device=device)).to(dtype)
+    normed, summed = add_rms_norm(x, residual, weight, 1e-6)
+    ref_normed, ref_summed = add_rms_norm_torch(x, residual, weight, 1e-6)
+    # Bit-equal on the GPU; in bf16 Triton's interpreter truncates fp32 -> bf16 where torch rounds.
+    if device == "cuda" or dtype == torch.float32:
+        assert torch.equal(summed, ref_summed)
+    assert rel_err(summed, ref_summed) < TOLERANCE[dtype]
+    assert rel_err(normed, ref_normed) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), [(4, 2, 32), (3, 1, 16)])
+@pytest.mark.parametrize(("device", "scale"), DEVICES)
+def test_apply_rotary(device, scale, num_heads, num_kv_heads, head_dim, dtype) -> None:
+    if scale > 1:
+        num_heads, num_kv_heads, head_dim = 16, 8, 128
+    tokens, max_positions = 6 * scale, 4096
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, head_dim, 2, device=device) / head_dim))
+    cos_sin = rotary_cos_sin(head_dim, max_positions, inv_freq).to(device)
+    positions = torch.randint(0, max_positions, (tokens,), device=device)
+    qkv = torch.randn(tokens, num_heads + 2 * num_kv_heads, head_dim, device=device).to(dtype)
+    q, k = qkv[:, :num_heads], qkv[:, num_heads : num_heads + num_kv_heads]
+    out_q, out_k = apply_rotary(positions, q, k, cos_sin)
+    ref_q, ref_k = apply_rotary_torch(positions, q, k, cos_sin)
+    assert rel_err(out_q, ref_q) < TOLERANCE[dtype]
+    assert rel_err(out_k, ref_k) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(5, 2 * 96), (2, 3, 2 * 64), (2, 2 * 1500)])
+@pytest.mark.parametrize(("device", "scale"), DEVICES)
+def test_silu_and_mul(device, scale, shape, dtype) -> None:
+    shape = (shape[0] * scale, *shape[1:])
+    x = torch.randn(shape, device=device).to(dtype) * 3
+    assert rel_err(silu_and_mul(x), silu_and_mul_torch(x)) < TOLERANCE[dtype]
+
+
+def test_kernel_ops_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LLMSERVE_TRITON_ON_CPU", raising=False)
+    assert kernel_ops("cpu") is TORCH_OPS
+    assert kernel_ops("cuda") is TRITON_OPS
+    monkeypatch.setenv("LLMSERVE_TRITON_ON_CPU", "1")
+    assert kernel_ops(torch.device("cpu")) is TRITON_OPS
+
+
+def test_torch_decode_twin_is_paged_attention(paged) -> None:
+    """TORCH_OPS.decode is paged_attention_torch with one query per sequence."""
+    kv = paged.pool([5, 20], 16, 2, 16, torch.float32, "cpu")
+    q = torch.randn(2, 4, 16)
+    out = TORCH_OPS.decode(q, kv.k_cache, kv.v_cache, kv.seq_lens, kv.block_tables, 0.25)
+    ref = TORCH_OPS.attention(q, kv.k_cache, kv.v_cache, paged.starts([1, 1], "cpu"),
+                              kv.seq_lens, kv.block_tables, 0.25)
+    assert torch.equal(out, ref)
