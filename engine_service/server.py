@@ -10,6 +10,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from llmserve.common.priority import PRIORITY_CLASS
 from llmserve.engine_service import metrics
 from llmserve.engine_service.async_engine import AsyncEngine, EngineDeadError
 from llmserve.engine_service.engine_builder import EngineInfo
@@ -20,12 +21,6 @@ from llmserve.v1 import common_pb2, engine_service_pb2, engine_service_pb2_grpc
 log = structlog.get_logger(__name__)
 
 SERVICE_NAME = engine_service_pb2.DESCRIPTOR.services_by_name["EngineService"].full_name
-PRIORITY_CLASS = {
-    common_pb2.PRIORITY_UNSPECIFIED: 1,
-    common_pb2.PRIORITY_CRITICAL: 0,
-    common_pb2.PRIORITY_STANDARD: 1,
-    common_pb2.PRIORITY_BATCH: 2,
-}
 FINISH_REASON = {
     FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
     FinishReason.STOP: common_pb2.FINISH_REASON_STOP,

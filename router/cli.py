@@ -11,7 +11,7 @@ from prometheus_client import start_http_server
 
 from llmserve.common.demo_checkpoint import demo_model_dir
 from llmserve.common.logs import configure_logging
-from llmserve.router.engine_pool import EnginePool
+from llmserve.router.balancer import Policy
 from llmserve.router.server import serve_router
 from llmserve.router.tokenizer import TextTokenizer
 
@@ -34,6 +34,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--metrics-port", type=int, default=9400, help="-1 turns /metrics off")
     p.add_argument("--max-connection-age-s", type=float, default=300.0)
+    p.add_argument(
+        "--routing-policy",
+        default="prefix",
+        choices=[p.value for p in Policy],
+        help="prefix: lowest estimated time to first token (default)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=1024,
+        help="requests that may wait for admission before the least important is shed",
+    )
     p.add_argument("--log-format", default="auto", choices=["auto", "json", "console"])
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv)
@@ -43,7 +55,6 @@ async def _serve(args: argparse.Namespace) -> None:
     tokenizer = TextTokenizer.from_model_dir(
         demo_model_dir() if args.model == "demo" else Path(args.model)
     )
-    pool = EnginePool([t.strip() for t in args.engines.split(",") if t.strip()])
     if args.metrics_port >= 0:
         server, _ = start_http_server(args.metrics_port, addr=args.host)
         log.info("metrics_serving", port=server.server_port, path="/metrics")
@@ -53,7 +64,15 @@ async def _serve(args: argparse.Namespace) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, task.cancel)
     with contextlib.suppress(asyncio.CancelledError):
-        await serve_router(tokenizer, pool, args.host, args.port, args.max_connection_age_s)
+        await serve_router(
+            tokenizer,
+            [t.strip() for t in args.engines.split(",") if t.strip()],
+            args.host,
+            args.port,
+            Policy(args.routing_policy),
+            args.max_connection_age_s,
+            args.max_queue,
+        )
     log.info("stopped")
 
 

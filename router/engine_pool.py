@@ -1,54 +1,72 @@
-"""The engines a router can send work to: addresses, channels, their `GetInfo`, and the pick.
+"""The engines a router can send work to, kept current from their own streams.
 
 Engines come from a static `host:port` list or from `dns:NAME:PORT` (a Kubernetes headless
-Service), re-resolved periodically. An engine joins once its `GetInfo` answers.
+Service), re-resolved periodically. For each engine the pool holds a `GetInfo`, a `WatchLoad`
+subscription and a `WatchKvEvents` subscription feeding the prefix index. An engine whose streams
+break (it died, or is restarting) leaves the pool at once and rejoins when they are back.
 """
 
 import asyncio
-import contextlib
-import itertools
 import socket
 from dataclasses import dataclass
 
 import grpc
 import structlog
 
+from llmserve.router.prefix_index import PrefixIndex
 from llmserve.v1 import engine_service_pb2, engine_service_pb2_grpc
 
 log = structlog.get_logger(__name__)
+RETRY_MAX_S = 2.0
+
+
+class EngineStreamError(RuntimeError):
+    """A subscription ended or skipped a KV-event batch: resubscribe for a fresh snapshot."""
 
 
 @dataclass
 class Engine:
-    """One engine endpoint and what it told us about itself."""
+    """One engine endpoint, what it told us about itself, and this router's work on it."""
 
     address: str
     channel: grpc.aio.Channel
     stub: engine_service_pb2_grpc.EngineServiceStub
     info: engine_service_pb2.GetInfoResponse | None = None
+    load: engine_service_pb2.WatchLoadResponse | None = None
+    kv_synced: bool = False
+    # Requests this router has in flight there, and the prompt tokens of those not yet started.
+    inflight: int = 0
+    inflight_prefill: int = 0
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.info is not None and self.load is not None and self.kv_synced
+
+    def queued_prefill_tokens(self) -> int:
+        reported = self.load.queued_prefill_tokens if self.load is not None else 0
+        return max(reported, self.inflight_prefill)
+
+    def num_running(self) -> int:
+        reported = self.load.num_running + self.load.num_waiting if self.load is not None else 0
+        return max(reported, self.inflight)
 
 
 class EnginePool:
-    """Keeps the engine set current and picks one per request (round-robin for now)."""
+    """Keeps the engine set and each engine's state current."""
 
-    def __init__(self, targets: list[str], refresh_s: float = 5.0) -> None:
+    def __init__(self, targets: list[str], index: PrefixIndex, refresh_s: float = 5.0) -> None:
         if not targets:
             raise ValueError("--engines: give at least one host:port or dns:NAME:PORT")
         self.targets = targets
+        self.index = index
         self.refresh_s = refresh_s
         self.engines: dict[str, Engine] = {}
-        self._counter = itertools.count()
         self._task: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
 
     def ready_engines(self) -> list[Engine]:
-        return [e for e in self.engines.values() if e.info is not None]
-
-    def pick(self) -> Engine | None:
-        ready = self.ready_engines()
-        if not ready:
-            return None
-        return ready[next(self._counter) % len(ready)]
+        return [e for e in self.engines.values() if e.ready]
 
     @property
     def info(self) -> engine_service_pb2.GetInfoResponse | None:
@@ -65,10 +83,10 @@ class EnginePool:
         self._task = asyncio.create_task(self._maintain())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        tasks = [t for t in [self._task, *(e.task for e in self.engines.values())] if t]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for engine in self.engines.values():
             await engine.channel.close()
 
@@ -77,32 +95,80 @@ class EnginePool:
             addresses = await asyncio.to_thread(self._resolve)
             for address in addresses - self.engines.keys():
                 channel = grpc.aio.insecure_channel(address)
-                self.engines[address] = Engine(
+                engine = Engine(
                     address, channel, engine_service_pb2_grpc.EngineServiceStub(channel)
                 )
+                engine.task = asyncio.create_task(self._follow(engine))
+                self.engines[address] = engine
             for address in self.engines.keys() - addresses:
                 engine = self.engines.pop(address)
-                log.info("engine_left", engine=address)
+                if engine.task is not None:
+                    engine.task.cancel()
+                self.index.drop(address)
+                log.info("engine_removed", engine=address)
                 await engine.channel.close()
-            for engine in self.engines.values():
-                if engine.info is None:
-                    await self._describe(engine)
-            if self.ready_engines():
-                self.ready.set()
-            await asyncio.sleep(self.refresh_s if self.ready.is_set() else 0.2)
+            await asyncio.sleep(self.refresh_s)
 
-    async def _describe(self, engine: Engine) -> None:
-        try:
-            engine.info = await engine.stub.GetInfo(engine_service_pb2.GetInfoRequest(), timeout=2)
-        except grpc.aio.AioRpcError as exc:
-            log.debug("engine_not_ready", engine=engine.address, code=exc.code().name)
-            return
-        log.info(
-            "engine_joined",
-            engine=engine.address,
-            model=engine.info.model,
-            max_model_len=engine.info.max_model_len,
-        )
+    async def _follow(self, engine: Engine) -> None:
+        """Subscribes to the engine's streams, resubscribing with backoff whenever they break."""
+        backoff = 0.1
+        while True:
+            try:
+                engine.info = await engine.stub.GetInfo(
+                    engine_service_pb2.GetInfoRequest(), timeout=2
+                )
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(self._follow_load(engine))
+                    group.create_task(self._follow_kv_events(engine))
+            except* (grpc.aio.AioRpcError, EngineStreamError) as failure:
+                was_ready = engine.ready
+                engine.load, engine.kv_synced = None, False
+                self.index.drop(engine.address)
+                if was_ready:
+                    log.warning(
+                        "engine_left",
+                        engine=engine.address,
+                        error=str(failure.exceptions[0]).splitlines()[0][:200],
+                    )
+                    backoff = 0.1
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, RETRY_MAX_S)
+
+    def _joined(self, engine: Engine) -> None:
+        if engine.ready:
+            log.info(
+                "engine_joined",
+                engine=engine.address,
+                model=engine.info.model,
+                cached_blocks=self.index.counts.get(engine.address, 0),
+            )
+            self.ready.set()
+
+    async def _follow_load(self, engine: Engine) -> None:
+        async for load in engine.stub.WatchLoad(engine_service_pb2.WatchLoadRequest()):
+            first = engine.load is None
+            engine.load = load
+            if first:
+                self._joined(engine)
+        raise EngineStreamError("load stream ended")
+
+    async def _follow_kv_events(self, engine: Engine) -> None:
+        expected = None
+        async for batch in engine.stub.WatchKvEvents(engine_service_pb2.WatchKvEventsRequest()):
+            if batch.snapshot:
+                self.index.reset(engine.address, batch.block_hashes_stored)
+                first = not engine.kv_synced
+                engine.kv_synced = True
+                if first:
+                    self._joined(engine)
+            elif batch.sequence_number != expected:
+                raise EngineStreamError(f"expected batch {expected}, got {batch.sequence_number}")
+            else:
+                self.index.apply(
+                    engine.address, batch.block_hashes_stored, batch.block_hashes_removed
+                )
+            expected = batch.sequence_number + 1
+        raise EngineStreamError("kv event stream ended")
 
     def _resolve(self) -> set[str]:
         addresses: set[str] = set()

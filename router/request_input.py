@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 from llmserve.router.chat_template import ChatTemplateError
 from llmserve.router.tokenizer import TextTokenizer
-from llmserve.v1 import generate_service_pb2
+from llmserve.v1 import common_pb2, generate_service_pb2
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
@@ -78,3 +78,17 @@ def check_stop_strings(stop: list[str]) -> None:
 
 def _is_set(request: object, name: str) -> bool:
     return bool(getattr(request, name))
+
+
+def check_max_tokens(stopping: common_pb2.StoppingCriteria, room: int, default: int) -> int:
+    """The request's max_tokens, or the default capped by the room left in max_model_len."""
+    if not stopping.HasField("max_tokens"):
+        return min(default, room)
+    if stopping.max_tokens <= 0:
+        raise InvalidInputError(f"stopping.max_tokens: {stopping.max_tokens} must be >= 1")
+    if stopping.max_tokens > room:
+        raise InvalidInputError(
+            f"stopping.max_tokens: {stopping.max_tokens} exceeds the limit {room} "
+            f"(max_model_len minus the prompt's tokens)"
+        )
+    return stopping.max_tokens

@@ -1,6 +1,7 @@
 """The router's gRPC server: the public `GenerateService`, health and reflection."""
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -9,9 +10,20 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from llmserve.common.priority import PRIORITY_CLASS
+from llmserve.router import metrics
+from llmserve.router.admission import AdmissionController, ShedError
+from llmserve.router.balancer import Balancer, Policy
 from llmserve.router.detokenizer import IncrementalDetokenizer
 from llmserve.router.engine_pool import EnginePool
-from llmserve.router.request_input import InvalidInputError, check_stop_strings, prompt_input
+from llmserve.router.forwarding import ForwardedRequest, Forwarder, NoEngineError
+from llmserve.router.prefix_index import PrefixIndex
+from llmserve.router.request_input import (
+    InvalidInputError,
+    check_max_tokens,
+    check_stop_strings,
+    prompt_input,
+)
 from llmserve.router.tokenizer import TextTokenizer
 from llmserve.router.wire import MalformedRequest, lenient_deserializer
 from llmserve.v1 import common_pb2, engine_service_pb2, generate_service_pb2
@@ -19,20 +31,22 @@ from llmserve.v1 import common_pb2, engine_service_pb2, generate_service_pb2
 log = structlog.get_logger(__name__)
 
 SERVICE = generate_service_pb2.DESCRIPTOR.services_by_name["GenerateService"]
-RELAYED_CODES = {
-    grpc.StatusCode.INVALID_ARGUMENT,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.CANCELLED,
-}
 
 
 class GenerateServicer:
     """Serves text generation by tokenizing, forwarding to an engine and detokenizing."""
 
-    def __init__(self, tokenizer: TextTokenizer, pool: EnginePool) -> None:
+    def __init__(
+        self,
+        tokenizer: TextTokenizer,
+        pool: EnginePool,
+        forwarder: Forwarder,
+        admission: AdmissionController,
+    ) -> None:
         self.tokenizer = tokenizer
         self.pool = pool
+        self.forwarder = forwarder
+        self.admission = admission
 
     async def _require_info(
         self, context: grpc.aio.ServicerContext
@@ -55,29 +69,45 @@ class GenerateServicer:
         try:
             check_stop_strings(list(request.stop))
             prompt = prompt_input(request, self.tokenizer, info.max_model_len)
+            room = info.max_model_len - len(prompt.token_ids)
+            max_tokens = check_max_tokens(request.stopping, room, info.max_tokens_default)
         except InvalidInputError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        engine = self.pool.pick()
-        if engine is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "no engine is ready to serve")
-        bound = log.bind(request_id=request_id, engine=engine.address)
-        bound.info("request_routed", input=prompt.field, prompt_tokens=len(prompt.token_ids))
-        engine_request = engine_service_pb2.EngineServiceGenerateRequest(
+        priority = PRIORITY_CLASS.get(request.priority, 1)
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        outcome = "failed"
+        queued_at = time.monotonic()
+        try:
+            self.admission.capacity = self._capacity()
+            metrics.QUEUED.set(self.admission.queued + 1)
+            await self.admission.acquire(priority, request.tenant, remaining)
+        except ShedError as exc:
+            metrics.SHED.labels(str(priority)).inc()
+            await context.send_initial_metadata(
+                (("retry-after-ms", str(int(exc.retry_after_s * 1000))),)
+            )
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry in {exc.retry_after_s:.1f} s"
+            )
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while queued")
+        finally:
+            metrics.QUEUED.set(self.admission.queued)
+        metrics.QUEUE_WAIT.labels(str(priority)).observe(time.monotonic() - queued_at)
+        forwarded = ForwardedRequest(
             request_id=request_id,
             prompt_token_ids=prompt.token_ids,
             sampling=request.sampling,
+            max_tokens=max_tokens,
             stopping=request.stopping,
             priority=request.priority,
             tenant=request.tenant,
         )
-        call = engine.stub.Generate(
-            engine_request,
-            timeout=context.time_remaining(),
-            metadata=(("x-request-id", request_id),),
-        )
         detokenizer = IncrementalDetokenizer(self.tokenizer, list(request.stop))
         try:
-            async for chunk in call:
+            async for chunk in self.forwarder.stream(forwarded, deadline):
+                metrics.GENERATED_TOKENS.inc(len(chunk.token_ids))
                 final = chunk.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
                 response = generate_service_pb2.GenerateResponse(
                     request_id=request_id,
@@ -92,8 +122,10 @@ class GenerateServicer:
                         else chunk.finish_reason
                     )
                     response.usage.CopyFrom(chunk.usage)
-                    bound.info(
+                    outcome = "finished"
+                    log.info(
                         "request_finished",
+                        request_id=request_id,
                         completion_tokens=chunk.usage.completion_tokens,
                         finish_reason=common_pb2.FinishReason.Name(response.finish_reason),
                     )
@@ -101,14 +133,20 @@ class GenerateServicer:
                     return
                 yield response
         except grpc.aio.AioRpcError as exc:
-            code = exc.code()
-            if code not in RELAYED_CODES:
-                bound.warning("engine_failed", code=code.name, details=exc.details())
-                code = grpc.StatusCode.UNAVAILABLE
-            await context.abort(code, exc.details() or code.name)
+            outcome = exc.code().name.lower()
+            await context.abort(exc.code(), exc.details() or exc.code().name)
+        except NoEngineError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
         finally:
-            call.cancel()
-        await context.abort(grpc.StatusCode.UNAVAILABLE, "engine stream ended without finishing")
+            metrics.REQUESTS.labels(outcome).inc()
+            self.admission.release()
+
+    def _capacity(self) -> int:
+        """Requests the ready engines can run at once (their batches plus as much queued)."""
+        return 2 * sum(e.info.max_num_seqs for e in self.pool.ready_engines() if e.info)
 
     def _with_text(self, logprobs: list[common_pb2.TokenLogprob]) -> list[common_pb2.TokenLogprob]:
         for entry in logprobs:
@@ -172,12 +210,19 @@ def _generic_handler(servicer: GenerateServicer) -> grpc.GenericRpcHandler:
 
 async def serve_router(
     tokenizer: TextTokenizer,
-    pool: EnginePool,
+    engines: list[str],
     host: str,
     port: int,
+    policy: Policy = Policy.PREFIX,
     max_connection_age_s: float = 300.0,
+    max_queue: int = 1024,
 ) -> None:
     """Serves until cancelled; health turns SERVING once an engine is ready."""
+    index = PrefixIndex()
+    pool = EnginePool(engines, index)
+    servicer = GenerateServicer(
+        tokenizer, pool, Forwarder(pool, index, Balancer(policy)), AdmissionController(max_queue)
+    )
     server = grpc.aio.server(
         options=[
             ("grpc.so_reuseport", 0),
@@ -187,7 +232,7 @@ async def serve_router(
             ("grpc.max_receive_message_length", 16 << 20),
         ]
     )
-    server.add_generic_rpc_handlers((_generic_handler(GenerateServicer(tokenizer, pool)),))
+    server.add_generic_rpc_handlers((_generic_handler(servicer),))
     health_servicer = health.aio.HealthServicer()
     # The servicer reports the server ("") SERVING by default: not until an engine is ready.
     for name in ("", SERVICE.full_name):

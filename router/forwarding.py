@@ -1,0 +1,154 @@
+"""One request's engine stream, moved to another engine when its engine fails.
+
+Before the first token a failed engine is simply retried elsewhere. After it, the prompt plus the
+tokens already streamed is resubmitted with the remaining `max_tokens` and the same seed, so the
+client's stream continues with no token duplicated or lost (greedy and seeded sampling give the
+same tokens on any engine: sampling randomness is keyed on seed and position).
+"""
+
+import random
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import structlog
+
+from llmserve.common.block_hash import hash_full_blocks
+from llmserve.router import metrics
+from llmserve.router.balancer import Balancer
+from llmserve.router.engine_pool import Engine, EnginePool
+from llmserve.router.prefix_index import PrefixIndex
+from llmserve.v1 import common_pb2, engine_service_pb2
+
+log = structlog.get_logger(__name__)
+
+MAX_ATTEMPTS = 4
+# Codes that describe the request, not the engine: another engine would answer the same.
+FINAL_CODES = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.PERMISSION_DENIED,
+}
+
+
+class NoEngineError(Exception):
+    """No ready engine is left to try."""
+
+
+@dataclass
+class ForwardedRequest:
+    """What the engine is asked for, in engine terms (already tokenized and validated)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: common_pb2.SamplingParams
+    max_tokens: int
+    stopping: common_pb2.StoppingCriteria
+    priority: int
+    tenant: str
+
+
+class Forwarder:
+    """Routes a request and streams its tokens, failing over between engines."""
+
+    def __init__(self, pool: EnginePool, index: PrefixIndex, balancer: Balancer) -> None:
+        self.pool = pool
+        self.index = index
+        self.balancer = balancer
+
+    def _route(self, tokens: list[int], excluded: set[str]) -> tuple[Engine, list[int], int]:
+        engines = [e for e in self.pool.ready_engines() if e.address not in excluded]
+        if not engines:
+            raise NoEngineError("no engine is ready to serve")
+        info = engines[0].info
+        assert info is not None
+        hashes = hash_full_blocks(tokens, info.block_size, info.block_hash_seed)
+        matched = self.index.match(hashes, [e.address for e in engines])
+        decision = self.balancer.pick(engines, matched, len(tokens), info.block_size)
+        return decision.engine, hashes, decision.matched_blocks * info.block_size
+
+    async def stream(
+        self, request: ForwardedRequest, deadline: float | None
+    ) -> AsyncIterator[engine_service_pb2.EngineServiceGenerateResponse]:
+        """Yields engine responses whose usage counts refer to the original prompt."""
+        sampling = common_pb2.SamplingParams()
+        sampling.CopyFrom(request.sampling)
+        if not sampling.HasField("seed"):
+            # A seed chosen here keeps a sampled stream identical across a failover.
+            sampling.seed = random.getrandbits(63)
+        generated: list[int] = []
+        cached = None
+        excluded: set[str] = set()
+        prompt_len = len(request.prompt_token_ids)
+        for attempt in range(MAX_ATTEMPTS):
+            tokens = request.prompt_token_ids + generated
+            engine, hashes, matched_tokens = self._route(tokens, excluded)
+            stopping = common_pb2.StoppingCriteria()
+            stopping.CopyFrom(request.stopping)
+            stopping.max_tokens = request.max_tokens - len(generated)
+            call = engine.stub.Generate(
+                engine_service_pb2.EngineServiceGenerateRequest(
+                    request_id=request.request_id,
+                    prompt_token_ids=tokens,
+                    sampling=sampling,
+                    stopping=stopping,
+                    priority=request.priority,
+                    tenant=request.tenant,
+                ),
+                timeout=None if deadline is None else max(deadline - time.monotonic(), 0.001),
+                metadata=(("x-request-id", request.request_id),),
+            )
+            uncached = max(len(tokens) - matched_tokens, 1)
+            engine.inflight += 1
+            engine.inflight_prefill += uncached
+            started = False
+            self.index.predict(engine.address, hashes)
+            if attempt == 0:
+                metrics.ROUTED.labels(engine.address).inc()
+                metrics.PROMPT_TOKENS.inc(prompt_len)
+                metrics.MATCHED_TOKENS.inc(min(matched_tokens, prompt_len))
+                log.info(
+                    "request_routed",
+                    request_id=request.request_id,
+                    engine=engine.address,
+                    prompt_tokens=prompt_len,
+                    matched_tokens=matched_tokens,
+                )
+            try:
+                async for chunk in call:
+                    if not started:
+                        started = True
+                        engine.inflight_prefill -= uncached
+                    if cached is None:
+                        cached = min(chunk.usage.cached_prompt_tokens, prompt_len)
+                    generated.extend(chunk.token_ids)
+                    chunk.usage.prompt_tokens = prompt_len
+                    chunk.usage.completion_tokens = len(generated)
+                    chunk.usage.cached_prompt_tokens = cached
+                    yield chunk
+                    if chunk.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+                        return
+                failure = "stream ended before the request finished"
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in FINAL_CODES:
+                    raise
+                failure = f"{exc.code().name}: {exc.details()}"
+            finally:
+                call.cancel()
+                engine.inflight -= 1
+                if not started:
+                    engine.inflight_prefill -= uncached
+            excluded.add(engine.address)
+            stage = "mid_stream" if generated else "before_first_token"
+            metrics.FAILOVERS.labels(stage).inc()
+            log.warning(
+                "engine_failed_over",
+                request_id=request.request_id,
+                engine=engine.address,
+                stage=stage,
+                tokens_so_far=len(generated),
+                error=failure[:200],
+            )
+        raise NoEngineError(f"gave up after {MAX_ATTEMPTS} engines failed")
