@@ -47,7 +47,13 @@ class Balancer:
         matched: dict[str, int],
         num_prompt_tokens: int,
         block_size: int,
+        cache_sizes: dict[str, int],
     ) -> Decision:
+        """`matched`: leading prompt blocks each engine holds; `cache_sizes`: blocks it holds.
+
+        Equal estimates go to the engine holding the fewest blocks, so new prefixes spread
+        over the pool's cache; the final tie-break is the address, the same in every replica.
+        """
         engines = sorted(engines, key=lambda e: e.address)  # same order in every replica
         if self.policy is Policy.ROUND_ROBIN:
             self._turn += 1
@@ -60,15 +66,10 @@ class Balancer:
         for engine in engines:
             blocks = matched.get(engine.address, 0) if self.policy is Policy.PREFIX else 0
             uncached = max(num_prompt_tokens - blocks * block_size, 1)
-            score = (
-                uncached
-                + engine.queued_prefill_tokens()
-                + (RUNNING_SEQUENCE_COST * engine.num_running())
+            load = engine.queued_prefill_tokens() + RUNNING_SEQUENCE_COST * engine.num_running()
+            score = load if self.policy is Policy.LEAST_LOAD else uncached + load
+            scored.append(
+                (score, cache_sizes.get(engine.address, 0), engine.address, engine, blocks)
             )
-            if self.policy is Policy.LEAST_LOAD:
-                score = (
-                    engine.queued_prefill_tokens() + RUNNING_SEQUENCE_COST * engine.num_running()
-                )
-            scored.append((score, engine.inflight, engine.address, engine, blocks))
         score, _, _, engine, blocks = min(scored, key=lambda s: s[:3])
         return Decision(engine, blocks, float(score))

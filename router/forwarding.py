@@ -66,7 +66,9 @@ class Forwarder:
         assert info is not None
         hashes = hash_full_blocks(tokens, info.block_size, info.block_hash_seed)
         matched = self.index.match(hashes, [e.address for e in engines])
-        decision = self.balancer.pick(engines, matched, len(tokens), info.block_size)
+        decision = self.balancer.pick(
+            engines, matched, len(tokens), info.block_size, self.index.counts
+        )
         return decision.engine, hashes, decision.matched_blocks * info.block_size
 
     async def stream(

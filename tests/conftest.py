@@ -1,94 +1,15 @@
 """Shared fixtures: tiny real checkpoints and real engine/router processes on loopback ports."""
 
-import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
 import torch
 
+from llmserve.common.launcher import ServerProcess, free_port
+from llmserve.common.launcher import start_engine as launch_engine
+from llmserve.common.launcher import start_router as launch_router
 from llmserve.engine_service.demo_model import build_tokenizer, write_tokenizer
-
-STARTUP_TIMEOUT_S = 120
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class Server:
-    """A server process started by a test, with its address and log file."""
-
-    process: subprocess.Popen
-    port: int
-    log_path: Path
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def log_events(self) -> list[dict]:
-        events = []
-        for line in self.log_path.read_text().splitlines():
-            if line.startswith("{"):
-                events.append(json.loads(line))
-        return events
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def start_server(module: str, args: list[str], workdir: Path, ready_event: str) -> Server:
-    """Runs `python -m module args` (JSON logs) and waits for its `ready_event` log line."""
-    port = free_port()
-    log_path = workdir / f"{module.rsplit('.', 1)[-1]}-{port}.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with log_path.open("w") as log_file:
-        # cwd is a scratch folder so the repository's top-level folders never shadow packages.
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                module,
-                "--port",
-                str(port),
-                "--metrics-port",
-                "-1",
-                "--log-format",
-                "json",
-                *args,
-            ],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            cwd=workdir,
-            env=env,
-        )
-    server = Server(process, port, log_path)
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{module} exited {process.returncode}:\n{log_path.read_text()}")
-        if any(e.get("event") == ready_event for e in server.log_events()):
-            return server
-        time.sleep(0.1)
-    server.stop()
-    raise TimeoutError(f"{module} not ready in {STARTUP_TIMEOUT_S}s:\n{log_path.read_text()}")
 
 
 @pytest.fixture
@@ -98,17 +19,15 @@ def unused_port() -> Callable[[], int]:
 
 
 @pytest.fixture(scope="session")
-def start_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Server]]:
+def start_engine(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., ServerProcess]]:
     """Starts real engine processes; all are stopped at the end of the session."""
-    started: list[Server] = []
+    started: list[ServerProcess] = []
 
-    def start(model_dir: Path, *extra: str) -> Server:
-        workdir = tmp_path_factory.mktemp("engine")
-        server = start_server(
-            "llmserve.engine_service",
-            ["--model", str(model_dir), "--num-kv-blocks", "512", *extra],
-            workdir,
-            "serving",
+    def start(model_dir: Path, *extra: str) -> ServerProcess:
+        server = launch_engine(
+            model_dir, tmp_path_factory.mktemp("engine"), "--num-kv-blocks", "512", *extra
         )
         started.append(server)
         return server
@@ -119,18 +38,14 @@ def start_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
 
 
 @pytest.fixture(scope="session")
-def start_router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Server]]:
+def start_router(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., ServerProcess]]:
     """Starts real router processes in front of the given engines."""
-    started: list[Server] = []
+    started: list[ServerProcess] = []
 
-    def start(model_dir: Path, engines: list[Server], *extra: str) -> Server:
-        workdir = tmp_path_factory.mktemp("router")
-        server = start_server(
-            "llmserve.router",
-            ["--model", str(model_dir), "--engines", ",".join(e.address for e in engines), *extra],
-            workdir,
-            "ready",
-        )
+    def start(model_dir: Path, engines: list[ServerProcess], *extra: str) -> ServerProcess:
+        server = launch_router(model_dir, engines, tmp_path_factory.mktemp("router"), *extra)
         started.append(server)
         return server
 
@@ -197,17 +112,11 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str],
 @pytest.fixture(scope="session")
 def qwen3_system(
     tiny_checkpoint: Callable[[str], Path],
-    start_engine: Callable[..., Server],
-    start_router: Callable[..., Server],
-) -> tuple[Path, Server, Server]:
+    start_engine: Callable[..., ServerProcess],
+    start_router: Callable[..., ServerProcess],
+) -> tuple[Path, ServerProcess, ServerProcess]:
     """One engine and one router on the tiny Qwen3 checkpoint, shared by the session."""
     model_dir = tiny_checkpoint("qwen3")
     engine = start_engine(model_dir)
     router = start_router(model_dir, [engine])
     return model_dir, engine, router
-
-
-def wait_for_channel(address: str, timeout: float = 10.0) -> grpc.Channel:
-    channel = grpc.insecure_channel(address)
-    grpc.channel_ready_future(channel).result(timeout=timeout)
-    return channel

@@ -1,0 +1,88 @@
+"""Router tier over several real engines: prefix-aware placement and mid-stream failover."""
+
+import time
+
+import grpc
+
+from llmserve.clients import LLMClient
+from llmserve.v1 import common_pb2, engine_service_pb2, engine_service_pb2_grpc
+
+
+def routed_engine(router, request_id: str) -> str:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        for event in router.log_events():
+            if event.get("event") == "request_routed" and event["request_id"] == request_id:
+                return event["engine"]
+        time.sleep(0.05)
+    raise AssertionError(f"{request_id} was never routed")
+
+
+def test_requests_sharing_a_prefix_follow_it(tiny_checkpoint, start_engine, start_router) -> None:
+    model = tiny_checkpoint("qwen3")
+    engines = [start_engine(model) for _ in range(2)]
+    router = start_router(model, engines)
+    prefix = list(range(100, 196))  # six full blocks
+    with LLMClient(router.address) as client:
+        first = client.generate_text(prompt_token_ids=[*prefix, 1], max_tokens=2, request_id="p0")
+        assert first.usage.cached_prompt_tokens == 0
+        home = routed_engine(router, "p0")
+        for i in range(1, 5):
+            result = client.generate_text(
+                prompt_token_ids=[*prefix, 1 + i], max_tokens=2, request_id=f"p{i}"
+            )
+            assert routed_engine(router, f"p{i}") == home
+            assert result.usage.cached_prompt_tokens == len(prefix)
+        # An unrelated prompt goes to the idle engine, not the one holding the prefix.
+        client.generate_text(
+            prompt_token_ids=list(range(300, 400)), max_tokens=2, request_id="other"
+        )
+        assert routed_engine(router, "other") != home
+
+
+def test_engine_killed_mid_stream_stream_continues_exactly(
+    tiny_checkpoint, start_engine, start_router
+) -> None:
+    model = tiny_checkpoint("qwen3")
+    engines = [start_engine(model) for _ in range(2)]
+    router = start_router(model, engines)
+    prompt = [7, 8, 9, 10, 11]
+    with grpc.insecure_channel(engines[1].address) as channel:
+        stub = engine_service_pb2_grpc.EngineServiceStub(channel)
+        undisturbed = [
+            t
+            for r in stub.Generate(
+                engine_service_pb2.EngineServiceGenerateRequest(
+                    prompt_token_ids=prompt,
+                    sampling=common_pb2.SamplingParams(temperature=0),
+                    stopping=common_pb2.StoppingCriteria(max_tokens=300, ignore_eos=True),
+                )
+            )
+            for t in r.token_ids
+        ]
+    with LLMClient(router.address) as client:
+        received: list[int] = []
+        killed = None
+        for chunk in client.generate(
+            prompt_token_ids=prompt,
+            temperature=0.0,
+            max_tokens=300,
+            ignore_eos=True,
+            request_id="survivor",
+        ):
+            received.extend(chunk.token_ids)
+            if killed is None and len(received) >= 20:
+                address = routed_engine(router, "survivor")
+                killed = next(e for e in engines if e.address == address)
+                killed.process.kill()
+            final = chunk
+    assert killed is not None
+    assert received == undisturbed  # nothing duplicated, nothing lost
+    assert final.finish_reason == "length" and final.usage.completion_tokens == 300
+    assert final.usage.prompt_tokens == len(prompt)
+    failovers = [e for e in router.log_events() if e.get("event") == "engine_failed_over"]
+    assert failovers and failovers[0]["stage"] == "mid_stream"
+    deadline = time.monotonic() + 2
+    while not any(e.get("event") == "engine_left" for e in router.log_events()):
+        assert time.monotonic() < deadline, "the dead engine did not leave the pool within 2 s"
+        time.sleep(0.05)
