@@ -86,3 +86,28 @@ def test_engine_killed_mid_stream_stream_continues_exactly(
     while not any(e.get("event") == "engine_left" for e in router.log_events()):
         assert time.monotonic() < deadline, "the dead engine did not leave the pool within 2 s"
         time.sleep(0.05)
+
+
+def test_fresh_router_replica_routes_with_the_full_index_at_once(
+    tiny_checkpoint, start_engine, start_router
+) -> None:
+    model = tiny_checkpoint("qwen3")
+    engines = [start_engine(model) for _ in range(2)]
+    first_router = start_router(model, engines)
+    prefixes = [list(range(100 * i + 10, 100 * i + 106)) for i in range(1, 5)]
+    with LLMClient(first_router.address) as client:
+        for i, prefix in enumerate(prefixes):
+            client.generate_text(prompt_token_ids=[*prefix, 1], max_tokens=2, request_id=f"a{i}")
+    homes = [routed_engine(first_router, f"a{i}") for i in range(len(prefixes))]
+    assert len(set(homes)) == 2  # cold prefixes spread over both engines
+    started = time.monotonic()
+    second_router = start_router(model, engines)
+    with LLMClient(second_router.address) as client:
+        for i, prefix in enumerate(prefixes):
+            result = client.generate_text(
+                prompt_token_ids=[*prefix, 2], max_tokens=2, request_id=f"b{i}"
+            )
+            # The new replica sends each prompt where its prefix already is, as the first did.
+            assert routed_engine(second_router, f"b{i}") == homes[i]
+            assert result.usage.cached_prompt_tokens == len(prefix)
+    assert time.monotonic() - started < 15
