@@ -13,7 +13,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmserve.v1 import generate_service_pb2, generate_service_pb2_grpc
 
 DEFAULT_TARGET = "localhost:50051"
-DEFAULT_TARGET = "localhost:50051"
 
 
 def channel_options(

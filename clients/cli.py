@@ -7,7 +7,9 @@
     llmserve health
 
 The target defaults to $LLMSERVE_TARGET, else localhost:50051; the bearer token to
-$LLMSERVE_TOKEN. A failed call prints `error: <CODE>: <details>` and exits 1; Ctrl-C exits 130.
+$LLMSERVE_TOKEN. `--tls-ca ca.crt` (or `--tls` for the system's CAs) speaks TLS, with
+`--tls-cert`/`--tls-key` as a client certificate. A failed call prints
+`error: <CODE>: <details>` and exits 1; Ctrl-C exits 130.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import dataclasses
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -30,7 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the CLI with `argv` (default: `sys.argv[1:]`); returns the exit status."""
     args = _parser().parse_args(argv)
     try:
-        with LLMClient(args.target, token=args.token) as client:
+        credentials = _channel_credentials(args)
+    except OSError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        with LLMClient(args.target, channel_credentials=credentials, token=args.token) as client:
             return args.run(client, args)
     except grpc.RpcError as err:
         print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
@@ -43,6 +51,20 @@ def main(argv: list[str] | None = None) -> int:
         # final flush does not complain about it again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+
+
+def _channel_credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    """TLS credentials from the --tls* flags, or None for plaintext."""
+    if not (args.tls or args.tls_ca or args.tls_cert):
+        return None
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise OSError("--tls-cert and --tls-key go together")
+
+    def read(path: Path | None) -> bytes | None:
+        return None if path is None else path.read_bytes()
+
+    # No CA file: gRPC verifies the server against the system's root CAs.
+    return grpc.ssl_channel_credentials(read(args.tls_ca), read(args.tls_key), read(args.tls_cert))
 
 
 # `generate` options whose argparse names are also `LLMClient.generate` keywords.
@@ -121,6 +143,10 @@ def _parser() -> argparse.ArgumentParser:
         help="bearer token (default: $LLMSERVE_TOKEN)",
     )
     common.add_argument("--timeout", type=float, help="deadline in seconds")
+    common.add_argument("--tls", action="store_true", help="use TLS, trusting the system's CAs")
+    common.add_argument("--tls-ca", type=Path, help="use TLS, trusting this CA (PEM)")
+    common.add_argument("--tls-cert", type=Path, help="client certificate (PEM), for mutual TLS")
+    common.add_argument("--tls-key", type=Path, help="private key of --tls-cert")
 
     parser = argparse.ArgumentParser(prog="llmserve", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)

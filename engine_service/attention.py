@@ -1,43 +1,73 @@
-"""Attention backends: where a layer's keys and values are stored and attended to each step."""
+"""Paged attention for the model: store each layer's new K/V, attend with the phase's backend."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
-from llmserve.kernels.kv_store import store_kv_torch
-from llmserve.kernels.paged_attention import paged_attention_torch
+
+class BackendUnavailableError(ValueError):
+    """The attention backend asked for cannot run here; the message says what is missing."""
 
 
 @dataclass
 class AttentionMetadata:
-    """Where each sequence of the flat batch sits in the paged KV cache this step."""
+    """Where each sequence of the flat batch sits in the paged KV cache this step.
+
+    The tensors live on the model's device; the two host values are known when the batch is
+    built, so no kernel launch has to read a device tensor to size its grid.
+    """
 
     query_start_loc: torch.Tensor  # [B + 1] int32: sequence b's tokens are [qsl[b], qsl[b+1])
-    seq_lens: torch.Tensor  # [B] int32: tokens in the cache after this step
+    seq_lens: torch.Tensor  # [B] int32: tokens in the cache after this step (0 = padding row)
     block_tables: torch.Tensor  # [B, max_pages] int32
-    slot_mapping: torch.Tensor  # [T] int64: cache slot of each new token
+    slot_mapping: torch.Tensor  # [T] int32: cache slot of each new token (< 0 = store nothing)
+    decode_only: bool  # every sequence has exactly one query token
+    max_query_len: int
 
 
-class AttentionBackend(Protocol):
-    """Stores this step's K/V for a layer and attends the queries over the cache."""
+# q [T, Hq, D], k_cache, v_cache [num_blocks, block_size, Hkv, D], metadata, scale -> [T, Hq, D]
+AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float],
+                    torch.Tensor]
+
+
+@dataclass(frozen=True)
+class AttentionKernels:
+    """One attention backend: its varlen (prefill/mixed) and pure-decode paths.
+
+    `graph_safe` is False for a backend that reads device tensors on the host (a sync that
+    CUDA-graph capture forbids).
+    """
 
     name: str
+    prefill: AttendFn
+    decode: AttendFn
+    graph_safe: bool = True
 
-    def forward(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> torch.Tensor: ...
 
+class PagedAttention:
+    """What the model's attention layers call: K/V store plus the prefill or decode backend.
 
-class TorchAttentionBackend:
-    """The pure-torch path (CPU, CI, the demo): the kernels' reference twins."""
+    `metadata` is set by the runner before each forward pass (and before each graph capture,
+    which freezes the choice of phase into the graph).
+    """
 
-    name = "torch"
-
-    def __init__(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], scale: float) -> None:
-        self.kv_caches = kv_caches
-        self.scale = scale
+    def __init__(
+        self,
+        prefill: AttentionKernels,
+        decode: AttentionKernels,
+        store_kv: Callable[..., None],
+        scale: float,
+    ) -> None:
+        self.prefill, self.decode, self.store_kv, self.scale = prefill, decode, store_kv, scale
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.metadata: AttentionMetadata | None = None
+
+    @property
+    def name(self) -> str:
+        if self.prefill.name == self.decode.name:
+            return self.prefill.name
+        return f"prefill={self.prefill.name},decode={self.decode.name}"
 
     def forward(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -45,7 +75,6 @@ class TorchAttentionBackend:
         meta = self.metadata
         assert meta is not None, "set metadata before the forward pass"
         k_cache, v_cache = self.kv_caches[layer]
-        store_kv_torch(k, v, k_cache, v_cache, meta.slot_mapping)
-        return paged_attention_torch(
-            q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, self.scale
-        )
+        self.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        attend = self.decode.decode if meta.decode_only else self.prefill.prefill
+        return attend(q, k_cache, v_cache, meta, self.scale)

@@ -9,6 +9,7 @@ import grpc
 import structlog
 from prometheus_client import start_http_server
 
+from llmserve.common import tls
 from llmserve.common.logs import configure_logging
 from llmserve.engine_service.async_engine import AsyncEngine, EngineDeadError
 from llmserve.engine_service.config import EngineConfig
@@ -49,6 +50,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--kv-cache-memory-gb", type=float, default=1.0)
     p.add_argument("--max-tokens-default", type=int, default=256)
+    backends = ["auto", "torch", "triton", "flash_attn"]
+    p.add_argument("--attention-backend", default="auto", choices=backends,
+                   help="auto = triton on CUDA, torch on the CPU; flash_attn = flash-attn 4")
+    p.add_argument("--prefill-backend", default=None, choices=backends,
+                   help="override --attention-backend for prefill/mixed steps")
+    p.add_argument("--decode-backend", default=None, choices=backends,
+                   help="override --attention-backend for pure-decode steps")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of the GPU for weights, activations and the KV cache")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode")
+    p.add_argument("--cuda-graph-max-bs", type=int, default=256,
+                   help="largest decode batch captured in a CUDA graph (capped at max-num-seqs)")
+    p.add_argument("--tls-cert", type=Path, help="server certificate (PEM); none = plaintext")
+    p.add_argument("--tls-key", type=Path, help="private key of --tls-cert")
+    p.add_argument("--tls-client-ca", type=Path,
+                   help="demand client certificates signed by this CA (mutual TLS)")
+    p.add_argument("--health-port", type=int, default=-1,
+                   help="also serve gRPC health alone, plaintext, here (probes); -1 = off")
     p.add_argument("--drain-timeout-s", type=float, default=30.0,
                    help="on SIGTERM, how long requests in flight may take to finish")
     p.add_argument("--log-format", default="auto", choices=["auto", "json", "console"])
@@ -68,6 +87,8 @@ def _free_port(host: str) -> int:
 
 
 async def _serve(args: argparse.Namespace) -> None:
+    # Before the model loads: a bad certificate path fails in a second, not after minutes.
+    credentials = tls.server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
     model = ensure_demo_model() if args.model == "demo" else Path(args.model)
     config = EngineConfig(
         model=model,
@@ -80,6 +101,12 @@ async def _serve(args: argparse.Namespace) -> None:
         num_kv_blocks=args.num_kv_blocks,
         kv_cache_memory_bytes=int(args.kv_cache_memory_gb * (1 << 30)),
         max_tokens_default=args.max_tokens_default,
+        attention_backend=args.attention_backend,
+        prefill_backend=args.prefill_backend,
+        decode_backend=args.decode_backend,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enforce_eager=args.enforce_eager,
+        cuda_graph_max_bs=args.cuda_graph_max_bs,
     )
     engine = AsyncEngine(config, args.log_format, args.log_level)
     info = await engine.start()
@@ -93,7 +120,8 @@ async def _serve(args: argparse.Namespace) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, task.cancel)
     try:
-        clean = await serve_engine(engine, info, args.host, port, args.drain_timeout_s)
+        clean = await serve_engine(engine, info, args.host, port, args.drain_timeout_s,
+                                   credentials, args.health_port)
     except BaseException:
         engine.stop()
         raise

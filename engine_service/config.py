@@ -16,6 +16,15 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     block_size: int = 16
     num_kv_blocks: int | None = None
+    # The KV pool's size on the CPU; on a GPU the pool is sized by gpu_memory_utilization.
     kv_cache_memory_bytes: int = 1 << 30
     max_tokens_default: int = 256
     block_hash_seed: int = 0
+    # auto = triton on CUDA, torch on the CPU; prefill_/decode_backend override one phase each.
+    attention_backend: str = "auto"
+    prefill_backend: str | None = None
+    decode_backend: str | None = None
+    # Fraction of the GPU's memory this engine may hold: weights, activations and the KV cache.
+    gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = False
+    cuda_graph_max_bs: int = 256

@@ -1,4 +1,5 @@
-"""Start-up: read the checkpoint, choose device and dtype, size the KV cache, load the weights."""
+"""Start-up: read the checkpoint, choose device, dtype and attention backend, load the weights,
+size the KV cache, warm up (capture the decode graphs)."""
 
 import time
 from dataclasses import dataclass
@@ -7,11 +8,15 @@ import structlog
 import torch
 
 from llmserve.common.block_hash import ALGORITHM
+from llmserve.engine_service.attention import BackendUnavailableError
+from llmserve.engine_service.attention_backends import load_backend, phase_backends
 from llmserve.engine_service.block_pool import BlockPool
 from llmserve.engine_service.checkpoint import read_model_spec
 from llmserve.engine_service.config import EngineConfig
+from llmserve.engine_service.cuda_graphs import CudaGraphCapture, graph_batch_sizes
 from llmserve.engine_service.engine_core import EngineCore
-from llmserve.engine_service.model_runner import ModelRunner, resolve_dtype
+from llmserve.engine_service.kv_sizing import num_kv_blocks, profile_peak_bytes, snapshot
+from llmserve.engine_service.model_runner import ModelRunner, RunnerLimits, resolve_dtype
 from llmserve.engine_service.scheduler import Scheduler, SchedulerConfig
 
 log = structlog.get_logger(__name__)
@@ -48,21 +53,51 @@ def build_engine(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
         else config.device
     )
     dtype = resolve_dtype(config.dtype, spec, device)
+    if not 0 < config.gpu_memory_utilization <= 1:
+        raise ValueError(
+            f"gpu_memory_utilization {config.gpu_memory_utilization} must be in (0, 1]"
+        )
+    on_cuda = device.type == "cuda"
+    use_graphs = on_cuda and not config.enforce_eager
+    # Backends are checked before the weights load: a missing one fails start-up at once.
+    prefill_name, decode_name = phase_backends(
+        config.attention_backend, config.prefill_backend, config.decode_backend, device
+    )
+    prefill = load_backend(prefill_name, device, dtype)
+    decode = prefill if decode_name == prefill_name else load_backend(decode_name, device, dtype)
+    if use_graphs and not decode.graph_safe:
+        raise BackendUnavailableError(
+            f"attention backend {decode.name!r} cannot run inside CUDA graphs (it reads device "
+            "tensors on the host): add --enforce-eager or choose another backend"
+        )
+    free_at_start = torch.cuda.mem_get_info(device)[0] if on_cuda else 0
     max_model_len = min(
         config.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings
     )
     block_bytes = ModelRunner.kv_bytes_per_block(spec, dtype, config.block_size)
-    num_blocks = config.num_kv_blocks or max(1, config.kv_cache_memory_bytes // block_bytes)
-    # One sequence of max_model_len must always fit, or it could never be scheduled.
-    max_model_len = min(max_model_len, num_blocks * config.block_size)
     log.info(
         "loading_weights",
         model=str(config.model),
         architecture=spec.architecture,
         device=str(device),
         dtype=str(dtype).removeprefix("torch."),
+        prefill_backend=prefill.name,
+        decode_backend=decode.name,
     )
-    runner = ModelRunner(config.model, spec, device, dtype, num_blocks, config.block_size)
+    limits = RunnerLimits(
+        config.max_num_seqs, config.max_num_batched_tokens, max_model_len, config.block_size
+    )
+    runner = ModelRunner(config.model, spec, device, dtype, limits, prefill, decode)
+    num_blocks = config.num_kv_blocks
+    if num_blocks is None and on_cuda:
+        peak = profile_peak_bytes(runner)
+        memory = snapshot(device, peak, free_at_start)
+        num_blocks = num_kv_blocks(memory, config.gpu_memory_utilization, block_bytes)
+    elif num_blocks is None:
+        num_blocks = max(1, config.kv_cache_memory_bytes // block_bytes)
+    # One sequence of max_model_len must always fit, or it could never be scheduled.
+    max_model_len = min(max_model_len, num_blocks * config.block_size)
+    runner.allocate_kv_cache(num_blocks)
     log.info(
         "kv_cache_ready",
         num_blocks=num_blocks,
@@ -71,6 +106,7 @@ def build_engine(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
         max_model_len=max_model_len,
         seconds=round(time.monotonic() - started, 2),
     )
+    _warm_up(runner, config, use_graphs)
     pool = BlockPool(num_blocks)
     scheduler = Scheduler(
         SchedulerConfig(
@@ -95,9 +131,23 @@ def build_engine(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
         block_hash_algorithm=ALGORITHM,
         block_hash_seed=config.block_hash_seed,
         eos_token_ids=spec.eos_token_ids,
-        attention_backend=runner.backend.name,
+        attention_backend=runner.attention.name,
         dtype=str(dtype).removeprefix("torch."),
         device=str(device),
         max_tokens_default=config.max_tokens_default,
     )
+    log.info("engine_built", attention_backend=info.attention_backend,
+             cuda_graphs=runner.graphs is not None,
+             seconds=round(time.monotonic() - started, 2))
     return core, info
+
+
+def _warm_up(runner: ModelRunner, config: EngineConfig, use_graphs: bool) -> None:
+    """Captures the decode graphs, or on CUDA without them compiles every decode variant."""
+    if runner.device.type != "cuda":
+        return
+    sizes = graph_batch_sizes(min(config.cuda_graph_max_bs, config.max_num_seqs))
+    if use_graphs and sizes:
+        runner.capture_decode_graphs(sizes, CudaGraphCapture())
+    else:
+        runner.warm_up_decode(sizes)

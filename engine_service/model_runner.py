@@ -1,113 +1,166 @@
-"""Runs the model over one scheduled step: builds the flat batch, the KV metadata, the logits."""
+"""Runs the model over one scheduled step: the flat batch, the paged KV cache, the logits.
 
+On CUDA the weights are bf16 by default, the non-matmul operations are Triton kernels, and
+pure-decode steps replay CUDA graphs; on the CPU everything runs the torch twins.
+"""
+
+import contextlib
 import math
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
 import torch
 
-from llmserve.engine_service.attention import AttentionMetadata, TorchAttentionBackend
+from llmserve.engine_service.attention import AttentionKernels, PagedAttention
 from llmserve.engine_service.checkpoint import ModelSpec, iter_safetensors
+from llmserve.engine_service.cuda_graphs import DecodeGraphs, GraphCapture
 from llmserve.engine_service.models.decoder import DecoderModel
 from llmserve.engine_service.scheduler import ScheduledChunk
+from llmserve.engine_service.step_inputs import StepBatch, StepInputs
+from llmserve.kernels.ops import kernel_ops
 
 log = structlog.get_logger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-@dataclass
-class StepBatch:
-    """The seam between scheduler and runner: one flat batch of tokens for one forward pass."""
-
-    input_ids: torch.Tensor  # [T]
-    positions: torch.Tensor  # [T]
-    attention: AttentionMetadata
-    logits_indices: torch.Tensor  # [S]: rows of the flat batch whose logits pick a token
-
-
 def resolve_dtype(requested: str, spec: ModelSpec, device: torch.device) -> torch.dtype:
-    """`auto` = the checkpoint's dtype on a GPU, fp32 on the CPU (bf16 matmuls are slow there)."""
+    """`auto` = bf16 on a GPU (fp16 if the checkpoint is fp16), fp32 on the CPU (bf16 matmuls
+    are slow there)."""
     if requested != "auto":
         return DTYPES[requested]
     if device.type == "cpu":
         return torch.float32
-    return DTYPES.get(spec.torch_dtype, torch.bfloat16)
+    return torch.float16 if spec.torch_dtype == "float16" else torch.bfloat16
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Creates parameters in `dtype` (no fp32 copy of the weights is ever made)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@dataclass(frozen=True)
+class RunnerLimits:
+    """The largest step the runner's buffers hold, and the KV geometry."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    block_size: int
 
 
 class ModelRunner:
-    """Owns the weights and the KV cache on one device and computes logits for a step."""
+    """Owns the weights, the KV cache and the decode graphs on one device; computes logits."""
 
-    def __init__(
-        self,
-        model_dir,
-        spec: ModelSpec,
-        device: torch.device,
-        dtype: torch.dtype,
-        num_blocks: int,
-        block_size: int,
-    ) -> None:
-        self.spec, self.device, self.dtype, self.block_size = spec, device, dtype, block_size
-        with torch.device(device):
-            self.model = DecoderModel(spec).to(dtype)
+    def __init__(self, model_dir: Path, spec: ModelSpec, device: torch.device,
+                 dtype: torch.dtype, limits: RunnerLimits, prefill: AttentionKernels,
+                 decode: AttentionKernels) -> None:
+        self.spec, self.device, self.dtype, self.limits = spec, device, dtype, limits
+        self.block_size = limits.block_size
+        self.ops = kernel_ops(device)
+        with torch.device(device), default_dtype(dtype):
+            self.model = DecoderModel(spec, self.ops)
         self.model.load_weights(iter_safetensors(model_dir))
         self.model.eval()
-        shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
-        self.kv_caches = [
-            (
-                torch.zeros(shape, dtype=dtype, device=device),
-                torch.zeros(shape, dtype=dtype, device=device),
-            )
-            for _ in range(spec.num_layers)
-        ]
-        self.backend = TorchAttentionBackend(self.kv_caches, 1.0 / math.sqrt(spec.head_dim))
+        self.attention = PagedAttention(prefill, decode, self.ops.store_kv,
+                                        1.0 / math.sqrt(spec.head_dim))
+        max_pages = -(-limits.max_model_len // limits.block_size)
+        self.inputs = StepInputs(max(limits.max_num_batched_tokens, limits.max_num_seqs),
+                                 limits.max_num_seqs, max_pages, limits.block_size, device)
+        self.graphs: DecodeGraphs | None = None
+        self.num_blocks = 0
 
     @staticmethod
     def kv_bytes_per_block(spec: ModelSpec, dtype: torch.dtype, block_size: int) -> int:
         itemsize = torch.empty((), dtype=dtype).element_size()
         return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * itemsize
 
-    def build_batch(self, chunks: list[ScheduledChunk]) -> StepBatch:
-        bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_start_loc = [0]
-        seq_lens: list[int] = []
-        logits_indices: list[int] = []
-        max_pages = max(len(c.seq.block_ids) for c in chunks)
-        block_tables = torch.zeros(len(chunks), max_pages, dtype=torch.int32)
-        for row, chunk in enumerate(chunks):
-            seq, end = chunk.seq, chunk.start + chunk.num_tokens
-            input_ids.extend(seq.token_ids[chunk.start : end])
-            span = range(chunk.start, end)
-            positions.extend(span)
-            slots.extend(seq.block_ids[p // bs] * bs + p % bs for p in span)
-            query_start_loc.append(len(input_ids))
-            seq_lens.append(end)
-            block_tables[row, : len(seq.block_ids)] = torch.tensor(seq.block_ids, dtype=torch.int32)
-            if chunk.samples:
-                logits_indices.append(len(input_ids) - 1)
+    @property
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
-        def tensor(values: list[int], dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        """(Re)allocates the pool as one zeroed tensor; drops graphs, which hold its address.
 
-        return StepBatch(
-            input_ids=tensor(input_ids, torch.int64),
-            positions=tensor(positions, torch.int64),
-            attention=AttentionMetadata(
-                query_start_loc=tensor(query_start_loc, torch.int32),
-                seq_lens=tensor(seq_lens, torch.int32),
-                block_tables=block_tables.to(self.device, non_blocking=True),
-                slot_mapping=tensor(slots, torch.int64),
-            ),
-            logits_indices=tensor(logits_indices, torch.int64),
-        )
+        Zeroed, not empty: kernels that load whole pages multiply masked-out rows by zero, and
+        0 * NaN from uninitialized memory would still be NaN.
+        """
+        self.graphs = None
+        self.attention.kv_caches = []
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        spec = self.spec
+        pool = torch.zeros(spec.num_layers, 2, num_blocks, self.block_size, spec.num_kv_heads,
+                           spec.head_dim, dtype=self.dtype, device=self.device)
+        self.attention.kv_caches = [(pool[layer, 0], pool[layer, 1])
+                                    for layer in range(spec.num_layers)]
+        self.num_blocks = num_blocks
+
+    def capture_decode_graphs(self, sizes: list[int], capture: GraphCapture,
+                              progress: bool = True) -> None:
+        """Captures the decode pass for each batch size (after the KV cache is allocated).
+
+        The caller checks that the decode backend is graph-safe when `capture` is a real CUDA
+        graph capture (the CPU stand-in replays eagerly and takes any backend).
+        """
+        on_cuda = self.device.type == "cuda"
+        started = time.monotonic()
+        free_before = torch.cuda.mem_get_info(self.device)[0] if on_cuda else 0
+        log.info("cuda_graphs_capturing", batch_sizes=len(sizes), max_batch_size=max(sizes))
+        with torch.inference_mode():
+            self.graphs = DecodeGraphs(sizes, self._decode_pass, capture, progress)
+        if on_cuda:
+            torch.cuda.synchronize(self.device)
+        log.info("cuda_graphs_captured", batch_sizes=len(sizes),
+                 seconds=round(time.monotonic() - started, 2),
+                 bytes=free_before - torch.cuda.mem_get_info(self.device)[0] if on_cuda else 0)
+
+    @torch.inference_mode()
+    def warm_up_decode(self, sizes: list[int]) -> None:
+        """Runs the eager decode pass once per batch size (compiles every kernel variant)."""
+        started = time.monotonic()
+        for bs in sizes:
+            self._decode_pass(bs)()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        log.info("decode_warmed_up", batch_sizes=len(sizes),
+                 seconds=round(time.monotonic() - started, 2))
+
+    def _decode_pass(self, num_seqs: int) -> Callable[[], torch.Tensor]:
+        batch = self.inputs.decode_batch(num_seqs)
+
+        def run() -> torch.Tensor:
+            self.attention.metadata = batch.attention
+            return self.model(batch.input_ids, batch.positions, self.attention)
+
+        return run
+
+    def build_batch(self, chunks: list[ScheduledChunk], pad_to: int | None = None) -> StepBatch:
+        return self.inputs.build(chunks, pad_to)
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """Runs the step and returns fp32 logits [S, vocab] for the chunks that sample."""
-        batch = self.build_batch(chunks)
-        self.backend.metadata = batch.attention
-        hidden = self.model(batch.input_ids, batch.positions, self.backend)
+        """Runs the step and returns fp32 logits [S, vocab] for the chunks that sample.
+
+        Never waits for the device: the caller's one read of the sampled tokens is the sync.
+        """
+        padded = None
+        if self.graphs is not None and all(c.num_tokens == 1 for c in chunks):
+            padded = self.graphs.padded_size(len(chunks))
+        batch = self.build_batch(chunks, padded)
+        if padded is not None:
+            assert self.graphs is not None
+            hidden = self.graphs.replay(padded)
+        else:
+            self.attention.metadata = batch.attention
+            hidden = self.model(batch.input_ids, batch.positions, self.attention)
         return self.model.compute_logits(hidden[batch.logits_indices])

@@ -14,6 +14,7 @@ from llmserve.common.priority import PRIORITY_CLASS
 from llmserve.engine_service import metrics
 from llmserve.engine_service.async_engine import AsyncEngine, EngineDeadError
 from llmserve.engine_service.engine_builder import EngineInfo
+from llmserve.engine_service.health_port import start_health_server
 from llmserve.engine_service.request import EngineRequest, FinishReason, RequestOutput
 from llmserve.engine_service.validation import InvalidRequestError, check_prompt, sampling_options
 from llmserve.v1 import common_pb2, engine_service_pb2, engine_service_pb2_grpc
@@ -130,6 +131,7 @@ class EngineServicer(engine_service_pb2_grpc.EngineServiceServicer):
             prompt_tokens=len(engine_request.prompt_token_ids),
             max_tokens=engine_request.sampling.max_tokens,
             priority=engine_request.priority,
+            tenant=engine_request.tenant,
         )
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "engine is shutting down")
@@ -182,11 +184,14 @@ class EngineServicer(engine_service_pb2_grpc.EngineServiceServicer):
 
 
 async def serve_engine(engine: AsyncEngine, info: EngineInfo, host: str, port: int,
-                       drain_timeout_s: float = 30.0) -> bool:
+                       drain_timeout_s: float = 30.0,
+                       credentials: grpc.ServerCredentials | None = None,
+                       health_port: int = -1) -> bool:
     """Serves until cancelled (a graceful drain) or until the core dies; False on the latter.
 
     Draining: health turns NOT_SERVING and new requests are refused at once, while requests in
-    flight run to completion for up to `drain_timeout_s`.
+    flight run to completion for up to `drain_timeout_s`. `credentials` secure the port (None =
+    plaintext); `health_port` >= 0 also serves health alone, plaintext (see `health_port`).
     """
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0),
                                       ("grpc.max_receive_message_length", 64 << 20)])
@@ -197,18 +202,25 @@ async def serve_engine(engine: AsyncEngine, info: EngineInfo, host: str, port: i
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
-    bound_port = server.add_insecure_port(f"{host}:{port}")
+    if credentials is None:
+        bound_port = server.add_insecure_port(f"{host}:{port}")
+    else:
+        bound_port = server.add_secure_port(f"{host}:{port}", credentials)
     if bound_port == 0:
         raise OSError(f"cannot bind {host}:{port}")
     engine.on_step = metrics.record_step
     await server.start()
+    health_server = (
+        await start_health_server(health_servicer, host, health_port) if health_port >= 0 else None
+    )
 
     async def set_health(status: int) -> None:
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, status)
 
     await set_health(health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving", service=SERVICE_NAME, host=host, port=bound_port)
+    log.info("serving", service=SERVICE_NAME, host=host, port=bound_port,
+             tls=credentials is not None)
     try:
         await engine.dead.wait()
         await set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -224,3 +236,6 @@ async def serve_engine(engine: AsyncEngine, info: EngineInfo, host: str, port: i
         await server.stop(grace=1)
         engine.stop()
         return True
+    finally:
+        if health_server is not None:
+            await health_server.stop(grace=None)

@@ -9,8 +9,10 @@ from pathlib import Path
 import structlog
 from prometheus_client import start_http_server
 
+from llmserve.common import tls
 from llmserve.common.demo_checkpoint import demo_model_dir
 from llmserve.common.logs import configure_logging
+from llmserve.router.auth import TenantKeys
 from llmserve.router.balancer import Policy
 from llmserve.router.server import serve_router
 from llmserve.router.tokenizer import TextTokenizer
@@ -46,12 +48,51 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=1024,
         help="requests that may wait for admission before the least important is shed",
     )
+    p.add_argument(
+        "--max-message-mb",
+        type=int,
+        default=16,
+        help="largest request or response message in MiB (default 16: a long prompt fits)",
+    )
+    p.add_argument(
+        "--max-concurrent-rpcs",
+        type=int,
+        default=4096,
+        help="calls in flight before new ones get RESOURCE_EXHAUSTED at once (default 4096; "
+        "keep it above --max-queue plus what the engines run)",
+    )
+    security = p.add_argument_group("TLS and auth (none given = plaintext, no auth)")
+    security.add_argument("--tls-cert", type=Path, help="server certificate of the public port")
+    security.add_argument("--tls-key", type=Path, help="private key of --tls-cert")
+    security.add_argument(
+        "--engine-tls-ca", type=Path, help="CA of the engines' certificates: TLS to engines"
+    )
+    security.add_argument(
+        "--engine-tls-cert", type=Path, help="client certificate shown to engines (mutual TLS)"
+    )
+    security.add_argument("--engine-tls-key", type=Path, help="private key of --engine-tls-cert")
+    security.add_argument(
+        "--auth-keys-file",
+        type=Path,
+        help='JSON {"tenants": {"<tenant>": ["<key>", ...]}}: calls need '
+        "'authorization: Bearer <key>' and run as the key's tenant",
+    )
     p.add_argument("--log-format", default="auto", choices=["auto", "json", "console"])
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv)
 
 
 async def _serve(args: argparse.Namespace) -> None:
+    if args.max_message_mb <= 0 or args.max_concurrent_rpcs <= 0:
+        raise ValueError("--max-message-mb and --max-concurrent-rpcs must be positive")
+    # Credentials and keys first: a bad path fails start-up before anything is loaded.
+    server_credentials = tls.server_credentials(args.tls_cert, args.tls_key)
+    engine_credentials = tls.channel_credentials(
+        args.engine_tls_ca, args.engine_tls_cert, args.engine_tls_key
+    )
+    auth = None if args.auth_keys_file is None else TenantKeys.from_file(args.auth_keys_file)
+    if auth is not None:
+        log.info("auth_enabled", tenants=auth.tenants, keys=auth.num_keys)
     tokenizer = TextTokenizer.from_model_dir(
         demo_model_dir() if args.model == "demo" else Path(args.model)
     )
@@ -72,6 +113,11 @@ async def _serve(args: argparse.Namespace) -> None:
             Policy(args.routing_policy),
             args.max_connection_age_s,
             args.max_queue,
+            server_credentials=server_credentials,
+            engine_credentials=engine_credentials,
+            auth=auth,
+            max_message_bytes=args.max_message_mb << 20,
+            max_concurrent_rpcs=args.max_concurrent_rpcs,
         )
     log.info("stopped")
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import grpc
 import structlog
 
+from llmserve.router.engine_channel import open_engine_channel
 from llmserve.router.prefix_index import PrefixIndex
 from llmserve.v1 import engine_service_pb2, engine_service_pb2_grpc
 
@@ -55,12 +56,22 @@ class Engine:
 class EnginePool:
     """Keeps the engine set and each engine's state current."""
 
-    def __init__(self, targets: list[str], index: PrefixIndex, refresh_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        targets: list[str],
+        index: PrefixIndex,
+        refresh_s: float = 5.0,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
         if not targets:
             raise ValueError("--engines: give at least one host:port or dns:NAME:PORT")
         self.targets = targets
         self.index = index
         self.refresh_s = refresh_s
+        # None = plaintext; otherwise mutual TLS to every engine.
+        self.credentials = credentials
+        # The DNS name each resolved address came from: what its TLS certificate names.
+        self._server_names: dict[str, str] = {}
         self.engines: dict[str, Engine] = {}
         self._task: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
@@ -94,7 +105,9 @@ class EnginePool:
         while True:
             addresses = await asyncio.to_thread(self._resolve)
             for address in addresses - self.engines.keys():
-                channel = grpc.aio.insecure_channel(address)
+                channel = open_engine_channel(
+                    address, self.credentials, self._server_names.get(address)
+                )
                 engine = Engine(
                     address, channel, engine_service_pb2_grpc.EngineServiceStub(channel)
                 )
@@ -172,6 +185,7 @@ class EnginePool:
 
     def _resolve(self) -> set[str]:
         addresses: set[str] = set()
+        server_names: dict[str, str] = {}
         for target in self.targets:
             if not target.startswith("dns:"):
                 addresses.add(target)
@@ -185,4 +199,7 @@ class EnginePool:
             for family, _, _, _, sockaddr in infos:
                 host = f"[{sockaddr[0]}]" if family == socket.AF_INET6 else sockaddr[0]
                 addresses.add(f"{host}:{port}")
+                server_names[f"{host}:{port}"] = name
+        # Replaced, not extended: pod IPs come and go.
+        self._server_names = server_names
         return addresses

@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 from llmserve.common.priority import PRIORITY_CLASS
 from llmserve.router import metrics
 from llmserve.router.admission import AdmissionController, ShedError
+from llmserve.router.auth import BearerAuthInterceptor, TenantKeys
 from llmserve.router.balancer import Balancer, Policy
 from llmserve.router.detokenizer import IncrementalDetokenizer
 from llmserve.router.engine_pool import EnginePool
@@ -216,21 +217,40 @@ async def serve_router(
     policy: Policy = Policy.PREFIX,
     max_connection_age_s: float = 300.0,
     max_queue: int = 1024,
+    *,
+    server_credentials: grpc.ServerCredentials | None = None,
+    engine_credentials: grpc.ChannelCredentials | None = None,
+    auth: TenantKeys | None = None,
+    max_message_bytes: int = 16 << 20,
+    max_concurrent_rpcs: int = 4096,
 ) -> None:
-    """Serves until cancelled; health turns SERVING once an engine is ready."""
+    """Serves until cancelled; health turns SERVING once an engine is ready.
+
+    `server_credentials` puts TLS on the public port, `engine_credentials` mutual TLS on the
+    engine channels (None = plaintext). With `auth`, every GenerateService call needs a bearer
+    key and runs as the key's tenant (see `auth`).
+    """
     index = PrefixIndex()
-    pool = EnginePool(engines, index)
+    pool = EnginePool(engines, index, credentials=engine_credentials)
     servicer = GenerateServicer(
         tokenizer, pool, Forwarder(pool, index, Balancer(policy)), AdmissionController(max_queue)
     )
+    interceptors = [] if auth is None else [BearerAuthInterceptor(auth, f"/{SERVICE.full_name}/")]
     server = grpc.aio.server(
+        interceptors=interceptors,
         options=[
             ("grpc.so_reuseport", 0),
             # Clients reconnect and spread over router replicas added by an autoscaler.
             ("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)),
             ("grpc.max_connection_age_grace_ms", 30_000),
-            ("grpc.max_receive_message_length", 16 << 20),
-        ]
+            # A request holds one prompt, a response a few tokens: bounded both ways, so one
+            # caller cannot make the router buffer an arbitrary amount.
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ],
+        # Beyond this many calls in flight gRPC answers RESOURCE_EXHAUSTED at once: a memory
+        # bound for the process, set above what admission queues and engines run.
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
     server.add_generic_rpc_handlers((_generic_handler(servicer),))
     health_servicer = health.aio.HealthServicer()
@@ -246,9 +266,21 @@ async def serve_router(
         ),
         server,
     )
-    bound_port = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    if server_credentials is None:
+        bound_port = server.add_insecure_port(address)
+    else:
+        bound_port = server.add_secure_port(address, server_credentials)
     await server.start()
-    log.info("serving", service=SERVICE.full_name, host=host, port=bound_port)
+    log.info(
+        "serving",
+        service=SERVICE.full_name,
+        host=host,
+        port=bound_port,
+        tls=server_credentials is not None,
+        engine_tls=engine_credentials is not None,
+        auth=auth is not None,
+    )
     await pool.start()
     try:
         await pool.ready.wait()

@@ -1,36 +1,47 @@
-"""The Qwen3 / Qwen2 / Llama decoder: one module, switched by bias and q/k-norm flags."""
+"""The Qwen3 / Qwen2 / Llama decoder: one module, switched by bias and q/k-norm flags.
+
+Every non-matmul operation goes through a `KernelOps` chosen once at start-up: the torch twins
+on the CPU, the Triton kernels on CUDA.
+"""
 
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from llmserve.engine_service.attention import AttentionBackend
+from llmserve.engine_service.attention import PagedAttention
 from llmserve.engine_service.checkpoint import CheckpointError, ModelSpec
 from llmserve.engine_service.models.rope import rope_inv_freq
-from llmserve.kernels.activation import silu_and_mul_torch
-from llmserve.kernels.rms_norm import add_rms_norm_torch, rms_norm_torch
-from llmserve.kernels.rotary import apply_rotary_torch, rotary_cos_sin
+from llmserve.kernels.ops import TORCH_OPS, KernelOps
+from llmserve.kernels.rotary import rotary_cos_sin
 
 
 class RMSNorm(nn.Module):
     """RMSNorm with a learned scale."""
 
-    def __init__(self, size: int, eps: float) -> None:
+    def __init__(self, size: int, eps: float, ops: KernelOps) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm_torch(x, self.weight, self.eps)
+        return self.ops.rms_norm(x, self.weight, self.eps)
+
+    def add_forward(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual) in one pass."""
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class Attention(nn.Module):
     """Self-attention with fused QKV, optional per-head q/k RMSNorm (Qwen3), rotary, paged KV."""
 
-    def __init__(self, spec: ModelSpec, layer: int) -> None:
+    def __init__(self, spec: ModelSpec, layer: int, ops: KernelOps) -> None:
         super().__init__()
         self.layer = layer
+        self.ops = ops
         self.num_heads, self.num_kv_heads, self.head_dim = (
             spec.num_heads,
             spec.num_kv_heads,
@@ -42,15 +53,15 @@ class Attention(nn.Module):
             spec.hidden_size, self.q_size + 2 * self.kv_size, bias=spec.attention_bias
         )
         self.o_proj = nn.Linear(self.q_size, spec.hidden_size, bias=False)
-        self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
-        self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
+        self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, ops) if spec.qk_norm else None
+        self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, ops) if spec.qk_norm else None
 
     def forward(
         self,
         x: torch.Tensor,
         positions: torch.Tensor,
         cos_sin: torch.Tensor,
-        backend: AttentionBackend,
+        attention: PagedAttention,
     ) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
@@ -58,32 +69,33 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary_torch(positions, q, k, cos_sin)
-        out = backend.forward(self.layer, q, k, v)
+        q, k = self.ops.apply_rotary(positions, q, k, cos_sin)
+        out = attention.forward(self.layer, q, k, v)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
 class MLP(nn.Module):
     """SwiGLU feed-forward with a fused gate/up projection."""
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, ops: KernelOps) -> None:
         super().__init__()
+        self.ops = ops
         self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=False)
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul_torch(self.gate_up_proj(x)))
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm transformer block; the residual add is fused into the following norm."""
 
-    def __init__(self, spec: ModelSpec, layer: int) -> None:
+    def __init__(self, spec: ModelSpec, layer: int, ops: KernelOps) -> None:
         super().__init__()
-        self.self_attn = Attention(spec, layer)
-        self.mlp = MLP(spec)
-        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.self_attn = Attention(spec, layer, ops)
+        self.mlp = MLP(spec, ops)
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, ops)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, ops)
 
     def forward(
         self,
@@ -91,50 +103,47 @@ class DecoderLayer(nn.Module):
         residual: torch.Tensor | None,
         positions: torch.Tensor,
         cos_sin: torch.Tensor,
-        backend: AttentionBackend,
+        attention: PagedAttention,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
-            x, residual = add_rms_norm_torch(
-                x, residual, self.input_layernorm.weight, self.input_layernorm.eps
-            )
-        x = self.self_attn(x, positions, cos_sin, backend)
-        x, residual = add_rms_norm_torch(
-            x, residual, self.post_attention_layernorm.weight, self.post_attention_layernorm.eps
-        )
+            x, residual = self.input_layernorm.add_forward(x, residual)
+        x = self.self_attn(x, positions, cos_sin, attention)
+        x, residual = self.post_attention_layernorm.add_forward(x, residual)
         return self.mlp(x), residual
 
 
 class DecoderModel(nn.Module):
     """Embedding, decoder layers, final norm and LM head over one flat batch of tokens."""
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, ops: KernelOps = TORCH_OPS) -> None:
         super().__init__()
         self.spec = spec
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(spec, i, ops) for i in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, ops)
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         inv_freq = rope_inv_freq(spec.head_dim, spec.rope_theta, spec.rope_scaling)
+        # Always fp32 (the rotary kernels read an fp32 table), whatever the weights' dtype.
         self.register_buffer(
             "cos_sin",
-            rotary_cos_sin(spec.head_dim, spec.max_position_embeddings, inv_freq),
+            rotary_cos_sin(spec.head_dim, spec.max_position_embeddings, inv_freq).float(),
             persistent=False,
         )
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, backend: AttentionBackend
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attention: PagedAttention
     ) -> torch.Tensor:
         """Returns the final hidden states [T, hidden] for the flat batch."""
         x = self.embed_tokens(input_ids)
         residual: torch.Tensor | None = None
         for layer in self.layers:
-            x, residual = layer(x, residual, positions, self.cos_sin, backend)
+            x, residual = layer(x, residual, positions, self.cos_sin, attention)
         assert residual is not None
-        x, _ = add_rms_norm_torch(x, residual, self.norm.weight, self.norm.eps)
+        x, _ = self.norm.add_forward(x, residual)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

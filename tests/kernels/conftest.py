@@ -19,8 +19,9 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     # torch; with a CUDA build on a machine without a GPU, modules that earlier test folders
     # imported are dropped (all but Triton's compiled core) so that they import again, interpreted.
     os.environ["TRITON_INTERPRET"] = "1"
-    for name in [m for m in sys.modules
-                 if m.startswith(("triton.", "llmserve.kernels.")) or m == "triton"]:
+    for name in [
+        m for m in sys.modules if m.startswith(("triton.", "llmserve.kernels.")) or m == "triton"
+    ]:
         if not name.startswith("triton._C"):
             del sys.modules[name]
 
@@ -47,8 +48,15 @@ class Paged:
     """Builders and checks for the paged-attention tests."""
 
     @staticmethod
-    def pool(lens: Sequence[int], block_size: int, num_kv_heads: int, head_dim: int,
-             dtype: torch.dtype, device: str, spare_pages: int = 5) -> PagedKV:
+    def pool(
+        lens: Sequence[int],
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: str,
+        spare_pages: int = 5,
+    ) -> PagedKV:
         """Random K/V for each sequence, scattered over randomly ordered pages of a larger pool.
 
         Unused pool pages and table entries hold large garbage, so reading past a sequence's
@@ -60,8 +68,9 @@ class Paged:
         k_cache = torch.randn(shape, device=device).mul_(100).to(dtype)
         v_cache = torch.randn(shape, device=device).mul_(100).to(dtype)
         order = torch.randperm(num_blocks, device=device).to(torch.int32)
-        tables = torch.full((len(lens), max([*pages, 1]) + 2), int(order[-1]), dtype=torch.int32,
-                            device=device)
+        tables = torch.full(
+            (len(lens), max([*pages, 1]) + 2), int(order[-1]), dtype=torch.int32, device=device
+        )
         dense_k, dense_v = [], []
         used = 0
         for b, length in enumerate(lens):
@@ -70,8 +79,9 @@ class Paged:
             tables[b, : pages[b]] = own
             k = torch.randn(length, num_kv_heads, head_dim, device=device).to(dtype)
             v = torch.randn(length, num_kv_heads, head_dim, device=device).to(dtype)
-            flat = (own.long()[:, None] * block_size
-                    + torch.arange(block_size, device=device)).flatten()[:length]
+            flat = (
+                own.long()[:, None] * block_size + torch.arange(block_size, device=device)
+            ).flatten()[:length]
             k_cache.view(-1, num_kv_heads, head_dim)[flat] = k
             v_cache.view(-1, num_kv_heads, head_dim)[flat] = v
             dense_k.append(k)

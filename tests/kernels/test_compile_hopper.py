@@ -69,6 +69,7 @@ def test_kernels_compile_for_sm90() -> None:
     # "0", not unset: llmserve.kernels turns the interpreter on by default without CUDA torch.
     env = {**os.environ, "TRITON_INTERPRET": "0", "LLMSERVE_TRITON_ON_CPU": "0"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=240)
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=240
+    )
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]

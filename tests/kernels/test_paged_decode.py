@@ -8,8 +8,10 @@ import torch
 from llmserve.kernels.paged_attention import paged_attention_torch
 from llmserve.kernels.paged_decode import choose_num_splits, paged_decode_attention
 
-ON_CPU = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                            reason="the CPU cases run in Triton's interpreter (no CUDA here)")
+ON_CPU = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1",
+    reason="the CPU cases run in Triton's interpreter (no CUDA here)",
+)
 ON_GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
@@ -30,8 +32,18 @@ def boundary_lens(block_size: int) -> list[int]:
     return sorted({n for n in lens if n > 0})
 
 
-def check_decode(paged, lens, block_size, num_heads, num_kv_heads, head_dim, dtype, device,
-                 num_splits, q_view: bool = False) -> None:
+def check_decode(
+    paged,
+    lens,
+    block_size,
+    num_heads,
+    num_kv_heads,
+    head_dim,
+    dtype,
+    device,
+    num_splits,
+    q_view: bool = False,
+) -> None:
     kv = paged.pool(lens, block_size, num_kv_heads, head_dim, dtype, device)
     batch = len(lens)
     if q_view:  # a strided view, as the engine's q is a slice of the fused qkv projection
@@ -40,67 +52,108 @@ def check_decode(paged, lens, block_size, num_heads, num_kv_heads, head_dim, dty
     else:
         q = torch.randn(batch, num_heads, head_dim, device=device).to(dtype)
     scale = head_dim**-0.5
-    out = paged_decode_attention(q, kv.k_cache, kv.v_cache, kv.seq_lens, kv.block_tables, scale,
-                                 num_splits=num_splits)
+    out = paged_decode_attention(
+        q, kv.k_cache, kv.v_cache, kv.seq_lens, kv.block_tables, scale, num_splits=num_splits
+    )
     starts = torch.arange(batch + 1, dtype=torch.int32, device=device)
-    ref = paged_attention_torch(q, kv.k_cache, kv.v_cache, starts, kv.seq_lens, kv.block_tables,
-                                scale)
+    ref = paged_attention_torch(
+        q, kv.k_cache, kv.v_cache, starts, kv.seq_lens, kv.block_tables, scale
+    )
     assert out.dtype == dtype and out.shape == q.shape
     assert paged.rel_err(out, ref) < TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 3, None])
-@pytest.mark.parametrize(("block_size", "num_heads", "num_kv_heads", "dtype", "device"), [
-    cpu(16, 4, 2, torch.float32, name="page16-gqa2-fp32"),
-    cpu(1, 4, 4, torch.float32, name="page1-mha-fp32"),
-    cpu(64, 8, 2, torch.float32, name="page64-gqa4-fp32"),
-    cpu(16, 4, 2, torch.bfloat16, name="page16-gqa2-bf16"),
-])
-def test_decode_boundaries_and_splits(paged, block_size, num_heads, num_kv_heads, dtype, device,
-                                      num_splits) -> None:
-    check_decode(paged, boundary_lens(block_size), block_size, num_heads, num_kv_heads, 32,
-                 dtype, device, num_splits)
+@pytest.mark.parametrize(
+    ("block_size", "num_heads", "num_kv_heads", "dtype", "device"),
+    [
+        cpu(16, 4, 2, torch.float32, name="page16-gqa2-fp32"),
+        cpu(1, 4, 4, torch.float32, name="page1-mha-fp32"),
+        cpu(64, 8, 2, torch.float32, name="page64-gqa4-fp32"),
+        cpu(16, 4, 2, torch.bfloat16, name="page16-gqa2-bf16"),
+    ],
+)
+def test_decode_boundaries_and_splits(
+    paged, block_size, num_heads, num_kv_heads, dtype, device, num_splits
+) -> None:
+    check_decode(
+        paged,
+        boundary_lens(block_size),
+        block_size,
+        num_heads,
+        num_kv_heads,
+        32,
+        dtype,
+        device,
+        num_splits,
+    )
 
 
-@pytest.mark.parametrize(("lens", "block_size", "num_heads", "num_kv_heads", "head_dim", "dtype",
-                          "num_splits", "device"), [
-    cpu([7, 33, 1], 16, 4, 1, 32, torch.float32, 2, name="mqa"),
-    cpu([19, 40], 16, 6, 2, 32, torch.float32, 3, name="group3"),
-    cpu([17, 64, 5], 16, 4, 2, 48, torch.float32, 1, name="head-dim-48"),
-    cpu([65, 9], 32, 4, 2, 32, torch.float16, 2, name="fp16-page32"),
-    cpu([300, 2], 256, 4, 2, 32, torch.bfloat16, 4, name="page256-bf16"),
-    # Automatic splits: long sequences split in parts of >= MIN_SPLIT_TOKENS, short ones not.
-    cpu([600, 300, 5], 64, 4, 2, 32, torch.float32, None, name="auto-splits"),
-    gpu(list(range(1, 4097, 16)), 16, 16, 8, 128, torch.bfloat16, None, name="qwen3-b256-page16"),
-    gpu(list(range(4096, 0, -16)), 64, 16, 8, 128, torch.bfloat16, 1, name="qwen3-b256-page64"),
-    gpu([4096, 4095, 4097, 1000, 1], 256, 16, 8, 128, torch.bfloat16, 8,
-        name="qwen3-long-page256-split8"),
-    gpu([2048, 1, 511, 513, 3333] * 8, 16, 16, 8, 128, torch.float32, None, name="qwen3-fp32"),
-    gpu([1024, 17, 4096], 16, 32, 8, 128, torch.bfloat16, 16, name="gqa4-split16"),
-    gpu([1024, 17, 4096], 1, 16, 16, 64, torch.float16, 4, name="mha-page1-fp16"),
-])
-def test_decode_shapes(paged, lens, block_size, num_heads, num_kv_heads, head_dim, dtype,
-                       num_splits, device) -> None:
-    check_decode(paged, lens, block_size, num_heads, num_kv_heads, head_dim, dtype, device,
-                 num_splits)
+@pytest.mark.parametrize(
+    (
+        "lens",
+        "block_size",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+        "dtype",
+        "num_splits",
+        "device",
+    ),
+    [
+        cpu([7, 33, 1], 16, 4, 1, 32, torch.float32, 2, name="mqa"),
+        cpu([19, 40], 16, 6, 2, 32, torch.float32, 3, name="group3"),
+        cpu([17, 64, 5], 16, 4, 2, 48, torch.float32, 1, name="head-dim-48"),
+        cpu([65, 9], 32, 4, 2, 32, torch.float16, 2, name="fp16-page32"),
+        cpu([300, 2], 256, 4, 2, 32, torch.bfloat16, 4, name="page256-bf16"),
+        # Automatic splits: long sequences split in parts of >= MIN_SPLIT_TOKENS, short ones not.
+        cpu([600, 300, 5], 64, 4, 2, 32, torch.float32, None, name="auto-splits"),
+        gpu(
+            list(range(1, 4097, 16)), 16, 16, 8, 128, torch.bfloat16, None, name="qwen3-b256-page16"
+        ),
+        gpu(list(range(4096, 0, -16)), 64, 16, 8, 128, torch.bfloat16, 1, name="qwen3-b256-page64"),
+        gpu(
+            [4096, 4095, 4097, 1000, 1],
+            256,
+            16,
+            8,
+            128,
+            torch.bfloat16,
+            8,
+            name="qwen3-long-page256-split8",
+        ),
+        gpu([2048, 1, 511, 513, 3333] * 8, 16, 16, 8, 128, torch.float32, None, name="qwen3-fp32"),
+        gpu([1024, 17, 4096], 16, 32, 8, 128, torch.bfloat16, 16, name="gqa4-split16"),
+        gpu([1024, 17, 4096], 1, 16, 16, 64, torch.float16, 4, name="mha-page1-fp16"),
+    ],
+)
+def test_decode_shapes(
+    paged, lens, block_size, num_heads, num_kv_heads, head_dim, dtype, num_splits, device
+) -> None:
+    check_decode(
+        paged, lens, block_size, num_heads, num_kv_heads, head_dim, dtype, device, num_splits
+    )
 
 
-@pytest.mark.parametrize("device", [pytest.param("cpu", marks=ON_CPU),
-                                    pytest.param("cuda", marks=ON_GPU)])
+@pytest.mark.parametrize(
+    "device", [pytest.param("cpu", marks=ON_CPU), pytest.param("cuda", marks=ON_GPU)]
+)
 def test_decode_strided_query(paged, device) -> None:
     check_decode(paged, [5, 40, 16], 16, 4, 2, 32, torch.float32, device, 2, q_view=True)
 
 
 @pytest.mark.parametrize("num_splits", [1, 2])
-@pytest.mark.parametrize("device", [pytest.param("cpu", marks=ON_CPU),
-                                    pytest.param("cuda", marks=ON_GPU)])
+@pytest.mark.parametrize(
+    "device", [pytest.param("cpu", marks=ON_CPU), pytest.param("cuda", marks=ON_GPU)]
+)
 def test_decode_empty_sequence_gives_zeros(paged, device, num_splits) -> None:
     """A padded batch slot (seq_len 0, as in a padded CUDA-graph batch) reads nothing."""
     kv = paged.pool([20, 1], 16, 2, 32, torch.float32, device)
     kv.seq_lens[1] = 0
     q = torch.randn(2, 4, 32, device=device)
-    out = paged_decode_attention(q, kv.k_cache, kv.v_cache, kv.seq_lens, kv.block_tables, 0.2,
-                                 num_splits=num_splits)
+    out = paged_decode_attention(
+        q, kv.k_cache, kv.v_cache, kv.seq_lens, kv.block_tables, 0.2, num_splits=num_splits
+    )
     assert torch.all(out[1] == 0)
     assert torch.isfinite(out).all()
 

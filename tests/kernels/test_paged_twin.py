@@ -28,25 +28,32 @@ CASES = [
     pytest.param([9, 31], [9, 31], 16, 4, 2, 16, "cpu", id="prefill-gqa2"),
     pytest.param([40, 7, 65, 12], [8, 1, 33, 1], 16, 6, 2, 16, "cpu", id="mixed-prefix-gqa3"),
     pytest.param([64, 20], [3, 20], 64, 8, 1, 16, "cpu", id="prefix-mqa-page64"),
-    pytest.param([4096, 1000, 1, 2049], [1, 1, 1, 1], 64, 16, 8, 128, "cuda", id="decode-qwen3",
-                 marks=GPU),
-    pytest.param([3000, 511, 777], [512, 511, 1], 16, 16, 8, 128, "cuda", id="mixed-qwen3",
-                 marks=GPU),
+    pytest.param(
+        [4096, 1000, 1, 2049], [1, 1, 1, 1], 64, 16, 8, 128, "cuda", id="decode-qwen3", marks=GPU
+    ),
+    pytest.param(
+        [3000, 511, 777], [512, 511, 1], 16, 16, 8, 128, "cuda", id="mixed-qwen3", marks=GPU
+    ),
 ]
 
 
-@pytest.mark.parametrize(("lens", "q_lens", "block_size", "num_heads", "num_kv_heads",
-                          "head_dim", "device"), CASES)
-def test_twin_matches_dense_attention(paged, lens, q_lens, block_size, num_heads, num_kv_heads,
-                                      head_dim, device) -> None:
+@pytest.mark.parametrize(
+    ("lens", "q_lens", "block_size", "num_heads", "num_kv_heads", "head_dim", "device"), CASES
+)
+def test_twin_matches_dense_attention(
+    paged, lens, q_lens, block_size, num_heads, num_kv_heads, head_dim, device
+) -> None:
     kv = paged.pool(lens, block_size, num_kv_heads, head_dim, torch.float32, device)
     q = torch.randn(sum(q_lens), num_heads, head_dim, device=device)
     starts = paged.starts(q_lens, device)
     scale = head_dim**-0.5
-    out = paged_attention_torch(q, kv.k_cache, kv.v_cache, starts, kv.seq_lens, kv.block_tables,
-                                scale)
-    ref = torch.cat([
-        dense_causal(q[starts[b] : starts[b + 1]], kv.dense_k[b], kv.dense_v[b], scale)
-        for b in range(len(lens))
-    ])
+    out = paged_attention_torch(
+        q, kv.k_cache, kv.v_cache, starts, kv.seq_lens, kv.block_tables, scale
+    )
+    ref = torch.cat(
+        [
+            dense_causal(q[starts[b] : starts[b + 1]], kv.dense_k[b], kv.dense_v[b], scale)
+            for b in range(len(lens))
+        ]
+    )
     assert paged.rel_err(out, ref) < 1e-5

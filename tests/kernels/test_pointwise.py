@@ -12,14 +12,18 @@ from llmserve.kernels.ops import TORCH_OPS, TRITON_OPS, kernel_ops
 from llmserve.kernels.rms_norm import add_rms_norm, add_rms_norm_torch, rms_norm, rms_norm_torch
 from llmserve.kernels.rotary import apply_rotary, apply_rotary_torch, rotary_cos_sin
 
-ON_CPU = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                            reason="the CPU cases run in Triton's interpreter (no CUDA here)")
+ON_CPU = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1",
+    reason="the CPU cases run in Triton's interpreter (no CUDA here)",
+)
 ON_GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
 DTYPES = [torch.float32, torch.bfloat16]
 # (device, scale): the GPU cases run at Qwen3-0.6B sizes.
-DEVICES = [pytest.param("cpu", 1, id="cpu", marks=ON_CPU),
-           pytest.param("cuda", 64, id="cuda", marks=ON_GPU)]
+DEVICES = [
+    pytest.param("cpu", 1, id="cpu", marks=ON_CPU),
+    pytest.param("cuda", 64, id="cuda", marks=ON_GPU),
+]
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -36,8 +40,10 @@ def test_store_kv(device, scale, block_size, dtype) -> None:
     k, v = kv[:, :heads], kv[:, heads : 2 * heads]
     slots = torch.randperm(num_blocks * block_size, device=device)[:tokens].to(torch.int32)
     slots[::3] = -1  # padding rows
-    caches = [torch.randn(num_blocks, block_size, heads, head_dim, device=device).to(dtype)
-              for _ in range(2)]
+    caches = [
+        torch.randn(num_blocks, block_size, heads, head_dim, device=device).to(dtype)
+        for _ in range(2)
+    ]
     ref = [c.clone() for c in caches]
     store_kv(k, v, caches[0], caches[1], slots)
     store_kv_torch(k, v, ref[0], ref[1], slots)
@@ -111,6 +117,7 @@ def test_torch_decode_twin_is_paged_attention(paged) -> None:
     kv = paged.pool([5, 20], 16, 2, 16, torch.float32, "cpu")
     q = torch.randn(2, 4, 16)
     out = TORCH_OPS.decode(q, kv.k_cache, kv.v_cache, kv.seq_lens, kv.block_tables, 0.25)
-    ref = TORCH_OPS.attention(q, kv.k_cache, kv.v_cache, paged.starts([1, 1], "cpu"),
-                              kv.seq_lens, kv.block_tables, 0.25)
+    ref = TORCH_OPS.attention(
+        q, kv.k_cache, kv.v_cache, paged.starts([1, 1], "cpu"), kv.seq_lens, kv.block_tables, 0.25
+    )
     assert torch.equal(out, ref)

@@ -1,0 +1,86 @@
+"""CUDA-graph decode: the model's forward pass captured once per batch size, then replayed.
+
+A decode step of n sequences is padded to the smallest captured size >= n (padding rows store
+nothing and attend to nothing) and replays that graph on the runner's fixed-address inputs.
+Capturing is behind a small interface, so the padding and static-buffer logic also runs (and
+is tested) on the CPU, where `eager_capture` re-runs the pass instead of replaying a graph.
+"""
+
+import bisect
+from collections.abc import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+Replay = Callable[[], torch.Tensor]
+GraphCapture = Callable[[Callable[[], torch.Tensor]], Replay]
+
+
+def graph_batch_sizes(max_bs: int) -> list[int]:
+    """1, 2, 4, then every multiple of 8 up to `max_bs`, which is always the last size."""
+    if max_bs < 1:
+        return []
+    sizes = [s for s in (1, 2, 4) if s < max_bs] + list(range(8, max_bs + 1, 8))
+    if not sizes or sizes[-1] != max_bs:
+        sizes.append(max_bs)
+    return sizes
+
+
+def padded_batch_size(num_seqs: int, sizes: list[int]) -> int | None:
+    """The smallest size in (sorted) `sizes` that holds `num_seqs` rows; None if none does."""
+    i = bisect.bisect_left(sizes, num_seqs)
+    return sizes[i] if i < len(sizes) else None
+
+
+class CudaGraphCapture:
+    """Captures callables into CUDA graphs that share one memory pool.
+
+    Graphs are captured largest first, so the smaller ones reuse the largest one's memory for
+    their intermediates; only each graph's output stays allocated.
+    """
+
+    def __init__(self) -> None:
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def __call__(self, run: Callable[[], torch.Tensor]) -> Replay:
+        # One eager run first: Triton compiles its kernels and libraries allocate their
+        # workspaces outside the graph.
+        run()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = run()
+
+        def replay() -> torch.Tensor:
+            graph.replay()
+            return out
+
+        return replay
+
+
+def eager_capture(run: Callable[[], torch.Tensor]) -> Replay:
+    """The CPU stand-in for CudaGraphCapture: a replay runs the pass again on the same buffers."""
+    return run
+
+
+class DecodeGraphs:
+    """One replayable decode pass per batch size.
+
+    `prepare(bs)` returns the pass over the first `bs` rows of the static input buffers (its
+    output: hidden states [bs, hidden]); `capture` turns it into a replay.
+    """
+
+    def __init__(self, sizes: list[int], prepare: Callable[[int], Callable[[], torch.Tensor]],
+                 capture: GraphCapture, progress: bool = True) -> None:
+        self.sizes = sorted(sizes)
+        self._replays: dict[int, Replay] = {}
+        for bs in tqdm(sorted(self.sizes, reverse=True), desc="Capturing decode graphs",
+                       disable=not progress, dynamic_ncols=True):
+            self._replays[bs] = capture(prepare(bs))
+
+    def padded_size(self, num_seqs: int) -> int | None:
+        return padded_batch_size(num_seqs, self.sizes)
+
+    def replay(self, padded_size: int) -> torch.Tensor:
+        """Runs the pass captured for `padded_size` rows; returns its hidden states."""
+        return self._replays[padded_size]()

@@ -1,0 +1,160 @@
+"""One step's flat batch: built with numpy in a host buffer, copied to the device in one go.
+
+Every input lives at a fixed offset of one int32 buffer, pinned on the host and mirrored on the
+device, so a step costs one non-blocking copy, and CUDA graphs captured on views of the device
+buffer read each new step's inputs from the same addresses.
+"""
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from llmserve.engine_service.attention import AttentionMetadata
+from llmserve.engine_service.block_table import BlockTableMirror
+from llmserve.engine_service.scheduler import ScheduledChunk
+
+ALIGN = 32  # int32 elements: 128 bytes
+
+
+@dataclass
+class StepBatch:
+    """The seam between scheduler and runner: one flat batch of tokens for one forward pass."""
+
+    input_ids: torch.Tensor  # [T] int32
+    positions: torch.Tensor  # [T] int32
+    attention: AttentionMetadata
+    logits_indices: torch.Tensor  # [S] int32: rows of the flat batch whose logits pick a token
+    num_seqs: int  # sequences before padding (rows past it are padding)
+
+
+class StepInputs:
+    """Fixed-address input buffers for up to `max_tokens` tokens in `max_seqs` sequences."""
+
+    def __init__(self, max_tokens: int, max_seqs: int, max_pages: int, block_size: int,
+                 device: torch.device) -> None:
+        self.max_tokens, self.max_seqs, self.max_pages = max_tokens, max_seqs, max_pages
+        self.block_size, self.device = block_size, device
+        sizes = {"input_ids": max_tokens, "positions": max_tokens, "slots": max_tokens,
+                 "seq_lens": max_seqs, "query_start_loc": max_seqs + 1,
+                 "logits_indices": max_seqs, "block_tables": max_seqs * max_pages}
+        # Block tables last: a step copies the buffer up to its last used table row. Each
+        # section starts 128-byte aligned, so kernels see aligned pointers whatever the sizes.
+        self.offsets: dict[str, int] = {}
+        total = 0
+        for name, size in sizes.items():
+            self.offsets[name] = total
+            total = -(-(total + size) // ALIGN) * ALIGN
+        on_cuda = device.type == "cuda"
+        self.host = torch.zeros(total, dtype=torch.int32, pin_memory=on_cuda)
+        self.device_buffer = (torch.zeros(total, dtype=torch.int32, device=device)
+                              if on_cuda else self.host)
+        whole = self.host.numpy()
+        self.np = {name: whole[self.offsets[name] : self.offsets[name] + size]
+                   for name, size in sizes.items()}
+        self.host_tables = self.np["block_tables"].reshape(max_seqs, max_pages)
+        self.mirror = BlockTableMirror(max_seqs, max_pages)
+        # Recorded after each copy: the host buffer is not refilled while a copy still reads it.
+        self._copied = torch.cuda.Event() if on_cuda else None
+
+    def build(self, chunks: list[ScheduledChunk], pad_to: int | None = None) -> StepBatch:
+        """Fills the buffers for `chunks` and copies them to the device (without a sync).
+
+        `pad_to` (decode steps only) appends padding sequences up to that many rows: token 0
+        at position 0, slot -1 (stores nothing), seq_len 0 (attends to nothing).
+        """
+        num_seqs = len(chunks)
+        starts = np.fromiter((c.start for c in chunks), np.int64, num_seqs)
+        counts = np.fromiter((c.num_tokens for c in chunks), np.int64, num_seqs)
+        num_tokens = int(counts.sum())
+        if num_tokens > self.max_tokens or num_seqs > self.max_seqs:
+            raise ValueError(f"step of {num_tokens} tokens in {num_seqs} sequences exceeds the "
+                             f"buffers ({self.max_tokens} tokens, {self.max_seqs} sequences)")
+        decode = bool((counts == 1).all())
+        rows = num_seqs if pad_to is None else pad_to
+        if rows != num_seqs and (not decode or rows < num_seqs or rows > self.max_seqs):
+            raise ValueError(f"cannot pad a step of {num_seqs} sequences to {rows} rows")
+        if self._copied is not None:
+            self._copied.synchronize()
+        h = self.np
+        table_rows = self.mirror.rows([c.seq for c in chunks])
+        qsl = h["query_start_loc"]
+        if decode:
+            qsl[: rows + 1] = np.arange(rows + 1)
+            h["input_ids"][:num_seqs] = [c.seq.token_ids[c.start] for c in chunks]
+            positions = starts
+            token_rows = table_rows
+        else:
+            qsl[0] = 0
+            np.cumsum(counts, out=qsl[1 : num_seqs + 1], dtype=np.int32)
+            h["input_ids"][:num_tokens] = np.fromiter(
+                itertools.chain.from_iterable(
+                    c.seq.token_ids[c.start : c.start + c.num_tokens] for c in chunks),
+                np.int32, num_tokens)
+            positions = np.arange(num_tokens) + np.repeat(starts - qsl[:num_seqs], counts)
+            token_rows = np.repeat(table_rows, counts)
+        bs = self.block_size
+        h["positions"][:num_tokens] = positions
+        h["slots"][:num_tokens] = (self.mirror.table[token_rows, positions // bs] * bs
+                                   + positions % bs)
+        h["seq_lens"][:num_seqs] = starts + counts
+        sampling = np.fromiter((c.samples for c in chunks), bool, num_seqs)
+        num_sampling = int(sampling.sum())
+        h["logits_indices"][:num_sampling] = qsl[1 : num_seqs + 1][sampling] - 1
+        np.take(self.mirror.table, table_rows, axis=0, out=self.host_tables[:num_seqs])
+        if rows > num_seqs:
+            h["input_ids"][num_seqs:rows] = 0
+            h["positions"][num_seqs:rows] = 0
+            h["slots"][num_seqs:rows] = -1
+            h["seq_lens"][num_seqs:rows] = 0
+        self._upload(self.offsets["block_tables"] + rows * self.max_pages)
+        return self._views(rows if decode else num_tokens, rows, num_sampling, num_seqs,
+                           decode, int(counts.max(initial=0)))
+
+    def decode_batch(self, num_seqs: int) -> StepBatch:
+        """Views of the device buffers as a decode step of `num_seqs` rows (for graph capture).
+
+        Whatever the buffers hold is read at replay; capture leaves them as padding rows.
+        """
+        if self._copied is not None:
+            self._copied.synchronize()
+        h = self.np
+        h["input_ids"][:num_seqs] = 0
+        h["positions"][:num_seqs] = 0
+        h["slots"][:num_seqs] = -1
+        h["seq_lens"][:num_seqs] = 0
+        h["query_start_loc"][: num_seqs + 1] = np.arange(num_seqs + 1)
+        h["logits_indices"][:num_seqs] = np.arange(num_seqs)
+        self._upload(self.offsets["block_tables"] + num_seqs * self.max_pages)
+        return self._views(num_seqs, num_seqs, num_seqs, num_seqs, True, 1)
+
+    def _upload(self, end: int) -> None:
+        if self.device_buffer is self.host:
+            return
+        self.device_buffer[:end].copy_(self.host[:end], non_blocking=True)
+        assert self._copied is not None
+        self._copied.record()
+
+    def _views(self, num_tokens: int, rows: int, num_sampling: int, num_seqs: int,
+               decode: bool, max_query_len: int) -> StepBatch:
+        buf, off = self.device_buffer, self.offsets
+
+        def view(name: str, size: int) -> torch.Tensor:
+            return buf[off[name] : off[name] + size]
+
+        tables = view("block_tables", self.max_seqs * self.max_pages)
+        return StepBatch(
+            input_ids=view("input_ids", num_tokens),
+            positions=view("positions", num_tokens),
+            attention=AttentionMetadata(
+                query_start_loc=view("query_start_loc", rows + 1),
+                seq_lens=view("seq_lens", rows),
+                block_tables=tables.view(self.max_seqs, self.max_pages)[:rows],
+                slot_mapping=view("slots", num_tokens),
+                decode_only=decode,
+                max_query_len=max_query_len,
+            ),
+            logits_indices=view("logits_indices", num_sampling),
+            num_seqs=num_seqs,
+        )

@@ -1,0 +1,108 @@
+"""Helpers for the CUDA engine tests (as fixtures: with --import-mode=importlib test modules
+cannot import one another). The tiny checkpoints come from tests/conftest.py's `tiny_checkpoint`.
+"""
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmserve.engine_service.config import EngineConfig
+from llmserve.engine_service.demo_model import build_tokenizer, write_tokenizer
+from llmserve.engine_service.engine_builder import build_engine
+from llmserve.engine_service.engine_core import EngineCore
+from llmserve.engine_service.request import EngineRequest, SamplingOptions
+
+# Odd lengths, one shorter than a block, several blocks; 5 sequences pad to a graph of 8.
+PROMPTS = [[5, 17, 99, 230, 7], [400, 12], list(range(40, 77)), [3] * 20, [9, 8, 7] * 11]
+
+
+def _make_core(model_dir: Path, **settings: object) -> EngineCore:
+    # A small token budget chunks the prompts across steps with several sequences batched, so
+    # mixed steps run the prefill path and the rest replay decode graphs (sizes 1-8).
+    config = {"num_kv_blocks": 512, "max_num_batched_tokens": 16, "max_num_seqs": 8,
+              "cuda_graph_max_bs": 8, **settings}
+    core, _ = build_engine(EngineConfig(model=model_dir, **config))
+    return core
+
+
+def _greedy(core: EngineCore, prompts: list[list[int]], new_tokens: int,
+            ignore_eos: bool = False) -> list[list[int]]:
+    """Every prompt's greedy tokens, all run together through the core's step loop (stopping
+    at the checkpoint's end-of-sequence tokens, as transformers' generate does, unless told)."""
+    options = SamplingOptions(temperature=0.0, max_tokens=new_tokens, ignore_eos=ignore_eos)
+    for i, prompt in enumerate(prompts):
+        core.add_request(EngineRequest(f"g{i}", prompt, options))
+    tokens: dict[str, list[int]] = {f"g{i}": [] for i in range(len(prompts))}
+    while core.has_work:
+        for out in core.step():
+            tokens[out.request_id].extend(out.new_token_ids)
+    return [tokens[f"g{i}"] for i in range(len(prompts))]
+
+
+def _teacher_forced(core: EngineCore, prompts: list[list[int]],
+                    forced: list[list[int]]) -> list[torch.Tensor]:
+    """Our logits [n, vocab] at every position of prompt + forced tokens, computed through the
+    scheduler and runner exactly as generation does, but appending the given tokens."""
+    options = SamplingOptions(temperature=0.0, max_tokens=max(map(len, forced)), ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        core.add_request(EngineRequest(f"t{i}", prompt, options))
+    rows: dict[str, list[torch.Tensor]] = {f"t{i}": [] for i in range(len(prompts))}
+    while core.has_work:
+        plan = core.scheduler.schedule()
+        logits = core.runner.execute(plan.chunks)
+        for chunk in plan.chunks:
+            core.scheduler.commit(chunk)
+        for chunk, row in zip([c for c in plan.chunks if c.samples], logits, strict=True):
+            seq = chunk.seq
+            index = int(seq.request_id[1:])
+            done = rows[seq.request_id]
+            done.append(row.float().cpu())
+            if len(done) < len(forced[index]):
+                seq.token_ids.append(forced[index][len(done) - 1])
+            else:
+                core.scheduler.finish(seq)
+                del core.sequences[seq.request_id]
+    return [torch.stack(rows[f"t{i}"]) for i in range(len(prompts))]
+
+
+@pytest.fixture(scope="session")
+def qwen3_hd128(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Qwen3 with Qwen3-0.6B's head shape (head_dim 128, 2 query heads per KV
+    head), saved by transformers itself, as tests/conftest.py's tiny checkpoints are."""
+    import transformers
+
+    out_dir = tmp_path_factory.mktemp("qwen3-hd128")
+    tokenizer = build_tokenizer()
+    config = transformers.Qwen3Config(
+        vocab_size=tokenizer.get_vocab_size(), hidden_size=256, intermediate_size=512,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=128,
+        max_position_embeddings=512, rope_theta=1000000.0, initializer_range=0.05,
+        tie_word_embeddings=True, eos_token_id=tokenizer.token_to_id("<|im_end|>"),
+        bos_token_id=None, pad_token_id=tokenizer.token_to_id("<|endoftext|>"))
+    torch.manual_seed(0)
+    transformers.Qwen3ForCausalLM(config).eval().save_pretrained(out_dir)
+    write_tokenizer(tokenizer, out_dir, 512)
+    return out_dir
+
+
+@pytest.fixture
+def make_core() -> Callable[..., EngineCore]:
+    """Builds an engine core on a checkpoint with the given EngineConfig settings."""
+    return _make_core
+
+
+@pytest.fixture
+def greedy() -> Callable[..., list[list[int]]]:
+    return _greedy
+
+
+@pytest.fixture
+def teacher_forced() -> Callable[..., list[torch.Tensor]]:
+    return _teacher_forced
+
+
+@pytest.fixture
+def prompts() -> list[list[int]]:
+    return [list(p) for p in PROMPTS]
