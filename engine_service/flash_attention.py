@@ -16,8 +16,8 @@ from llmserve.engine_service.attention import (
     BackendUnavailableError,
 )
 
-# 0 = flash-attn's own split heuristic, computed from shapes on the host (graph-safe).
-DECODE_SPLITS = 0
+# flash-attn 4 has no split-KV on Hopper (sm_90): "SplitKV not supported on SM 9.0".
+DECODE_SPLITS = 1
 PREFILL_SPLITS = 1
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from llmserve.engine_service.request import TokenLogprobs
+from llmserve.kernels.sampling import gumbel_sample
 
 _MASK32 = 0xFFFFFFFF
 
@@ -51,6 +52,9 @@ class SamplingBatch:
     seeds: torch.Tensor  # [N] int64
     positions: torch.Tensor  # [N] int64: the position the drawn token will take
     num_logprobs: list[int | None]
+    # Known on the host, so choosing a path costs no device sync.
+    all_greedy: bool = False
+    filtered: bool = True  # some row uses top-k, top-p or min-p
 
 
 class Sampler:
@@ -61,7 +65,15 @@ class Sampler:
     ) -> tuple[list[int], list[TokenLogprobs | None]]:
         greedy = batch.temperature == 0
         tokens = logits.argmax(dim=-1)
-        if not bool(greedy.all()):
+        if batch.all_greedy:
+            pass
+        elif logits.is_cuda and not batch.filtered:
+            # Same keyed noise and the same race (Gumbel-max is the log of the exponential
+            # race), in one pass over the logits instead of a softmax, a sort and a scatter.
+            temperature = torch.where(greedy, 1.0, batch.temperature)
+            drawn = gumbel_sample(logits, temperature, batch.seeds, batch.positions)
+            tokens = torch.where(greedy, tokens, drawn)
+        else:
             tokens = torch.where(greedy, tokens, self._draw(logits, batch))
         token_list = tokens.tolist()
         return token_list, self._logprobs(logits, token_list, batch.num_logprobs)

@@ -7,7 +7,8 @@ import triton.language as tl
 
 def rotary_cos_sin(head_dim: int, max_positions: int, inv_freq: torch.Tensor) -> torch.Tensor:
     """Returns the [max_positions, head_dim] table: cos in the first half, sin in the second."""
-    freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq.float())
+    positions = torch.arange(max_positions, dtype=torch.float32, device=inv_freq.device)
+    freqs = torch.outer(positions, inv_freq.float())
     return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
 
 
