@@ -664,6 +664,34 @@ def test_service_monitor(rendered: dict[str, list[Obj]]) -> None:
                 assert "metrics" in {p["name"] for p in svc["spec"]["ports"]}
 
 
+def test_grafana_dashboard_queries_only_metrics_we_export(rendered: dict[str, list[Obj]]) -> None:
+    exported = set()
+    for module in ("engine_service/metrics.py", "router/metrics.py"):
+        exported |= set(re.findall(r'"(llmserve_[a-z_]+)"', (REPO / module).read_text()))
+    suffixes = ("_total", "_bucket", "_count", "_sum")
+    dashboards = 0
+    for variant, objs in rendered.items():
+        maps = [
+            o
+            for o in objs
+            if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-dashboard")
+        ]
+        assert len(maps) == int(
+            values_for(variant).get("grafanaDashboard", {}).get("enabled", False)
+        ), variant
+        for config_map in maps:
+            dashboards += 1
+            assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+            dashboard = json.loads(config_map["data"]["llmserve.json"])
+            exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+            assert len(exprs) >= 10
+            for expr in exprs:
+                for name in re.findall(r"llmserve_[a-z_]+", expr):
+                    base = next((name.removesuffix(x) for x in suffixes if name.endswith(x)), name)
+                    assert base in exported, f"{name} in the dashboard is not exported"
+    assert dashboards >= 1, "no ci values file turns the dashboard on"
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_helm_test_pod_calls_health_then_generate(
     rendered: dict[str, list[Obj]], variant: str
