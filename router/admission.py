@@ -25,20 +25,33 @@ class _Waiter:
 
 
 class AdmissionController:
-    """Lets at most `capacity()` requests run; the rest wait in per-class, per-tenant queues.
+    """Lets requests run while the engines have room; the rest wait per class and tenant.
 
-    Within a class, tenants take turns (each tenant's own requests stay first come first
-    served), so one tenant's burst cannot starve another's. When the queue is full, the least
+    A request counts against `capacity` together with the running requests at least as
+    important as itself: less important work never makes it wait, since engines preempt that
+    work for it. Within a class, tenants take turns (each tenant's requests stay first come,
+    first served), so one tenant's burst cannot starve another's. When the queue is full, the least
     important, latest waiter is shed — or the newcomer, if it is the least important.
     """
 
     def __init__(self, max_queue: int) -> None:
         self.max_queue = max_queue
-        self.running = 0
         self.capacity = 0
+        self.running_by_priority: dict[int, int] = {}
         # priority -> tenant -> waiters, tenants in turn order
         self._queues: dict[int, OrderedDict[str, deque[_Waiter]]] = {}
         self._arrivals = itertools.count()
+
+    @property
+    def running(self) -> int:
+        return sum(self.running_by_priority.values())
+
+    def _has_room(self, priority: int) -> bool:
+        at_least_as_important = sum(n for p, n in self.running_by_priority.items() if p <= priority)
+        return at_least_as_important < self.capacity
+
+    def _start(self, priority: int) -> None:
+        self.running_by_priority[priority] = self.running_by_priority.get(priority, 0) + 1
 
     @property
     def queued(self) -> int:
@@ -49,8 +62,9 @@ class AdmissionController:
 
     async def acquire(self, priority: int, tenant: str, timeout: float | None) -> None:
         """Waits for a slot; raises ShedError when shed, TimeoutError past the deadline."""
-        if self.running < self.capacity and not self.queued:
-            self.running += 1
+        ahead = any(p <= priority and tenants for p, tenants in self._queues.items())
+        if self._has_room(priority) and not ahead:
+            self._start(priority)
             return
         waiter = _Waiter(
             priority, next(self._arrivals), tenant, asyncio.get_running_loop().create_future()
@@ -70,25 +84,26 @@ class AdmissionController:
             if not waiter.future.done():
                 self._remove(waiter)
             elif not waiter.future.cancelled() and waiter.future.exception() is None:
-                self.release()  # admitted just as we gave up: hand the slot on
+                self.release(priority)  # admitted just as we gave up: hand the slot on
             raise
 
-    def release(self) -> None:
-        self.running -= 1
+    def release(self, priority: int) -> None:
+        self.running_by_priority[priority] -= 1
         self.admit()
 
     def admit(self) -> None:
-        """Starts waiters while there is capacity (call when capacity grows too)."""
-        while self.running < self.capacity:
-            waiter = self._next_waiter()
-            if waiter is None:
-                return
-            self.running += 1
-            waiter.future.set_result(None)
-
-    def _next_waiter(self) -> _Waiter | None:
+        """Starts waiters, most important class first, while each has room."""
         for priority in sorted(self._queues):
-            tenants = self._queues[priority]
+            while self._has_room(priority):
+                waiter = self._next_waiter(priority)
+                if waiter is None:
+                    break
+                self._start(priority)
+                waiter.future.set_result(None)
+
+    def _next_waiter(self, priority: int) -> _Waiter | None:
+        tenants = self._queues.get(priority)
+        if tenants is not None:
             while tenants:
                 tenant, waiters = next(iter(tenants.items()))
                 waiter = waiters.popleft()

@@ -143,7 +143,7 @@ class GenerateServicer:
             raise
         finally:
             metrics.REQUESTS.labels(outcome).inc()
-            self.admission.release()
+            self.admission.release(priority)
 
     def _capacity(self) -> int:
         """Requests the ready engines can run at once (their batches plus as much queued)."""
