@@ -53,8 +53,10 @@ async def _streams(address: str, prompts: list[list[int]], max_tokens: int) -> f
 
         async def one(prompt: list[int], limit: int) -> int:
             request = engine_service_pb2.EngineServiceGenerateRequest(
-                prompt_token_ids=prompt, sampling=common_pb2.SamplingParams(temperature=0.0),
-                stopping=common_pb2.StoppingCriteria(max_tokens=limit, ignore_eos=True))
+                prompt_token_ids=prompt,
+                sampling=common_pb2.SamplingParams(temperature=0.0),
+                stopping=common_pb2.StoppingCriteria(max_tokens=limit, ignore_eos=True),
+            )
             return sum([len(r.token_ids) async for r in stub.Generate(request)])
 
         await one([5, 6, 7], 4)
@@ -69,8 +71,21 @@ def through_grpc(model: Path, prompts: list[list[int]], max_tokens: int, setting
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    args = [sys.executable, "-m", "llmserve.engine_service", "--model", str(model), "--device",
-            "cpu", "--port", str(port), "--metrics-port", "-1", "--log-format", "json"]
+    args = [
+        sys.executable,
+        "-m",
+        "llmserve.engine_service",
+        "--model",
+        str(model),
+        "--device",
+        "cpu",
+        "--port",
+        str(port),
+        "--metrics-port",
+        "-1",
+        "--log-format",
+        "json",
+    ]
     for key, value in settings.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
     with tempfile.TemporaryDirectory() as workdir:
@@ -97,8 +112,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     model = Path(args.model) if args.model else ensure_demo_model()
-    settings = {"max_num_seqs": args.streams, "num_kv_blocks": 2048,
-                "max_num_batched_tokens": 2048}
+    settings = {"max_num_seqs": args.streams, "num_kv_blocks": 2048, "max_num_batched_tokens": 2048}
     prompts = workload(args.streams, args.max_tokens)
     all_cores = torch.get_num_threads()
     serving_threads = max(1, (os.cpu_count() or 1) - 1)
@@ -113,17 +127,31 @@ def main() -> None:
     ratio = best_grpc / best_offline
     path = write_result(
         "grpc-overhead",
-        {"model": model.name, "streams": args.streams, "max_tokens": args.max_tokens,
-         "prompt_tokens": "32..128 random", "repeats": args.repeats, **settings,
-         "cpu_cores": os.cpu_count(), "compute_threads": serving_threads},
-        {"offline_tok_s": offline_runs, "grpc_tok_s": grpc_runs,
-         "offline_all_cores_tok_s": offline_all,
-         "grpc_over_offline_all_cores": round(best_grpc / max(offline_all), 3),
-         "best_offline_tok_s": round(best_offline, 1), "best_grpc_tok_s": round(best_grpc, 1),
-         "grpc_over_offline": round(ratio, 3)})
-    print(f"grpc-overhead: offline {best_offline:,.0f} tok/s ({serving_threads} threads; "
-          f"{max(offline_all):,.0f} on {all_cores}), gRPC x{args.streams} {best_grpc:,.0f} tok/s, "
-          f"ratio {ratio:.1%} -> {path}")
+        {
+            "model": model.name,
+            "streams": args.streams,
+            "max_tokens": args.max_tokens,
+            "prompt_tokens": "32..128 random",
+            "repeats": args.repeats,
+            **settings,
+            "cpu_cores": os.cpu_count(),
+            "compute_threads": serving_threads,
+        },
+        {
+            "offline_tok_s": offline_runs,
+            "grpc_tok_s": grpc_runs,
+            "offline_all_cores_tok_s": offline_all,
+            "grpc_over_offline_all_cores": round(best_grpc / max(offline_all), 3),
+            "best_offline_tok_s": round(best_offline, 1),
+            "best_grpc_tok_s": round(best_grpc, 1),
+            "grpc_over_offline": round(ratio, 3),
+        },
+    )
+    print(
+        f"grpc-overhead: offline {best_offline:,.0f} tok/s ({serving_threads} threads; "
+        f"{max(offline_all):,.0f} on {all_cores}), gRPC x{args.streams} {best_grpc:,.0f} tok/s, "
+        f"ratio {ratio:.1%} -> {path}"
+    )
 
 
 if __name__ == "__main__":

@@ -30,8 +30,16 @@ PAGE_SIZES = [16, 32, 64, 128, 256]
 SPLITS: list[int | None] = [1, 2, 4, 8, None]
 # (block_n, num_warps, num_stages); Triton 3.x double-buffers these K/V tiles only from about
 # 5 stages on (fewer give one buffer refilled after each tile), so both kinds are swept.
-TILES = [(64, 4, 2), (32, 4, 2), (32, 4, 5), (64, 4, 5), (64, 8, 5), (32, 2, 5), (128, 8, 2),
-         (16, 4, 6)]
+TILES = [
+    (64, 4, 2),
+    (32, 4, 2),
+    (32, 4, 5),
+    (64, 4, 5),
+    (64, 8, 5),
+    (32, 2, 5),
+    (128, 8, 2),
+    (16, 4, 6),
+]
 FA4_PAGE_SIZES = [16, 64, 128, 256]
 FA4_SPLITS = [1, 0]  # 0: flash-attn's own heuristic
 
@@ -49,8 +57,13 @@ def w1_contexts() -> list[int]:
 
 def commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, check=True, cwd=Path(__file__).parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
+        )
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return os.environ.get("LLMSERVE_COMMIT", "unknown")
@@ -70,8 +83,10 @@ def median_us(fns: tuple[Callable[[], Any], Callable[[], Any]], runs: int, cuda:
             times.append((time.perf_counter() - start) * 1e6)
         return statistics.median(times)
     torch.cuda.synchronize()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for _ in range(runs)]
+    events = [
+        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        for _ in range(runs)
+    ]
     for i, (start, end) in enumerate(events):
         start.record()
         fns[i % 2]()
@@ -104,8 +119,13 @@ def kv_pool(contexts: list[int], page: int, heads: int, dim: int, device: str) -
         used += n
     shape = (num_blocks, page, heads, dim)
     return {
-        "q": torch.randn(len(contexts), heads * NUM_HEADS // NUM_KV_HEADS, dim, device=device,
-                         dtype=torch.bfloat16),
+        "q": torch.randn(
+            len(contexts),
+            heads * NUM_HEADS // NUM_KV_HEADS,
+            dim,
+            device=device,
+            dtype=torch.bfloat16,
+        ),
         "k": torch.randn(shape, device=device, dtype=torch.bfloat16),
         "v": torch.randn(shape, device=device, dtype=torch.bfloat16),
         "tables": tables,
@@ -152,30 +172,52 @@ def run(args: argparse.Namespace) -> dict:
 
     def record(impl: str, page: int, config: dict, us: float, **extra: Any) -> None:
         tbps = kv_bytes / (us * 1e-6) / 1e12
-        results.append({"impl": impl, "page_size": page, **config, "median_us": round(us, 2),
-                        "tb_per_s": round(tbps, 4),
-                        "fraction_of_copy": round(tbps * 1e12 / copy_bps, 4), **extra})
+        results.append(
+            {
+                "impl": impl,
+                "page_size": page,
+                **config,
+                "median_us": round(us, 2),
+                "tb_per_s": round(tbps, 4),
+                "fraction_of_copy": round(tbps * 1e12 / copy_bps, 4),
+                **extra,
+            }
+        )
 
     def ours(pool: dict, num_splits: int | None, tiles: DecodeTiles) -> torch.Tensor:
-        return paged_decode_attention(pool["q"], pool["k"], pool["v"], pool["lens"],
-                                      pool["tables"], scale, num_splits=num_splits, tiles=tiles)
+        return paged_decode_attention(
+            pool["q"],
+            pool["k"],
+            pool["v"],
+            pool["lens"],
+            pool["tables"],
+            scale,
+            num_splits=num_splits,
+            tiles=tiles,
+        )
 
-    def sweep_page(page: int, configs: list[tuple[int | None, DecodeTiles]],
-                   with_fa4: bool) -> None:
+    def sweep_page(
+        page: int, configs: list[tuple[int | None, DecodeTiles]], with_fa4: bool
+    ) -> None:
         pools = [kv_pool(contexts, page, heads, dim, args.device) for _ in range(2)]
         # Every page size's answer is checked against the torch twin before it is timed.
         p = pools[0]
         starts = torch.arange(len(contexts) + 1, dtype=torch.int32, device=args.device)
-        ref = paged_attention_torch(p["q"], p["k"], p["v"], starts, p["lens"], p["tables"],
-                                    scale).float()
+        ref = paged_attention_torch(
+            p["q"], p["k"], p["v"], starts, p["lens"], p["tables"], scale
+        ).float()
         err = float((ours(p, None, DecodeTiles()).float() - ref).norm() / ref.norm())
         assert err < 1e-2, f"triton decode differs from the twin at page {page}: {err:.3g}"
-        auto = choose_num_splits(len(contexts), heads, p["tables"].shape[1] * page,
-                                 sm_count(p["q"].device))
+        auto = choose_num_splits(
+            len(contexts), heads, p["tables"].shape[1] * page, sm_count(p["q"].device)
+        )
         for num_splits, tiles in configs:
             us = median_us(tuple(partial(ours, p, num_splits, tiles) for p in pools), runs, cuda)
-            split_info = {"num_splits": num_splits} if num_splits is not None else {
-                "num_splits": "auto", "auto_num_splits": auto}
+            split_info = (
+                {"num_splits": num_splits}
+                if num_splits is not None
+                else {"num_splits": "auto", "auto_num_splits": auto}
+            )
             record("triton", page, {**split_info, "tiles": asdict(tiles)}, us)
         twin_errors[page] = round(err, 5)
         if with_fa4 and fa4 is not None and page in FA4_PAGE_SIZES:
@@ -185,9 +227,18 @@ def run(args: argparse.Namespace) -> dict:
         starts = torch.arange(len(contexts) + 1, dtype=torch.int32, device=args.device)
 
         def call(pool: dict, num_splits: int) -> torch.Tensor:
-            out = fa4(pool["q"], pool["k"], pool["v"], cu_seqlens_q=starts, max_seqlen_q=1,
-                      seqused_k=pool["lens"], page_table=pool["tables"], softmax_scale=scale,
-                      causal=True, num_splits=num_splits)
+            out = fa4(
+                pool["q"],
+                pool["k"],
+                pool["v"],
+                cu_seqlens_q=starts,
+                max_seqlen_q=1,
+                seqused_k=pool["lens"],
+                page_table=pool["tables"],
+                softmax_scale=scale,
+                causal=True,
+                num_splits=num_splits,
+            )
             return out[0] if isinstance(out, tuple) else out
 
         for num_splits in FA4_SPLITS:
@@ -197,11 +248,22 @@ def run(args: argparse.Namespace) -> dict:
                 err = float((theirs - mine).norm() / theirs.norm())
                 us = median_us(tuple(partial(call, p, num_splits) for p in pools), runs, cuda)
             except Exception as exc:  # a page size or split setting this build rejects
-                results.append({"impl": "flash_attn_4", "page_size": page,
-                                "num_splits": num_splits, "error": repr(exc)[:300]})
+                results.append(
+                    {
+                        "impl": "flash_attn_4",
+                        "page_size": page,
+                        "num_splits": num_splits,
+                        "error": repr(exc)[:300],
+                    }
+                )
                 continue
-            record("flash_attn_4", page, {"num_splits": num_splits}, us,
-                   rel_err_vs_triton=round(err, 5))
+            record(
+                "flash_attn_4",
+                page,
+                {"num_splits": num_splits},
+                us,
+                rel_err_vs_triton=round(err, 5),
+            )
 
     for page in page_sizes:
         sweep_page(page, [(s, DecodeTiles()) for s in splits], with_fa4=True)
@@ -223,10 +285,16 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "workload": "K1",
         "parameters": {
-            "batch": len(contexts), "num_heads": heads * NUM_HEADS // NUM_KV_HEADS,
-            "num_kv_heads": heads, "head_dim": dim, "dtype": "bfloat16",
-            "sum_context": sum(contexts), "runs_per_config": runs, "small": args.small,
-            "pages": "scattered at random over the pool", "alternating_input_sets": 2,
+            "batch": len(contexts),
+            "num_heads": heads * NUM_HEADS // NUM_KV_HEADS,
+            "num_kv_heads": heads,
+            "head_dim": dim,
+            "dtype": "bfloat16",
+            "sum_context": sum(contexts),
+            "runs_per_config": runs,
+            "small": args.small,
+            "pages": "scattered at random over the pool",
+            "alternating_input_sets": 2,
         },
         "device": device_name,
         "commit": commit(),
@@ -239,7 +307,9 @@ def run(args: argparse.Namespace) -> dict:
         "best_flash_attn_4": best_fa4,
         "triton_speedup_over_flash_attn_4": (
             round(best_fa4["median_us"] / best_ours["median_us"], 3)
-            if isinstance(best_fa4, dict) else None),
+            if isinstance(best_fa4, dict)
+            else None
+        ),
         "configs": results,
     }
 
@@ -252,14 +322,18 @@ def summary(result: dict) -> str:
         if "tiles" in best:
             t = best["tiles"]
             tiles = f", tiles {t['block_n']} keys/{t['num_warps']} warps/{t['num_stages']} stages"
-        return (f"{best['tb_per_s']:.3f} TB/s = {best['fraction_of_copy']:.1%} of copy "
-                f"({best['median_us']:.1f} us, page {best['page_size']}, "
-                f"splits {best['num_splits']}{tiles})")
+        return (
+            f"{best['tb_per_s']:.3f} TB/s = {best['fraction_of_copy']:.1%} of copy "
+            f"({best['median_us']:.1f} us, page {best['page_size']}, "
+            f"splits {best['num_splits']}{tiles})"
+        )
 
-    return (f"K1 on {result['device']} @ {result['commit']}: copy "
-            f"{result['copy_bandwidth_tb_per_s']:.3f} TB/s; "
-            f"triton {describe(result['best_triton'])}; "
-            f"flash-attn 4 {describe(result['best_flash_attn_4'])}")
+    return (
+        f"K1 on {result['device']} @ {result['commit']}: copy "
+        f"{result['copy_bandwidth_tb_per_s']:.3f} TB/s; "
+        f"triton {describe(result['best_triton'])}; "
+        f"flash-attn 4 {describe(result['best_flash_attn_4'])}"
+    )
 
 
 def main() -> None:

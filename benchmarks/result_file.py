@@ -14,8 +14,13 @@ def commit() -> str:
     if os.environ.get("LLMSERVE_COMMIT"):
         return os.environ["LLMSERVE_COMMIT"]
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=RESULTS_DIR.parent, check=True)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=RESULTS_DIR.parent,
+            check=True,
+        )
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -33,12 +38,22 @@ def device_name() -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
-def write_result(workload: str, parameters: dict, figures: dict, out_dir: Path = RESULTS_DIR,
-                 device: str | None = None) -> Path:
+def write_result(
+    workload: str,
+    parameters: dict,
+    figures: dict,
+    out_dir: Path = RESULTS_DIR,
+    device: str | None = None,
+) -> Path:
     """Writes `<workload>-<device slug>-<commit>.json` and returns its path."""
     device = device or device_name()
-    record = {"workload": workload, "device": device, "commit": commit(),
-              "parameters": parameters, "figures": figures}
+    record = {
+        "workload": workload,
+        "device": device,
+        "commit": commit(),
+        "parameters": parameters,
+        "figures": figures,
+    }
     slug = "".join(c if c.isalnum() else "-" for c in device.split("(")[0].strip().lower())
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{workload}-{slug}-{record['commit']}.json"

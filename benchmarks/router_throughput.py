@@ -113,11 +113,11 @@ def main() -> None:
         "router_cpu_s": round(router_cpu, 2),
         "router_user_s": round(usage.ru_utime, 2),
         "router_sys_s": round(usage.ru_stime, 2),
-        "router_cpu_ms_per_1k_tokens": round(1000 * router_cpu / max(received, 1) * 1000 / 1000, 2),
+        "router_cpu_us_per_token": round(1e6 * router_cpu / max(received, 1), 1),
         "router_cores_busy": round(router_cpu / elapsed, 2),
     }
     path = write_result(
-        "router-throughput",
+        f"router-throughput-{args.engines}engines",
         {
             "clients": args.clients,
             "load_processes": args.processes,

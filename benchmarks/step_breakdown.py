@@ -37,6 +37,7 @@ def step_breakdown(llm: LLM, prompts: list[list[int]], max_tokens: int = 64) -> 
             if in_decode:
                 totals[key] += time.perf_counter() - began
             return out
+
         return wrapper
 
     def execute(chunks):
@@ -60,15 +61,21 @@ def step_breakdown(llm: LLM, prompts: list[list[int]], max_tokens: int = 64) -> 
     core.sampler = timed(sampler, "sample")
     core.step = step
     try:
-        llm.generate(prompts, SamplingOptions(temperature=0.6, ignore_eos=True,
-                                              max_tokens=max_tokens), use_tqdm=False)
+        llm.generate(
+            prompts,
+            SamplingOptions(temperature=0.6, ignore_eos=True, max_tokens=max_tokens),
+            use_tqdm=False,
+        )
     finally:
         del core.step, core.runner.execute
         core.sampler = sampler
     per_step = {k: round(v / max(decode_steps, 1) * 1e3, 3) for k, v in totals.items()}
-    return {"decode_steps": decode_steps, "batch": len(prompts), "ms_per_step": per_step,
-            "other_ms_per_step": round(per_step["step"] - per_step["execute"]
-                                       - per_step["sample"], 3)}
+    return {
+        "decode_steps": decode_steps,
+        "batch": len(prompts),
+        "ms_per_step": per_step,
+        "other_ms_per_step": round(per_step["step"] - per_step["execute"] - per_step["sample"], 3),
+    }
 
 
 def sampler_versus_kernel(rows: int, vocab: int, device: str, runs: int = 10) -> dict:
@@ -76,9 +83,15 @@ def sampler_versus_kernel(rows: int, vocab: int, device: str, runs: int = 10) ->
     logits = torch.randn(rows, vocab, device=device)
     temperature = torch.full((rows,), 0.6, device=device)
     seeds = torch.arange(rows, device=device)
-    batch = SamplingBatch(temperature=temperature, top_p=torch.ones_like(temperature),
-                          top_k=torch.zeros_like(seeds), min_p=torch.zeros_like(temperature),
-                          seeds=seeds, positions=seeds, num_logprobs=[None] * rows)
+    batch = SamplingBatch(
+        temperature=temperature,
+        top_p=torch.ones_like(temperature),
+        top_k=torch.zeros_like(seeds),
+        min_p=torch.zeros_like(temperature),
+        seeds=seeds,
+        positions=seeds,
+        num_logprobs=[None] * rows,
+    )
     sampler = Sampler()
 
     def median_ms(fn: Callable) -> float:
@@ -93,7 +106,11 @@ def sampler_versus_kernel(rows: int, vocab: int, device: str, runs: int = 10) ->
             times.append(time.perf_counter() - began)
         return round(sorted(times[2:])[runs // 2] * 1e3, 3)
 
-    return {"rows": rows, "vocab": vocab,
-            "sampler_ms": median_ms(lambda: sampler(logits, batch)),
-            "gumbel_kernel_ms": median_ms(
-                lambda: gumbel_sample(logits, temperature, seeds, seeds).tolist())}
+    return {
+        "rows": rows,
+        "vocab": vocab,
+        "sampler_ms": median_ms(lambda: sampler(logits, batch)),
+        "gumbel_kernel_ms": median_ms(
+            lambda: gumbel_sample(logits, temperature, seeds, seeds).tolist()
+        ),
+    }

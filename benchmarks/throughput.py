@@ -70,33 +70,41 @@ def copy_bandwidth(device: str) -> float:
     return 2 * nbytes / statistics.median(times[2:])
 
 
-def floor_bytes(prompts: list[list[int]], max_tokens: list[int], kv_bytes_per_token: int,
-                weight_bytes: int) -> tuple[int, int]:
+def floor_bytes(
+    prompts: list[list[int]], max_tokens: list[int], kv_bytes_per_token: int, weight_bytes: int
+) -> tuple[int, int]:
     """(KV bytes, weight bytes) the decode steps must read at the least.
 
     The step that draws a sequence's j-th token reads its context of len(prompt) + j tokens;
     the longest request takes max(max_tokens) steps, each reading every weight once.
     """
-    kv_tokens = sum(m * len(p) + m * (m - 1) // 2 for p, m in zip(prompts, max_tokens,
-                                                                   strict=True))
+    kv_tokens = sum(m * len(p) + m * (m - 1) // 2 for p, m in zip(prompts, max_tokens, strict=True))
     return kv_tokens * kv_bytes_per_token, max(max_tokens) * weight_bytes
 
 
-def run_ours(args: argparse.Namespace, prompts: list[list[int]],
-             max_tokens: list[int]) -> dict:
+def run_ours(args: argparse.Namespace, prompts: list[list[int]], max_tokens: list[int]) -> dict:
     started = time.perf_counter()
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=4096,
-              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              block_size=args.block_size, attention_backend=args.attention_backend,
-              enforce_eager=args.enforce_eager,
-              gpu_memory_utilization=args.gpu_memory_utilization)
+    llm = LLM(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        max_model_len=4096,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size,
+        attention_backend=args.attention_backend,
+        enforce_eager=args.enforce_eager,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+    )
     start_s = time.perf_counter() - started
     warm = time.perf_counter()
-    llm.generate(warmup_prompts(llm.info.vocab_size),
-                 SamplingOptions(temperature=0.6, ignore_eos=True, max_tokens=16), use_tqdm=False)
+    llm.generate(
+        warmup_prompts(llm.info.vocab_size),
+        SamplingOptions(temperature=0.6, ignore_eos=True, max_tokens=16),
+        use_tqdm=False,
+    )
     warm_s = time.perf_counter() - warm
-    sampling = [SamplingOptions(temperature=0.6, ignore_eos=True, max_tokens=m)
-                for m in max_tokens]
+    sampling = [SamplingOptions(temperature=0.6, ignore_eos=True, max_tokens=m) for m in max_tokens]
     synchronize = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     synchronize()
     began = time.perf_counter()
@@ -109,7 +117,8 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]],
         breakdown = step_breakdown(llm, prompts, args.breakdown_tokens)
         if args.device == "cuda":
             breakdown["sampler_vs_one_pass_kernel"] = sampler_versus_kernel(
-                len(prompts), llm.info.vocab_size, args.device)
+                len(prompts), llm.info.vocab_size, args.device
+            )
     return {
         "tok_per_s": round(sum(max_tokens) / wall_s, 2),
         "wall_s": round(wall_s, 3),
@@ -128,8 +137,9 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]],
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--device", choices=["cuda", "cpu"],
-                        default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--enforce-eager", action="store_true")
@@ -138,13 +148,25 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--limit", type=int, default=None, help="only the first N requests")
-    parser.add_argument("--peer", choices=["transformers"], default=None,
-                        help="run the peer baseline instead of llmserve")
-    parser.add_argument("--peer-deadline-s", type=float, default=None,
-                        help="stop the peer after this long and count the tokens it made")
-    parser.add_argument("--breakdown-tokens", type=int, default=None,
-                        help="after the timed run, time decode steps' parts over this many "
-                             "tokens per request (default 64 on CUDA, 8 on the CPU; 0 = off)")
+    parser.add_argument(
+        "--peer",
+        choices=["transformers"],
+        default=None,
+        help="run the peer baseline instead of llmserve",
+    )
+    parser.add_argument(
+        "--peer-deadline-s",
+        type=float,
+        default=None,
+        help="stop the peer after this long and count the tokens it made",
+    )
+    parser.add_argument(
+        "--breakdown-tokens",
+        type=int,
+        default=None,
+        help="after the timed run, time decode steps' parts over this many "
+        "tokens per request (default 64 on CUDA, 8 on the CPU; 0 = off)",
+    )
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args()
@@ -159,9 +181,13 @@ def main() -> None:
         prompts = [[t % spec.vocab_size for t in p] for p in prompts]
     bandwidth = copy_bandwidth(args.device)
     if args.peer == "transformers":
-        figures = run_transformers_peer(str(args.model), prompts, max_tokens,
-                                        warmup_prompts(spec.vocab_size)[0],
-                                        args.peer_deadline_s)
+        figures = run_transformers_peer(
+            str(args.model),
+            prompts,
+            max_tokens,
+            warmup_prompts(spec.vocab_size)[0],
+            args.peer_deadline_s,
+        )
         tag = "transformers"
     else:
         figures = run_ours(args, prompts, max_tokens)
@@ -175,18 +201,31 @@ def main() -> None:
         weight_bytes = figures.pop("weight_bytes", None) or _bf16_weight_bytes(args.model)
         kv_bytes, w_bytes = floor_bytes(prompts, max_tokens, kv_per_token, weight_bytes)
         floor_s = (kv_bytes + w_bytes) / bandwidth
-        figures |= {"floor_s": round(floor_s, 3), "kv_bytes_read": kv_bytes,
-                    "weight_bytes_read": w_bytes}
+        figures |= {
+            "floor_s": round(floor_s, 3),
+            "kv_bytes_read": kv_bytes,
+            "weight_bytes_read": w_bytes,
+        }
         if not figures.get("partial"):
             figures["fraction_of_floor"] = round(floor_s / figures["wall_s"], 4)
     parameters = {
-        "impl": tag, "model": args.model.name, "requests": len(prompts),
-        "limit": args.limit, "max_tokens_total": sum(max_tokens), "temperature": 0.6,
-        "ignore_eos": True, "max_model_len": 4096, "max_num_seqs": args.max_num_seqs,
-        "max_num_batched_tokens": args.max_num_batched_tokens, "block_size": args.block_size,
-        "attention_backend": args.attention_backend, "enforce_eager": args.enforce_eager,
-        "gpu_memory_utilization": args.gpu_memory_utilization, "dtype": args.dtype,
-        "peer_deadline_s": args.peer_deadline_s, "prompt_ids_folded_into_vocab": folded,
+        "impl": tag,
+        "model": args.model.name,
+        "requests": len(prompts),
+        "limit": args.limit,
+        "max_tokens_total": sum(max_tokens),
+        "temperature": 0.6,
+        "ignore_eos": True,
+        "max_model_len": 4096,
+        "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "block_size": args.block_size,
+        "attention_backend": args.attention_backend,
+        "enforce_eager": args.enforce_eager,
+        "gpu_memory_utilization": args.gpu_memory_utilization,
+        "dtype": args.dtype,
+        "peer_deadline_s": args.peer_deadline_s,
+        "prompt_ids_folded_into_vocab": folded,
         "torch": torch.__version__,
     }
     path = write_result("W1", parameters, figures, out_dir=args.out)
@@ -210,14 +249,18 @@ def _bf16_weight_bytes(model_dir: Path) -> int:
 def _summary(tag: str, figures: dict) -> str:
     if "error" in figures:
         return f"W1 {tag} on {device_name()}: failed: {figures['error'][:300]}"
-    line = (f"W1 {tag} on {device_name()}: {figures['tok_per_s']:,.0f} tok/s "
-            f"({figures['wall_s']:.2f} s; floor {figures['floor_s']:.2f} s at "
-            f"{figures['copy_bandwidth_tb_per_s']:.2f} TB/s copy")
+    line = (
+        f"W1 {tag} on {device_name()}: {figures['tok_per_s']:,.0f} tok/s "
+        f"({figures['wall_s']:.2f} s; floor {figures['floor_s']:.2f} s at "
+        f"{figures['copy_bandwidth_tb_per_s']:.2f} TB/s copy"
+    )
     if "fraction_of_floor" in figures:
         line += f" = {figures['fraction_of_floor']:.1%} of the floor"
     if figures.get("partial"):
-        line += (f"; partial: {figures['requests_finished']} of {figures['requests']} "
-                 f"requests finished in {figures['deadline_s']} s")
+        line += (
+            f"; partial: {figures['requests_finished']} of {figures['requests']} "
+            f"requests finished in {figures['deadline_s']} s"
+        )
     if figures.get("all_tokens_generated") is False:
         line += "; NOT every requested token was generated"
     return line + ")"

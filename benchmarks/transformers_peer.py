@@ -21,8 +21,10 @@ def _load(model_dir: str, device: str) -> tuple[torch.nn.Module, str]:
     for attn in ATTN_IMPLEMENTATIONS:
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                model_dir, dtype=torch.bfloat16 if device == "cuda" else torch.float32,
-                attn_implementation=attn)
+                model_dir,
+                dtype=torch.bfloat16 if device == "cuda" else torch.float32,
+                attn_implementation=attn,
+            )
             return model.to(device).eval(), attn
         except (ValueError, ImportError) as exc:  # this version rejects the spelling: next one
             errors.append(f"{attn}: {exc}")
@@ -62,8 +64,13 @@ def _drain(manager, request_ids: list[str], deadline: float | None) -> tuple[dic
     return tokens, len(finished)
 
 
-def run_transformers_peer(model_dir: str, prompts: list[list[int]], max_tokens: list[int],
-                          warmup_prompt: list[int], deadline_s: float | None = None) -> dict:
+def run_transformers_peer(
+    model_dir: str,
+    prompts: list[list[int]],
+    max_tokens: list[int],
+    warmup_prompt: list[int],
+    deadline_s: float | None = None,
+) -> dict:
     """Generates W1's requests with transformers; figures, or {"error": ...} on any failure."""
     try:
         import transformers
@@ -74,21 +81,32 @@ def run_transformers_peer(model_dir: str, prompts: list[list[int]], max_tokens: 
         model, attn = _load(model_dir, device)
         # top_k 0 / top_p 1: plain temperature sampling, as W1 asks (transformers' default
         # generation config would add top-k 50).
-        generation = GenerationConfig(do_sample=True, temperature=0.6, top_k=0, top_p=1.0,
-                                      max_new_tokens=max(max_tokens), eos_token_id=-1,
-                                      pad_token_id=0)
+        generation = GenerationConfig(
+            do_sample=True,
+            temperature=0.6,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=max(max_tokens),
+            eos_token_id=-1,
+            pad_token_id=0,
+        )
         with model.continuous_batching_context_manager(
-            generation_config=generation, continuous_batching_config=_batching_config(),
-            block=True, timeout=30,
+            generation_config=generation,
+            continuous_batching_config=_batching_config(),
+            block=True,
+            timeout=30,
         ) as manager:
             load_s = time.perf_counter() - started
             warm = manager.add_request(warmup_prompt, max_new_tokens=16, eos_token_id=-1)
             _drain(manager, [warm], None)
             begin = time.perf_counter()
-            ids = [manager.add_request(p, max_new_tokens=m, eos_token_id=-1, streaming=True)
-                   for p, m in zip(prompts, max_tokens, strict=True)]
+            ids = [
+                manager.add_request(p, max_new_tokens=m, eos_token_id=-1, streaming=True)
+                for p, m in zip(prompts, max_tokens, strict=True)
+            ]
             tokens, finished = _drain(
-                manager, ids, None if deadline_s is None else begin + deadline_s)
+                manager, ids, None if deadline_s is None else begin + deadline_s
+            )
             if device == "cuda":
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - begin
@@ -106,5 +124,7 @@ def run_transformers_peer(model_dir: str, prompts: list[list[int]], max_tokens: 
             "transformers": transformers.__version__,
         }
     except Exception as exc:  # the peer must never cost us our own figures
-        return {"error": f"{type(exc).__name__}: {exc}"[:2000],
-                "traceback": traceback.format_exc()[-4000:]}
+        return {
+            "error": f"{type(exc).__name__}: {exc}"[:2000],
+            "traceback": traceback.format_exc()[-4000:],
+        }
