@@ -14,9 +14,6 @@ import argparse
 import asyncio
 import os
 import random
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +22,7 @@ import grpc
 import torch
 from result_file import write_result
 
+from llmserve.common.launcher import start_engine
 from llmserve.engine_service.demo_model import ensure_demo_model
 from llmserve.engine_service.llm import LLM
 from llmserve.engine_service.request import SamplingOptions
@@ -68,40 +66,15 @@ async def _streams(address: str, prompts: list[list[int]], max_tokens: int) -> f
 
 
 def through_grpc(model: Path, prompts: list[list[int]], max_tokens: int, settings: dict) -> float:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    args = [
-        sys.executable,
-        "-m",
-        "llmserve.engine_service",
-        "--model",
-        str(model),
-        "--device",
-        "cpu",
-        "--port",
-        str(port),
-        "--metrics-port",
-        "-1",
-        "--log-format",
-        "json",
+    flags = [
+        f for key, value in settings.items() for f in (f"--{key.replace('_', '-')}", str(value))
     ]
-    for key, value in settings.items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
     with tempfile.TemporaryDirectory() as workdir:
-        log = Path(workdir) / "engine.log"
-        with log.open("w") as log_file:
-            process = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, cwd=workdir)
+        engine = start_engine(model, Path(workdir), "--device", "cpu", *flags)
         try:
-            deadline = time.monotonic() + 120
-            while '"serving"' not in log.read_text():
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(log.read_text())
-                time.sleep(0.1)
-            return asyncio.run(_streams(f"127.0.0.1:{port}", prompts, max_tokens))
+            return asyncio.run(_streams(engine.address, prompts, max_tokens))
         finally:
-            process.terminate()
-            process.wait(timeout=30)
+            engine.stop()
 
 
 def main() -> None:
