@@ -5,8 +5,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
+
+from llmserve.engine_service.parallel.layers import TensorSource
 
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
 
@@ -95,12 +96,13 @@ def read_model_spec(model_dir: Path) -> ModelSpec:
     )
 
 
-def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yields every (name, tensor) stored in the directory's *.safetensors files."""
+def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, TensorSource]]:
+    """Yields every (name, tensor) stored in the directory's *.safetensors files, each as a
+    lazy slice: a tensor-parallel rank reads only its own rows or columns."""
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{model_dir} has no *.safetensors weights")
     for path in files:
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a Mapping
-                yield name, f.get_tensor(name)
+                yield name, f.get_slice(name)

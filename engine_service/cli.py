@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import dataclasses
 import signal
 from pathlib import Path
 
@@ -62,6 +63,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode")
     p.add_argument("--cuda-graph-max-bs", type=int, default=256,
                    help="largest decode batch captured in a CUDA graph (capped at max-num-seqs)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="ranks (GPUs, or CPU processes) the model is split over; must divide "
+                        "its KV heads")
+    p.add_argument("--distributed", action="store_true",
+                   help="run through torch.distributed and the rank step channel even at "
+                        "--tensor-parallel-size 1 (to measure that path)")
     p.add_argument("--tls-cert", type=Path, help="server certificate (PEM); none = plaintext")
     p.add_argument("--tls-key", type=Path, help="private key of --tls-cert")
     p.add_argument("--tls-client-ca", type=Path,
@@ -72,6 +79,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="on SIGTERM, how long requests in flight may take to finish")
     p.add_argument("--log-format", default="auto", choices=["auto", "json", "console"])
     p.add_argument("--log-level", default="info")
+    # Test only, hence hidden: GetInfo reports this seed while blocks are still hashed with the
+    # real one, so routers' hash self-check can be shown to catch an engine that misreports.
+    p.add_argument("--test-reported-hash-seed", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -107,9 +117,18 @@ async def _serve(args: argparse.Namespace) -> None:
         gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager,
         cuda_graph_max_bs=args.cuda_graph_max_bs,
+        tensor_parallel_size=args.tensor_parallel_size,
+        distributed=args.distributed,
     )
     engine = AsyncEngine(config, args.log_format, args.log_level)
     info = await engine.start()
+    if args.test_reported_hash_seed is not None:
+        log.warning(
+            "test_reported_hash_seed",
+            reported=args.test_reported_hash_seed,
+            actual=info.block_hash_seed,
+        )
+        info = dataclasses.replace(info, block_hash_seed=args.test_reported_hash_seed)
     if args.metrics_port >= 0:
         server, _ = start_http_server(args.metrics_port, addr=args.host)
         log.info("metrics_serving", port=server.server_port, path="/metrics")

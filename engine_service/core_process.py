@@ -14,7 +14,7 @@ import torch
 from llmserve.common.logs import LogFormat, configure_logging
 from llmserve.engine_service.block_pool import KvEvent
 from llmserve.engine_service.config import EngineConfig
-from llmserve.engine_service.engine_builder import build_engine
+from llmserve.engine_service.engine_builder import build_engine, set_cpu_threads
 from llmserve.engine_service.engine_core import EngineCore, LoadSnapshot
 from llmserve.engine_service.request import EngineRequest, RequestOutput
 
@@ -109,9 +109,7 @@ def core_process_main(config: EngineConfig, conn: Connection, log_format: LogFor
                       log_level: str) -> None:
     """Entry point of the core process: build the engine, report its info, run the loop."""
     configure_logging(log_format, log_level)
-    if config.device != "cuda" and (os.cpu_count() or 1) > 1:
-        # On the CPU the model would take every core; leave one to the gRPC frontend.
-        torch.set_num_threads(os.cpu_count() - 1)
+    set_cpu_threads(config)
     log.info("core_process_started", pid=os.getpid(), torch_threads=torch.get_num_threads())
     try:
         core, info = build_engine(config)
@@ -124,3 +122,4 @@ def core_process_main(config: EngineConfig, conn: Connection, log_format: LogFor
         CoreLoop(core, conn).run()
     except (EOFError, BrokenPipeError):
         log.info("frontend_gone")
+    core.runner.shutdown()

@@ -1,6 +1,8 @@
 """Start-up: read the checkpoint, choose device, dtype and attention backend, load the weights,
-size the KV cache, warm up (capture the decode graphs)."""
+size the KV cache, warm up (capture the decode graphs); under tensor parallelism, start the
+other ranks first."""
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -8,15 +10,18 @@ import structlog
 import torch
 
 from llmserve.common.block_hash import ALGORITHM
-from llmserve.engine_service.attention import BackendUnavailableError
+from llmserve.common.launcher import free_port
+from llmserve.engine_service.attention import AttentionKernels, BackendUnavailableError
 from llmserve.engine_service.attention_backends import load_backend, phase_backends
 from llmserve.engine_service.block_pool import BlockPool
-from llmserve.engine_service.checkpoint import read_model_spec
+from llmserve.engine_service.checkpoint import ModelSpec, read_model_spec
 from llmserve.engine_service.config import EngineConfig
 from llmserve.engine_service.cuda_graphs import CudaGraphCapture, graph_batch_sizes
 from llmserve.engine_service.engine_core import EngineCore
 from llmserve.engine_service.kv_sizing import num_kv_blocks, profile_peak_bytes, snapshot
 from llmserve.engine_service.model_runner import ModelRunner, RunnerLimits, resolve_dtype
+from llmserve.engine_service.parallel.group import TensorParallelGroup, join_group
+from llmserve.engine_service.parallel.rank_processes import RankProcesses
 from llmserve.engine_service.scheduler import Scheduler, SchedulerConfig
 
 log = structlog.get_logger(__name__)
@@ -39,42 +44,76 @@ class EngineInfo:
     eos_token_ids: tuple[int, ...]
     attention_backend: str
     dtype: str
+    tensor_parallel_size: int
     device: str
     max_tokens_default: int
 
 
-def build_engine(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
-    """Loads the checkpoint and returns a ready engine core with its description."""
-    started = time.monotonic()
-    spec = read_model_spec(config.model)
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu")
-        if config.device == "auto"
-        else config.device
-    )
-    dtype = resolve_dtype(config.dtype, spec, device)
-    if not 0 < config.gpu_memory_utilization <= 1:
+def rank_device(config: EngineConfig, rank: int) -> torch.device:
+    """The device a rank runs on: GPU `rank` under tensor parallelism, else as configured."""
+    name = config.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None and distributed(config):
+        device = torch.device("cuda", rank)
+    return device
+
+
+def distributed(config: EngineConfig) -> bool:
+    """Whether ranks run through torch.distributed (always at TP > 1; at TP = 1 if asked)."""
+    return config.tensor_parallel_size > 1 or config.distributed
+
+
+def set_cpu_threads(config: EngineConfig) -> None:
+    """On the CPU the ranks would take every core; leave one to the gRPC frontend."""
+    cores = os.cpu_count() or 1
+    if rank_device(config, 0).type == "cpu" and cores > 1:
+        torch.set_num_threads(max(1, (cores - 1) // config.tensor_parallel_size))
+
+
+def check_tensor_parallel(spec: ModelSpec, config: EngineConfig) -> None:
+    """Refuses a group size the model cannot be split by, saying which sizes it can."""
+    size = config.tensor_parallel_size
+    divides = [n for n in range(1, spec.num_kv_heads + 1)
+               if spec.num_kv_heads % n == 0 and spec.num_heads % n == 0
+               and spec.intermediate_size % n == 0]
+    if size not in divides:
         raise ValueError(
-            f"gpu_memory_utilization {config.gpu_memory_utilization} must be in (0, 1]"
-        )
-    on_cuda = device.type == "cuda"
-    use_graphs = on_cuda and not config.enforce_eager
-    # Backends are checked before the weights load: a missing one fails start-up at once.
+            f"tensor_parallel_size {size} does not divide this model's {spec.num_kv_heads} KV "
+            f"heads ({spec.num_heads} query heads, MLP size {spec.intermediate_size}): the KV "
+            f"cache is split by KV heads; supported sizes: {divides}")
+    if distributed(config) and rank_device(config, 0).type == "cuda":
+        available = torch.cuda.device_count()
+        if size > available:
+            raise ValueError(f"tensor_parallel_size {size} needs {size} GPUs; "
+                             f"{available} visible")
+
+
+def _backends(config: EngineConfig, device: torch.device,
+              dtype: torch.dtype) -> tuple[AttentionKernels, AttentionKernels]:
     prefill_name, decode_name = phase_backends(
         config.attention_backend, config.prefill_backend, config.decode_backend, device
     )
     prefill = load_backend(prefill_name, device, dtype)
     decode = prefill if decode_name == prefill_name else load_backend(decode_name, device, dtype)
-    if use_graphs and not decode.graph_safe:
+    if device.type == "cuda" and not config.enforce_eager and not decode.graph_safe:
         raise BackendUnavailableError(
             f"attention backend {decode.name!r} cannot run inside CUDA graphs (it reads device "
             "tensors on the host): add --enforce-eager or choose another backend"
         )
-    free_at_start = torch.cuda.mem_get_info(device)[0] if on_cuda else 0
+    return prefill, decode
+
+
+def build_runner(config: EngineConfig, tp: TensorParallelGroup) -> ModelRunner:
+    """Loads this rank's shard of the weights (every rank runs this the same way)."""
+    spec = read_model_spec(config.model)
+    device = rank_device(config, tp.rank)
+    dtype = resolve_dtype(config.dtype, spec, device)
+    prefill, decode = _backends(config, device, dtype)
     max_model_len = min(
         config.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings
     )
-    block_bytes = ModelRunner.kv_bytes_per_block(spec, dtype, config.block_size)
     log.info(
         "loading_weights",
         model=str(config.model),
@@ -83,11 +122,44 @@ def build_engine(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
         dtype=str(dtype).removeprefix("torch."),
         prefill_backend=prefill.name,
         decode_backend=decode.name,
+        tensor_parallel_rank=tp.rank,
+        tensor_parallel_size=tp.size,
     )
     limits = RunnerLimits(
         config.max_num_seqs, config.max_num_batched_tokens, max_model_len, config.block_size
     )
-    runner = ModelRunner(config.model, spec, device, dtype, limits, prefill, decode)
+    return ModelRunner(config.model, spec, device, dtype, limits, prefill, decode, tp)
+
+
+def build_engine(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
+    """Loads the checkpoint and returns a ready engine core with its description.
+
+    Under tensor parallelism this process is rank 0: it starts the other ranks, which load
+    their shards and follow its runner.
+    """
+    started = time.monotonic()
+    spec = read_model_spec(config.model)
+    if not 0 < config.gpu_memory_utilization <= 1:
+        raise ValueError(
+            f"gpu_memory_utilization {config.gpu_memory_utilization} must be in (0, 1]"
+        )
+    check_tensor_parallel(spec, config)
+    device = rank_device(config, 0)
+    dtype = resolve_dtype(config.dtype, spec, device)
+    on_cuda = device.type == "cuda"
+    use_graphs = on_cuda and not config.enforce_eager
+    # Backends are checked before any weights load: a missing one fails start-up at once.
+    _backends(config, device, dtype)
+    free_at_start = torch.cuda.mem_get_info(device)[0] if on_cuda else 0
+    ranks = RankProcesses(config) if config.tensor_parallel_size > 1 else None
+    tp = TensorParallelGroup()
+    if distributed(config):
+        port = ranks.port if ranks is not None else free_port()
+        tp = join_group(0, config.tensor_parallel_size, port, device)
+    runner = build_runner(config, tp)
+    runner.rank_processes = ranks
+    max_model_len = runner.limits.max_model_len
+    block_bytes = ModelRunner.kv_bytes_per_block(spec, dtype, config.block_size, tp.size)
     num_blocks = config.num_kv_blocks
     if num_blocks is None and on_cuda:
         peak = profile_peak_bytes(runner)
@@ -133,6 +205,7 @@ def build_engine(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
         eos_token_ids=spec.eos_token_ids,
         attention_backend=runner.attention.name,
         dtype=str(dtype).removeprefix("torch."),
+        tensor_parallel_size=tp.size,
         device=str(device),
         max_tokens_default=config.max_tokens_default,
     )

@@ -63,6 +63,17 @@ class LLM:
         bar.close()
         return [results[f"offline-{i}"] for i in range(len(prompts))]
 
+    def close(self) -> None:
+        """Stops the other tensor-parallel ranks, if any (their processes end with this one
+        anyway)."""
+        self.core.runner.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
 
 def _capped(options: SamplingOptions, info: EngineInfo, prompt_len: int) -> SamplingOptions:
     """Offline jobs stop at the model's length instead of failing a whole batch."""

@@ -1,7 +1,9 @@
 """Runs the model over one scheduled step: the flat batch, the paged KV cache, the logits.
 
 On CUDA the weights are bf16 by default, the non-matmul operations are Triton kernels, and
-pure-decode steps replay CUDA graphs; on the CPU everything runs the torch twins.
+pure-decode steps replay CUDA graphs; on the CPU everything runs the torch twins. Under tensor
+parallelism every rank has a runner holding its shard: rank 0's publishes each call to the
+others through a `StepChannel`, and the others `follow()` it.
 """
 
 import contextlib
@@ -16,8 +18,16 @@ import torch
 
 from llmserve.engine_service.attention import AttentionKernels, PagedAttention
 from llmserve.engine_service.checkpoint import ModelSpec, iter_safetensors
-from llmserve.engine_service.cuda_graphs import DecodeGraphs, GraphCapture
+from llmserve.engine_service.cuda_graphs import (
+    CudaGraphCapture,
+    DecodeGraphs,
+    GraphCapture,
+    eager_capture,
+)
 from llmserve.engine_service.models.decoder import DecoderModel
+from llmserve.engine_service.parallel.group import TensorParallelGroup
+from llmserve.engine_service.parallel.rank_processes import RankProcesses
+from llmserve.engine_service.parallel.step_channel import Op, StepChannel, step_args, step_layout
 from llmserve.engine_service.scheduler import ScheduledChunk
 from llmserve.engine_service.step_inputs import StepBatch, StepInputs
 from llmserve.kernels.ops import kernel_ops
@@ -63,12 +73,14 @@ class ModelRunner:
 
     def __init__(self, model_dir: Path, spec: ModelSpec, device: torch.device,
                  dtype: torch.dtype, limits: RunnerLimits, prefill: AttentionKernels,
-                 decode: AttentionKernels) -> None:
+                 decode: AttentionKernels, tp: TensorParallelGroup | None = None) -> None:
         self.spec, self.device, self.dtype, self.limits = spec, device, dtype, limits
+        self.tp = tp or TensorParallelGroup()
         self.block_size = limits.block_size
+        self.num_kv_heads = spec.num_kv_heads // self.tp.size
         self.ops = kernel_ops(device)
         with torch.device(device), default_dtype(dtype):
-            self.model = DecoderModel(spec, self.ops)
+            self.model = DecoderModel(spec, self.ops, self.tp)
         self.model.load_weights(iter_safetensors(model_dir))
         self.model.eval()
         self.attention = PagedAttention(prefill, decode, self.ops.store_kv,
@@ -76,13 +88,19 @@ class ModelRunner:
         max_pages = -(-limits.max_model_len // limits.block_size)
         self.inputs = StepInputs(max(limits.max_num_batched_tokens, limits.max_num_seqs),
                                  limits.max_num_seqs, max_pages, limits.block_size, device)
+        self.channel = StepChannel(self.tp, self.inputs)
+        # Rank 0 owns the other ranks' processes (set by the engine builder).
+        self.rank_processes: RankProcesses | None = None
         self.graphs: DecodeGraphs | None = None
         self.num_blocks = 0
 
     @staticmethod
-    def kv_bytes_per_block(spec: ModelSpec, dtype: torch.dtype, block_size: int) -> int:
+    def kv_bytes_per_block(spec: ModelSpec, dtype: torch.dtype, block_size: int,
+                           tp_size: int = 1) -> int:
+        """One rank's bytes for one block: it holds num_kv_heads / tp_size of the heads."""
         itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * itemsize
+        kv_heads = spec.num_kv_heads // tp_size
+        return 2 * spec.num_layers * block_size * kv_heads * spec.head_dim * itemsize
 
     @property
     def weight_bytes(self) -> int:
@@ -94,12 +112,13 @@ class ModelRunner:
         Zeroed, not empty: kernels that load whole pages multiply masked-out rows by zero, and
         0 * NaN from uninitialized memory would still be NaN.
         """
+        self.channel.publish(Op.ALLOCATE_KV_CACHE, [num_blocks])
         self.graphs = None
         self.attention.kv_caches = []
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         spec = self.spec
-        pool = torch.zeros(spec.num_layers, 2, num_blocks, self.block_size, spec.num_kv_heads,
+        pool = torch.zeros(spec.num_layers, 2, num_blocks, self.block_size, self.num_kv_heads,
                            spec.head_dim, dtype=self.dtype, device=self.device)
         self.attention.kv_caches = [(pool[layer, 0], pool[layer, 1])
                                     for layer in range(spec.num_layers)]
@@ -112,12 +131,14 @@ class ModelRunner:
         The caller checks that the decode backend is graph-safe when `capture` is a real CUDA
         graph capture (the CPU stand-in replays eagerly and takes any backend).
         """
+        self.channel.publish(Op.CAPTURE_GRAPHS, sizes)
         on_cuda = self.device.type == "cuda"
         started = time.monotonic()
         free_before = torch.cuda.mem_get_info(self.device)[0] if on_cuda else 0
         log.info("cuda_graphs_capturing", batch_sizes=len(sizes), max_batch_size=max(sizes))
         with torch.inference_mode():
-            self.graphs = DecodeGraphs(sizes, self._decode_pass, capture, progress)
+            self.graphs = DecodeGraphs(sizes, self._decode_pass, capture,
+                                       progress and self.tp.leader)
         if on_cuda:
             torch.cuda.synchronize(self.device)
         log.info("cuda_graphs_captured", batch_sizes=len(sizes),
@@ -127,6 +148,7 @@ class ModelRunner:
     @torch.inference_mode()
     def warm_up_decode(self, sizes: list[int]) -> None:
         """Runs the eager decode pass once per batch size (compiles every kernel variant)."""
+        self.channel.publish(Op.WARM_UP_DECODE, sizes)
         started = time.monotonic()
         for bs in sizes:
             self._decode_pass(bs)()
@@ -157,10 +179,40 @@ class ModelRunner:
         if self.graphs is not None and all(c.num_tokens == 1 for c in chunks):
             padded = self.graphs.padded_size(len(chunks))
         batch = self.build_batch(chunks, padded)
-        if padded is not None:
+        self.channel.publish(Op.STEP, step_args(batch.layout, padded is not None), batch.layout)
+        logits = self._forward(batch, padded is not None)
+        assert logits is not None, "only rank 0 executes scheduled chunks"
+        return logits
+
+    def _forward(self, batch: StepBatch, graphed: bool) -> torch.Tensor | None:
+        if graphed:
             assert self.graphs is not None
-            hidden = self.graphs.replay(padded)
+            hidden = self.graphs.replay(batch.layout.rows)
         else:
             self.attention.metadata = batch.attention
             hidden = self.model(batch.input_ids, batch.positions, self.attention)
         return self.model.compute_logits(hidden[batch.logits_indices])
+
+    @torch.inference_mode()
+    def follow(self) -> None:
+        """Ranks other than 0: mirrors rank 0's runner calls until it says stop."""
+        while True:
+            op, args = self.channel.receive()
+            if op == Op.STEP:
+                self._forward(self.inputs.view(step_layout(args)), bool(args[-1]))
+            elif op == Op.ALLOCATE_KV_CACHE:
+                self.allocate_kv_cache(args[0])
+            elif op == Op.CAPTURE_GRAPHS:
+                capture = CudaGraphCapture() if self.device.type == "cuda" else eager_capture
+                self.capture_decode_graphs(args, capture)
+            elif op == Op.WARM_UP_DECODE:
+                self.warm_up_decode(args)
+            else:
+                return
+
+    def shutdown(self) -> None:
+        """Rank 0: lets the other ranks' `follow()` return, waits for them, leaves the group."""
+        self.channel.publish(Op.STOP)
+        if self.rank_processes is not None:
+            self.rank_processes.join()
+        self.tp.close()

@@ -18,6 +18,20 @@ from llmserve.engine_service.scheduler import ScheduledChunk
 ALIGN = 32  # int32 elements: 128 bytes
 
 
+@dataclass(frozen=True)
+class BatchLayout:
+    """How much of the buffer one step uses: with the buffer's contents, all another
+    tensor-parallel rank needs to run the same step."""
+
+    num_tokens: int
+    rows: int  # sequences including padding
+    num_sampling: int
+    num_seqs: int
+    decode: bool
+    max_query_len: int
+    end: int  # int32 elements of the buffer in use
+
+
 @dataclass
 class StepBatch:
     """The seam between scheduler and runner: one flat batch of tokens for one forward pass."""
@@ -27,6 +41,7 @@ class StepBatch:
     attention: AttentionMetadata
     logits_indices: torch.Tensor  # [S] int32: rows of the flat batch whose logits pick a token
     num_seqs: int  # sequences before padding (rows past it are padding)
+    layout: BatchLayout
 
 
 class StepInputs:
@@ -108,9 +123,10 @@ class StepInputs:
             h["positions"][num_seqs:rows] = 0
             h["slots"][num_seqs:rows] = -1
             h["seq_lens"][num_seqs:rows] = 0
-        self._upload(self.offsets["block_tables"] + rows * self.max_pages)
-        return self._views(rows if decode else num_tokens, rows, num_sampling, num_seqs,
-                           decode, int(counts.max(initial=0)))
+        end = self.offsets["block_tables"] + rows * self.max_pages
+        self._upload(end)
+        return self.view(BatchLayout(rows if decode else num_tokens, rows, num_sampling,
+                                     num_seqs, decode, int(counts.max(initial=0)), end))
 
     def decode_batch(self, num_seqs: int) -> StepBatch:
         """Views of the device buffers as a decode step of `num_seqs` rows (for graph capture).
@@ -126,8 +142,9 @@ class StepInputs:
         h["seq_lens"][:num_seqs] = 0
         h["query_start_loc"][: num_seqs + 1] = np.arange(num_seqs + 1)
         h["logits_indices"][:num_seqs] = np.arange(num_seqs)
-        self._upload(self.offsets["block_tables"] + num_seqs * self.max_pages)
-        return self._views(num_seqs, num_seqs, num_seqs, num_seqs, True, 1)
+        end = self.offsets["block_tables"] + num_seqs * self.max_pages
+        self._upload(end)
+        return self.view(BatchLayout(num_seqs, num_seqs, num_seqs, num_seqs, True, 1, end))
 
     def _upload(self, end: int) -> None:
         if self.device_buffer is self.host:
@@ -136,9 +153,10 @@ class StepInputs:
         assert self._copied is not None
         self._copied.record()
 
-    def _views(self, num_tokens: int, rows: int, num_sampling: int, num_seqs: int,
-               decode: bool, max_query_len: int) -> StepBatch:
+    def view(self, layout: BatchLayout) -> StepBatch:
+        """The step at `layout` as views of the device buffer (which must hold its inputs)."""
         buf, off = self.device_buffer, self.offsets
+        num_tokens, rows = layout.num_tokens, layout.rows
 
         def view(name: str, size: int) -> torch.Tensor:
             return buf[off[name] : off[name] + size]
@@ -152,9 +170,10 @@ class StepInputs:
                 seq_lens=view("seq_lens", rows),
                 block_tables=tables.view(self.max_seqs, self.max_pages)[:rows],
                 slot_mapping=view("slots", num_tokens),
-                decode_only=decode,
-                max_query_len=max_query_len,
+                decode_only=layout.decode,
+                max_query_len=layout.max_query_len,
             ),
-            logits_indices=view("logits_indices", num_sampling),
-            num_seqs=num_seqs,
+            logits_indices=view("logits_indices", layout.num_sampling),
+            num_seqs=layout.num_seqs,
+            layout=layout,
         )

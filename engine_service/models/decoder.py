@@ -1,7 +1,8 @@
 """The Qwen3 / Qwen2 / Llama decoder: one module, switched by bias and q/k-norm flags.
 
 Every non-matmul operation goes through a `KernelOps` chosen once at start-up: the torch twins
-on the CPU, the Triton kernels on CUDA.
+on the CPU, the Triton kernels on CUDA. Under tensor parallelism each rank builds the same
+module with its share of the heads, the MLP columns and the vocabulary.
 """
 
 from collections.abc import Iterable
@@ -12,6 +13,14 @@ from torch import nn
 from llmserve.engine_service.attention import PagedAttention
 from llmserve.engine_service.checkpoint import CheckpointError, ModelSpec
 from llmserve.engine_service.models.rope import rope_inv_freq
+from llmserve.engine_service.parallel.group import TensorParallelGroup
+from llmserve.engine_service.parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    TensorSource,
+    VocabParallelEmbedding,
+    split_evenly,
+)
 from llmserve.kernels.ops import TORCH_OPS, KernelOps
 from llmserve.kernels.rotary import rotary_cos_sin
 
@@ -38,21 +47,20 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     """Self-attention with fused QKV, optional per-head q/k RMSNorm (Qwen3), rotary, paged KV."""
 
-    def __init__(self, spec: ModelSpec, layer: int, ops: KernelOps) -> None:
+    def __init__(self, spec: ModelSpec, layer: int, ops: KernelOps,
+                 tp: TensorParallelGroup) -> None:
         super().__init__()
         self.layer = layer
         self.ops = ops
-        self.num_heads, self.num_kv_heads, self.head_dim = (
-            spec.num_heads,
-            spec.num_kv_heads,
-            spec.head_dim,
-        )
-        self.q_size = spec.num_heads * spec.head_dim
-        self.kv_size = spec.num_kv_heads * spec.head_dim
-        self.qkv_proj = nn.Linear(
-            spec.hidden_size, self.q_size + 2 * self.kv_size, bias=spec.attention_bias
-        )
-        self.o_proj = nn.Linear(self.q_size, spec.hidden_size, bias=False)
+        self.head_dim = spec.head_dim
+        self.num_heads = split_evenly(spec.num_heads, tp.size, "the number of attention heads")
+        self.num_kv_heads = split_evenly(spec.num_kv_heads, tp.size, "the number of KV heads")
+        self.q_size = self.num_heads * spec.head_dim
+        self.kv_size = self.num_kv_heads * spec.head_dim
+        q_full, kv_full = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        self.qkv_proj = ColumnParallelLinear(spec.hidden_size, [q_full, kv_full, kv_full],
+                                             spec.attention_bias, tp)
+        self.o_proj = RowParallelLinear(q_full, spec.hidden_size, tp)
         self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, ops) if spec.qk_norm else None
         self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, ops) if spec.qk_norm else None
 
@@ -77,11 +85,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU feed-forward with a fused gate/up projection."""
 
-    def __init__(self, spec: ModelSpec, ops: KernelOps) -> None:
+    def __init__(self, spec: ModelSpec, ops: KernelOps, tp: TensorParallelGroup) -> None:
         super().__init__()
         self.ops = ops
-        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+        size = spec.intermediate_size
+        self.gate_up_proj = ColumnParallelLinear(spec.hidden_size, [size, size], False, tp)
+        self.down_proj = RowParallelLinear(size, spec.hidden_size, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
@@ -90,10 +99,11 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm transformer block; the residual add is fused into the following norm."""
 
-    def __init__(self, spec: ModelSpec, layer: int, ops: KernelOps) -> None:
+    def __init__(self, spec: ModelSpec, layer: int, ops: KernelOps,
+                 tp: TensorParallelGroup) -> None:
         super().__init__()
-        self.self_attn = Attention(spec, layer, ops)
-        self.mlp = MLP(spec, ops)
+        self.self_attn = Attention(spec, layer, ops, tp)
+        self.mlp = MLP(spec, ops, tp)
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, ops)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, ops)
 
@@ -114,18 +124,32 @@ class DecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
+# Hugging Face's separate projections -> our fused module and the part within it.
+FUSED = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+SHARDED = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)
+
+
 class DecoderModel(nn.Module):
     """Embedding, decoder layers, final norm and LM head over one flat batch of tokens."""
 
-    def __init__(self, spec: ModelSpec, ops: KernelOps = TORCH_OPS) -> None:
+    def __init__(self, spec: ModelSpec, ops: KernelOps = TORCH_OPS,
+                 tp: TensorParallelGroup | None = None) -> None:
         super().__init__()
+        tp = tp or TensorParallelGroup()
         self.spec = spec
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(spec, i, ops) for i in range(spec.num_layers))
+        self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size, tp)
+        self.layers = nn.ModuleList(
+            DecoderLayer(spec, i, ops, tp) for i in range(spec.num_layers)
+        )
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, ops)
-        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
-        if spec.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        self.lm_head = (self.embed_tokens if spec.tie_word_embeddings
+                        else VocabParallelEmbedding(spec.vocab_size, spec.hidden_size, tp))
         inv_freq = rope_inv_freq(spec.head_dim, spec.rope_theta, spec.rope_scaling)
         # Always fp32 (the rotary kernels read an fp32 table), whatever the weights' dtype.
         self.register_buffer(
@@ -146,61 +170,43 @@ class DecoderModel(nn.Module):
         x, _ = self.norm.add_forward(x, residual)
         return x
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """fp32 logits [T, vocab] on rank 0; None on the other ranks."""
+        logits = self.lm_head.logits(hidden)
+        return None if logits is None else logits.float()
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copies Hugging Face tensors into this module, fusing q/k/v and gate/up as it goes."""
-        params = dict(self.named_parameters())
-        fused = {
-            "q_proj": ("qkv_proj", 0),
-            "k_proj": ("qkv_proj", 1),
-            "v_proj": ("qkv_proj", 2),
-            "gate_proj": ("gate_up_proj", 0),
-            "up_proj": ("gate_up_proj", 1),
-        }
+    def load_weights(self, weights: Iterable[tuple[str, TensorSource]]) -> None:
+        """Copies this rank's share of each Hugging Face tensor into the module, fusing q/k/v
+        and gate/up as it goes."""
+        modules = dict(self.named_modules())
         loaded: set[str] = set()
-        for name, tensor in weights:
+        for name, source in weights:
             target = name.removeprefix("model.")
             if "rotary_emb" in target or (
                 target == "lm_head.weight" and self.spec.tie_word_embeddings
             ):
                 continue
-            parts = target.split(".")
-            shard = None
-            if len(parts) >= 2 and parts[-2] in fused:
-                parts[-2], shard = fused[parts[-2]]
-                target = ".".join(parts)
-            if target not in params:
+            module_name, _, param_name = target.rpartition(".")
+            path = module_name.split(".")
+            part = 0
+            if path[-1] in FUSED:
+                path[-1], part = FUSED[path[-1]]
+            module = modules.get(".".join(path))
+            if module is None or not isinstance(getattr(module, param_name, None), nn.Parameter):
                 raise CheckpointError(f"unexpected tensor {name!r} in checkpoint")
-            param = params[target]
             with torch.no_grad():
-                if shard is None:
-                    param.copy_(tensor)
+                if isinstance(module, SHARDED):
+                    module.load(param_name, part, source)
                 else:
-                    offsets = self._shard_offsets(parts[-2])
-                    start, size = offsets[shard]
-                    param[start : start + size].copy_(tensor)
-            loaded.add(f"{target}#{shard}")
-        expected = self._expected_tensors()
-        missing = expected - loaded
+                    getattr(module, param_name).copy_(source[:])
+            loaded.add(f"{'.'.join(path)}.{param_name}#{part}")
+        missing = self._expected_tensors() - loaded
         if missing:
             raise CheckpointError(f"checkpoint lacks tensors: {sorted(missing)[:5]}")
-
-    def _shard_offsets(self, fused_name: str) -> list[tuple[int, int]]:
-        spec = self.spec
-        if fused_name == "gate_up_proj":
-            return [(0, spec.intermediate_size), (spec.intermediate_size, spec.intermediate_size)]
-        q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-        return [(0, q), (q, kv), (q + kv, kv)]
 
     def _expected_tensors(self) -> set[str]:
         expected: set[str] = set()
         for name, _ in self.named_parameters(remove_duplicate=True):
-            if "qkv_proj" in name:
-                expected.update(f"{name}#{i}" for i in range(3))
-            elif "gate_up_proj" in name:
-                expected.update(f"{name}#{i}" for i in range(2))
-            else:
-                expected.add(f"{name}#None")
+            parts = 3 if "qkv_proj" in name else 2 if "gate_up_proj" in name else 1
+            expected.update(f"{name}#{i}" for i in range(parts))
         return expected

@@ -1,0 +1,85 @@
+"""Tensor parallelism on the CPU: two gloo ranks give TP=1's greedy tokens through gRPC, and a
+rank that dies ends the engine cleanly."""
+
+import contextlib
+import os
+import signal
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from llmserve.engine_service.config import EngineConfig
+from llmserve.engine_service.engine_builder import build_engine
+from llmserve.v1 import common_pb2, engine_service_pb2, engine_service_pb2_grpc
+
+PROMPTS = [[5, 6, 7], list(range(10, 60)), [300 + i % 17 for i in range(70)], [42] * 33]
+
+
+def greedy(prompt: list[int], max_tokens: int) -> engine_service_pb2.EngineServiceGenerateRequest:
+    return engine_service_pb2.EngineServiceGenerateRequest(
+        prompt_token_ids=prompt,
+        sampling=common_pb2.SamplingParams(temperature=0.0),
+        stopping=common_pb2.StoppingCriteria(max_tokens=max_tokens, ignore_eos=True),
+    )
+
+
+def generate_all(address: str, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    with grpc.insecure_channel(address) as channel:
+        stub = engine_service_pb2_grpc.EngineServiceStub(channel)
+        calls = [stub.Generate(greedy(p, max_tokens), timeout=120) for p in prompts]
+        return [[t for r in call for t in r.token_ids] for call in calls]
+
+
+@pytest.mark.parametrize("architecture", ["qwen3", "llama"])
+def test_two_ranks_give_the_tokens_of_one(tiny_checkpoint, start_engine, architecture) -> None:
+    model = tiny_checkpoint(architecture)
+    one = start_engine(model)
+    two = start_engine(model, "--tensor-parallel-size", "2")
+    expected = generate_all(one.address, PROMPTS, 24)
+    assert all(len(tokens) == 24 for tokens in expected)
+    # Batched together (prefill + decode in the same steps), then one at a time.
+    assert generate_all(two.address, PROMPTS, 24) == expected
+    assert [generate_all(two.address, [p], 24)[0] for p in PROMPTS[:2]] == expected[:2]
+    joined = [e for e in two.log_events() if e.get("event") == "tensor_parallel_rank_ready"]
+    assert [e["tp_rank"] for e in joined] == [1]
+
+
+def test_a_size_that_does_not_divide_the_kv_heads_is_refused(tiny_checkpoint) -> None:
+    config = EngineConfig(model=tiny_checkpoint("qwen3"), tensor_parallel_size=3)
+    refusal = r"does not divide .* 2 KV heads.*supported sizes: \[1, 2\]"
+    with pytest.raises(ValueError, match=refusal):
+        build_engine(config)
+
+
+def test_a_dead_rank_ends_the_engine(tiny_checkpoint, start_engine) -> None:
+    engine = start_engine(tiny_checkpoint("qwen3"), "--tensor-parallel-size", "2")
+    events = engine.log_events()
+    (started,) = [e for e in events if e.get("event") == "tensor_parallel_rank_started"]
+    with grpc.insecure_channel(engine.address) as channel:
+        stub = engine_service_pb2_grpc.EngineServiceStub(channel)
+        statuses: list[int] = []
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+
+        def follow_health() -> None:
+            with contextlib.suppress(grpc.RpcError):
+                statuses.extend(update.status for update in watch)
+
+        watcher = threading.Thread(target=follow_health, daemon=True)
+        watcher.start()
+        call = stub.Generate(greedy([7, 8, 9], 400), timeout=60)
+        next(call)
+        killed_at = time.monotonic()
+        os.kill(started["pid"], signal.SIGKILL)
+        with pytest.raises(grpc.RpcError) as ended:
+            list(call)
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert engine.process.wait(timeout=20) != 0
+        assert time.monotonic() - killed_at < 10
+        watcher.join(timeout=5)
+    assert statuses[0] == health_pb2.HealthCheckResponse.SERVING
+    assert statuses[-1] == health_pb2.HealthCheckResponse.NOT_SERVING
+    died = [e for e in engine.log_events() if e.get("event") == "tensor_parallel_rank_died"]
+    assert died and died[0]["rank"] == 1
