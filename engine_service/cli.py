@@ -69,6 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--distributed", action="store_true",
                    help="run through torch.distributed and the rank step channel even at "
                         "--tensor-parallel-size 1 (to measure that path)")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="read each step's tokens while the next step runs (default: on CUDA)")
     p.add_argument("--tls-cert", type=Path, help="server certificate (PEM); none = plaintext")
     p.add_argument("--tls-key", type=Path, help="private key of --tls-cert")
     p.add_argument("--tls-client-ca", type=Path,
@@ -119,6 +121,7 @@ async def _serve(args: argparse.Namespace) -> None:
         cuda_graph_max_bs=args.cuda_graph_max_bs,
         tensor_parallel_size=args.tensor_parallel_size,
         distributed=args.distributed,
+        async_scheduling=args.async_scheduling,
     )
     engine = AsyncEngine(config, args.log_format, args.log_level)
     info = await engine.start()

@@ -32,3 +32,6 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     # Run through torch.distributed and the step channel even at tensor_parallel_size 1.
     distributed: bool = False
+    # Read each step's tokens while the next step runs (None = on CUDA only: on the CPU the
+    # step is synchronous, so overlapping would only delay every token by one step).
+    async_scheduling: bool | None = None

@@ -190,7 +190,8 @@ def build_engine(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
         ),
         pool,
     )
-    core = EngineCore(runner, scheduler, pool, spec.eos_token_ids, max_model_len)
+    overlap = on_cuda if config.async_scheduling is None else config.async_scheduling
+    core = EngineCore(runner, scheduler, pool, spec.eos_token_ids, max_model_len, overlap)
     info = EngineInfo(
         model=config.model.name,
         architecture=spec.architecture,
@@ -210,7 +211,7 @@ def build_engine(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
         max_tokens_default=config.max_tokens_default,
     )
     log.info("engine_built", attention_backend=info.attention_backend,
-             cuda_graphs=runner.graphs is not None,
+             cuda_graphs=runner.graphs is not None, async_scheduling=overlap,
              seconds=round(time.monotonic() - started, 2))
     return core, info
 

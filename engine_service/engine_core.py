@@ -8,8 +8,13 @@ import structlog
 import torch
 
 from llmserve.engine_service.block_pool import BlockPool
-from llmserve.engine_service.model_runner import ModelRunner
-from llmserve.engine_service.request import EngineRequest, FinishReason, RequestOutput
+from llmserve.engine_service.model_runner import ModelRunner, PendingTokens
+from llmserve.engine_service.request import (
+    EngineRequest,
+    FinishReason,
+    RequestOutput,
+    TokenLogprobs,
+)
 from llmserve.engine_service.sampler import Sampler, SamplingBatch
 from llmserve.engine_service.scheduler import ScheduledChunk, Scheduler
 from llmserve.engine_service.sequence import Sequence
@@ -29,6 +34,39 @@ class LoadSnapshot:
     requests_per_priority: tuple[int, ...]
 
 
+# Stands in for a sampled token the host has not read yet.
+PLACEHOLDER = -1
+
+
+@dataclass
+class StepInFlight:
+    """A launched step: its chunks and its drawn tokens, still on the device."""
+
+    chunks: list[ScheduledChunk]
+    sampling: list[ScheduledChunk]
+    tokens: torch.Tensor
+    logits: torch.Tensor | None  # kept only when logprobs are wanted
+    batch: SamplingBatch
+    deferrable: bool
+    host: torch.Tensor | None = None
+    copied: torch.cuda.Event | None = None
+
+    def copy_to_host(self) -> None:
+        """Starts the tokens' copy to pinned host memory (on CUDA) without waiting for it."""
+        if not self.tokens.is_cuda:
+            return
+        self.host = torch.empty(self.tokens.shape, dtype=self.tokens.dtype, pin_memory=True)
+        self.host.copy_(self.tokens, non_blocking=True)
+        self.copied = torch.cuda.Event()
+        self.copied.record()
+
+    def read_tokens(self) -> list[int]:
+        if self.copied is not None and self.host is not None:
+            self.copied.synchronize()
+            return self.host.tolist()
+        return self.tokens.tolist()
+
+
 class EngineCore:
     """Scheduler, model runner and sampler, driven one step at a time by its owner."""
 
@@ -39,8 +77,11 @@ class EngineCore:
         pool: BlockPool,
         eos_token_ids: tuple[int, ...],
         max_model_len: int,
+        async_scheduling: bool = False,
     ) -> None:
         self.runner, self.scheduler, self.pool = runner, scheduler, pool
+        self.async_scheduling = async_scheduling
+        self._in_flight: StepInFlight | None = None
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_model_len = max_model_len
         self.sampler = Sampler()
@@ -50,7 +91,7 @@ class EngineCore:
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or self._in_flight is not None
 
     def add_request(self, request: EngineRequest) -> None:
         if request.request_id in self.sequences:
@@ -69,24 +110,99 @@ class EngineCore:
             self.scheduler.abort(seq)
 
     def step(self) -> list[RequestOutput]:
-        """Runs one scheduled step and returns one output per request that produced a token."""
+        """Runs one scheduled step and returns one output per request that produced a token.
+
+        With `async_scheduling` a step's sampled tokens are read while the next step already
+        runs on the device (its outputs come back from the following call), so the host's
+        scheduling and bookkeeping hide behind the GPU. Only steps that cannot preempt or
+        admit anything overlap; any other step first waits for the one in flight.
+        """
+        outputs: list[RequestOutput] = []
+        if self._in_flight is not None and not self._next_step_can_overlap():
+            outputs += self._complete(self._in_flight)
+            self._in_flight = None
         plan = self.scheduler.schedule()
         for seq in plan.preempted:
             log.info("preempted", request_id=seq.request_id, priority=seq.priority)
-        if not plan.chunks:
-            return []
-        logits = self.runner.execute(plan.chunks)
-        self.num_computed_tokens_total += plan.num_tokens
-        for chunk in plan.chunks:
-            self.scheduler.commit(chunk)
-        sampling = [c for c in plan.chunks if c.samples]
-        tokens, logprobs = self.sampler(logits, self._sampling_batch(sampling, logits.device))
+        previous, self._in_flight = self._in_flight, None
+        launched = self._launch(plan.chunks, previous) if plan.chunks else None
+        if previous is not None:
+            outputs += self._complete(previous)
+        if launched is not None:
+            if self.async_scheduling and launched.deferrable:
+                self._in_flight = launched
+            else:
+                outputs += self._complete(launched)
+        return outputs
+
+    def _next_step_can_overlap(self) -> bool:
+        """True when the next plan is decode only, admits nothing and preempts nothing: every
+        running sequence computes just the token in flight and has a block for it."""
+        if self.scheduler.waiting:
+            return False
+        block_size = self.scheduler.config.block_size
+        new_blocks = 0
+        for seq in self.scheduler.running:
+            if seq.last_token_pending:
+                continue
+            if seq.num_uncomputed_tokens != 1:
+                return False
+            new_blocks += seq.num_tokens > len(seq.block_ids) * block_size
+        return new_blocks <= self.pool.num_free
+
+    def _launch(self, chunks: list[ScheduledChunk], previous: "StepInFlight | None"
+                ) -> "StepInFlight":
+        """Runs the model and draws tokens on the device; reads nothing back."""
+        pending = None
+        if previous is not None:
+            source = {id(c.seq): i for i, c in enumerate(previous.sampling)}
+            rows = [r for r, c in enumerate(chunks) if c.seq.token_ids[c.start] == PLACEHOLDER]
+            pending = PendingTokens(previous.tokens, rows,
+                                    [source[id(chunks[r].seq)] for r in rows])
+        logits = self.runner.execute(chunks, pending)
+        self.num_computed_tokens_total += sum(c.num_tokens for c in chunks)
+        for chunk in chunks:
+            self.scheduler.advance(chunk)
+        sampling = [c for c in chunks if c.samples]
+        batch = self._sampling_batch(sampling, logits.device)
+        tokens = self.sampler.sample(logits, batch)
+        deferrable = not any(n is not None for n in batch.num_logprobs)
+        step = StepInFlight(chunks, sampling, tokens, logits if not deferrable else None, batch,
+                            deferrable)
+        if deferrable:
+            step.copy_to_host()
+            for chunk in sampling:
+                seq = chunk.seq
+                seq.token_ids.append(PLACEHOLDER)
+                options = seq.sampling
+                seq.last_token_pending = (seq.num_output_tokens >= options.max_tokens
+                                          or seq.num_tokens >= self.max_model_len)
+        return step
+
+    def _complete(self, step: "StepInFlight") -> list[RequestOutput]:
+        """Reads a launched step's tokens and streams them; finishes what they end."""
+        token_list = step.read_tokens()
+        logprobs: list[TokenLogprobs | None] = [None] * len(token_list)
+        if step.logits is not None:
+            logprobs = self.sampler.logprobs(step.logits, token_list, step.batch.num_logprobs)
+        for chunk in step.chunks:
+            if self._live(chunk.seq):
+                self.scheduler.register(chunk)
         outputs = []
-        for chunk, token, token_logprobs in zip(sampling, tokens, logprobs, strict=True):
+        for chunk, token, token_logprobs in zip(step.sampling, token_list, logprobs, strict=True):
             seq = chunk.seq
-            seq.token_ids.append(token)
-            seq.finish_reason = self._finish_reason(seq, token)
+            if not self._live(seq):
+                continue  # aborted, or finished by the token before this one
+            length = chunk.start + chunk.num_tokens + 1
+            if step.deferrable:
+                seq.token_ids[length - 1] = token
+            else:
+                seq.token_ids.append(token)
+            seq.finish_reason = self._finish_reason(seq, token, length)
             if seq.finish_reason is not None:
+                # A step launched after this one may have appended a placeholder.
+                del seq.token_ids[length:]
+                seq.last_token_pending = False
                 self.scheduler.finish(seq)
                 del self.sequences[seq.request_id]
             outputs.append(
@@ -96,19 +212,22 @@ class EngineCore:
                     new_logprobs=None if token_logprobs is None else [token_logprobs],
                     finish_reason=seq.finish_reason,
                     prompt_tokens=seq.num_prompt_tokens,
-                    completion_tokens=seq.num_output_tokens,
+                    completion_tokens=length - seq.num_prompt_tokens,
                     cached_prompt_tokens=seq.num_cached_prompt_tokens,
                 )
             )
         return outputs
 
-    def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+    def _live(self, seq: Sequence) -> bool:
+        return self.sequences.get(seq.request_id) is seq
+
+    def _finish_reason(self, seq: Sequence, token: int, length: int) -> FinishReason | None:
         options = seq.sampling
         if token in options.stop_token_ids or (
             not options.ignore_eos and token in self.eos_token_ids
         ):
             return FinishReason.STOP
-        if seq.num_output_tokens >= options.max_tokens or seq.num_tokens >= self.max_model_len:
+        if length - seq.num_prompt_tokens >= options.max_tokens or length >= self.max_model_len:
             return FinishReason.LENGTH
         return None
 
@@ -117,7 +236,9 @@ class EngineCore:
         opts = [c.seq.sampling for c in chunks]
 
         def column(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
+            # Pinned and non-blocking: a pageable copy would wait for the step in flight.
+            host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
+            return host.to(device, non_blocking=True)
 
         return SamplingBatch(
             temperature=column([o.temperature for o in opts], torch.float32),

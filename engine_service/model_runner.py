@@ -59,6 +59,15 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 @dataclass(frozen=True)
+class PendingTokens:
+    """Input tokens still on the device: row `rows[i]` of the step reads `tokens[sources[i]]`."""
+
+    tokens: torch.Tensor
+    rows: list[int]
+    sources: list[int]
+
+
+@dataclass(frozen=True)
 class RunnerLimits:
     """The largest step the runner's buffers hold, and the KV geometry."""
 
@@ -170,19 +179,31 @@ class ModelRunner:
         return self.inputs.build(chunks, pad_to)
 
     @torch.inference_mode()
-    def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+    def execute(self, chunks: list[ScheduledChunk],
+                pending: PendingTokens | None = None) -> torch.Tensor:
         """Runs the step and returns fp32 logits [S, vocab] for the chunks that sample.
 
         Never waits for the device: the caller's one read of the sampled tokens is the sync.
+        `pending` supplies input tokens that the previous step sampled and the host has not
+        read yet: they are copied into place on the device.
         """
         padded = None
         if self.graphs is not None and all(c.num_tokens == 1 for c in chunks):
             padded = self.graphs.padded_size(len(chunks))
         batch = self.build_batch(chunks, padded)
+        if pending is not None and pending.rows:
+            rows = self._device_index(pending.rows)
+            sources = self._device_index(pending.sources)
+            batch.input_ids.index_copy_(0, rows, pending.tokens[sources].to(torch.int32))
         self.channel.publish(Op.STEP, step_args(batch.layout, padded is not None), batch.layout)
         logits = self._forward(batch, padded is not None)
         assert logits is not None, "only rank 0 executes scheduled chunks"
         return logits
+
+    def _device_index(self, values: list[int]) -> torch.Tensor:
+        on_cuda = self.device.type == "cuda"
+        host = torch.tensor(values, dtype=torch.int64, pin_memory=on_cuda)
+        return host.to(self.device, non_blocking=True)
 
     def _forward(self, batch: StepBatch, graphed: bool) -> torch.Tensor | None:
         if graphed:

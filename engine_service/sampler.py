@@ -63,6 +63,11 @@ class Sampler:
     def __call__(
         self, logits: torch.Tensor, batch: SamplingBatch
     ) -> tuple[list[int], list[TokenLogprobs | None]]:
+        token_list = self.sample(logits, batch).tolist()
+        return token_list, self.logprobs(logits, token_list, batch.num_logprobs)
+
+    def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """The drawn tokens [N] on the logits' device, without waiting for them."""
         greedy = batch.temperature == 0
         tokens = logits.argmax(dim=-1)
         if batch.all_greedy:
@@ -75,8 +80,7 @@ class Sampler:
             tokens = torch.where(greedy, tokens, drawn)
         else:
             tokens = torch.where(greedy, tokens, self._draw(logits, batch))
-        token_list = tokens.tolist()
-        return token_list, self._logprobs(logits, token_list, batch.num_logprobs)
+        return tokens
 
     def _draw(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         temperature = torch.where(batch.temperature == 0, 1.0, batch.temperature)
@@ -95,9 +99,10 @@ class Sampler:
         return (kept.double() / noise).argmax(dim=-1)
 
     @staticmethod
-    def _logprobs(
+    def logprobs(
         logits: torch.Tensor, tokens: list[int], counts: list[int | None]
     ) -> list[TokenLogprobs | None]:
+        """The chosen tokens' log-probabilities and the top-n alternatives, where asked."""
         wanted = [n for n in counts if n is not None]
         if not wanted:
             return [None] * len(tokens)

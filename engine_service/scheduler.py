@@ -82,7 +82,7 @@ class Scheduler:
         for seq in sorted(self.running + self.waiting, key=lambda s: s.order):
             if budget == 0:
                 break
-            if seq in out.preempted:
+            if seq in out.preempted or seq.last_token_pending:
                 continue
             if seq.status is SequenceStatus.RUNNING:
                 chunk = self._schedule_running(seq, budget, out)
@@ -165,10 +165,19 @@ class Scheduler:
 
     def commit(self, chunk: ScheduledChunk) -> None:
         """Records that a chunk was computed and publishes the blocks it filled."""
+        self.advance(chunk)
+        self.register(chunk)
+
+    @staticmethod
+    def advance(chunk: ScheduledChunk) -> None:
+        """Counts the chunk computed (when it is launched: the next step may follow it)."""
+        chunk.seq.num_computed_tokens = chunk.start + chunk.num_tokens
+
+    def register(self, chunk: ScheduledChunk) -> None:
+        """Publishes the blocks the chunk filled (once its tokens' values are all known)."""
         seq = chunk.seq
-        seq.num_computed_tokens = chunk.start + chunk.num_tokens
         bs = self.config.block_size
-        num_full = seq.num_computed_tokens // bs
+        num_full = (chunk.start + chunk.num_tokens) // bs
         if num_full > len(seq.block_hashes):
             seq.block_hashes = hash_full_blocks(
                 seq.token_ids[: num_full * bs], bs, self.config.block_hash_seed, seq.block_hashes

@@ -30,6 +30,8 @@ class Sequence:
         self.num_cached_prompt_tokens = 0
         self.num_preemptions = 0
         self.finish_reason: FinishReason | None = None
+        # Its last token is being sampled in a step still in flight: nothing more to compute.
+        self.last_token_pending = False
 
     @property
     def order(self) -> tuple[int, int]:
