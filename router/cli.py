@@ -7,7 +7,6 @@ import signal
 from pathlib import Path
 
 import structlog
-from prometheus_client import start_http_server
 
 from llmserve.common import tls
 from llmserve.common.demo_checkpoint import demo_model_dir
@@ -34,7 +33,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
-    p.add_argument("--metrics-port", type=int, default=9400, help="-1 turns /metrics off")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9400,
+        help="HTTP port of /metrics and /healthz (health details per engine); -1 = off",
+    )
     p.add_argument("--max-connection-age-s", type=float, default=300.0)
     p.add_argument(
         "--routing-policy",
@@ -96,9 +100,6 @@ async def _serve(args: argparse.Namespace) -> None:
     tokenizer = TextTokenizer.from_model_dir(
         demo_model_dir() if args.model == "demo" else Path(args.model)
     )
-    if args.metrics_port >= 0:
-        server, _ = start_http_server(args.metrics_port, addr=args.host)
-        log.info("metrics_serving", port=server.server_port, path="/metrics")
     task = asyncio.current_task()
     assert task is not None
     loop = asyncio.get_running_loop()
@@ -118,6 +119,7 @@ async def _serve(args: argparse.Namespace) -> None:
             auth=auth,
             max_message_bytes=args.max_message_mb << 20,
             max_concurrent_rpcs=args.max_concurrent_rpcs,
+            metrics_port=args.metrics_port,
         )
     log.info("stopped")
 

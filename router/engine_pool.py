@@ -2,8 +2,9 @@
 
 Engines come from a static `host:port` list or from `dns:NAME:PORT` (a Kubernetes headless
 Service), re-resolved periodically. For each engine the pool holds a `GetInfo`, a `WatchLoad`
-subscription and a `WatchKvEvents` subscription feeding the prefix index. An engine whose streams
-break (it died, or is restarting) leaves the pool at once and rejoins when they are back.
+subscription and a `WatchKvEvents` subscription feeding the prefix index and the hash self-check.
+An engine whose streams break (it died, or is restarting) leaves the pool at once and rejoins
+when they are back.
 """
 
 import asyncio
@@ -13,7 +14,9 @@ from dataclasses import dataclass
 import grpc
 import structlog
 
+from llmserve.router import metrics
 from llmserve.router.engine_channel import open_engine_channel
+from llmserve.router.hash_check import HashSelfCheck
 from llmserve.router.prefix_index import PrefixIndex
 from llmserve.v1 import engine_service_pb2, engine_service_pb2_grpc
 
@@ -60,6 +63,7 @@ class EnginePool:
         self,
         targets: list[str],
         index: PrefixIndex,
+        hash_check: HashSelfCheck,
         refresh_s: float = 5.0,
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
@@ -67,6 +71,7 @@ class EnginePool:
             raise ValueError("--engines: give at least one host:port or dns:NAME:PORT")
         self.targets = targets
         self.index = index
+        self.hash_check = hash_check
         self.refresh_s = refresh_s
         # None = plaintext; otherwise mutual TLS to every engine.
         self.credentials = credentials
@@ -117,7 +122,8 @@ class EnginePool:
                 engine = self.engines.pop(address)
                 if engine.task is not None:
                     engine.task.cancel()
-                self.index.drop(address)
+                self._forget(address)
+                metrics.PREFIX_INDEX_ENGINE_BLOCKS.remove(address)
                 log.info("engine_removed", engine=address)
                 await engine.channel.close()
             await asyncio.sleep(self.refresh_s)
@@ -136,7 +142,7 @@ class EnginePool:
             except* (grpc.aio.AioRpcError, EngineStreamError) as failure:
                 was_ready = engine.ready
                 engine.load, engine.kv_synced = None, False
-                self.index.drop(engine.address)
+                self._forget(engine.address)
                 if was_ready:
                     log.warning(
                         "engine_left",
@@ -146,6 +152,15 @@ class EnginePool:
                     backoff = 0.1
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, RETRY_MAX_S)
+
+    def _forget(self, address: str) -> None:
+        self.index.drop(address)
+        self.hash_check.forget(address)
+        self._index_changed(address)
+
+    def _index_changed(self, address: str) -> None:
+        metrics.PREFIX_INDEX_BLOCKS.set(len(self.index))
+        metrics.PREFIX_INDEX_ENGINE_BLOCKS.labels(address).set(self.index.counts.get(address, 0))
 
     def _joined(self, engine: Engine) -> None:
         if engine.ready:
@@ -170,6 +185,7 @@ class EnginePool:
         async for batch in engine.stub.WatchKvEvents(engine_service_pb2.WatchKvEventsRequest()):
             if batch.snapshot:
                 self.index.reset(engine.address, batch.block_hashes_stored)
+                self.hash_check.resynced(engine.address)
                 first = not engine.kv_synced
                 engine.kv_synced = True
                 if first:
@@ -180,6 +196,8 @@ class EnginePool:
                 self.index.apply(
                     engine.address, batch.block_hashes_stored, batch.block_hashes_removed
                 )
+                self.hash_check.stored(engine.address, batch.block_hashes_stored)
+            self._index_changed(engine.address)
             expected = batch.sequence_number + 1
         raise EngineStreamError("kv event stream ended")
 

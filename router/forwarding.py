@@ -18,6 +18,7 @@ from llmserve.common.block_hash import hash_full_blocks
 from llmserve.router import metrics
 from llmserve.router.balancer import Balancer
 from llmserve.router.engine_pool import Engine, EnginePool
+from llmserve.router.hash_check import HashSelfCheck
 from llmserve.router.prefix_index import PrefixIndex
 from llmserve.v1 import common_pb2, engine_service_pb2
 
@@ -53,23 +54,43 @@ class ForwardedRequest:
 class Forwarder:
     """Routes a request and streams its tokens, failing over between engines."""
 
-    def __init__(self, pool: EnginePool, index: PrefixIndex, balancer: Balancer) -> None:
+    def __init__(
+        self,
+        pool: EnginePool,
+        index: PrefixIndex,
+        balancer: Balancer,
+        hash_check: HashSelfCheck,
+    ) -> None:
         self.pool = pool
         self.index = index
         self.balancer = balancer
+        self.hash_check = hash_check
 
     def _route(self, tokens: list[int], excluded: set[str]) -> tuple[Engine, list[int], int]:
         engines = [e for e in self.pool.ready_engines() if e.address not in excluded]
         if not engines:
             raise NoEngineError("no engine is ready to serve")
-        info = engines[0].info
-        assert info is not None
-        hashes = hash_full_blocks(tokens, info.block_size, info.block_hash_seed)
-        matched = self.index.match(hashes, [e.address for e in engines])
-        decision = self.balancer.pick(
-            engines, matched, len(tokens), info.block_size, self.index.counts
-        )
-        return decision.engine, hashes, decision.matched_blocks * info.block_size
+        # Each engine is looked up under the hashes of its own GetInfo: engines of one pool
+        # normally agree (one computation), and one that differs is checked against what it
+        # claims, not against its neighbours' scheme.
+        by_scheme: dict[tuple[int, int], list[Engine]] = {}
+        for engine in engines:
+            assert engine.info is not None
+            scheme = (engine.info.block_size, engine.info.block_hash_seed)
+            by_scheme.setdefault(scheme, []).append(engine)
+        hashes_of: dict[str, list[int]] = {}
+        matched: dict[str, int] = {}
+        for (block_size, seed), group in by_scheme.items():
+            hashes = hash_full_blocks(tokens, block_size, seed)
+            hashes_of.update((e.address, hashes) for e in group)
+            matched.update(self.index.match(hashes, [e.address for e in group]))
+        # Scores weigh matched blocks in one block size: the engines of a pool share it.
+        block_size = next(iter(by_scheme))[0]
+        decision = self.balancer.pick(engines, matched, len(tokens), block_size, self.index.counts)
+        chosen = decision.engine
+        assert chosen.info is not None
+        matched_tokens = decision.matched_blocks * chosen.info.block_size
+        return chosen, hashes_of[chosen.address], matched_tokens
 
     async def stream(
         self, request: ForwardedRequest, deadline: float | None
@@ -107,6 +128,7 @@ class Forwarder:
             engine.inflight_prefill += uncached
             started = False
             self.index.predict(engine.address, hashes)
+            check = self.hash_check.routed(engine.address, hashes)
             if attempt == 0:
                 metrics.ROUTED.labels(engine.address).inc()
                 metrics.PROMPT_TOKENS.inc(prompt_len)
@@ -123,6 +145,7 @@ class Forwarder:
                     if not started:
                         started = True
                         engine.inflight_prefill -= uncached
+                        self.hash_check.computed(check)
                     if cached is None:
                         cached = min(chunk.usage.cached_prompt_tokens, prompt_len)
                     generated.extend(chunk.token_ids)
@@ -142,6 +165,7 @@ class Forwarder:
                 engine.inflight -= 1
                 if not started:
                     engine.inflight_prefill -= uncached
+                    self.hash_check.abandoned(check)
             excluded.add(engine.address)
             stage = "mid_stream" if generated else "before_first_token"
             metrics.FAILOVERS.labels(stage).inc()

@@ -16,3 +16,18 @@ QUEUE_WAIT = Histogram(
     "llmserve_router_queue_wait_seconds", "Time spent waiting for admission", ["priority"]
 )
 GENERATED_TOKENS = Counter("llmserve_router_generated_tokens", "Tokens streamed to clients")
+PREFIX_HASH_MISMATCH = Counter(
+    "llmserve_router_prefix_hash_mismatch",
+    "Times an engine was found storing blocks under other hashes than the router computes "
+    "(its prefix routing is degraded)",
+    ["engine"],
+)
+PREFIX_INDEX_BLOCKS = Gauge(
+    "llmserve_router_prefix_index_blocks",
+    "Distinct KV block hashes the prefix index knows engines to hold (predictions excluded)",
+)
+PREFIX_INDEX_ENGINE_BLOCKS = Gauge(
+    "llmserve_router_prefix_index_engine_blocks",
+    "KV blocks the prefix index knows each engine to hold, from its KV events",
+    ["engine"],
+)

@@ -1,9 +1,14 @@
-"""The router's gRPC server: the public `GenerateService`, health and reflection."""
+"""The router's gRPC server: the public `GenerateService`, health and reflection.
+
+With a metrics port, the router also serves `/metrics` and `/healthz` (its health details) over
+HTTP there (see `ops_http`).
+"""
 
 import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import structlog
@@ -18,6 +23,8 @@ from llmserve.router.balancer import Balancer, Policy
 from llmserve.router.detokenizer import IncrementalDetokenizer
 from llmserve.router.engine_pool import EnginePool
 from llmserve.router.forwarding import ForwardedRequest, Forwarder, NoEngineError
+from llmserve.router.hash_check import HashSelfCheck
+from llmserve.router.ops_http import OpsHttpServer
 from llmserve.router.prefix_index import PrefixIndex
 from llmserve.router.request_input import (
     InvalidInputError,
@@ -186,6 +193,22 @@ class GenerateServicer:
         )
 
 
+def health_details(pool: EnginePool, hash_check: HashSelfCheck) -> dict[str, Any]:
+    """The router's health, engine by engine: the body of `/healthz`."""
+    engines = sorted(pool.engines.values(), key=lambda e: e.address)
+    return {
+        "status": "SERVING" if any(e.ready for e in engines) else "NOT_SERVING",
+        "engines": [
+            {
+                "address": e.address,
+                "ready": e.ready,
+                "prefix_routing": hash_check.status(e.address).value,
+            }
+            for e in engines
+        ],
+    }
+
+
 def _metadata_request_id(context: grpc.aio.ServicerContext) -> str | None:
     return dict(context.invocation_metadata() or ()).get("x-request-id")
 
@@ -223,18 +246,26 @@ async def serve_router(
     auth: TenantKeys | None = None,
     max_message_bytes: int = 16 << 20,
     max_concurrent_rpcs: int = 4096,
+    metrics_port: int = -1,
 ) -> None:
     """Serves until cancelled; health turns SERVING once an engine is ready.
 
     `server_credentials` puts TLS on the public port, `engine_credentials` mutual TLS on the
     engine channels (None = plaintext). With `auth`, every GenerateService call needs a bearer
-    key and runs as the key's tenant (see `auth`).
+    key and runs as the key's tenant (see `auth`). `metrics_port` >= 0 serves `/metrics` and
+    `/healthz` over HTTP on `host` (0 = any free port).
     """
     index = PrefixIndex()
-    pool = EnginePool(engines, index, credentials=engine_credentials)
-    servicer = GenerateServicer(
-        tokenizer, pool, Forwarder(pool, index, Balancer(policy)), AdmissionController(max_queue)
-    )
+    hash_check = HashSelfCheck(index)
+    pool = EnginePool(engines, index, hash_check, credentials=engine_credentials)
+    forwarder = Forwarder(pool, index, Balancer(policy), hash_check)
+    servicer = GenerateServicer(tokenizer, pool, forwarder, AdmissionController(max_queue))
+    ops = None
+    if metrics_port >= 0:
+        ops = OpsHttpServer(
+            host, metrics_port, asyncio.get_running_loop(), lambda: health_details(pool, hash_check)
+        )
+        log.info("metrics_serving", port=ops.port, path="/metrics", health_path="/healthz")
     interceptors = [] if auth is None else [BearerAuthInterceptor(auth, f"/{SERVICE.full_name}/")]
     server = grpc.aio.server(
         interceptors=interceptors,
@@ -293,4 +324,6 @@ async def serve_router(
             await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.stop(grace=5)
         await pool.close()
+        if ops is not None:
+            ops.close()
         await asyncio.sleep(0)
