@@ -14,10 +14,10 @@ import json
 import tempfile
 import time
 from pathlib import Path
-from random import randint, seed
 
 import grpc
 from result_file import write_result
+from w1_draws import w1_requests
 
 from llmserve.common.launcher import start_engine, start_router
 from llmserve.engine_service.demo_model import ensure_demo_model
@@ -27,8 +27,7 @@ NUM_REQUESTS, PROMPT_LEN, OUTPUT_LEN, IN_FLIGHT = 300, 256, 128, 24
 
 
 def w5_prompts(vocab: int) -> list[list[int]]:
-    seed(0)
-    prompts = [[randint(0, 10000) for _ in range(randint(100, 1024))] for _ in range(256)]
+    prompts, _ = w1_requests()
     cut = [[t % vocab for t in p[:PROMPT_LEN]] for p in prompts]
     return [cut[i % len(cut)] for i in range(NUM_REQUESTS)]
 

@@ -16,7 +16,9 @@ from llmserve.engine_service.sampler import Sampler, SamplingBatch
 from llmserve.kernels.sampling import gumbel_sample
 
 
-def step_breakdown(llm: LLM, prompts: list[list[int]], max_tokens: int = 64) -> dict:
+def step_breakdown(
+    llm: LLM, prompts: list[list[int]], max_tokens: int = 64, temperature: float = 0.6
+) -> dict:
     """Mean milliseconds per pure-decode step: whole step, runner.execute, sampler, the rest."""
     core = llm.core
     cuda = core.runner.device.type == "cuda"
@@ -40,11 +42,11 @@ def step_breakdown(llm: LLM, prompts: list[list[int]], max_tokens: int = 64) -> 
 
         return wrapper
 
-    def execute(chunks):
+    def execute(chunks, *rest):
         nonlocal in_decode, decode_steps
         in_decode = all(c.num_tokens == 1 for c in chunks)
         decode_steps += in_decode
-        return runner_execute(chunks)
+        return runner_execute(chunks, *rest)
 
     def step():
         nonlocal in_decode
@@ -56,19 +58,18 @@ def step_breakdown(llm: LLM, prompts: list[list[int]], max_tokens: int = 64) -> 
             totals["step"] += time.perf_counter() - began
         return out
 
-    core_step, runner_execute, sampler = core.step, core.runner.execute, core.sampler
+    core_step, runner_execute, sample = core.step, core.runner.execute, core.sampler.sample
     core.runner.execute = timed(execute, "execute")
-    core.sampler = timed(sampler, "sample")
+    core.sampler.sample = timed(sample, "sample")
     core.step = step
     try:
         llm.generate(
             prompts,
-            SamplingOptions(temperature=0.6, ignore_eos=True, max_tokens=max_tokens),
+            SamplingOptions(temperature=temperature, ignore_eos=True, max_tokens=max_tokens),
             use_tqdm=False,
         )
     finally:
-        del core.step, core.runner.execute
-        core.sampler = sampler
+        del core.step, core.runner.execute, core.sampler.sample
     per_step = {k: round(v / max(decode_steps, 1) * 1e3, 3) for k, v in totals.items()}
     return {
         "decode_steps": decode_steps,

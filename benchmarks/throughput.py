@@ -17,33 +17,16 @@ import math
 import statistics
 import time
 from pathlib import Path
-from random import randint, seed
 
 import torch
 from result_file import RESULTS_DIR, device_name, write_result
 from step_breakdown import sampler_versus_kernel, step_breakdown
 from transformers_peer import run_transformers_peer
+from w1_draws import fold_into_vocab, w1_requests, warmup_prompts
 
 from llmserve.engine_service.checkpoint import read_model_spec
 from llmserve.engine_service.llm import LLM
 from llmserve.engine_service.request import SamplingOptions
-
-TOTAL_MAX_TOKENS = 133966
-
-
-def w1_requests() -> tuple[list[list[int]], list[int]]:
-    """W1's prompts and max_tokens, drawn exactly as WORKLOADS.md does."""
-    seed(0)
-    prompts = [[randint(0, 10000) for _ in range(randint(100, 1024))] for _ in range(256)]
-    max_tokens = [randint(100, 1024) for _ in range(256)]  # drawn after all prompts
-    assert sum(max_tokens) == TOTAL_MAX_TOKENS
-    return prompts, max_tokens
-
-
-def warmup_prompts(vocab_size: int) -> list[list[int]]:
-    """Two 64-token prompts of ids W1 never draws (above 10000), so the warm-up leaves nothing
-    in the prefix cache that W1's prompts could hit."""
-    return [[(10001 + 64 * i + j) % vocab_size for j in range(64)] for i in range(2)]
 
 
 def copy_bandwidth(device: str) -> float:
@@ -95,6 +78,9 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]], max_tokens: lis
         attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager,
         gpu_memory_utilization=args.gpu_memory_utilization,
+        tensor_parallel_size=args.tensor_parallel_size,
+        distributed=args.distributed,
+        async_scheduling=args.async_scheduling,
     )
     start_s = time.perf_counter() - started
     warm = time.perf_counter()
@@ -119,7 +105,7 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]], max_tokens: lis
             breakdown["sampler_vs_one_pass_kernel"] = sampler_versus_kernel(
                 len(prompts), llm.info.vocab_size, args.device
             )
-    return {
+    figures = {
         "tok_per_s": round(sum(max_tokens) / wall_s, 2),
         "wall_s": round(wall_s, 3),
         "generated_tokens": generated,
@@ -132,6 +118,8 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]], max_tokens: lis
         "weight_bytes": llm.core.runner.weight_bytes,
         "step_breakdown": breakdown,
     }
+    llm.close()
+    return figures
 
 
 def main() -> None:
@@ -167,6 +155,18 @@ def main() -> None:
         help="after the timed run, time decode steps' parts over this many "
         "tokens per request (default 64 on CUDA, 8 on the CPU; 0 = off)",
     )
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="through torch.distributed and the rank step channel even at TP=1",
+    )
+    parser.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="read each step's tokens while the next runs (default: the engine's, on CUDA)",
+    )
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args()
@@ -176,9 +176,8 @@ def main() -> None:
     prompts, max_tokens = w1_requests()
     prompts, max_tokens = prompts[: args.limit], max_tokens[: args.limit]
     spec = read_model_spec(args.model)
-    folded = spec.vocab_size <= 10000
-    if folded:  # a small smoke-test model: W1's ids folded into its vocabulary
-        prompts = [[t % spec.vocab_size for t in p] for p in prompts]
+    folded = spec.vocab_size <= 10000  # a small smoke-test model
+    prompts = fold_into_vocab(prompts, spec.vocab_size)
     bandwidth = copy_bandwidth(args.device)
     if args.peer == "transformers":
         figures = run_transformers_peer(
@@ -193,6 +192,10 @@ def main() -> None:
         figures = run_ours(args, prompts, max_tokens)
         tag = "llmserve-" + figures["attention_backend"].replace(",", "-").replace("=", "-")
         tag += "-eager" if args.enforce_eager or args.device != "cuda" else "-graphs"
+        if args.async_scheduling is False:
+            tag += "-sync"
+        if args.tensor_parallel_size > 1 or args.distributed:
+            tag += f"-tp{args.tensor_parallel_size}"
     figures["copy_bandwidth_tb_per_s"] = round(bandwidth / 1e12, 4)
     if "error" not in figures:
         # KV bytes per token in bf16, as WORKLOADS.md counts them (28 layers x K,V x 8 x 128 x 2
@@ -223,6 +226,9 @@ def main() -> None:
         "attention_backend": args.attention_backend,
         "enforce_eager": args.enforce_eager,
         "gpu_memory_utilization": args.gpu_memory_utilization,
+        "tensor_parallel_size": args.tensor_parallel_size,
+        "distributed": args.distributed or args.tensor_parallel_size > 1,
+        "async_scheduling": args.async_scheduling,
         "dtype": args.dtype,
         "peer_deadline_s": args.peer_deadline_s,
         "prompt_ids_folded_into_vocab": folded,

@@ -6,7 +6,8 @@
 #   bash scripts/device-run.sh            # everything, in priority order, inside the time budget
 #   STAGES="tests w1" bash scripts/device-run.sh   # a subset (setup always runs)
 #
-# Stages: tests w1 w1eager k1 w1fa4 peer. Each stage runs under its own timeout and the whole
+# Stages: tests w1 w1sync w1dist w1eager k1 w1fa4 peer w3 w2 router (w1sync: async scheduling
+# off; w1dist: TP=1 through torch.distributed and the rank step channel). Each stage runs under its own timeout and the whole
 # run under BUDGET_S (default 570 s); a stage that fails or times out is marked "!! STAGE ...
 # FAILED" and the next one runs. Everything is teed to $OUT/device-run.log; the JSON results and
 # a summary land in $OUT (at most 8 files come back).
@@ -17,7 +18,7 @@
 set -uo pipefail
 OUT="${OUT:-/tmp/device-out}"
 BUDGET_S="${BUDGET_S:-570}"
-STAGES="${STAGES:-tests w1 w1eager k1 w1fa4 peer}"
+STAGES="${STAGES:-tests w1 w1sync w1dist w1fa4}"
 MODEL=/tmp/qwen3-0.6b-shape
 RESULTS=/tmp/llmserve-results
 START=$(date +%s)
@@ -86,6 +87,8 @@ W1=(python3 benchmarks/throughput.py --model "$MODEL" --out "$RESULTS" --no-prog
 wanted tests && stage tests 200 python3 -m pytest -m gpu tests/gpu tests/kernels -q \
   -p no:cacheprovider
 wanted w1 && stage w1-graphs 150 "${W1[@]}"
+wanted w1sync && stage w1-sync 150 "${W1[@]}" --no-async-scheduling
+wanted w1dist && stage w1-distributed 150 "${W1[@]}" --distributed
 wanted w1eager && stage w1-eager 150 "${W1[@]}" --enforce-eager
 wanted k1 && stage k1 170 python3 benchmarks/kernels.py --out "$RESULTS"
 wanted w1fa4 && stage w1-flash-attn 150 "${W1[@]}" --attention-backend flash_attn
@@ -94,6 +97,13 @@ wanted w1fa4 && stage w1-flash-attn 150 "${W1[@]}" --attention-backend flash_att
 # flash-attn 4 off its path: transformers must not pick it up as a flash-attn 2.
 wanted peer && stage w1-transformers 170 env PYTHONPATH="$BASE_PYTHONPATH" \
   "${W1[@]}" --peer transformers --peer-deadline-s 60
+
+wanted w3 && stage w3 200 python3 benchmarks/single.py --model "$MODEL" --out-dir "$RESULTS"
+wanted w2 && stage w2 330 python3 benchmarks/serving.py --model "$MODEL" --out-dir "$RESULTS"
+if wanted router; then
+  stage router 150 python3 benchmarks/router_throughput.py --processes 8
+  cp benchmarks/results/router-throughput-*"$LLMSERVE_COMMIT".json "$RESULTS"/ 2>/dev/null
+fi
 
 echo "== SUMMARY =="
 python3 - "$RESULTS" <<'EOF' | tee "$OUT/summary.txt"
