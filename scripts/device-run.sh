@@ -6,8 +6,9 @@
 #   bash scripts/device-run.sh            # everything, in priority order, inside the time budget
 #   STAGES="tests w1" bash scripts/device-run.sh   # a subset (setup always runs)
 #
-# Stages: tests w1 w1sync w1dist w1eager k1 w1fa4 peer w3 w2 router (w1sync: async scheduling
-# off; w1dist: TP=1 through torch.distributed and the rank step channel). Each stage runs under its own timeout and the whole
+# Stages: tests tptests w1 w1sync w1dist w1tp2 w1eager k1 w1fa4 peer w3 w2 router (w1sync:
+# async scheduling off; w1dist: TP=1 through torch.distributed and the rank step channel;
+# tptests, w1tp2: tensor parallelism, which needs two GPUs). Each stage runs under its own timeout and the whole
 # run under BUDGET_S (default 570 s); a stage that fails or times out is marked "!! STAGE ...
 # FAILED" and the next one runs. Everything is teed to $OUT/device-run.log; the JSON results and
 # a summary land in $OUT (at most 8 files come back).
@@ -25,6 +26,8 @@ START=$(date +%s)
 mkdir -p "$OUT" "$RESULTS"
 exec > >(tee -a "$OUT/device-run.log") 2>&1
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# NVLink multicast stays off (the device's KINDS.md), also in the processes we start.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export LLMSERVE_COMMIT="${LLMSERVE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 
 remaining() { echo $((BUDGET_S - ($(date +%s) - START))); }
@@ -87,6 +90,9 @@ W1=(python3 benchmarks/throughput.py --model "$MODEL" --out "$RESULTS" --no-prog
 wanted tests && stage tests 200 python3 -m pytest -m gpu tests/gpu tests/kernels -q \
   -p no:cacheprovider
 wanted w1 && stage w1-graphs 150 "${W1[@]}"
+wanted tptests && stage tptests 200 python3 -m pytest -m gpu tests/gpu/test_tensor_parallel_gpu.py \
+  -q -p no:cacheprovider -rs
+wanted w1tp2 && stage w1-tp2 200 "${W1[@]}" --tensor-parallel-size 2
 wanted w1sync && stage w1-sync 150 "${W1[@]}" --no-async-scheduling
 wanted w1dist && stage w1-distributed 150 "${W1[@]}" --distributed
 wanted w1eager && stage w1-eager 150 "${W1[@]}" --enforce-eager
@@ -118,6 +124,14 @@ def tps(key):
     figures = results.get(key, {}).get("figures", {})
     return figures.get("tok_per_s")
 graphs, eager = tps("llmserve-triton-graphs"), tps("llmserve-triton-eager")
+tp1, tp2 = tps("llmserve-triton-graphs-tp1"), tps("llmserve-triton-graphs-tp2")
+sync = tps("llmserve-triton-graphs-sync")
+if graphs and sync:
+    print(f"async scheduling speed-up (W1, async / sync): {graphs / sync:.3f}x")
+if graphs and tp1:
+    print(f"TP=1 distributed path / in-process (W1): {tp1 / graphs:.4f}")
+if graphs and tp2:
+    print(f"TP=2 / TP=1 (W1): {tp2 / graphs:.3f}x")
 peer, fa4 = tps("transformers"), tps("llmserve-flash_attn-graphs")
 print(f"W1 triton+graphs {graphs} tok/s, eager {eager}, flash-attn 4 {fa4}, transformers {peer}")
 if graphs and eager:
