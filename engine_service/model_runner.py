@@ -232,8 +232,11 @@ class ModelRunner:
                 return
 
     def shutdown(self) -> None:
-        """Rank 0: lets the other ranks' `follow()` return, waits for them, leaves the group."""
+        """Rank 0: lets the other ranks' `follow()` return, leaves the group with them (NCCL's
+        teardown waits for every rank), then waits for their processes to exit."""
+        if self.rank_processes is not None:
+            self.rank_processes.stopping = True
         self.channel.publish(Op.STOP)
+        self.tp.close()
         if self.rank_processes is not None:
             self.rank_processes.join()
-        self.tp.close()

@@ -51,8 +51,8 @@ class RankProcesses:
             os._exit(RANK_DIED_EXIT_CODE)
 
     def join(self, timeout: float = 30.0) -> None:
-        """After rank 0 published STOP: waits for the ranks to exit, then cuts their pipes."""
-        self.stopping = True
+        """After rank 0 published STOP (with `stopping` set before, so exits are expected):
+        waits for the ranks to exit, then cuts their pipes."""
         for process in self.processes:
             try:
                 process.wait(timeout)
