@@ -65,7 +65,9 @@ def floor_bytes(
     return kv_tokens * kv_bytes_per_token, max(max_tokens) * weight_bytes
 
 
-def run_ours(args: argparse.Namespace, prompts: list[list[int]], max_tokens: list[int]) -> dict:
+def run_ours(
+    args: argparse.Namespace, prompts: list[list[int]], max_tokens: list[int]
+) -> tuple[dict, LLM]:
     started = time.perf_counter()
     llm = LLM(
         args.model,
@@ -118,8 +120,7 @@ def run_ours(args: argparse.Namespace, prompts: list[list[int]], max_tokens: lis
         "weight_bytes": llm.core.runner.weight_bytes,
         "step_breakdown": breakdown,
     }
-    llm.close()
-    return figures
+    return figures, llm
 
 
 def main() -> None:
@@ -179,6 +180,7 @@ def main() -> None:
     folded = spec.vocab_size <= 10000  # a small smoke-test model
     prompts = fold_into_vocab(prompts, spec.vocab_size)
     bandwidth = copy_bandwidth(args.device)
+    llm = None
     if args.peer == "transformers":
         figures = run_transformers_peer(
             str(args.model),
@@ -189,7 +191,7 @@ def main() -> None:
         )
         tag = "transformers"
     else:
-        figures = run_ours(args, prompts, max_tokens)
+        figures, llm = run_ours(args, prompts, max_tokens)
         tag = "llmserve-" + figures["attention_backend"].replace(",", "-").replace("=", "-")
         tag += "-eager" if args.enforce_eager or args.device != "cuda" else "-graphs"
         if args.async_scheduling is False:
@@ -237,6 +239,9 @@ def main() -> None:
     path = write_result("W1", parameters, figures, out_dir=args.out)
     path = path.rename(path.with_name(path.name.replace("W1-", f"W1-{tag}-", 1)))
     print(_summary(tag, figures))
+    if llm is not None:
+        # After the result is written: tensor-parallel ranks take a while to tear down.
+        llm.close()
     print(f"wrote {path}")
 
 

@@ -7,6 +7,7 @@ others through a `StepChannel`, and the others `follow()` it.
 """
 
 import contextlib
+import gc
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -237,6 +238,13 @@ class ModelRunner:
         if self.rank_processes is not None:
             self.rank_processes.stopping = True
         self.channel.publish(Op.STOP)
-        self.tp.close()
+        self.leave_group()
         if self.rank_processes is not None:
             self.rank_processes.join()
+
+    def leave_group(self) -> None:
+        """Drops the decode graphs first: NCCL's teardown waits until no graph holds its
+        captured collectives."""
+        self.graphs = None
+        gc.collect()
+        self.tp.close()

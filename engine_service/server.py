@@ -64,25 +64,27 @@ def response_from_outputs(
     outputs: list[RequestOutput],
 ) -> engine_service_pb2.EngineServiceGenerateResponse:
     """Merges one or more step outputs of a request into one streamed response."""
-    response = engine_service_pb2.EngineServiceGenerateResponse()
+    last = outputs[-1]
+    # Called once per message of every stream: one output (a reader keeping up) is the rule.
+    token_ids = (
+        last.new_token_ids
+        if len(outputs) == 1
+        else [token_id for out in outputs for token_id in out.new_token_ids]
+    )
+    response = engine_service_pb2.EngineServiceGenerateResponse(token_ids=token_ids)
     for out in outputs:
-        response.token_ids.extend(out.new_token_ids)
         for lp in out.new_logprobs or ():
             response.logprobs.add(
                 token_id=lp.token_id,
                 logprob=lp.logprob,
                 top_logprobs=[common_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
             )
-    last = outputs[-1]
     if last.finish_reason is not None:
         response.finish_reason = FINISH_REASON[last.finish_reason]
-    response.usage.CopyFrom(
-        common_pb2.Usage(
-            prompt_tokens=last.prompt_tokens,
-            completion_tokens=last.completion_tokens,
-            cached_prompt_tokens=last.cached_prompt_tokens,
-        )
-    )
+    usage = response.usage
+    usage.prompt_tokens = last.prompt_tokens
+    usage.completion_tokens = last.completion_tokens
+    usage.cached_prompt_tokens = last.cached_prompt_tokens
     return response
 
 

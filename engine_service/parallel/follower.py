@@ -45,7 +45,7 @@ def main() -> None:
     runner = build_runner(config, tp)
     log.info("tensor_parallel_rank_ready")
     runner.follow()
-    tp.close()
+    runner.leave_group()
     log.info("tensor_parallel_rank_stopped")
     sys.stderr.flush()
     # Not a normal interpreter exit: the thread blocked reading stdin would abort it.
