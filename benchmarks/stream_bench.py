@@ -1,0 +1,275 @@
+"""Streaming-latency plumbing shared by W2 (`serving.py`) and W3 (`single.py`).
+
+- The two targets: `engine` (one engine's EngineService.Generate, prompt token ids) and `router`
+  (GenerateService.Generate with `prompt_token_ids` through a router in front of the same
+  engine, which detokenizes what it streams).
+- Client-side measurement, as WORKLOADS.md's "Measuring a stream" defines it: TTFT = sent ->
+  first response carrying a token; a response carrying k tokens is k arrivals at one instant;
+  ITL = gaps between consecutive arrivals; TPOT = (last - first arrival) / (tokens - 1).
+- The servers both scripts start (fresh processes, engine /metrics on a free port) and the
+  engine-side figures read from that /metrics endpoint.
+
+No torch at import time: the load-generator processes import this module.
+"""
+
+import argparse
+import json
+import shlex
+import statistics
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from prometheus_client.parser import text_string_to_metric_families
+from result_file import RESULTS_DIR
+
+from llmserve.common.launcher import ServerProcess, free_port, start_engine, start_router
+from llmserve.v1 import (
+    common_pb2,
+    engine_service_pb2,
+    engine_service_pb2_grpc,
+    generate_service_pb2,
+    generate_service_pb2_grpc,
+)
+
+TARGETS = ("engine", "router")
+BENCH_CHECKPOINT = Path("/tmp/qwen3-0.6b-shape")  # where scripts/device-run.sh writes it
+ENGINE_TTFT = "llmserve_engine_time_to_first_token_seconds"
+ENGINE_ITL = "llmserve_engine_inter_token_latency_seconds"
+
+
+@dataclass
+class StreamRecord:
+    """One request as its client saw it; times in seconds on one clock."""
+
+    index: int
+    sent: float
+    arrivals: list[float] = field(default_factory=list)  # one entry per token
+    status: str = "OK"  # a gRPC status name, or NO_FINISH for a stream that ended unfinished
+    cached_prompt_tokens: int = 0
+    sent_wall: float = 0.0  # time.time() when sent, to line up with server log timestamps
+
+    @property
+    def ttft(self) -> float | None:
+        return self.arrivals[0] - self.sent if self.arrivals else None
+
+    @property
+    def tpot(self) -> float | None:
+        n = len(self.arrivals)
+        return (self.arrivals[-1] - self.arrivals[0]) / (n - 1) if n > 1 else None
+
+    def gaps(self) -> list[float]:
+        return [b - a for a, b in zip(self.arrivals, self.arrivals[1:], strict=False)]
+
+    def shifted(self, origin: float) -> "StreamRecord":
+        """The same record with every time relative to `origin`."""
+        self.sent -= origin
+        self.arrivals = [t - origin for t in self.arrivals]
+        return self
+
+
+class StreamClient:
+    """Sends Generate streams to one target over one grpc.aio channel and times them."""
+
+    def __init__(self, channel: grpc.aio.Channel, target: str) -> None:
+        if target == "engine":
+            self._generate = engine_service_pb2_grpc.EngineServiceStub(channel).Generate
+            self._message = engine_service_pb2.EngineServiceGenerateRequest
+        elif target == "router":
+            self._generate = generate_service_pb2_grpc.GenerateServiceStub(channel).Generate
+            self._message = generate_service_pb2.GenerateRequest
+        else:
+            raise ValueError(f"unknown target {target!r}")
+
+    async def stream(
+        self,
+        index: int,
+        prompt: list[int],
+        max_tokens: int,
+        temperature: float,
+        request_id: str,
+        timeout: float | None,
+    ) -> StreamRecord:
+        message = self._message(
+            request_id=request_id,
+            prompt_token_ids=prompt,
+            sampling=common_pb2.SamplingParams(temperature=temperature),
+            stopping=common_pb2.StoppingCriteria(max_tokens=max_tokens, ignore_eos=True),
+        )
+        record = StreamRecord(index, time.perf_counter(), sent_wall=time.time())
+        finished = False
+        try:
+            async for response in self._generate(message, timeout=timeout):
+                now = time.perf_counter()
+                record.arrivals.extend([now] * len(response.token_ids))
+                if response.finish_reason:
+                    finished = True
+                    record.cached_prompt_tokens = response.usage.cached_prompt_tokens
+        except grpc.aio.AioRpcError as exc:
+            record.status = exc.code().name
+        else:
+            record.status = "OK" if finished else "NO_FINISH"
+        return record
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    """p50/p90/p99 (linear interpolation between ranks, as numpy's default) and the mean."""
+    if not values:
+        return {}
+    cuts = statistics.quantiles(values, n=100, method="inclusive") if len(values) > 1 else []
+    pick = (lambda p: cuts[p - 1]) if cuts else (lambda p: values[0])
+    return {f"p{p}": round(pick(p), 6) for p in (50, 90, 99)} | {
+        "mean": round(statistics.fmean(values), 6)
+    }
+
+
+def latency_figures(records: list[StreamRecord]) -> dict[str, dict[str, float]]:
+    """TTFT and TPOT over requests, ITL over all tokens, in seconds."""
+    return {
+        "ttft_s": percentiles([r.ttft for r in records if r.ttft is not None]),
+        "tpot_s": percentiles([r.tpot for r in records if r.tpot is not None]),
+        "itl_s": percentiles([g for r in records for g in r.gaps()]),
+    }
+
+
+def outcome_figures(records: list[StreamRecord], max_tokens: list[int]) -> dict:
+    """Completed and failed requests (by status), short streams, tokens, prefix-cache hits."""
+    failed: dict[str, int] = {}
+    for r in records:
+        if r.status != "OK":
+            failed[r.status] = failed.get(r.status, 0) + 1
+    return {
+        "requests": len(records),
+        "completed": sum(r.status == "OK" for r in records),
+        "failed": failed,
+        "short_streams": sum(
+            r.status == "OK" and len(r.arrivals) != max_tokens[r.index] for r in records
+        ),
+        "output_tokens": sum(len(r.arrivals) for r in records),
+        "cached_prompt_tokens": sum(r.cached_prompt_tokens for r in records),
+    }
+
+
+def scrape_metrics(port: int) -> dict[str, float]:
+    """Every sample on the engine's /metrics, keyed by name (and labels, where it has any)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return {
+        sample.name + (str(sorted(sample.labels.items())) if sample.labels else ""): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def histogram_delta(before: dict[str, float], after: dict[str, float], name: str) -> dict:
+    """Observations, their sum and mean of histogram `name` between two scrapes."""
+    count = after.get(name + "_count", 0.0) - before.get(name + "_count", 0.0)
+    total = after.get(name + "_sum", 0.0) - before.get(name + "_sum", 0.0)
+    return {"count": int(count), "sum_s": total, "mean_s": total / count if count else None}
+
+
+def engine_side(before: dict[str, float], after: dict[str, float]) -> dict:
+    """The engine's own mean TTFT (frontend received -> first token handed to the stream) and
+    ITL (gap between tokens reaching its frontend) over what ran between two scrapes."""
+    ttft = histogram_delta(before, after, ENGINE_TTFT)
+    itl = histogram_delta(before, after, ENGINE_ITL)
+    return {
+        "engine_ttft_mean_s": _round(ttft["mean_s"]),
+        "engine_itl_mean_s": _round(itl["mean_s"]),
+        "engine_streams": ttft["count"],
+    }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)
+
+
+@dataclass
+class Servers:
+    """The engine, the router in front of it (when asked for) and the engine's metrics port."""
+
+    engine: ServerProcess
+    router: ServerProcess | None
+    metrics_port: int
+
+    def address(self, target: str) -> str:
+        server = self.engine if target == "engine" else self.router
+        assert server is not None, f"no {target} started"
+        return server.address
+
+
+@contextmanager
+def started_servers(model: Path, engine_args: list[str], with_router: bool) -> Iterator[Servers]:
+    """A fresh engine (its /metrics on a free port) and, if asked, a router in front of it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics_port = free_port()
+        engine = start_engine(model, Path(tmp), *engine_args, "--metrics-port", str(metrics_port))
+        router = None
+        try:
+            if with_router:
+                router = start_router(model, [engine], Path(tmp))
+            yield Servers(engine, router, metrics_port)
+        finally:
+            if router is not None:
+                router.stop()
+            engine.stop()
+
+
+def default_model() -> Path:
+    """The demo model on the CPU; qwen3-0.6b-shape where CUDA is (written once if missing)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        from llmserve.engine_service.demo_model import ensure_demo_model
+
+        return ensure_demo_model()
+    if not (BENCH_CHECKPOINT / "model.safetensors").is_file():
+        from llmserve.engine_service.bench_checkpoint import write_bench_checkpoint
+
+        write_bench_checkpoint(BENCH_CHECKPOINT)
+    return BENCH_CHECKPOINT
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help=f"checkpoint directory (default: the demo model on the CPU, {BENCH_CHECKPOINT} "
+        "on CUDA)",
+    )
+    parser.add_argument(
+        "--target",
+        nargs="+",
+        choices=[*TARGETS, "both"],
+        default=["both"],
+        help="engine: straight to the engine; router: through a router in front of it",
+    )
+    parser.add_argument(
+        "--engine-arg",
+        action="append",
+        default=[],
+        metavar="FLAGS",
+        help="extra engine flags, repeatable: --engine-arg=--enforce-eager "
+        "--engine-arg='--num-kv-blocks 4096'",
+    )
+    parser.add_argument("--request-timeout-s", type=float, default=3600.0)
+    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+
+
+def targets_of(args: argparse.Namespace) -> list[str]:
+    return [t for t in TARGETS if t in args.target or "both" in args.target]
+
+
+def engine_flags(defaults: list[str], args: argparse.Namespace) -> list[str]:
+    """The script's engine flags, then --engine-arg's (argparse lets the later ones win)."""
+    return [*defaults, *(f for chunk in args.engine_arg for f in shlex.split(chunk))]
+
+
+def vocab_size(model: Path) -> int:
+    return int(json.loads((model / "config.json").read_text())["vocab_size"])
