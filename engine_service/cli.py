@@ -71,6 +71,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "--tensor-parallel-size 1 (to measure that path)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="read each step's tokens while the next step runs (default: on CUDA)")
+    p.add_argument("--kv-events", action=argparse.BooleanOptionalAction, default=True,
+                   help="publish prefix-cache changes on WatchKvEvents (routers without them "
+                        "fall back to their own routing history)")
     p.add_argument("--tls-cert", type=Path, help="server certificate (PEM); none = plaintext")
     p.add_argument("--tls-key", type=Path, help="private key of --tls-cert")
     p.add_argument("--tls-client-ca", type=Path,
@@ -143,7 +146,7 @@ async def _serve(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, task.cancel)
     try:
         clean = await serve_engine(engine, info, args.host, port, args.drain_timeout_s,
-                                   credentials, args.health_port)
+                                   credentials, args.health_port, args.kv_events)
     except BaseException:
         engine.stop()
         raise

@@ -111,9 +111,10 @@ def info_to_proto(info: EngineInfo) -> engine_service_pb2.GetInfoResponse:
 class EngineServicer(engine_service_pb2_grpc.EngineServiceServicer):
     """Serves token-id generation from one engine core to many concurrent streams."""
 
-    def __init__(self, engine: AsyncEngine, info: EngineInfo) -> None:
+    def __init__(self, engine: AsyncEngine, info: EngineInfo, kv_events: bool = True) -> None:
         self.engine = engine
         self.info = info
+        self.kv_events = kv_events
         self.draining = False
 
     async def Generate(
@@ -179,6 +180,9 @@ class EngineServicer(engine_service_pb2_grpc.EngineServiceServicer):
                             context: grpc.aio.ServicerContext
                             ) -> AsyncIterator[engine_service_pb2.WatchKvEventsResponse]:
         """Streams the cached block hashes: a snapshot, then numbered batches of changes."""
+        if not self.kv_events:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                                "this engine publishes no KV events (started with --no-kv-events)")
         async for change in self.engine.kv_events.subscribe():
             yield engine_service_pb2.WatchKvEventsResponse(
                 sequence_number=change.sequence_number, snapshot=change.snapshot,
@@ -188,7 +192,7 @@ class EngineServicer(engine_service_pb2_grpc.EngineServiceServicer):
 async def serve_engine(engine: AsyncEngine, info: EngineInfo, host: str, port: int,
                        drain_timeout_s: float = 30.0,
                        credentials: grpc.ServerCredentials | None = None,
-                       health_port: int = -1) -> bool:
+                       health_port: int = -1, kv_events: bool = True) -> bool:
     """Serves until cancelled (a graceful drain) or until the core dies; False on the latter.
 
     Draining: health turns NOT_SERVING and new requests are refused at once, while requests in
@@ -197,7 +201,7 @@ async def serve_engine(engine: AsyncEngine, info: EngineInfo, host: str, port: i
     """
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0),
                                       ("grpc.max_receive_message_length", 64 << 20)])
-    servicer = EngineServicer(engine, info)
+    servicer = EngineServicer(engine, info, kv_events)
     engine_service_pb2_grpc.add_EngineServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -181,6 +181,20 @@ class EnginePool:
         raise EngineStreamError("load stream ended")
 
     async def _follow_kv_events(self, engine: Engine) -> None:
+        try:
+            await self._apply_kv_events(engine)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            # An engine without KV events: our own routing history stands in for its cache.
+            assert engine.info is not None
+            self.index.follow_history(engine.address, engine.info.num_blocks)
+            log.info("engine_without_kv_events", engine=engine.address,
+                     index="routing history", capacity_blocks=engine.info.num_blocks)
+            engine.kv_synced = True
+            self._joined(engine)
+
+    async def _apply_kv_events(self, engine: Engine) -> None:
         expected = None
         async for batch in engine.stub.WatchKvEvents(engine_service_pb2.WatchKvEventsRequest()):
             if batch.snapshot:

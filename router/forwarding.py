@@ -86,7 +86,8 @@ class Forwarder:
             matched.update(self.index.match(hashes, [e.address for e in group]))
         # Scores weigh matched blocks in one block size: the engines of a pool share it.
         block_size = next(iter(by_scheme))[0]
-        decision = self.balancer.pick(engines, matched, len(tokens), block_size, self.index.counts)
+        held = self.index.held_blocks()
+        decision = self.balancer.pick(engines, matched, len(tokens), block_size, held)
         chosen = decision.engine
         assert chosen.info is not None
         matched_tokens = decision.matched_blocks * chosen.info.block_size

@@ -3,6 +3,7 @@
 import time
 
 import grpc
+import pytest
 
 from llmserve.clients import LLMClient
 from llmserve.v1 import common_pb2, engine_service_pb2, engine_service_pb2_grpc
@@ -18,9 +19,15 @@ def routed_engine(router, request_id: str) -> str:
     raise AssertionError(f"{request_id} was never routed")
 
 
-def test_requests_sharing_a_prefix_follow_it(tiny_checkpoint, start_engine, start_router) -> None:
+@pytest.mark.parametrize(
+    "engine_flags", [(), ("--no-kv-events",)], ids=["kv-events", "routing-history"]
+)
+def test_requests_sharing_a_prefix_follow_it(
+    tiny_checkpoint, start_engine, start_router, engine_flags
+) -> None:
+    # Without KV events the router indexes each engine by what it routed there.
     model = tiny_checkpoint("qwen3")
-    engines = [start_engine(model) for _ in range(2)]
+    engines = [start_engine(model, *engine_flags) for _ in range(2)]
     router = start_router(model, engines)
     prefix = list(range(100, 196))  # six full blocks
     with LLMClient(router.address) as client:
