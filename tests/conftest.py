@@ -120,3 +120,57 @@ def qwen3_system(
     engine = start_engine(model_dir)
     router = start_router(model_dir, [engine])
     return model_dir, engine, router
+
+
+def _engine_dies_cleanly(engine: ServerProcess, victim_event: str) -> dict:
+    """Kills the process that logged `victim_event` (its `pid`) while a stream runs, and checks
+    the engine ends cleanly: the stream gets UNAVAILABLE, a health watcher sees SERVING then
+    NOT_SERVING, the engine exits non-zero within seconds. Returns the victim's log event."""
+    import contextlib
+    import os
+    import signal
+    import threading
+    import time
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from llmserve.v1 import common_pb2, engine_service_pb2, engine_service_pb2_grpc
+
+    (victim,) = [e for e in engine.log_events() if e.get("event") == victim_event]
+    with grpc.insecure_channel(engine.address) as channel:
+        statuses: list[int] = []
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+
+        def follow_health() -> None:
+            with contextlib.suppress(grpc.RpcError):
+                statuses.extend(update.status for update in watch)
+
+        watcher = threading.Thread(target=follow_health, daemon=True)
+        watcher.start()
+        call = engine_service_pb2_grpc.EngineServiceStub(channel).Generate(
+            engine_service_pb2.EngineServiceGenerateRequest(
+                prompt_token_ids=[7, 8, 9],
+                sampling=common_pb2.SamplingParams(temperature=0.0),
+                stopping=common_pb2.StoppingCriteria(max_tokens=400, ignore_eos=True),
+            ),
+            timeout=60,
+        )
+        next(call)
+        killed_at = time.monotonic()
+        os.kill(victim["pid"], signal.SIGKILL)
+        with pytest.raises(grpc.RpcError) as ended:
+            list(call)
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert engine.process.wait(timeout=20) != 0
+        assert time.monotonic() - killed_at < 10
+        watcher.join(timeout=5)
+    assert statuses[0] == health_pb2.HealthCheckResponse.SERVING
+    assert statuses[-1] == health_pb2.HealthCheckResponse.NOT_SERVING
+    return victim
+
+
+@pytest.fixture
+def engine_dies_cleanly() -> Callable[[ServerProcess, str], dict]:
+    """See `_engine_dies_cleanly`: kill one of an engine's processes, check the clean end."""
+    return _engine_dies_cleanly

@@ -148,3 +148,9 @@ def test_metrics_move_after_traffic(tiny_checkpoint, start_engine, unused_port) 
     assert after["llmserve_engine_time_to_first_token_seconds_count"] == 2
     assert after["llmserve_engine_inter_token_latency_seconds_count"] == 8
     assert all(name.startswith("llmserve_") for name in after)
+
+
+def test_core_process_death_ends_the_engine(tiny_checkpoint, start_engine, engine_dies_cleanly):
+    engine = start_engine(tiny_checkpoint("qwen3"))
+    engine_dies_cleanly(engine, "core_process_started")
+    assert any(e.get("event") == "engine_core_died" for e in engine.log_events())

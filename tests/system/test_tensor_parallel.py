@@ -1,15 +1,9 @@
 """Tensor parallelism on the CPU: two gloo ranks give TP=1's greedy tokens through gRPC, and a
 rank that dies ends the engine cleanly."""
 
-import contextlib
-import os
-import signal
-import threading
-import time
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmserve.engine_service.config import EngineConfig
 from llmserve.engine_service.engine_builder import build_engine
@@ -54,32 +48,8 @@ def test_a_size_that_does_not_divide_the_kv_heads_is_refused(tiny_checkpoint) ->
         build_engine(config)
 
 
-def test_a_dead_rank_ends_the_engine(tiny_checkpoint, start_engine) -> None:
+def test_a_dead_rank_ends_the_engine(tiny_checkpoint, start_engine, engine_dies_cleanly) -> None:
     engine = start_engine(tiny_checkpoint("qwen3"), "--tensor-parallel-size", "2")
-    events = engine.log_events()
-    (started,) = [e for e in events if e.get("event") == "tensor_parallel_rank_started"]
-    with grpc.insecure_channel(engine.address) as channel:
-        stub = engine_service_pb2_grpc.EngineServiceStub(channel)
-        statuses: list[int] = []
-        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
-
-        def follow_health() -> None:
-            with contextlib.suppress(grpc.RpcError):
-                statuses.extend(update.status for update in watch)
-
-        watcher = threading.Thread(target=follow_health, daemon=True)
-        watcher.start()
-        call = stub.Generate(greedy([7, 8, 9], 400), timeout=60)
-        next(call)
-        killed_at = time.monotonic()
-        os.kill(started["pid"], signal.SIGKILL)
-        with pytest.raises(grpc.RpcError) as ended:
-            list(call)
-        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert engine.process.wait(timeout=20) != 0
-        assert time.monotonic() - killed_at < 10
-        watcher.join(timeout=5)
-    assert statuses[0] == health_pb2.HealthCheckResponse.SERVING
-    assert statuses[-1] == health_pb2.HealthCheckResponse.NOT_SERVING
+    victim = engine_dies_cleanly(engine, "tensor_parallel_rank_started")
     died = [e for e in engine.log_events() if e.get("event") == "tensor_parallel_rank_died"]
-    assert died and died[0]["rank"] == 1
+    assert died and died[0]["rank"] == victim["rank"] == 1
