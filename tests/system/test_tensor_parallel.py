@@ -1,7 +1,6 @@
 """Tensor parallelism on the CPU: two gloo ranks give TP=1's greedy tokens through gRPC, and a
 rank that dies ends the engine cleanly."""
 
-
 import grpc
 import pytest
 
