@@ -5,6 +5,8 @@ stop string never reaches the client, and a UTF-8 character is never split (Deco
 for its last byte).
 """
 
+from collections.abc import Sequence
+
 from tokenizers import Tokenizer
 
 from llmserve.router.tokenizer import TextTokenizer
@@ -22,19 +24,22 @@ class IncrementalDetokenizer:
         self._decoded_len = 0
         self.stopped = False
 
-    def push(self, token_ids: list[int], final: bool = False) -> str:
+    def push(self, token_ids: Sequence[int], final: bool = False) -> str:
         """Adds tokens; returns the text now safe to emit. Sets `stopped` on a stop string."""
         self._token_ids.extend(token_ids)
-        for token_id in token_ids:
-            piece = self._stream.step(self._tokenizer, token_id)
-            if piece:
-                self._pending += piece
-                self._decoded_len += len(piece)
+        # One step per token: DecodeStream.step also takes a list, but (tokenizers 0.23) a list
+        # that ends inside a UTF-8 character loses the text of the tokens before it.
+        step, tokenizer = self._stream.step, self._tokenizer
+        text = "".join([piece for token_id in token_ids if (piece := step(tokenizer, token_id))])
+        self._decoded_len += len(text)
         if final:
             # Bytes of an unfinished character stay in the stream: the full decode shows them
             # (as U+FFFD), exactly as a one-shot decode of the whole output would.
             full = self._tokenizer.decode(self._token_ids, skip_special_tokens=True)
-            self._pending += full[self._decoded_len :]
+            text += full[self._decoded_len :]
+        if not self._stop:
+            return text  # nothing to hold back
+        self._pending += text
         match = min(((i, s) for s in self._stop if (i := self._pending.find(s)) >= 0), default=None)
         if match is not None:
             self.stopped = True

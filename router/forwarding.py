@@ -96,7 +96,7 @@ class Forwarder:
     async def stream(
         self, request: ForwardedRequest, deadline: float | None
     ) -> AsyncIterator[engine_service_pb2.EngineServiceGenerateResponse]:
-        """Yields engine responses whose usage counts refer to the original prompt."""
+        """Yields engine responses; the last one's usage counts refer to the original prompt."""
         sampling = common_pb2.SamplingParams()
         sampling.CopyFrom(request.sampling)
         if not sampling.HasField("seed"):
@@ -150,12 +150,16 @@ class Forwarder:
                     if cached is None:
                         cached = min(chunk.usage.cached_prompt_tokens, prompt_len)
                     generated.extend(chunk.token_ids)
-                    chunk.usage.prompt_tokens = prompt_len
-                    chunk.usage.completion_tokens = len(generated)
-                    chunk.usage.cached_prompt_tokens = cached
+                    if chunk.finish_reason == common_pb2.FINISH_REASON_UNSPECIFIED:
+                        yield chunk
+                        continue
+                    # Only the last response's usage is read: the others keep the engine's.
+                    usage = chunk.usage
+                    usage.prompt_tokens = prompt_len
+                    usage.completion_tokens = len(generated)
+                    usage.cached_prompt_tokens = cached
                     yield chunk
-                    if chunk.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
-                        return
+                    return
                 failure = "stream ended before the request finished"
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in FINAL_CODES:

@@ -114,15 +114,19 @@ class GenerateServicer:
         )
         detokenizer = IncrementalDetokenizer(self.tokenizer, list(request.stop))
         try:
+            # The per-message path: one response per engine message, whatever it holds (the
+            # engine merges the tokens of a lagging stream), and no work beyond what it needs.
             async for chunk in self.forwarder.stream(forwarded, deadline):
-                metrics.GENERATED_TOKENS.inc(len(chunk.token_ids))
+                token_ids = chunk.token_ids
+                metrics.GENERATED_TOKENS.inc(len(token_ids))
                 final = chunk.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
                 response = generate_service_pb2.GenerateResponse(
                     request_id=request_id,
-                    text=detokenizer.push(list(chunk.token_ids), final),
-                    token_ids=chunk.token_ids,
-                    logprobs=self._with_text(chunk.logprobs),
+                    text=detokenizer.push(token_ids, final),
+                    token_ids=token_ids,
                 )
+                if chunk.logprobs:
+                    response.logprobs.extend(self._with_text(chunk.logprobs))
                 if detokenizer.stopped or final:
                     response.finish_reason = (
                         common_pb2.FINISH_REASON_STOP

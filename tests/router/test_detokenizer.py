@@ -47,3 +47,23 @@ def test_chat_template_renders_chatml(tokenizer: TextTokenizer) -> None:
     text, ids = tokenizer.encode_chat([{"role": "user", "content": "Hi"}])
     assert text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     assert ids[0] == tokenizer.tokenizer.token_to_id("<|im_start|>")
+
+
+@pytest.mark.parametrize("per_message", [2, 3, 5])
+@pytest.mark.parametrize("stop", [[], ["東京"]])
+def test_several_tokens_per_message_decode_like_one_at_a_time(
+    tokenizer: TextTokenizer, per_message: int, stop: list[str]
+) -> None:
+    """A lagging stream's merged messages: characters split across and inside them survive."""
+    text = "Zürich 東京 😀 café, naïve"
+    ids = tokenizer.encode(text)
+    detok = IncrementalDetokenizer(tokenizer, stop)
+    pieces = []
+    for start in range(0, len(ids), per_message):
+        chunk = ids[start : start + per_message]
+        pieces.append(detok.push(chunk, final=start + per_message >= len(ids)))
+        if detok.stopped:
+            break
+    one_at_a_time, _ = stream(tokenizer, text, stop)
+    assert "".join(pieces) == "".join(one_at_a_time) == text.split("東京")[0] if stop else text
+    assert all("\ufffd" not in p for p in pieces)
