@@ -28,7 +28,9 @@ def configure_logging(log_format: LogFormat = "auto", level: str = "info") -> No
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        # One write per line (print writes the newline separately): processes sharing the
+        # stream (the engine's frontend, core and tensor-parallel ranks) never interleave lines.
+        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(stream=sys.stderr, level=level.upper(), format="%(name)s %(message)s")
