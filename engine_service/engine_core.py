@@ -18,6 +18,7 @@ from llmserve.engine_service.request import (
 from llmserve.engine_service.sampler import Sampler, SamplingBatch
 from llmserve.engine_service.scheduler import ScheduledChunk, Scheduler
 from llmserve.engine_service.sequence import Sequence
+from llmserve.engine_service.step_inputs import upload
 
 log = structlog.get_logger(__name__)
 
@@ -174,9 +175,7 @@ class EngineCore:
             for chunk in sampling:
                 seq = chunk.seq
                 seq.token_ids.append(PLACEHOLDER)
-                options = seq.sampling
-                seq.last_token_pending = (seq.num_output_tokens >= options.max_tokens
-                                          or seq.num_tokens >= self.max_model_len)
+                seq.last_token_pending = self._length_reached(seq, seq.num_tokens)
         return step
 
     def _complete(self, step: "StepInFlight") -> list[RequestOutput]:
@@ -227,18 +226,22 @@ class EngineCore:
             not options.ignore_eos and token in self.eos_token_ids
         ):
             return FinishReason.STOP
-        if length - seq.num_prompt_tokens >= options.max_tokens or length >= self.max_model_len:
+        if self._length_reached(seq, length):
             return FinishReason.LENGTH
         return None
+
+    def _length_reached(self, seq: Sequence, length: int) -> bool:
+        """Whether `length` tokens end the sequence: its max_tokens or the model's length."""
+        return length - seq.num_prompt_tokens >= seq.sampling.max_tokens or (
+            length >= self.max_model_len
+        )
 
     @staticmethod
     def _sampling_batch(chunks: list[ScheduledChunk], device: torch.device) -> SamplingBatch:
         opts = [c.seq.sampling for c in chunks]
 
         def column(values: list, dtype: torch.dtype) -> torch.Tensor:
-            # Pinned and non-blocking: a pageable copy would wait for the step in flight.
-            host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
-            return host.to(device, non_blocking=True)
+            return upload(values, dtype, device)
 
         return SamplingBatch(
             temperature=column([o.temperature for o in opts], torch.float32),

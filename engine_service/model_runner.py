@@ -30,7 +30,7 @@ from llmserve.engine_service.parallel.group import TensorParallelGroup
 from llmserve.engine_service.parallel.rank_processes import RankProcesses
 from llmserve.engine_service.parallel.step_channel import Op, StepChannel, step_args, step_layout
 from llmserve.engine_service.scheduler import ScheduledChunk
-from llmserve.engine_service.step_inputs import StepBatch, StepInputs
+from llmserve.engine_service.step_inputs import StepBatch, StepInputs, upload
 from llmserve.kernels.ops import kernel_ops
 
 log = structlog.get_logger(__name__)
@@ -193,18 +193,13 @@ class ModelRunner:
             padded = self.graphs.padded_size(len(chunks))
         batch = self.build_batch(chunks, padded)
         if pending is not None and pending.rows:
-            rows = self._device_index(pending.rows)
-            sources = self._device_index(pending.sources)
+            rows = upload(pending.rows, torch.int64, self.device)
+            sources = upload(pending.sources, torch.int64, self.device)
             batch.input_ids.index_copy_(0, rows, pending.tokens[sources].to(torch.int32))
         self.channel.publish(Op.STEP, step_args(batch.layout, padded is not None), batch.layout)
         logits = self._forward(batch, padded is not None)
         assert logits is not None, "only rank 0 executes scheduled chunks"
         return logits
-
-    def _device_index(self, values: list[int]) -> torch.Tensor:
-        on_cuda = self.device.type == "cuda"
-        host = torch.tensor(values, dtype=torch.int64, pin_memory=on_cuda)
-        return host.to(self.device, non_blocking=True)
 
     def _forward(self, batch: StepBatch, graphed: bool) -> torch.Tensor | None:
         if graphed:

@@ -18,6 +18,13 @@ from llmserve.engine_service.scheduler import ScheduledChunk
 ALIGN = 32  # int32 elements: 128 bytes
 
 
+def upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on `device` without waiting: a pageable copy would wait for the step
+    in flight, a pinned non-blocking one does not."""
+    host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)
+
+
 @dataclass(frozen=True)
 class BatchLayout:
     """How much of the buffer one step uses: with the buffer's contents, all another
