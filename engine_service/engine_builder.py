@@ -105,12 +105,15 @@ def _backends(config: EngineConfig, device: torch.device,
     return prefill, decode
 
 
-def build_runner(config: EngineConfig, tp: TensorParallelGroup) -> ModelRunner:
-    """Loads this rank's shard of the weights (every rank runs this the same way)."""
+def build_runner(config: EngineConfig, tp: TensorParallelGroup,
+                 backends: tuple[AttentionKernels, AttentionKernels] | None = None
+                 ) -> ModelRunner:
+    """Loads this rank's shard of the weights (every rank runs this the same way); `backends`
+    are the attention backends when the caller already loaded them."""
     spec = read_model_spec(config.model)
     device = rank_device(config, tp.rank)
     dtype = resolve_dtype(config.dtype, spec, device)
-    prefill, decode = _backends(config, device, dtype)
+    prefill, decode = backends or _backends(config, device, dtype)
     max_model_len = min(
         config.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings
     )
@@ -149,14 +152,14 @@ def build_engine(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
     on_cuda = device.type == "cuda"
     use_graphs = on_cuda and not config.enforce_eager
     # Backends are checked before any weights load: a missing one fails start-up at once.
-    _backends(config, device, dtype)
+    backends = _backends(config, device, dtype)
     free_at_start = torch.cuda.mem_get_info(device)[0] if on_cuda else 0
     ranks = RankProcesses(config) if config.tensor_parallel_size > 1 else None
     tp = TensorParallelGroup()
     if distributed(config):
         port = ranks.port if ranks is not None else free_port()
         tp = join_group(0, config.tensor_parallel_size, port, device)
-    runner = build_runner(config, tp)
+    runner = build_runner(config, tp, backends)
     runner.rank_processes = ranks
     max_model_len = runner.limits.max_model_len
     block_bytes = ModelRunner.kv_bytes_per_block(spec, dtype, config.block_size, tp.size)
