@@ -208,7 +208,7 @@ def run(args: argparse.Namespace) -> dict:
         ).float()
         err = float((ours(p, None, DecodeTiles()).float() - ref).norm() / ref.norm())
         assert err < 1e-2, f"triton decode differs from the twin at page {page}: {err:.3g}"
-        auto = choose_num_splits(
+        auto, _ = choose_num_splits(
             len(contexts), heads, p["tables"].shape[1] * page, sm_count(p["q"].device)
         )
         for num_splits, tiles in configs:

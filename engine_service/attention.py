@@ -36,17 +36,21 @@ class AttentionKernels:
     """One attention backend: its varlen (prefill/mixed) and pure-decode paths.
 
     `graph_safe` is False for a backend that reads device tensors on the host (a sync that
-    CUDA-graph capture forbids).
+    CUDA-graph capture forbids). `varlen_graph_safe`: its prefill path also runs correctly in a
+    graph captured for a padded step (grid from the token and row counts only, padding rows
+    of no tokens skipped).
     """
 
     name: str
     prefill: AttendFn
     decode: AttendFn
     graph_safe: bool = True
+    varlen_graph_safe: bool = False
 
 
 class PagedAttention:
-    """What the model's attention layers call: K/V store plus the prefill or decode backend.
+    """What the model's attention layers call: q/k norm, rotary and the K/V store (one fused
+    op), then the prefill or decode backend.
 
     `metadata` is set by the runner before each forward pass (and before each graph capture,
     which freezes the choice of phase into the graph).
@@ -56,10 +60,11 @@ class PagedAttention:
         self,
         prefill: AttentionKernels,
         decode: AttentionKernels,
-        store_kv: Callable[..., None],
+        qkv_rope_store: Callable[..., torch.Tensor],
         scale: float,
     ) -> None:
-        self.prefill, self.decode, self.store_kv, self.scale = prefill, decode, store_kv, scale
+        self.prefill, self.decode, self.scale = prefill, decode, scale
+        self.qkv_rope_store = qkv_rope_store
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.metadata: AttentionMetadata | None = None
 
@@ -70,11 +75,21 @@ class PagedAttention:
         return f"prefill={self.prefill.name},decode={self.decode.name}"
 
     def forward(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+        self,
+        layer: int,
+        qkv: torch.Tensor,
+        positions: torch.Tensor,
+        cos_sin: torch.Tensor,
+        qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None,
     ) -> torch.Tensor:
+        """qkv [T, (Hq + 2 Hkv) * D] from the fused projection -> attention output [T, Hq, D].
+
+        `qk_norm` is (q scale, k scale, eps) for models with per-head q/k RMSNorm."""
         meta = self.metadata
         assert meta is not None, "set metadata before the forward pass"
         k_cache, v_cache = self.kv_caches[layer]
-        self.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        q_weight, k_weight, eps = qk_norm if qk_norm is not None else (None, None, 0.0)
+        q = self.qkv_rope_store(qkv, positions, cos_sin, q_weight, k_weight, eps, k_cache,
+                                v_cache, meta.slot_mapping)
         attend = self.decode.decode if meta.decode_only else self.prefill.prefill
         return attend(q, k_cache, v_cache, meta, self.scale)

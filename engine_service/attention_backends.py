@@ -50,7 +50,8 @@ def _triton_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
 # The torch twin reads query_start_loc and seq_lens on the host: correct anywhere, but a sync
 # per layer, so never inside a CUDA graph.
 TORCH_ATTENTION = AttentionKernels("torch", _torch_prefill, _torch_decode, graph_safe=False)
-TRITON_ATTENTION = AttentionKernels("triton", _triton_prefill, _triton_decode)
+TRITON_ATTENTION = AttentionKernels("triton", _triton_prefill, _triton_decode,
+                                    varlen_graph_safe=True)
 
 
 def phase_backends(requested: str, prefill: str | None, decode: str | None,

@@ -60,9 +60,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="override --attention-backend for pure-decode steps")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="fraction of the GPU for weights, activations and the KV cache")
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs at all")
     p.add_argument("--cuda-graph-max-bs", type=int, default=256,
                    help="largest decode batch captured in a CUDA graph (capped at max-num-seqs)")
+    p.add_argument("--cuda-graph-max-tokens", type=int, default=2048,
+                   help="largest prefill/mixed step, in tokens, captured in a CUDA graph "
+                        "(capped at max-num-batched-tokens; 0 = none)")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="ranks (GPUs, or CPU processes) the model is split over; must divide "
                         "its KV heads")
@@ -122,6 +125,7 @@ async def _serve(args: argparse.Namespace) -> None:
         gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager,
         cuda_graph_max_bs=args.cuda_graph_max_bs,
+        cuda_graph_max_tokens=args.cuda_graph_max_tokens,
         tensor_parallel_size=args.tensor_parallel_size,
         distributed=args.distributed,
         async_scheduling=args.async_scheduling,

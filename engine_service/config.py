@@ -28,6 +28,8 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False
     cuda_graph_max_bs: int = 256
+    # Prefill and mixed steps of up to this many tokens replay graphs too (0: never).
+    cuda_graph_max_tokens: int = 2048
     # One process per rank; the KV cache is split by KV heads, so this must divide them.
     tensor_parallel_size: int = 1
     # Run through torch.distributed and the step channel even at tensor_parallel_size 1.

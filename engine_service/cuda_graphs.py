@@ -1,7 +1,10 @@
-"""CUDA-graph decode: the model's forward pass captured once per batch size, then replayed.
+"""CUDA graphs: the model's forward pass captured once per step size, then replayed.
 
-A decode step of n sequences is padded to the smallest captured size >= n (padding rows store
-nothing and attend to nothing) and replays that graph on the runner's fixed-address inputs.
+A decode step of n sequences is padded to the smallest captured batch size >= n; a prefill or
+mixed step of t tokens to the smallest captured token count >= t (the varlen graphs, which
+hold up to min(t, max_num_seqs) sequences). Padding rows store nothing and attend to nothing,
+and the graph replays on the runner's fixed-address inputs. Eagerly, a short prefill is bound
+by kernel launches on the host (a 512-token prompt: ~16 ms of launches for ~3 ms of GPU work).
 Capturing is behind a small interface, so the padding and static-buffer logic also runs (and
 is tested) on the CPU, where `eager_capture` re-runs the pass instead of replaying a graph.
 """
@@ -24,6 +27,15 @@ def graph_batch_sizes(max_bs: int) -> list[int]:
     if not sizes or sizes[-1] != max_bs:
         sizes.append(max_bs)
     return sizes
+
+
+def varlen_graph_sizes(max_tokens: int) -> list[int]:
+    """Token counts for the varlen graphs: 16, 32, 64, 128, then every 128 to 1024, then every
+    256; `max_tokens` is always the last size."""
+    if max_tokens < 1:
+        return []
+    ladder = [16, 32, 64, *range(128, 1024, 128), *range(1024, max_tokens, 256)]
+    return [s for s in ladder if s < max_tokens] + [max_tokens]
 
 
 def padded_batch_size(num_seqs: int, sizes: list[int]) -> int | None:
@@ -63,24 +75,24 @@ def eager_capture(run: Callable[[], torch.Tensor]) -> Replay:
     return run
 
 
-class DecodeGraphs:
-    """One replayable decode pass per batch size.
+class StepGraphs:
+    """One replayable forward pass per step size (decode rows, or varlen tokens).
 
-    `prepare(bs)` returns the pass over the first `bs` rows of the static input buffers (its
-    output: hidden states [bs, hidden]); `capture` turns it into a replay.
+    `prepare(size)` returns the pass over the first rows of the static input buffers (its
+    output: hidden states [size, hidden]); `capture` turns it into a replay.
     """
 
     def __init__(self, sizes: list[int], prepare: Callable[[int], Callable[[], torch.Tensor]],
-                 capture: GraphCapture, progress: bool = True) -> None:
+                 capture: GraphCapture, what: str, progress: bool = True) -> None:
         self.sizes = sorted(sizes)
         self._replays: dict[int, Replay] = {}
-        for bs in tqdm(sorted(self.sizes, reverse=True), desc="Capturing decode graphs",
-                       disable=not progress, dynamic_ncols=True):
-            self._replays[bs] = capture(prepare(bs))
+        for size in tqdm(sorted(self.sizes, reverse=True), desc=f"Capturing {what} graphs",
+                         disable=not progress, dynamic_ncols=True):
+            self._replays[size] = capture(prepare(size))
 
-    def padded_size(self, num_seqs: int) -> int | None:
-        return padded_batch_size(num_seqs, self.sizes)
+    def padded_size(self, size: int) -> int | None:
+        return padded_batch_size(size, self.sizes)
 
     def replay(self, padded_size: int) -> torch.Tensor:
-        """Runs the pass captured for `padded_size` rows; returns its hidden states."""
+        """Runs the pass captured for `padded_size`; returns its hidden states."""
         return self._replays[padded_size]()

@@ -16,7 +16,11 @@ from llmserve.engine_service.attention_backends import load_backend, phase_backe
 from llmserve.engine_service.block_pool import BlockPool
 from llmserve.engine_service.checkpoint import ModelSpec, read_model_spec
 from llmserve.engine_service.config import EngineConfig
-from llmserve.engine_service.cuda_graphs import CudaGraphCapture, graph_batch_sizes
+from llmserve.engine_service.cuda_graphs import (
+    CudaGraphCapture,
+    graph_batch_sizes,
+    varlen_graph_sizes,
+)
 from llmserve.engine_service.engine_core import EngineCore
 from llmserve.engine_service.kv_sizing import num_kv_blocks, profile_peak_bytes, snapshot
 from llmserve.engine_service.model_runner import ModelRunner, RunnerLimits, resolve_dtype
@@ -214,17 +218,23 @@ def build_engine(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
         max_tokens_default=config.max_tokens_default,
     )
     log.info("engine_built", attention_backend=info.attention_backend,
-             cuda_graphs=runner.graphs is not None, async_scheduling=overlap,
+             cuda_graphs=runner.graphs is not None,
+             varlen_graphs=runner.varlen_graphs is not None, async_scheduling=overlap,
              seconds=round(time.monotonic() - started, 2))
     return core, info
 
 
 def _warm_up(runner: ModelRunner, config: EngineConfig, use_graphs: bool) -> None:
-    """Captures the decode graphs, or on CUDA without them compiles every decode variant."""
+    """Captures the decode and varlen graphs, or on CUDA without them compiles every decode
+    variant."""
     if runner.device.type != "cuda":
         return
     sizes = graph_batch_sizes(min(config.cuda_graph_max_bs, config.max_num_seqs))
+    varlen = []
+    if runner.attention.prefill.varlen_graph_safe:
+        varlen = varlen_graph_sizes(min(config.cuda_graph_max_tokens,
+                                        config.max_num_batched_tokens))
     if use_graphs and sizes:
-        runner.capture_decode_graphs(sizes, CudaGraphCapture())
+        runner.capture_graphs(sizes, varlen, CudaGraphCapture())
     else:
         runner.warm_up_decode(sizes)

@@ -1,9 +1,9 @@
 """Runs the model over one scheduled step: the flat batch, the paged KV cache, the logits.
 
 On CUDA the weights are bf16 by default, the non-matmul operations are Triton kernels, and
-pure-decode steps replay CUDA graphs; on the CPU everything runs the torch twins. Under tensor
-parallelism every rank has a runner holding its shard: rank 0's publishes each call to the
-others through a `StepChannel`, and the others `follow()` it.
+decode steps and short prefill/mixed steps replay CUDA graphs; on the CPU everything runs the
+torch twins. Under tensor parallelism every rank has a runner holding its shard: rank 0's
+publishes each call to the others through a `StepChannel`, and the others `follow()` it.
 """
 
 import contextlib
@@ -21,8 +21,8 @@ from llmserve.engine_service.attention import AttentionKernels, PagedAttention
 from llmserve.engine_service.checkpoint import ModelSpec, iter_safetensors
 from llmserve.engine_service.cuda_graphs import (
     CudaGraphCapture,
-    DecodeGraphs,
     GraphCapture,
+    StepGraphs,
     eager_capture,
 )
 from llmserve.engine_service.models.decoder import DecoderModel
@@ -93,7 +93,7 @@ class ModelRunner:
             self.model = DecoderModel(spec, self.ops, self.tp)
         self.model.load_weights(iter_safetensors(model_dir))
         self.model.eval()
-        self.attention = PagedAttention(prefill, decode, self.ops.store_kv,
+        self.attention = PagedAttention(prefill, decode, self.ops.qkv_rope_store,
                                         1.0 / math.sqrt(spec.head_dim))
         max_pages = -(-limits.max_model_len // limits.block_size)
         self.inputs = StepInputs(max(limits.max_num_batched_tokens, limits.max_num_seqs),
@@ -101,7 +101,8 @@ class ModelRunner:
         self.channel = StepChannel(self.tp, self.inputs)
         # Rank 0 owns the other ranks' processes (set by the engine builder).
         self.rank_processes: RankProcesses | None = None
-        self.graphs: DecodeGraphs | None = None
+        self.graphs: StepGraphs | None = None  # decode steps, by batch size
+        self.varlen_graphs: StepGraphs | None = None  # other steps, by token count
         self.num_blocks = 0
 
     @staticmethod
@@ -123,7 +124,7 @@ class ModelRunner:
         0 * NaN from uninitialized memory would still be NaN.
         """
         self.channel.publish(Op.ALLOCATE_KV_CACHE, [num_blocks])
-        self.graphs = None
+        self.graphs = self.varlen_graphs = None
         self.attention.kv_caches = []
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -134,24 +135,33 @@ class ModelRunner:
                                     for layer in range(spec.num_layers)]
         self.num_blocks = num_blocks
 
-    def capture_decode_graphs(self, sizes: list[int], capture: GraphCapture,
-                              progress: bool = True) -> None:
-        """Captures the decode pass for each batch size (after the KV cache is allocated).
+    def capture_graphs(self, decode_sizes: list[int], varlen_sizes: list[int],
+                       capture: GraphCapture, progress: bool = True) -> None:
+        """Captures the decode pass per batch size and the varlen pass per token count (after
+        the KV cache is allocated); no varlen sizes, no varlen graphs.
 
-        The caller checks that the decode backend is graph-safe when `capture` is a real CUDA
+        The caller checks that the backends are graph-safe when `capture` is a real CUDA
         graph capture (the CPU stand-in replays eagerly and takes any backend).
         """
-        self.channel.publish(Op.CAPTURE_GRAPHS, sizes)
+        self.channel.publish(Op.CAPTURE_GRAPHS,
+                             [len(decode_sizes), *decode_sizes, *varlen_sizes])
         on_cuda = self.device.type == "cuda"
         started = time.monotonic()
         free_before = torch.cuda.mem_get_info(self.device)[0] if on_cuda else 0
-        log.info("cuda_graphs_capturing", batch_sizes=len(sizes), max_batch_size=max(sizes))
+        log.info("cuda_graphs_capturing", batch_sizes=len(decode_sizes),
+                 max_batch_size=max(decode_sizes), token_counts=len(varlen_sizes),
+                 max_tokens=max(varlen_sizes, default=0))
+        progress = progress and self.tp.leader
         with torch.inference_mode():
-            self.graphs = DecodeGraphs(sizes, self._decode_pass, capture,
-                                       progress and self.tp.leader)
+            # The largest pass first: every later graph reuses its memory in the shared pool.
+            if varlen_sizes:
+                self.varlen_graphs = StepGraphs(varlen_sizes, self._varlen_pass, capture,
+                                                "varlen", progress)
+            self.graphs = StepGraphs(decode_sizes, self._decode_pass, capture, "decode",
+                                     progress)
         if on_cuda:
             torch.cuda.synchronize(self.device)
-        log.info("cuda_graphs_captured", batch_sizes=len(sizes),
+        log.info("cuda_graphs_captured", graphs=len(decode_sizes) + len(varlen_sizes),
                  seconds=round(time.monotonic() - started, 2),
                  bytes=free_before - torch.cuda.mem_get_info(self.device)[0] if on_cuda else 0)
 
@@ -168,16 +178,22 @@ class ModelRunner:
                  seconds=round(time.monotonic() - started, 2))
 
     def _decode_pass(self, num_seqs: int) -> Callable[[], torch.Tensor]:
-        batch = self.inputs.decode_batch(num_seqs)
+        return self._pass(self.inputs.padding_batch(num_seqs, num_seqs, decode=True))
 
+    def _varlen_pass(self, num_tokens: int) -> Callable[[], torch.Tensor]:
+        return self._pass(self.inputs.padding_batch(num_tokens, self._varlen_rows(num_tokens),
+                                                    decode=False))
+
+    def _varlen_rows(self, num_tokens: int) -> int:
+        """Sequences a varlen graph of `num_tokens` holds: every step of that many tokens."""
+        return min(num_tokens, self.limits.max_num_seqs)
+
+    def _pass(self, batch: StepBatch) -> Callable[[], torch.Tensor]:
         def run() -> torch.Tensor:
             self.attention.metadata = batch.attention
             return self.model(batch.input_ids, batch.positions, self.attention)
 
         return run
-
-    def build_batch(self, chunks: list[ScheduledChunk], pad_to: int | None = None) -> StepBatch:
-        return self.inputs.build(chunks, pad_to)
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk],
@@ -188,23 +204,31 @@ class ModelRunner:
         `pending` supplies input tokens that the previous step sampled and the host has not
         read yet: they are copied into place on the device.
         """
-        padded = None
-        if self.graphs is not None and all(c.num_tokens == 1 for c in chunks):
-            padded = self.graphs.padded_size(len(chunks))
-        batch = self.build_batch(chunks, padded)
+        pad_rows = pad_tokens = None
+        if all(c.num_tokens == 1 for c in chunks):
+            if self.graphs is not None:
+                pad_rows = self.graphs.padded_size(len(chunks))
+        elif self.varlen_graphs is not None:
+            pad_tokens = self.varlen_graphs.padded_size(sum(c.num_tokens for c in chunks))
+            if pad_tokens is not None:
+                pad_rows = self._varlen_rows(pad_tokens)
+        batch = self.inputs.build(chunks, pad_rows, pad_tokens)
+        graphed = pad_rows is not None
         if pending is not None and pending.rows:
             rows = upload(pending.rows, torch.int64, self.device)
             sources = upload(pending.sources, torch.int64, self.device)
             batch.input_ids.index_copy_(0, rows, pending.tokens[sources].to(torch.int32))
-        self.channel.publish(Op.STEP, step_args(batch.layout, padded is not None), batch.layout)
-        logits = self._forward(batch, padded is not None)
+        self.channel.publish(Op.STEP, step_args(batch.layout, graphed), batch.layout)
+        logits = self._forward(batch, graphed)
         assert logits is not None, "only rank 0 executes scheduled chunks"
         return logits
 
     def _forward(self, batch: StepBatch, graphed: bool) -> torch.Tensor | None:
+        layout = batch.layout
+        graphs = self.graphs if layout.decode else self.varlen_graphs
         if graphed:
-            assert self.graphs is not None
-            hidden = self.graphs.replay(batch.layout.rows)
+            assert graphs is not None
+            hidden = graphs.replay(layout.rows if layout.decode else layout.num_tokens)
         else:
             self.attention.metadata = batch.attention
             hidden = self.model(batch.input_ids, batch.positions, self.attention)
@@ -221,7 +245,7 @@ class ModelRunner:
                 self.allocate_kv_cache(args[0])
             elif op == Op.CAPTURE_GRAPHS:
                 capture = CudaGraphCapture() if self.device.type == "cuda" else eager_capture
-                self.capture_decode_graphs(args, capture)
+                self.capture_graphs(args[1 : 1 + args[0]], args[1 + args[0] :], capture)
             elif op == Op.WARM_UP_DECODE:
                 self.warm_up_decode(args)
             else:
@@ -240,6 +264,6 @@ class ModelRunner:
     def leave_group(self) -> None:
         """Drops the decode graphs first: NCCL's teardown waits until no graph holds its
         captured collectives."""
-        self.graphs = None
+        self.graphs = self.varlen_graphs = None
         gc.collect()
         self.tp.close()

@@ -80,23 +80,28 @@ class StepInputs:
         # Recorded after each copy: the host buffer is not refilled while a copy still reads it.
         self._copied = torch.cuda.Event() if on_cuda else None
 
-    def build(self, chunks: list[ScheduledChunk], pad_to: int | None = None) -> StepBatch:
+    def build(self, chunks: list[ScheduledChunk], pad_rows: int | None = None,
+              pad_tokens: int | None = None) -> StepBatch:
         """Fills the buffers for `chunks` and copies them to the device (without a sync).
 
-        `pad_to` (decode steps only) appends padding sequences up to that many rows: token 0
-        at position 0, slot -1 (stores nothing), seq_len 0 (attends to nothing).
+        Padding (for a graph replay) appends rows up to `pad_rows` sequences and, in a varlen
+        step, tokens up to `pad_tokens`: a padding token is token 0 at position 0 in slot -1
+        (stores nothing) and belongs to no sequence; a padding row has seq_len 0 (attends to
+        nothing) and, in a varlen step, no tokens. In a decode step each row is one token.
         """
         num_seqs = len(chunks)
         starts = np.fromiter((c.start for c in chunks), np.int64, num_seqs)
         counts = np.fromiter((c.num_tokens for c in chunks), np.int64, num_seqs)
         num_tokens = int(counts.sum())
-        if num_tokens > self.max_tokens or num_seqs > self.max_seqs:
-            raise ValueError(f"step of {num_tokens} tokens in {num_seqs} sequences exceeds the "
-                             f"buffers ({self.max_tokens} tokens, {self.max_seqs} sequences)")
         decode = bool((counts == 1).all())
-        rows = num_seqs if pad_to is None else pad_to
-        if rows != num_seqs and (not decode or rows < num_seqs or rows > self.max_seqs):
-            raise ValueError(f"cannot pad a step of {num_seqs} sequences to {rows} rows")
+        rows = num_seqs if pad_rows is None else pad_rows
+        tokens = rows if decode else num_tokens if pad_tokens is None else pad_tokens
+        if tokens > self.max_tokens or rows > self.max_seqs:
+            raise ValueError(f"step of {tokens} tokens in {rows} sequences exceeds the "
+                             f"buffers ({self.max_tokens} tokens, {self.max_seqs} sequences)")
+        if rows < num_seqs or tokens < num_tokens or (decode and pad_tokens is not None):
+            raise ValueError(f"cannot pad a step of {num_tokens} tokens in {num_seqs} "
+                             f"sequences to {tokens} tokens in {rows} rows")
         if self._copied is not None:
             self._copied.synchronize()
         h = self.np
@@ -110,6 +115,7 @@ class StepInputs:
         else:
             qsl[0] = 0
             np.cumsum(counts, out=qsl[1 : num_seqs + 1], dtype=np.int32)
+            qsl[num_seqs + 1 : rows + 1] = num_tokens
             h["input_ids"][:num_tokens] = np.fromiter(
                 itertools.chain.from_iterable(
                     c.seq.token_ids[c.start : c.start + c.num_tokens] for c in chunks),
@@ -125,33 +131,33 @@ class StepInputs:
         num_sampling = int(sampling.sum())
         h["logits_indices"][:num_sampling] = qsl[1 : num_seqs + 1][sampling] - 1
         np.take(self.mirror.table, table_rows, axis=0, out=self.host_tables[:num_seqs])
-        if rows > num_seqs:
-            h["input_ids"][num_seqs:rows] = 0
-            h["positions"][num_seqs:rows] = 0
-            h["slots"][num_seqs:rows] = -1
-            h["seq_lens"][num_seqs:rows] = 0
-        end = self.offsets["block_tables"] + rows * self.max_pages
+        h["input_ids"][num_tokens:tokens] = 0
+        h["positions"][num_tokens:tokens] = 0
+        h["slots"][num_tokens:tokens] = -1
+        h["seq_lens"][num_seqs:rows] = 0
+        # Padding rows read no block table: only the real rows' tables are copied.
+        end = self.offsets["block_tables"] + num_seqs * self.max_pages
         self._upload(end)
-        return self.view(BatchLayout(rows if decode else num_tokens, rows, num_sampling,
-                                     num_seqs, decode, int(counts.max(initial=0)), end))
+        return self.view(BatchLayout(tokens, rows, num_sampling, num_seqs, decode,
+                                     int(counts.max(initial=0)), end))
 
-    def decode_batch(self, num_seqs: int) -> StepBatch:
-        """Views of the device buffers as a decode step of `num_seqs` rows (for graph capture).
-
-        Whatever the buffers hold is read at replay; capture leaves them as padding rows.
-        """
+    def padding_batch(self, num_tokens: int, rows: int, decode: bool) -> StepBatch:
+        """Views of the device buffers as a step of padding only (for graph capture): `rows`
+        sequences of one token each (decode), or of no tokens beside `num_tokens` padding
+        tokens (varlen). Whatever the buffers hold is read at replay."""
         if self._copied is not None:
             self._copied.synchronize()
         h = self.np
-        h["input_ids"][:num_seqs] = 0
-        h["positions"][:num_seqs] = 0
-        h["slots"][:num_seqs] = -1
-        h["seq_lens"][:num_seqs] = 0
-        h["query_start_loc"][: num_seqs + 1] = np.arange(num_seqs + 1)
-        h["logits_indices"][:num_seqs] = np.arange(num_seqs)
-        end = self.offsets["block_tables"] + num_seqs * self.max_pages
+        h["input_ids"][:num_tokens] = 0
+        h["positions"][:num_tokens] = 0
+        h["slots"][:num_tokens] = -1
+        h["seq_lens"][:rows] = 0
+        h["query_start_loc"][: rows + 1] = np.arange(rows + 1) if decode else 0
+        h["logits_indices"][:rows] = np.arange(rows)
+        end = self.offsets["block_tables"]
         self._upload(end)
-        return self.view(BatchLayout(num_seqs, num_seqs, num_seqs, num_seqs, True, 1, end))
+        return self.view(BatchLayout(num_tokens, rows, rows, rows, decode,
+                                     1 if decode else num_tokens, end))
 
     def _upload(self, end: int) -> None:
         if self.device_buffer is self.host:

@@ -12,12 +12,11 @@ from dataclasses import dataclass
 import torch
 
 from llmserve.kernels.activation import silu_and_mul, silu_and_mul_torch
-from llmserve.kernels.kv_store import store_kv, store_kv_torch
 from llmserve.kernels.paged_attention import paged_attention_torch
 from llmserve.kernels.paged_decode import paged_decode_attention
 from llmserve.kernels.paged_extend import paged_extend_attention
+from llmserve.kernels.qkv_rope_store import qkv_rope_store, qkv_rope_store_torch
 from llmserve.kernels.rms_norm import add_rms_norm, add_rms_norm_torch, rms_norm, rms_norm_torch
-from llmserve.kernels.rotary import apply_rotary, apply_rotary_torch
 
 
 def paged_decode_attention_torch(
@@ -45,18 +44,17 @@ class KernelOps:
     name: str
     attention: Callable[..., torch.Tensor]
     decode: Callable[..., torch.Tensor]
-    store_kv: Callable[..., None]
+    qkv_rope_store: Callable[..., torch.Tensor]
     rms_norm: Callable[..., torch.Tensor]
     add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-    apply_rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     silu_and_mul: Callable[..., torch.Tensor]
 
 
 TORCH_OPS = KernelOps("torch", paged_attention_torch, paged_decode_attention_torch,
-                      store_kv_torch, rms_norm_torch, add_rms_norm_torch, apply_rotary_torch,
+                      qkv_rope_store_torch, rms_norm_torch, add_rms_norm_torch,
                       silu_and_mul_torch)
-TRITON_OPS = KernelOps("triton", paged_extend_attention, paged_decode_attention, store_kv,
-                       rms_norm, add_rms_norm, apply_rotary, silu_and_mul)
+TRITON_OPS = KernelOps("triton", paged_extend_attention, paged_decode_attention,
+                       qkv_rope_store, rms_norm, add_rms_norm, silu_and_mul)
 
 
 def kernel_ops(device: torch.device | str) -> KernelOps:

@@ -45,18 +45,15 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Self-attention with fused QKV, optional per-head q/k RMSNorm (Qwen3), rotary, paged KV."""
+    """Self-attention with fused QKV, optional per-head q/k RMSNorm (Qwen3), rotary, paged KV
+    (norm, rotary and the K/V store are one op of `PagedAttention`)."""
 
     def __init__(self, spec: ModelSpec, layer: int, ops: KernelOps,
                  tp: TensorParallelGroup) -> None:
         super().__init__()
         self.layer = layer
-        self.ops = ops
-        self.head_dim = spec.head_dim
-        self.num_heads = split_evenly(spec.num_heads, tp.size, "the number of attention heads")
-        self.num_kv_heads = split_evenly(spec.num_kv_heads, tp.size, "the number of KV heads")
-        self.q_size = self.num_heads * spec.head_dim
-        self.kv_size = self.num_kv_heads * spec.head_dim
+        num_heads = split_evenly(spec.num_heads, tp.size, "the number of attention heads")
+        self.q_size = num_heads * spec.head_dim
         q_full, kv_full = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
         self.qkv_proj = ColumnParallelLinear(spec.hidden_size, [q_full, kv_full, kv_full],
                                              spec.attention_bias, tp)
@@ -71,14 +68,10 @@ class Attention(nn.Module):
         cos_sin: torch.Tensor,
         attention: PagedAttention,
     ) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        qk_norm = None
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.ops.apply_rotary(positions, q, k, cos_sin)
-        out = attention.forward(self.layer, q, k, v)
+            qk_norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+        out = attention.forward(self.layer, self.qkv_proj(x), positions, cos_sin, qk_norm)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 

@@ -16,6 +16,7 @@ from llmserve.engine_service.cuda_graphs import (
     eager_capture,
     graph_batch_sizes,
     padded_batch_size,
+    varlen_graph_sizes,
 )
 from llmserve.engine_service.kv_sizing import MemorySnapshot, dummy_chunks, num_kv_blocks
 from llmserve.engine_service.request import EngineRequest
@@ -40,6 +41,10 @@ def test_graph_ladder_and_padding() -> None:
     assert [padded_batch_size(n, sizes) for n in (1, 3, 5, 9, 250, 256)] == [
         1, 4, 8, 16, 256, 256]
     assert padded_batch_size(257, sizes) is None
+    varlen = varlen_graph_sizes(2048)
+    assert varlen[:6] == [16, 32, 64, 128, 256, 384] and varlen[-3:] == [1536, 1792, 2048]
+    assert varlen_graph_sizes(100) == [16, 32, 64, 100] and varlen_graph_sizes(0) == []
+    assert padded_batch_size(513, varlen) == 640
 
 
 def test_padded_decode_step_writes_nothing_and_attends_to_nothing() -> None:
@@ -47,7 +52,7 @@ def test_padded_decode_step_writes_nothing_and_attends_to_nothing() -> None:
                         device=torch.device("cpu"))
     chunks = [chunk([1, 2, 3, 4, 5], [7, 3], 4, 1), chunk([9, 8, 7], [5], 2, 1),
               chunk(list(range(10)), [1, 2, 6], 9, 1)]
-    batch = inputs.build(chunks, pad_to=4)
+    batch = inputs.build(chunks, pad_rows=4)
     meta = batch.attention
     assert meta.decode_only and meta.max_query_len == 1 and batch.num_seqs == 3
     assert batch.input_ids.tolist() == [5, 7, 9, 0]
@@ -59,7 +64,25 @@ def test_padded_decode_step_writes_nothing_and_attends_to_nothing() -> None:
     assert meta.block_tables[:3, :3].tolist() == [[7, 3, 0], [5, 0, 0], [1, 2, 6]]
     assert batch.logits_indices.tolist() == [0, 1, 2]
     with pytest.raises(ValueError, match="pad"):
-        inputs.build([chunk([1, 2, 3], [0], 0, 3)], pad_to=4)
+        inputs.build(chunks, pad_rows=4, pad_tokens=8)  # a decode step pads rows only
+    with pytest.raises(ValueError, match="pad"):
+        inputs.build([chunk([1, 2, 3], [0], 0, 3)], pad_rows=4, pad_tokens=2)
+
+
+def test_padded_varlen_step_adds_tokens_of_no_sequence_and_empty_rows() -> None:
+    inputs = StepInputs(max_tokens=32, max_seqs=8, max_pages=4, block_size=4,
+                        device=torch.device("cpu"))
+    chunks = [chunk(list(range(100, 110)), [2, 0, 3], 0, 6), chunk([7, 7, 7], [5], 2, 1)]
+    batch = inputs.build(chunks, pad_rows=5, pad_tokens=10)
+    meta = batch.attention
+    assert not meta.decode_only and batch.num_seqs == 2 and batch.layout.num_tokens == 10
+    assert batch.input_ids.tolist() == [100, 101, 102, 103, 104, 105, 7, 0, 0, 0]
+    assert batch.positions.tolist() == [0, 1, 2, 3, 4, 5, 2, 0, 0, 0]
+    assert meta.slot_mapping.tolist() == [8, 9, 10, 11, 0, 1, 22, -1, -1, -1]
+    # Padding rows hold no query tokens and attend to nothing.
+    assert meta.query_start_loc.tolist() == [0, 6, 7, 7, 7, 7]
+    assert meta.seq_lens.tolist() == [6, 3, 0, 0, 0]
+    assert batch.logits_indices.tolist() == [6]  # the first chunk is mid-prompt
 
 
 def test_mixed_step_flat_batch() -> None:
@@ -110,10 +133,14 @@ def test_graph_path_on_cpu_equals_eager(tiny_checkpoint, make_core, greedy, prom
             return run()
         return replay
 
-    core.runner.capture_decode_graphs(graph_batch_sizes(8), counting_capture, progress=False)
+    # The prompts (87 tokens) go through a 16-token budget: every prefill/mixed step replays
+    # a varlen graph of 16 tokens in 8 rows, every decode step a padded decode graph.
+    core.runner.capture_graphs(graph_batch_sizes(8), varlen_graph_sizes(16), counting_capture,
+                               progress=False)
     assert greedy(core, prompts, 10, True) == eager
-    assert len(replays) >= 9  # every decode step of the 5 sequences replayed a padded graph
+    assert len(replays) >= 6 + 9
     assert core.runner.graphs is not None and core.runner.graphs.padded_size(5) == 8
+    assert core.runner.varlen_graphs is not None and core.runner.varlen_graphs.sizes == [16]
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or torch.cuda.is_available(),
@@ -125,7 +152,8 @@ def test_triton_backend_in_interpreter_equals_torch(tiny_checkpoint, make_core, 
     monkeypatch.setenv("LLMSERVE_TRITON_ON_CPU", "1")
     core = make_core(model_dir, device="cpu", attention_backend="triton")
     assert core.runner.attention.name == "triton" and core.runner.ops.name == "triton"
-    core.runner.capture_decode_graphs(graph_batch_sizes(4), eager_capture, progress=False)
+    core.runner.capture_graphs(graph_batch_sizes(4), varlen_graph_sizes(16), eager_capture,
+                               progress=False)
     assert greedy(core, prompts[:3], 4) == reference
 
 

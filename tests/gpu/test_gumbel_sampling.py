@@ -1,4 +1,4 @@
-"""The one-pass sampling kernel against its twin with the sampler's own keyed noise, against the
+"""The one-pass sampling kernels against its twin with the sampler's own keyed noise, against the
 sampler's softmax-and-race draw, and compiled for Hopper without a GPU."""
 
 import os
@@ -64,12 +64,16 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from llmserve.kernels import sampling
 
-fn = sampling._gumbel_kernel
 signature = {"logits_ptr": "*fp32", "temperature_ptr": "*fp32", "seeds_ptr": "*i64",
-             "positions_ptr": "*i64", "out_ptr": "*i64", "vocab": "i32", "stride_row": "i32",
-             "BLOCK": "constexpr"}
-triton.compile(ASTSource(fn, signature, {"BLOCK": 1024}),
+             "positions_ptr": "*i64", "best_ptr": "*fp64", "best_id_ptr": "*i32",
+             "vocab": "i32", "stride_row": "i32", "span": "i32", "BLOCK": "constexpr",
+             "SPLITS": "constexpr"}
+triton.compile(ASTSource(sampling._gumbel_kernel, signature, {"BLOCK": 1024, "SPLITS": 16}),
                target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+signature = {"best_ptr": "*fp64", "best_id_ptr": "*i32", "out_ptr": "*i64", "vocab": "i32",
+             "SPLITS": "constexpr"}
+triton.compile(ASTSource(sampling._pick_kernel, signature, {"SPLITS": 16}),
+               target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
 print("compiled")
 """
 

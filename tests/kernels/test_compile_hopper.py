@@ -17,7 +17,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from llmserve.kernels import activation, kv_store, paged_decode, paged_extend, rms_norm, rotary
+from llmserve.kernels import activation, paged_decode, paged_extend, qkv_rope_store, rms_norm
 
 INT_POINTERS = {"seq_lens_ptr", "tables_ptr", "starts_ptr", "slots_ptr", "positions_ptr"}
 FP32_POINTERS = {"part_out_ptr", "part_lse_ptr", "cos_sin_ptr"}
@@ -38,7 +38,8 @@ def compile_sm90(fn, constants, dtype="bf16", num_warps=4, num_stages=2):
     signature = {name: arg_type(name) for name in fn.arg_names}
     # What the launcher would know at run time: 16-divisible strides and aligned pointers.
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-               if name not in constants and name.startswith(("stride", "q_", "k_", "v_", "out_"))}
+               if name not in constants
+               and name.startswith(("stride", "q_", "k_", "v_", "out_", "qkv_"))}
     source = ASTSource(fn, signature, constants, aligned)
     triton.compile(source, target=GPUTarget("cuda", 90, 32),
                    options={"num_warps": num_warps, "num_stages": num_stages})
@@ -53,12 +54,12 @@ compile_sm90(paged_decode._decode_split_kernel, dict(
 compile_sm90(paged_decode._decode_reduce_kernel, dict(
     HEAD_DIM=128, BLOCK_D=128, BLOCK_N=64, NUM_SPLITS=4, MIN_SPLIT=256, BLOCK_S=4))
 compile_sm90(paged_extend._extend_kernel, dict(attention, BLOCK_M=64, BLOCK_Q=32, PAGE_SIZE=16))
-compile_sm90(kv_store._store_kv_kernel, dict(NUM_HEADS=8, HEAD_DIM=128, BLOCK_H=8, BLOCK_D=128,
-                                             PAGE_SIZE=16))
 compile_sm90(rms_norm._rms_norm_kernel, dict(HIDDEN=1024, BLOCK=1024, ADD_RESIDUAL=True),
              num_warps=4)
-compile_sm90(rotary._rotary_kernel, dict(NUM_Q_HEADS=16, NUM_K_HEADS=8, HALF=64, BLOCK_QH=16,
-                                         BLOCK_KH=8, BLOCK_HALF=64))
+for norm in (True, False):
+    compile_sm90(qkv_rope_store._qkv_rope_store_kernel, dict(
+        NUM_Q_HEADS=16, NUM_KV_HEADS=8, HEAD_DIM=128, HALF=64, BLOCK_QH=16, BLOCK_KH=8,
+        BLOCK_HALF=64, BLOCK_D=128, PAGE_SIZE=16, NORM=norm))
 compile_sm90(activation._silu_and_mul_kernel, dict(BLOCK=1024))
 print("compiled")
 """

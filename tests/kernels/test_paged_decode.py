@@ -106,7 +106,7 @@ def test_decode_boundaries_and_splits(
         cpu([17, 64, 5], 16, 4, 2, 48, torch.float32, 1, name="head-dim-48"),
         cpu([65, 9], 32, 4, 2, 32, torch.float16, 2, name="fp16-page32"),
         cpu([300, 2], 256, 4, 2, 32, torch.bfloat16, 4, name="page256-bf16"),
-        # Automatic splits: long sequences split in parts of >= MIN_SPLIT_TOKENS, short ones not.
+        # Automatic splits: a small batch splits even short sequences, in parts of whole tiles.
         cpu([600, 300, 5], 64, 4, 2, 32, torch.float32, None, name="auto-splits"),
         gpu(
             list(range(1, 4097, 16)), 16, 16, 8, 128, torch.bfloat16, None, name="qwen3-b256-page16"
@@ -160,10 +160,14 @@ def test_decode_empty_sequence_gives_zeros(paged, device, num_splits) -> None:
 
 def test_choose_num_splits() -> None:
     # A big batch of short contexts already fills the GPU: no split, no reduction pass.
-    assert choose_num_splits(256, 8, 512, 132) == 1
-    # A big batch of long contexts splits so that no program streams much over SPLIT_TOKENS.
-    assert choose_num_splits(256, 8, 4096, 132) == 8
-    # A small batch splits to fill the SMs, but never below MIN_SPLIT_TOKENS per split.
-    assert choose_num_splits(4, 8, 4096, 132) == 16
-    assert choose_num_splits(1, 8, 32768, 132) == 64
-    assert choose_num_splits(1, 8, 300, 132) == 1
+    assert choose_num_splits(256, 8, 512, 132) == (1, 256)
+    # A big batch of long contexts splits so that no program streams much over SPLIT_TOKENS,
+    # in parts of at least MIN_SPLIT_TOKENS keys.
+    assert choose_num_splits(256, 8, 4096, 132) == (8, 256)
+    # A small batch splits to fill the SMs, in parts as short as one tile at batch <= 4.
+    assert choose_num_splits(4, 8, 4096, 132) == (17, 64)
+    assert choose_num_splits(8, 8, 4096, 132) == (9, 128)
+    assert choose_num_splits(32, 8, 4096, 132) == (8, 256)
+    assert choose_num_splits(1, 8, 32768, 132) == (64, 64)
+    assert choose_num_splits(1, 8, 300, 132) == (4, 64)
+    assert choose_num_splits(1, 8, 50, 132) == (1, 64)

@@ -1,4 +1,4 @@
-"""store_kv, rms_norm, add_rms_norm, apply_rotary, silu_and_mul against their torch twins,
+"""qkv_rope_store, rms_norm, add_rms_norm, silu_and_mul against their torch twins,
 and the CPU/CUDA dispatch in ops."""
 
 import os
@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from llmserve.kernels.activation import silu_and_mul, silu_and_mul_torch
-from llmserve.kernels.kv_store import store_kv, store_kv_torch
 from llmserve.kernels.ops import TORCH_OPS, TRITON_OPS, kernel_ops
+from llmserve.kernels.qkv_rope_store import qkv_rope_store, qkv_rope_store_torch
 from llmserve.kernels.rms_norm import add_rms_norm, add_rms_norm_torch, rms_norm, rms_norm_torch
-from llmserve.kernels.rotary import apply_rotary, apply_rotary_torch, rotary_cos_sin
+from llmserve.kernels.rotary import rotary_cos_sin
 
 ON_CPU = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1",
@@ -31,23 +31,39 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("qk_norm", [True, False], ids=["qk_norm", "no_norm"])
 @pytest.mark.parametrize("block_size", [1, 16])
+@pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), [(4, 2, 32), (3, 1, 16)])
 @pytest.mark.parametrize(("device", "scale"), DEVICES)
-def test_store_kv(device, scale, block_size, dtype) -> None:
-    tokens, heads, head_dim, num_blocks = 7 * scale, 2, 32, 12 * scale
-    # k and v as strided slices of one fused tensor, the way the model runner produces them.
-    kv = torch.randn(tokens, 2 * heads + 1, head_dim, device=device).to(dtype)
-    k, v = kv[:, :heads], kv[:, heads : 2 * heads]
+def test_qkv_rope_store(device, scale, num_heads, num_kv_heads, head_dim, block_size, qk_norm,
+                        dtype) -> None:
+    if scale > 1:
+        num_heads, num_kv_heads, head_dim = 16, 8, 128
+    tokens, num_blocks, max_positions, eps = 7 * scale, 12 * scale, 4096, 1e-6
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, head_dim, 2, device=device) / head_dim))
+    cos_sin = rotary_cos_sin(head_dim, max_positions, inv_freq).to(device)
+    positions = torch.randint(0, max_positions, (tokens,), device=device)
+    qkv = torch.randn(tokens, (num_heads + 2 * num_kv_heads) * head_dim, device=device) * 3
+    qkv = qkv.to(dtype)
+    weights = [(1 + 0.1 * torch.randn(head_dim, device=device)).to(dtype) for _ in range(2)]
+    q_weight, k_weight = weights if qk_norm else (None, None)
     slots = torch.randperm(num_blocks * block_size, device=device)[:tokens].to(torch.int32)
-    slots[::3] = -1  # padding rows
-    caches = [
-        torch.randn(num_blocks, block_size, heads, head_dim, device=device).to(dtype)
-        for _ in range(2)
-    ]
-    ref = [c.clone() for c in caches]
-    store_kv(k, v, caches[0], caches[1], slots)
-    store_kv_torch(k, v, ref[0], ref[1], slots)
-    assert torch.equal(caches[0], ref[0]) and torch.equal(caches[1], ref[1])
+    slots[::3] = -1  # padding rows store nothing
+    caches = [torch.randn(num_blocks, block_size, num_kv_heads, head_dim, device=device).to(dtype)
+              for _ in range(2)]
+    ref_caches = [c.clone() for c in caches]
+    q = qkv_rope_store(qkv, positions, cos_sin, q_weight, k_weight, eps, *caches, slots)
+    ref_q = qkv_rope_store_torch(qkv, positions, cos_sin, q_weight, k_weight, eps, *ref_caches,
+                                 slots)
+    assert q.shape == (tokens, num_heads, head_dim)
+    assert rel_err(q, ref_q) < TOLERANCE[dtype]
+    assert rel_err(caches[0], ref_caches[0]) < TOLERANCE[dtype]
+    assert torch.equal(caches[1], ref_caches[1])  # v is copied, untouched
+    untouched = torch.ones(num_blocks * block_size, dtype=torch.bool, device=device)
+    untouched[slots[slots >= 0].long()] = False
+    for cache, ref in zip(caches, ref_caches, strict=True):
+        assert torch.equal(cache.view(-1, num_kv_heads, head_dim)[untouched],
+                           ref.view(-1, num_kv_heads, head_dim)[untouched])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -75,24 +91,6 @@ def test_add_rms_norm(device, scale, shape, dtype) -> None:
         assert torch.equal(summed, ref_summed)
     assert rel_err(summed, ref_summed) < TOLERANCE[dtype]
     assert rel_err(normed, ref_normed) < TOLERANCE[dtype]
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), [(4, 2, 32), (3, 1, 16)])
-@pytest.mark.parametrize(("device", "scale"), DEVICES)
-def test_apply_rotary(device, scale, num_heads, num_kv_heads, head_dim, dtype) -> None:
-    if scale > 1:
-        num_heads, num_kv_heads, head_dim = 16, 8, 128
-    tokens, max_positions = 6 * scale, 4096
-    inv_freq = 1.0 / (1e6 ** (torch.arange(0, head_dim, 2, device=device) / head_dim))
-    cos_sin = rotary_cos_sin(head_dim, max_positions, inv_freq).to(device)
-    positions = torch.randint(0, max_positions, (tokens,), device=device)
-    qkv = torch.randn(tokens, num_heads + 2 * num_kv_heads, head_dim, device=device).to(dtype)
-    q, k = qkv[:, :num_heads], qkv[:, num_heads : num_heads + num_kv_heads]
-    out_q, out_k = apply_rotary(positions, q, k, cos_sin)
-    ref_q, ref_k = apply_rotary_torch(positions, q, k, cos_sin)
-    assert rel_err(out_q, ref_q) < TOLERANCE[dtype]
-    assert rel_err(out_k, ref_k) < TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

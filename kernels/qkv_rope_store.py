@@ -1,0 +1,153 @@
+"""The step from the fused QKV projection to attention, in one kernel: per-head q/k RMSNorm
+(Qwen3), rotary embedding, and the store of k and v into their paged-cache slots.
+
+Unfused, that was up to six launches per layer (two copies, two norms, rotary, store); a decode
+step at batch 1 is bound by launches, not bytes, so one program per token now does it all.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from llmserve.kernels.kv_store import store_kv_torch
+from llmserve.kernels.rms_norm import rms_norm_torch
+from llmserve.kernels.rotary import apply_rotary_torch
+
+
+def qkv_rope_store_torch(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    eps: float,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """qkv [T, (Hq + 2 Hkv) * D] -> rotated q [T, Hq, D]; k and v go into the caches
+    [num_blocks, block_size, Hkv, D] at `slot_mapping` (< 0: nowhere). q_weight/k_weight are
+    the per-head RMSNorm scales, or None for models without q/k norm."""
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    kv_size = num_kv_heads * head_dim
+    q, k, v = qkv.split([qkv.shape[-1] - 2 * kv_size, kv_size, kv_size], dim=-1)
+    q = q.view(q.shape[0], -1, head_dim)
+    k = k.view(-1, num_kv_heads, head_dim)
+    v = v.view(-1, num_kv_heads, head_dim)
+    if q_weight is not None and k_weight is not None:
+        q, k = rms_norm_torch(q, q_weight, eps), rms_norm_torch(k, k_weight, eps)
+    q, k = apply_rotary_torch(positions, q, k, cos_sin)
+    store_kv_torch(k, v, k_cache, v_cache, slot_mapping)
+    return q
+
+
+@triton.jit
+def _rotated_heads(row_ptr, first_head, weight_ptr, eps, cos, sin,
+                   NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
+                   BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, NORM: tl.constexpr):
+    """Both halves of NUM_HEADS heads of one token, normed (if NORM) and rotated, in fp32."""
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    cols = tl.arange(0, BLOCK_HALF)[None, :]
+    mask = (heads < NUM_HEADS) & (cols < HALF)
+    src = row_ptr + (first_head + heads) * HEAD_DIM + cols
+    x1 = tl.load(src, mask=mask, other=0.0)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0)
+    if NORM:
+        f1 = x1.to(tl.float32)
+        f2 = x2.to(tl.float32)
+        rstd = tl.rsqrt((tl.sum(f1 * f1, 1) + tl.sum(f2 * f2, 1)) / HEAD_DIM + eps)[:, None]
+        w1 = tl.load(weight_ptr + cols, mask=cols < HALF, other=0.0).to(tl.float32)
+        w2 = tl.load(weight_ptr + HALF + cols, mask=cols < HALF, other=0.0).to(tl.float32)
+        # Rounded where the twin rounds: the normalized row, then the scaled one.
+        x1 = ((f1 * rstd).to(x1.dtype).to(tl.float32) * w1).to(x1.dtype)
+        x2 = ((f2 * rstd).to(x2.dtype).to(tl.float32) * w2).to(x2.dtype)
+    f1 = x1.to(tl.float32)
+    f2 = x2.to(tl.float32)
+    return f1 * cos - f2 * sin, f2 * cos + f1 * sin, heads, cols, mask
+
+
+@triton.jit
+def _qkv_rope_store_kernel(
+    qkv_ptr, positions_ptr, cos_sin_ptr, q_weight_ptr, k_weight_ptr, eps,
+    q_out_ptr, k_cache_ptr, v_cache_ptr, slots_ptr,
+    stride_t, stride_ot, stride_cs,
+    stride_kcp, stride_kct, stride_kch, stride_vcp, stride_vct, stride_vch,
+    NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr,
+    BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    NORM: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    row = qkv_ptr + token * stride_t
+    pos = tl.load(positions_ptr + token).to(tl.int64)
+    half_cols = tl.arange(0, BLOCK_HALF)[None, :]
+    cos = tl.load(cos_sin_ptr + pos * stride_cs + half_cols, mask=half_cols < HALF, other=0.0)
+    sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + half_cols, mask=half_cols < HALF,
+                  other=0.0)
+    q1, q2, heads, cols, mask = _rotated_heads(row, 0, q_weight_ptr, eps, cos, sin, NUM_Q_HEADS,
+                                               HEAD_DIM, HALF, BLOCK_QH, BLOCK_HALF, NORM)
+    dst = q_out_ptr + token * stride_ot + heads * HEAD_DIM + cols
+    tl.store(dst, q1.to(q_out_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF, q2.to(q_out_ptr.dtype.element_ty), mask=mask)
+
+    slot = tl.load(slots_ptr + token).to(tl.int64)
+    if slot >= 0:
+        page = slot // PAGE_SIZE
+        offset = slot % PAGE_SIZE
+        k1, k2, k_heads, k_cols, k_mask = _rotated_heads(
+            row, NUM_Q_HEADS, k_weight_ptr, eps, cos, sin, NUM_KV_HEADS, HEAD_DIM, HALF,
+            BLOCK_KH, BLOCK_HALF, NORM)
+        k_dst = (k_cache_ptr + page * stride_kcp + offset * stride_kct + k_heads * stride_kch
+                 + k_cols)
+        tl.store(k_dst, k1.to(k_cache_ptr.dtype.element_ty), mask=k_mask)
+        tl.store(k_dst + HALF, k2.to(k_cache_ptr.dtype.element_ty), mask=k_mask)
+        dims = tl.arange(0, BLOCK_D)[None, :]
+        v_mask = (k_heads < NUM_KV_HEADS) & (dims < HEAD_DIM)
+        v = tl.load(row + (NUM_Q_HEADS + NUM_KV_HEADS + k_heads) * HEAD_DIM + dims, mask=v_mask)
+        tl.store(v_cache_ptr + page * stride_vcp + offset * stride_vct + k_heads * stride_vch
+                 + dims, v.to(v_cache_ptr.dtype.element_ty), mask=v_mask)
+
+
+def qkv_rope_store(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    eps: float,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """Triton twin of qkv_rope_store_torch: one program per token handles all its heads.
+
+    `cos_sin` is the fp32 [max_positions, D] table rotary_cos_sin builds; qkv needs unit stride
+    within a row (the projection's output is contiguous).
+    """
+    num_tokens, width = qkv.shape
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    num_q_heads = width // head_dim - 2 * num_kv_heads
+    if cos_sin.shape[-1] != head_dim or head_dim % 2:
+        raise ValueError(
+            f"cos_sin width {cos_sin.shape[-1]} must equal the even head_dim {head_dim}")
+    if qkv.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("qkv and the caches need unit stride in their last dimension")
+    q = torch.empty(num_tokens, num_q_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    if num_tokens == 0:
+        return q
+    norm = q_weight is not None and k_weight is not None
+    half = head_dim // 2
+    _qkv_rope_store_kernel[(num_tokens,)](
+        qkv, positions, cos_sin, q_weight if norm else qkv, k_weight if norm else qkv, eps,
+        q, k_cache, v_cache, slot_mapping,
+        qkv.stride(0), q.stride(0), cos_sin.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=half,
+        BLOCK_QH=triton.next_power_of_2(num_q_heads),
+        BLOCK_KH=triton.next_power_of_2(num_kv_heads),
+        BLOCK_HALF=triton.next_power_of_2(half), BLOCK_D=triton.next_power_of_2(head_dim),
+        PAGE_SIZE=k_cache.shape[1], NORM=norm,
+        num_warps=4,
+    )
+    return q
