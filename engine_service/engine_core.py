@@ -256,6 +256,7 @@ class EngineCore:
             positions=column([c.seq.num_tokens for c in chunks], torch.int64),
             num_logprobs=[o.logprobs for o in opts],
             all_greedy=all(o.temperature == 0 for o in opts),
+            any_greedy=any(o.temperature == 0 for o in opts),
             filtered=any(o.top_k > 0 or o.top_p < 1 or o.min_p > 0 for o in opts),
         )
 

@@ -198,7 +198,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk],
                 pending: PendingTokens | None = None) -> torch.Tensor:
-        """Runs the step and returns fp32 logits [S, vocab] for the chunks that sample.
+        """Runs the step and returns logits [S, vocab] (the weights' dtype) for the chunks that
+        sample.
 
         Never waits for the device: the caller's one read of the sampled tokens is the sync.
         `pending` supplies input tokens that the previous step sampled and the host has not

@@ -54,6 +54,7 @@ class SamplingBatch:
     num_logprobs: list[int | None]
     # Known on the host, so choosing a path costs no device sync.
     all_greedy: bool = False
+    any_greedy: bool = True
     filtered: bool = True  # some row uses top-k, top-p or min-p
 
 
@@ -67,20 +68,23 @@ class Sampler:
         return token_list, self.logprobs(logits, token_list, batch.num_logprobs)
 
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        """The drawn tokens [N] on the logits' device, without waiting for them."""
-        greedy = batch.temperature == 0
-        tokens = logits.argmax(dim=-1)
+        """The drawn tokens [N] on the logits' device, without waiting for them.
+
+        `logits` may be in the model's dtype: the greedy argmax and the one-pass kernel read
+        them as they are, the other paths in fp32.
+        """
         if batch.all_greedy:
-            pass
-        elif logits.is_cuda and not batch.filtered:
+            return logits.argmax(dim=-1)
+        greedy = batch.temperature == 0
+        if logits.is_cuda and not batch.filtered:
             # Same keyed noise and the same race (Gumbel-max is the log of the exponential
             # race), in one pass over the logits instead of a softmax, a sort and a scatter.
-            temperature = torch.where(greedy, 1.0, batch.temperature)
+            temperature = (torch.where(greedy, 1.0, batch.temperature) if batch.any_greedy
+                           else batch.temperature)
             drawn = gumbel_sample(logits, temperature, batch.seeds, batch.positions)
-            tokens = torch.where(greedy, tokens, drawn)
         else:
-            tokens = torch.where(greedy, tokens, self._draw(logits, batch))
-        return tokens
+            drawn = self._draw(logits.float(), batch)
+        return torch.where(greedy, logits.argmax(dim=-1), drawn) if batch.any_greedy else drawn
 
     def _draw(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         temperature = torch.where(batch.temperature == 0, 1.0, batch.temperature)
@@ -106,7 +110,7 @@ class Sampler:
         wanted = [n for n in counts if n is not None]
         if not wanted:
             return [None] * len(tokens)
-        logprobs = torch.log_softmax(logits, dim=-1)
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
         chosen = logprobs.gather(-1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0]
         top_values, top_ids = logprobs.topk(max(max(wanted), 1), dim=-1)
         chosen_l, top_v, top_i = chosen.tolist(), top_values.tolist(), top_ids.tolist()

@@ -164,9 +164,9 @@ class DecoderModel(nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """fp32 logits [T, vocab] on rank 0; None on the other ranks."""
-        logits = self.lm_head.logits(hidden)
-        return None if logits is None else logits.float()
+        """Logits [T, vocab] in the weights' dtype on rank 0 (the sampler reads them as they
+        are, or in fp32 where it must: no fp32 copy per step); None on the other ranks."""
+        return self.lm_head.logits(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, TensorSource]]) -> None:
         """Copies this rank's share of each Hugging Face tensor into the module, fusing q/k/v

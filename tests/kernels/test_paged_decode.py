@@ -161,9 +161,11 @@ def test_decode_empty_sequence_gives_zeros(paged, device, num_splits) -> None:
 def test_choose_num_splits() -> None:
     # A big batch of short contexts already fills the GPU: no split, no reduction pass.
     assert choose_num_splits(256, 8, 512, 132) == (1, 256)
-    # A big batch of long contexts splits so that no program streams much over SPLIT_TOKENS,
-    # in parts of at least MIN_SPLIT_TOKENS keys.
-    assert choose_num_splits(256, 8, 4096, 132) == (8, 256)
+    # Nor does one of long contexts: enough programs per SM balance themselves.
+    assert choose_num_splits(256, 8, 4096, 132) == (1, 256)
+    # A middling batch of long contexts splits so that no program streams much over
+    # SPLIT_TOKENS, in parts of at least MIN_SPLIT_TOKENS keys.
+    assert choose_num_splits(64, 8, 4096, 132) == (8, 256)
     # A small batch splits to fill the SMs, in parts as short as one tile at batch <= 4.
     assert choose_num_splits(4, 8, 4096, 132) == (17, 64)
     assert choose_num_splits(8, 8, 4096, 132) == (9, 128)
