@@ -8,6 +8,7 @@ from pathlib import Path
 
 import grpc
 import structlog
+import uvloop
 from prometheus_client import start_http_server
 
 from llmserve.common import tls
@@ -163,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     configure_logging(args.log_format, args.log_level)
     try:
-        asyncio.run(_serve(args))
+        # uvloop: every token crosses the event loop; its callbacks cost ~10% less CPU there.
+        uvloop.run(_serve(args))
     except (OSError, ValueError, grpc.RpcError, EngineDeadError) as exc:
         log.error("startup_failed", error=str(exc))
         raise SystemExit(1) from exc

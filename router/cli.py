@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import structlog
+import uvloop
 
 from llmserve.common import tls
 from llmserve.common.demo_checkpoint import demo_model_dir
@@ -140,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if profiler is not None:
             profiler.enable()
-        asyncio.run(_serve(args))
+        # uvloop: every token crosses the event loop; its callbacks cost ~10% less CPU there.
+        uvloop.run(_serve(args))
     except (OSError, ValueError) as exc:
         log.error("startup_failed", error=str(exc))
         raise SystemExit(1) from exc
