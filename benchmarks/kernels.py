@@ -16,7 +16,6 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -24,6 +23,8 @@ from functools import partial
 from pathlib import Path
 from random import randint, seed
 from typing import Any
+
+from result_file import commit
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 16, 8, 128
 PAGE_SIZES = [16, 32, 64, 128, 256]
@@ -53,20 +54,6 @@ def w1_contexts() -> list[int]:
     contexts = [len(p) + m // 2 for p, m in zip(prompts, max_tokens, strict=True)]
     assert sum(contexts) == 209_740
     return contexts
-
-
-def commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).parent,
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("LLMSERVE_COMMIT", "unknown")
 
 
 def median_us(fns: tuple[Callable[[], Any], Callable[[], Any]], runs: int, cuda: bool) -> float:
