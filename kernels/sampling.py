@@ -37,63 +37,16 @@ def _mix32(x):
 
 
 @triton.jit
-def _row_key(seeds_ptr, positions_ptr, row):
+def _gumbel_kernel(logits_ptr, temperature_ptr, seeds_ptr, positions_ptr, best_ptr, best_id_ptr,
+                   vocab, stride_row, span, BLOCK: tl.constexpr, SPLITS: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
     seed = tl.load(seeds_ptr + row).to(tl.uint64, bitcast=True)
     position = tl.load(positions_ptr + row).to(tl.uint64, bitcast=True)
     key = _mix32((seed & 0xFFFFFFFF).to(tl.uint32))
     key = _mix32(key ^ (seed >> 32).to(tl.uint32))
-    return _mix32(key ^ (position & 0xFFFFFFFF).to(tl.uint32))
-
-
-@triton.jit
-def _score32(logit, ids, key, temperature):
-    """The race's score l / T - log(E) in fp32, E = -log(u) for u = (bits + 0.5) / 2^32, within
-    3.2e-5 + 1.2e-7 (|score| + 24) of the fp64 score (see _margin)."""
-    bits = _mix32(key ^ _mix32(ids.to(tl.uint32)))
-    u = (bits.to(tl.float32) + 0.5) * 2.3283064365386963e-10
-    # For u >= 1/2, 1 - u from the bits' complement: u itself rounds to 1 near the top.
-    v = ((~bits).to(tl.float32) + 0.5) * 2.3283064365386963e-10
-    e_high = tl.where(v < 0.0009765625, v + v * v * 0.5 + v * v * v * 0.3333333333333333,
-                      -tl.log(1.0 - v))
-    e = tl.where(bits >= 0x80000000, e_high, -tl.log(u))
-    return logit.to(tl.float32) / temperature - tl.log(e)
-
-
-@triton.jit
-def _margin(top):
-    """Twice _score32's error bound near `top`, times four: no element whose fp64 score could
-    be the row's largest scores below the fp32 maximum minus this."""
-    return 2.5e-4 + (tl.abs(top) + 24.0) * 1e-6
-
-
-@triton.jit
-def _bound_kernel(logits_ptr, temperature_ptr, seeds_ptr, positions_ptr, top_ptr, vocab,
-                  stride_row, span, BLOCK: tl.constexpr, SPLITS: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1)
-    key = _row_key(seeds_ptr, positions_ptr, row)
-    temperature = tl.load(temperature_ptr + row).to(tl.float32)
-    top = tl.full([BLOCK], float("-inf"), tl.float32)
-    lo = split * span
-    for start in range(lo, tl.minimum(lo + span, vocab), BLOCK):
-        ids = start + tl.arange(0, BLOCK)
-        mask = ids < vocab
-        logit = tl.load(logits_ptr + row * stride_row + ids, mask=mask, other=0.0)
-        top = tl.maximum(top, tl.where(mask, _score32(logit, ids, key, temperature),
-                                       float("-inf")))
-    tl.store(top_ptr + row * SPLITS + split, tl.max(top, 0))
-
-
-@triton.jit
-def _gumbel_kernel(logits_ptr, temperature_ptr, seeds_ptr, positions_ptr, top_ptr, best_ptr,
-                   best_id_ptr, vocab, stride_row, span, BLOCK: tl.constexpr,
-                   SPLITS: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1)
-    key = _row_key(seeds_ptr, positions_ptr, row)
-    temperature = tl.load(temperature_ptr + row)
-    top = tl.max(tl.load(top_ptr + row * SPLITS + tl.arange(0, SPLITS)), 0)
-    threshold = top - _margin(top)
+    key = _mix32(key ^ (position & 0xFFFFFFFF).to(tl.uint32))
+    temperature = tl.load(temperature_ptr + row).to(tl.float64)
     best = tl.full([BLOCK], float("-inf"), tl.float64)
     best_id = tl.zeros([BLOCK], tl.int32)
     lo = split * span
@@ -101,20 +54,16 @@ def _gumbel_kernel(logits_ptr, temperature_ptr, seeds_ptr, positions_ptr, top_pt
         ids = start + tl.arange(0, BLOCK)
         mask = ids < vocab
         logit = tl.load(logits_ptr + row * stride_row + ids, mask=mask, other=0.0)
-        near = mask & (_score32(logit, ids, key, temperature.to(tl.float32)) >= threshold)
-        # Only the rare blocks holding a contender pay for the exact fp64 score.
-        if tl.max(near.to(tl.int32), 0) > 0:
-            bits = _mix32(key ^ _mix32(ids.to(tl.uint32)))
-            u = (bits.to(tl.float64) + 0.5) / 4294967296.0
-            score = logit.to(tl.float64) / temperature.to(tl.float64) - tl.log(-tl.log(u))
-            score = tl.where(near, score, float("-inf"))
-            better = score > best  # strict: the lowest id wins a tie, as argmax does
-            best = tl.where(better, score, best)
-            best_id = tl.where(better, ids, best_id)
-    top64 = tl.max(best, 0)
-    tl.store(best_ptr + row * SPLITS + split, top64)
-    tl.store(best_id_ptr + row * SPLITS + split,
-             tl.min(tl.where(best == top64, best_id, vocab), 0))
+        bits = _mix32(key ^ _mix32(ids.to(tl.uint32)))
+        u = (bits.to(tl.float64) + 0.5) / 4294967296.0
+        score = logit.to(tl.float64) / temperature - tl.log(-tl.log(u))
+        score = tl.where(mask, score, float("-inf"))
+        better = score > best  # strict: the lowest id wins a tie, as argmax does
+        best = tl.where(better, score, best)
+        best_id = tl.where(better, ids, best_id)
+    top = tl.max(best, 0)
+    tl.store(best_ptr + row * SPLITS + split, top)
+    tl.store(best_id_ptr + row * SPLITS + split, tl.min(tl.where(best == top, best_id, vocab), 0))
 
 
 @triton.jit
@@ -133,11 +82,8 @@ def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.
     (int64, a uint64 reinterpreted) and positions [N]: gumbel_sample_torch with the sampler's
     keyed_uniform noise, with no sync and no [N, V] temporaries.
 
-    Each row's vocabulary is raced in `splits` parts (a power of two) by as many programs: one
-    program per row would leave most SMs idle. A first pass finds each row's largest score in
-    fp32; the second computes the exact fp64 score only in blocks holding an element within
-    fp32's error of it (fp64 logs on every element cost 4x the whole race), and a last kernel
-    picks each row's winner among its parts.
+    Each row's vocabulary is raced in `splits` parts (a power of two) by as many programs, and
+    a second kernel picks each row's winner: one program per row would leave most SMs idle.
     """
     rows, vocab = logits.shape
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
@@ -145,15 +91,11 @@ def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.
         if logits.stride(-1) != 1:
             raise ValueError("logits need unit stride over the vocabulary")
         span = triton.cdiv(triton.cdiv(vocab, splits), BLOCK) * BLOCK
-        top = torch.empty(rows, splits, dtype=torch.float32, device=logits.device)
         best = torch.empty(rows, splits, dtype=torch.float64, device=logits.device)
         best_id = torch.empty(rows, splits, dtype=torch.int32, device=logits.device)
-        seeds, positions = seeds.to(torch.int64), positions.to(torch.int64)
-        _bound_kernel[(rows, splits)](logits, temperature, seeds, positions, top, vocab,
-                                      logits.stride(0), span, BLOCK=BLOCK, SPLITS=splits,
-                                      num_warps=4)
-        _gumbel_kernel[(rows, splits)](logits, temperature, seeds, positions, top, best,
-                                       best_id, vocab, logits.stride(0), span, BLOCK=BLOCK,
-                                       SPLITS=splits, num_warps=4)
+        _gumbel_kernel[(rows, splits)](logits, temperature, seeds.to(torch.int64),
+                                       positions.to(torch.int64), best, best_id, vocab,
+                                       logits.stride(0), span, BLOCK=BLOCK, SPLITS=splits,
+                                       num_warps=4)
         _pick_kernel[(rows,)](best, best_id, out, vocab, SPLITS=splits, num_warps=1)
     return out

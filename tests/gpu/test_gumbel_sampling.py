@@ -37,16 +37,6 @@ def test_kernel_equals_twin_with_the_samplers_noise(device, rows, vocab) -> None
 
 
 @pytest.mark.parametrize(("device", "rows", "vocab"), CASES)
-def test_kernel_equals_twin_when_cold(device, rows, vocab) -> None:
-    """Large logits over small temperatures: the fp32 pre-pass's margin grows with the scores."""
-    logits, temperature, seeds, positions = batch(device, rows, vocab)
-    logits, temperature = logits * 10, temperature * 0.05
-    uniform = keyed_uniform(seeds, positions, vocab)
-    expected = gumbel_sample_torch(logits, temperature, uniform)
-    assert torch.equal(gumbel_sample(logits, temperature, seeds, positions), expected)
-
-
-@pytest.mark.parametrize(("device", "rows", "vocab"), CASES)
 def test_twin_draws_what_the_sampler_draws(device, rows, vocab) -> None:
     logits, temperature, seeds, positions = batch(device, rows, vocab)
     sampling = SamplingBatch(
@@ -74,20 +64,16 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from llmserve.kernels import sampling
 
-rows = {"logits_ptr": "*fp32", "temperature_ptr": "*fp32", "seeds_ptr": "*i64",
-        "positions_ptr": "*i64"}
-sizes = {"vocab": "i32", "stride_row": "i32", "span": "i32", "BLOCK": "constexpr",
-         "SPLITS": "constexpr"}
-target, constants = GPUTarget("cuda", 90, 32), {"BLOCK": 1024, "SPLITS": 16}
-triton.compile(ASTSource(sampling._bound_kernel, {**rows, "top_ptr": "*fp32", **sizes},
-                         constants), target=target, options={"num_warps": 4})
-triton.compile(ASTSource(sampling._gumbel_kernel, {**rows, "top_ptr": "*fp32", "best_ptr": "*fp64",
-                                                   "best_id_ptr": "*i32", **sizes}, constants),
-               target=target, options={"num_warps": 4})
+signature = {"logits_ptr": "*fp32", "temperature_ptr": "*fp32", "seeds_ptr": "*i64",
+             "positions_ptr": "*i64", "best_ptr": "*fp64", "best_id_ptr": "*i32",
+             "vocab": "i32", "stride_row": "i32", "span": "i32", "BLOCK": "constexpr",
+             "SPLITS": "constexpr"}
+triton.compile(ASTSource(sampling._gumbel_kernel, signature, {"BLOCK": 1024, "SPLITS": 16}),
+               target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 signature = {"best_ptr": "*fp64", "best_id_ptr": "*i32", "out_ptr": "*i64", "vocab": "i32",
              "SPLITS": "constexpr"}
-triton.compile(ASTSource(sampling._pick_kernel, signature, {"SPLITS": 16}), target=target,
-               options={"num_warps": 1})
+triton.compile(ASTSource(sampling._pick_kernel, signature, {"SPLITS": 16}),
+               target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
 print("compiled")
 """
 
