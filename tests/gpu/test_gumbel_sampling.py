@@ -37,6 +37,16 @@ def test_kernel_equals_twin_with_the_samplers_noise(device, rows, vocab) -> None
 
 
 @pytest.mark.parametrize(("device", "rows", "vocab"), CASES)
+def test_kernel_equals_twin_when_cold(device, rows, vocab) -> None:
+    """Large logits over small temperatures: scores in the thousands still race exactly."""
+    logits, temperature, seeds, positions = batch(device, rows, vocab)
+    logits, temperature = logits * 10, temperature * 0.05
+    uniform = keyed_uniform(seeds, positions, vocab)
+    expected = gumbel_sample_torch(logits, temperature, uniform)
+    assert torch.equal(gumbel_sample(logits, temperature, seeds, positions), expected)
+
+
+@pytest.mark.parametrize(("device", "rows", "vocab"), CASES)
 def test_twin_draws_what_the_sampler_draws(device, rows, vocab) -> None:
     logits, temperature, seeds, positions = batch(device, rows, vocab)
     sampling = SamplingBatch(
