@@ -15,7 +15,7 @@ import torch.distributed as dist
 from llmserve.engine_service.parallel.group import TensorParallelGroup
 from llmserve.engine_service.step_inputs import BatchLayout, StepInputs
 
-HEADER_INTS = 64
+HEADER_INTS = 128  # CAPTURE_GRAPHS: 35 decode sizes and the varlen ladder up to 16,384 tokens
 
 
 class Op(IntEnum):
