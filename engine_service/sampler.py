@@ -75,16 +75,17 @@ class Sampler:
         """
         if batch.all_greedy:
             return logits.argmax(dim=-1)
-        greedy = batch.temperature == 0
+        # No greedy row, no mask: the common sampled batch launches nothing it does not use.
+        greedy = batch.temperature == 0 if batch.any_greedy else None
         if logits.is_cuda and not batch.filtered:
             # Same keyed noise and the same race (Gumbel-max is the log of the exponential
             # race), in one pass over the logits instead of a softmax, a sort and a scatter.
-            temperature = (torch.where(greedy, 1.0, batch.temperature) if batch.any_greedy
-                           else batch.temperature)
+            temperature = (batch.temperature if greedy is None
+                           else torch.where(greedy, 1.0, batch.temperature))
             drawn = gumbel_sample(logits, temperature, batch.seeds, batch.positions)
         else:
             drawn = self._draw(logits.float(), batch)
-        return torch.where(greedy, logits.argmax(dim=-1), drawn) if batch.any_greedy else drawn
+        return drawn if greedy is None else torch.where(greedy, logits.argmax(dim=-1), drawn)
 
     def _draw(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         temperature = torch.where(batch.temperature == 0, 1.0, batch.temperature)

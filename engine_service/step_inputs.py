@@ -131,10 +131,7 @@ class StepInputs:
         num_sampling = int(sampling.sum())
         h["logits_indices"][:num_sampling] = qsl[1 : num_seqs + 1][sampling] - 1
         np.take(self.mirror.table, table_rows, axis=0, out=self.host_tables[:num_seqs])
-        h["input_ids"][num_tokens:tokens] = 0
-        h["positions"][num_tokens:tokens] = 0
-        h["slots"][num_tokens:tokens] = -1
-        h["seq_lens"][num_seqs:rows] = 0
+        self._write_padding(num_tokens, tokens, num_seqs, rows)
         # Padding rows read no block table: only the real rows' tables are copied.
         end = self.offsets["block_tables"] + num_seqs * self.max_pages
         self._upload(end)
@@ -148,16 +145,22 @@ class StepInputs:
         if self._copied is not None:
             self._copied.synchronize()
         h = self.np
-        h["input_ids"][:num_tokens] = 0
-        h["positions"][:num_tokens] = 0
-        h["slots"][:num_tokens] = -1
-        h["seq_lens"][:rows] = 0
+        self._write_padding(0, num_tokens, 0, rows)
         h["query_start_loc"][: rows + 1] = np.arange(rows + 1) if decode else 0
         h["logits_indices"][:rows] = np.arange(rows)
         end = self.offsets["block_tables"]
         self._upload(end)
         return self.view(BatchLayout(num_tokens, rows, rows, rows, decode,
                                      1 if decode else num_tokens, end))
+
+    def _write_padding(self, first_token: int, tokens: int, first_row: int, rows: int) -> None:
+        """Padding tokens: token 0 at position 0 in slot -1 (stores nothing); padding rows:
+        seq_len 0 (attend to nothing)."""
+        h = self.np
+        h["input_ids"][first_token:tokens] = 0
+        h["positions"][first_token:tokens] = 0
+        h["slots"][first_token:tokens] = -1
+        h["seq_lens"][first_row:rows] = 0
 
     def _upload(self, end: int) -> None:
         if self.device_buffer is self.host:
