@@ -66,13 +66,8 @@ def test_bf16_logits_and_greedy_prefix_match_transformers(
     backend, checkpoint, tiny_checkpoint, qwen3_hd128, make_core, greedy, teacher_forced,
     prompts
 ) -> None:
-    """Within 2e-2 of transformers' bf16 logits at every position, and its greedy tokens up to
-    its first near-tie. On the tiny checkpoint (head_dim 16, hidden 64) bf16 rounding alone
-    moves transformers' own logits further than that from its fp32 ones (up to 0.032 on the
-    CPU): there the bar is that noise floor, measured here, whichever is larger."""
     model_dir = tiny_checkpoint("qwen3") if checkpoint == "tiny" else qwen3_hd128
     hf = hf_model(model_dir, torch.bfloat16)
-    hf32 = hf_model(model_dir, torch.float32) if checkpoint == "tiny" else None
     reference = [hf_greedy(hf, p, NEW_TOKENS) for p in prompts]
     core = make_core(model_dir, attention_backend=backend)
     assert core.runner.dtype == torch.bfloat16 and core.runner.graphs is not None
@@ -80,12 +75,8 @@ def test_bf16_logits_and_greedy_prefix_match_transformers(
     ours_tokens = greedy(core, prompts, NEW_TOKENS)
     for i, prompt in enumerate(prompts):
         ref = hf_logits(hf, prompt, reference[i])
-        bar = 2e-2
-        if hf32 is not None:
-            exact = hf_logits(hf32, prompt, reference[i])
-            bar = max(bar, float(((ref - exact).norm(dim=-1) / exact.norm(dim=-1)).max()))
         errors = (ours_logits[i] - ref).norm(dim=-1) / ref.norm(dim=-1)
-        assert float(errors.max()) < bar, f"prompt {i}: {errors.tolist()} (bar {bar:.4f})"
+        assert float(errors.max()) < 2e-2, f"prompt {i}: {errors.tolist()}"
         top2 = ref.topk(2, dim=-1).values
         close = (top2[:, 0] - top2[:, 1] < 0.05).nonzero()
         agree_until = int(close[0]) if len(close) else len(reference[i])
