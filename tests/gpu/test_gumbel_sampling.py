@@ -1,4 +1,4 @@
-"""The one-pass sampling kernels against its twin with the sampler's own keyed noise, against the
+"""The one-pass sampling kernels against their twin with the sampler's own keyed noise, against the
 sampler's softmax-and-race draw, and compiled for Hopper without a GPU."""
 
 import os
@@ -46,6 +46,35 @@ def test_kernel_equals_twin_when_cold(device, rows, vocab) -> None:
     assert torch.equal(gumbel_sample(logits, temperature, seeds, positions), expected)
 
 
+# Pairs of token ids two contenders sit at, with 2 parts of 2048 ids over a vocabulary of 3000:
+# the same lane of one part, two lanes of one part, two parts.
+PAIRS = {"same-lane": (5, 5 + 1024), "two-lanes": (5, 6), "two-parts": (5, 2100)}
+
+
+@pytest.mark.parametrize("pair", list(PAIRS), ids=list(PAIRS))
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=ON_CPU),
+                                    pytest.param("cuda", marks=ON_GPU)])
+def test_kernel_settles_near_ties_as_the_twin(device, pair) -> None:
+    """Two tokens whose fp64 scores differ by less than fp32 resolves: the kernel's fp32 pass
+    cannot order them, and its fp64 pass must pick the twin's winner."""
+    first, second = PAIRS[pair]
+    rows, vocab = 64, 3000
+    seeds = torch.arange(rows, dtype=torch.int64) * 7919 + 11
+    positions = torch.full((rows,), 3, dtype=torch.int64)
+    gumbel = torch.log(-torch.log(keyed_uniform(seeds, positions, vocab)))
+    logits = torch.full((rows, vocab), -30.0, dtype=torch.float64)
+    logits[:, first] = 5.0
+    # Scores first - g[first] and second - g[second] + gap, gaps from -5e-8 to 5e-8.
+    gaps = torch.linspace(-5e-8, 5e-8, rows, dtype=torch.float64)
+    logits[:, second] = 5.0 + gumbel[:, second] - gumbel[:, first] + gaps
+    logits = logits.float().to(device)
+    temperature = torch.ones(rows, device=device)
+    seeds, positions = seeds.to(device), positions.to(device)
+    expected = gumbel_sample_torch(logits, temperature, keyed_uniform(seeds, positions, vocab))
+    assert set(expected.tolist()) == {first, second}
+    assert torch.equal(gumbel_sample(logits, temperature, seeds, positions, splits=2), expected)
+
+
 @pytest.mark.parametrize(("device", "rows", "vocab"), CASES)
 def test_twin_draws_what_the_sampler_draws(device, rows, vocab) -> None:
     logits, temperature, seeds, positions = batch(device, rows, vocab)
@@ -77,8 +106,9 @@ from llmserve.kernels import sampling
 signature = {"logits_ptr": "*fp32", "temperature_ptr": "*fp32", "seeds_ptr": "*i64",
              "positions_ptr": "*i64", "best_ptr": "*fp64", "best_id_ptr": "*i32",
              "vocab": "i32", "stride_row": "i32", "span": "i32", "BLOCK": "constexpr",
-             "SPLITS": "constexpr"}
-triton.compile(ASTSource(sampling._gumbel_kernel, signature, {"BLOCK": 1024, "SPLITS": 16}),
+             "SPLITS": "constexpr", "FAST_LOG": "constexpr"}
+triton.compile(ASTSource(sampling._gumbel_kernel, signature,
+                         {"BLOCK": 1024, "SPLITS": 16, "FAST_LOG": True}),
                target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 signature = {"best_ptr": "*fp64", "best_id_ptr": "*i32", "out_ptr": "*i64", "vocab": "i32",
              "SPLITS": "constexpr"}
