@@ -26,9 +26,12 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     qg = q.float().view(batch, num_q, num_kv_heads, group, head_dim)
     scores = torch.einsum("bqhgd,bkhd->bhgqk", qg, k.float()) * scale
     scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("bhgqk,bkhd->bqhgd", probs, v.float())
-    return out.reshape(batch, num_q, num_heads, head_dim).to(q.dtype)
+    # As the Triton kernels and flash attention do: the unnormalized probabilities are rounded
+    # to v's dtype for P @ V (a no-op in fp32), the fp32 sum divides afterwards.
+    probs = torch.exp(scores - scores.amax(-1, keepdim=True))
+    out = torch.einsum("bhgqk,bkhd->bhgqd", probs.to(v.dtype).float(), v.float())
+    out = out / probs.sum(-1, keepdim=True)
+    return out.permute(0, 3, 1, 2, 4).reshape(batch, num_q, num_heads, head_dim).to(q.dtype)
 
 
 def paged_attention_torch(

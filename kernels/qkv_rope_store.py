@@ -42,28 +42,45 @@ def qkv_rope_store_torch(
 
 
 @triton.jit
+def _round_to(x, dtype: tl.constexpr):
+    """fp32 x rounded to `dtype`, to nearest even, and widened back (a no-op for fp32). bf16 is
+    rounded by hand: Triton's interpreter truncates in that cast where torch and the GPU round."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
 def _rotated_heads(row_ptr, first_head, weight_ptr, eps, cos, sin,
                    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
                    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, NORM: tl.constexpr):
-    """Both halves of NUM_HEADS heads of one token, normed (if NORM) and rotated, in fp32."""
+    """Both halves of NUM_HEADS heads of one token, normed (if NORM) and rotated: fp32 values
+    rounded to the input dtype wherever the twin (and Hugging Face) rounds."""
     heads = tl.arange(0, BLOCK_H)[:, None]
     cols = tl.arange(0, BLOCK_HALF)[None, :]
     mask = (heads < NUM_HEADS) & (cols < HALF)
     src = row_ptr + (first_head + heads) * HEAD_DIM + cols
     x1 = tl.load(src, mask=mask, other=0.0)
     x2 = tl.load(src + HALF, mask=mask, other=0.0)
+    dtype = x1.dtype
+    f1 = x1.to(tl.float32)
+    f2 = x2.to(tl.float32)
     if NORM:
-        f1 = x1.to(tl.float32)
-        f2 = x2.to(tl.float32)
         rstd = tl.rsqrt((tl.sum(f1 * f1, 1) + tl.sum(f2 * f2, 1)) / HEAD_DIM + eps)[:, None]
         w1 = tl.load(weight_ptr + cols, mask=cols < HALF, other=0.0).to(tl.float32)
         w2 = tl.load(weight_ptr + HALF + cols, mask=cols < HALF, other=0.0).to(tl.float32)
-        # Rounded where the twin rounds: the normalized row, then the scaled one.
-        x1 = ((f1 * rstd).to(x1.dtype).to(tl.float32) * w1).to(x1.dtype)
-        x2 = ((f2 * rstd).to(x2.dtype).to(tl.float32) * w2).to(x2.dtype)
-    f1 = x1.to(tl.float32)
-    f2 = x2.to(tl.float32)
-    return f1 * cos - f2 * sin, f2 * cos + f1 * sin, heads, cols, mask
+        # The normalized row, then the scaled one.
+        f1 = _round_to(_round_to(f1 * rstd, dtype) * w1, dtype)
+        f2 = _round_to(_round_to(f2 * rstd, dtype) * w2, dtype)
+    # cos and sin, each product and the sums.
+    cos = _round_to(cos, dtype)
+    sin = _round_to(sin, dtype)
+    r1 = _round_to(_round_to(f1 * cos, dtype) - _round_to(f2 * sin, dtype), dtype)
+    r2 = _round_to(_round_to(f2 * cos, dtype) + _round_to(f1 * sin, dtype), dtype)
+    return r1, r2, heads, cols, mask
 
 
 @triton.jit

@@ -16,15 +16,18 @@ def rotary_cos_sin(head_dim: int, max_positions: int, inv_freq: torch.Tensor) ->
 def apply_rotary_torch(
     positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [T, Hq, D], k [T, Hkv, D] rotated at `positions` [T]; fp32 math, output in input dtype."""
+    """q [T, Hq, D], k [T, Hkv, D] rotated at `positions` [T], in the input dtype.
+
+    Rounded where Hugging Face rounds: cos and sin to the input dtype, then each product and
+    their sum (no-ops in fp32). A bf16 model's logits drift from its own by that much otherwise.
+    """
     half = cos_sin.shape[-1] // 2
     cos, sin = cos_sin[positions].split(half, dim=-1)
     cos = torch.cat([cos, cos], dim=-1)[:, None]
     sin = torch.cat([sin, sin], dim=-1)[:, None]
 
     def rotate(x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        x1, x2 = xf.chunk(2, dim=-1)
-        return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
 
     return rotate(q), rotate(k)
