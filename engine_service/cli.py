@@ -13,6 +13,7 @@ from prometheus_client import start_http_server
 
 from llmserve.common import tls
 from llmserve.common.logs import configure_logging
+from llmserve.common.startup_heap import freeze_startup_heap
 from llmserve.engine_service.async_engine import AsyncEngine, EngineDeadError
 from llmserve.engine_service.config import EngineConfig
 from llmserve.engine_service.demo_model import ensure_demo_model
@@ -133,6 +134,7 @@ async def _serve(args: argparse.Namespace) -> None:
     )
     engine = AsyncEngine(config, args.log_format, args.log_level)
     info = await engine.start()
+    freeze_startup_heap()
     if args.test_reported_hash_seed is not None:
         log.warning(
             "test_reported_hash_seed",

@@ -11,6 +11,7 @@ import torch
 
 from llmserve.common.block_hash import ALGORITHM
 from llmserve.common.launcher import free_port
+from llmserve.common.startup_heap import freeze_startup_heap
 from llmserve.engine_service.attention import AttentionKernels, BackendUnavailableError
 from llmserve.engine_service.attention_backends import load_backend, phase_backends
 from llmserve.engine_service.block_pool import BlockPool
@@ -221,6 +222,7 @@ def build_engine(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
              cuda_graphs=runner.graphs is not None,
              varlen_graphs=runner.varlen_graphs is not None, async_scheduling=overlap,
              seconds=round(time.monotonic() - started, 2))
+    freeze_startup_heap()
     return core, info
 
 

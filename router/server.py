@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from llmserve.common.priority import PRIORITY_CLASS
+from llmserve.common.startup_heap import freeze_startup_heap
 from llmserve.router import metrics
 from llmserve.router.admission import AdmissionController, ShedError
 from llmserve.router.auth import BearerAuthInterceptor, TenantKeys
@@ -322,6 +323,7 @@ async def serve_router(
         for name in ("", SERVICE.full_name):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("ready", engines=[e.address for e in pool.ready_engines()])
+        freeze_startup_heap()
         await server.wait_for_termination()
     finally:
         for name in ("", SERVICE.full_name):
