@@ -92,7 +92,11 @@ class VocabParallelEmbedding(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """[T, vocab] on rank 0, None on the other ranks."""
-        return self.tp.gather_columns(F.linear(hidden, self.weight), self.vocab_size)
+        return self.tp.gather_columns(self.shard_logits(hidden), self.vocab_size)
+
+    def shard_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """This rank's columns of the logits, [T, shard]."""
+        return F.linear(hidden, self.weight)
 
     def load(self, name: str, part: int, source: TensorSource) -> None:
         end = min(self.start + self.shard, self.vocab_size)
