@@ -83,6 +83,8 @@ class EngineCore:
         self.runner, self.scheduler, self.pool = runner, scheduler, pool
         self.async_scheduling = async_scheduling
         self._in_flight: StepInFlight | None = None
+        # The last step planned beside one in flight stopped where it would have preempted.
+        self._stalled = False
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_model_len = max_model_len
         self.sampler = Sampler()
@@ -115,14 +117,24 @@ class EngineCore:
 
         With `async_scheduling` a step's sampled tokens are read while the next step already
         runs on the device (its outputs come back from the following call), so the host's
-        scheduling and bookkeeping hide behind the GPU. Only steps that cannot preempt or
-        admit anything overlap; any other step first waits for the one in flight.
+        scheduling and bookkeeping hide behind the GPU: decode, prefill chunks and admissions
+        alike. A step planned beside the one in flight preempts nothing (that step's sequences
+        hold their blocks); where it would have to, the next step first waits for the one in
+        flight and plans with preemption.
         """
         outputs: list[RequestOutput] = []
-        if self._in_flight is not None and not self._next_step_can_overlap():
-            outputs += self._complete(self._in_flight)
-            self._in_flight = None
-        plan = self.scheduler.schedule()
+        plan = None
+        if self._in_flight is not None:
+            if not self._stalled:
+                plan = self.scheduler.schedule(preempt=False)
+                self._stalled = plan.stalled
+            if plan is None or not plan.chunks:
+                outputs += self._complete(self._in_flight)
+                self._in_flight = None
+                plan = None
+        if plan is None:
+            plan = self.scheduler.schedule()
+            self._stalled = False
         for seq in plan.preempted:
             log.info("preempted", request_id=seq.request_id, priority=seq.priority)
         previous, self._in_flight = self._in_flight, None
@@ -135,21 +147,6 @@ class EngineCore:
             else:
                 outputs += self._complete(launched)
         return outputs
-
-    def _next_step_can_overlap(self) -> bool:
-        """True when the next plan is decode only, admits nothing and preempts nothing: every
-        running sequence computes just the token in flight and has a block for it."""
-        if self.scheduler.waiting:
-            return False
-        block_size = self.scheduler.config.block_size
-        new_blocks = 0
-        for seq in self.scheduler.running:
-            if seq.last_token_pending:
-                continue
-            if seq.num_uncomputed_tokens != 1:
-                return False
-            new_blocks += seq.num_tokens > len(seq.block_ids) * block_size
-        return new_blocks <= self.pool.num_free
 
     def _launch(self, chunks: list[ScheduledChunk], previous: "StepInFlight | None"
                 ) -> "StepInFlight":

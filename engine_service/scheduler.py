@@ -37,6 +37,8 @@ class ScheduledChunk:
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    # Planned without preemption and stopped where it would have preempted.
+    stalled: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -75,7 +77,10 @@ class Scheduler:
         self._release(seq)
         seq.status = SequenceStatus.FINISHED
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, preempt: bool = True) -> SchedulerOutput:
+        """Plans the next step. With `preempt` off (a step beside one still in flight, whose
+        sequences must keep their blocks) the plan stops at the first sequence that would
+        need a preemption, and says so in `stalled`."""
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         admitting = True
@@ -85,29 +90,35 @@ class Scheduler:
             if seq in out.preempted or seq.last_token_pending:
                 continue
             if seq.status is SequenceStatus.RUNNING:
-                chunk = self._schedule_running(seq, budget, out)
+                chunk = self._schedule_running(seq, budget, out, preempt)
             elif admitting:
-                chunk = self._admit(seq, budget, out)
+                chunk = self._admit(seq, budget, out, preempt)
                 admitting = chunk is not None
             else:
                 continue
+            if out.stalled:
+                break
             if chunk is not None:
                 out.chunks.append(chunk)
                 budget -= chunk.num_tokens
         return out
 
     def _schedule_running(
-        self, seq: Sequence, budget: int, out: SchedulerOutput
+        self, seq: Sequence, budget: int, out: SchedulerOutput, preempt: bool
     ) -> ScheduledChunk | None:
         num_tokens = min(seq.num_uncomputed_tokens, budget)
         while not self._grow(seq, seq.num_computed_tokens + num_tokens):
+            if not preempt:
+                out.stalled = True
+                return None
             victim = max(self.running, key=lambda s: s.order)
             self._preempt(victim, out)
             if victim is seq:
                 return None
         return ScheduledChunk(seq, seq.num_computed_tokens, num_tokens)
 
-    def _admit(self, seq: Sequence, budget: int, out: SchedulerOutput) -> ScheduledChunk | None:
+    def _admit(self, seq: Sequence, budget: int, out: SchedulerOutput,
+               preempt: bool) -> ScheduledChunk | None:
         bs = self.config.block_size
         seq.block_hashes = hash_full_blocks(
             seq.token_ids, bs, self.config.block_hash_seed, seq.block_hashes
@@ -124,6 +135,9 @@ class Scheduler:
                 break
             victims = [s for s in self.running if s.priority > seq.priority]
             if not victims:
+                return None
+            if not preempt:
+                out.stalled = True
                 return None
             self._preempt(max(victims, key=lambda s: s.order), out)
         self.pool.acquire(hits)
