@@ -236,22 +236,21 @@ class EngineCore:
     @staticmethod
     def _sampling_batch(chunks: list[ScheduledChunk], device: torch.device) -> SamplingBatch:
         opts = [c.seq.sampling for c in chunks]
-        # Two copies to the device per step, one per dtype, instead of one per column.
-        floats = upload([[o.temperature for o in opts], [o.top_p for o in opts],
-                         [o.min_p for o in opts]], torch.float32, device)
-        ints = upload([
-            [o.top_k for o in opts],
-            # Seeds are 64-bit unsigned; reinterpret as signed to fit int64.
-            [c.seq.seed - (1 << 64) if c.seq.seed >= 1 << 63 else c.seq.seed for c in chunks],
-            [c.seq.num_tokens for c in chunks],
-        ], torch.int64, device)
+
+        def column(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return upload(values, dtype, device)
+
         return SamplingBatch(
-            temperature=floats[0],
-            top_p=floats[1],
-            top_k=ints[0],
-            min_p=floats[2],
-            seeds=ints[1],
-            positions=ints[2],
+            temperature=column([o.temperature for o in opts], torch.float32),
+            top_p=column([o.top_p for o in opts], torch.float32),
+            top_k=column([o.top_k for o in opts], torch.int64),
+            min_p=column([o.min_p for o in opts], torch.float32),
+            # Seeds are 64-bit unsigned; reinterpret as signed to fit int64.
+            seeds=column(
+                [c.seq.seed - (1 << 64) if c.seq.seed >= 1 << 63 else c.seq.seed for c in chunks],
+                torch.int64,
+            ),
+            positions=column([c.seq.num_tokens for c in chunks], torch.int64),
             num_logprobs=[o.logprobs for o in opts],
             all_greedy=all(o.temperature == 0 for o in opts),
             any_greedy=any(o.temperature == 0 for o in opts),

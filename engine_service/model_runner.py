@@ -233,7 +233,8 @@ class ModelRunner:
         batch = self.inputs.build(chunks, pad_rows, pad_tokens)
         graphed = pad_rows is not None
         if pending is not None and pending.rows:
-            rows, sources = upload([pending.rows, pending.sources], torch.int64, self.device)
+            rows = upload(pending.rows, torch.int64, self.device)
+            sources = upload(pending.sources, torch.int64, self.device)
             batch.input_ids.index_copy_(0, rows, pending.tokens[sources].to(torch.int32))
         self.channel.publish(Op.STEP, step_args(batch.layout, graphed), batch.layout)
         logits = self._forward(batch, graphed)
