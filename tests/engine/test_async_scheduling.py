@@ -67,3 +67,37 @@ def test_overlapped_loop_survives_preemption(make_core) -> None:
     again, cache_again, overlapped = scenario(overlapped_core)
     assert (again, cache_again) == (outputs, cache)
     assert overlapped > 0 and overlapped_core.scheduler.num_preemptions > 0
+
+
+def test_steps_that_admit_or_prefill_are_launched_before_the_previous_step_is_read(
+    make_core, monkeypatch
+) -> None:
+    """A step admitting a new request, or computing a prompt chunk, runs beside the step in
+    flight: it is launched before that step's tokens are read."""
+    from llmserve.engine_service.engine_core import StepInFlight
+
+    core = make_core(num_kv_blocks=512, max_num_seqs=8, max_num_batched_tokens=16,
+                     async_scheduling=True)
+    events: list[str] = []
+    execute, read_tokens = core.runner.execute, StepInFlight.read_tokens
+
+    def recording_execute(chunks, pending=None):
+        events.append("launch " + ",".join(f"{c.seq.request_id}:{c.num_tokens}" for c in chunks))
+        return execute(chunks, pending)
+
+    def recording_read(step):
+        events.append("read")
+        return read_tokens(step)
+
+    monkeypatch.setattr(core.runner, "execute", recording_execute)
+    monkeypatch.setattr(StepInFlight, "read_tokens", recording_read)
+    options = SamplingOptions(temperature=0.0, max_tokens=4, ignore_eos=True)
+    core.add_request(EngineRequest("a", list(range(3, 9)), options))
+    core.step()
+    core.add_request(EngineRequest("b", list(range(20, 60)), options))  # 40 tokens: 3 chunks
+    for _ in range(3):
+        core.step()
+    # Each later launch (admitting b, then b's next prompt chunks) precedes the read of the
+    # step before it.
+    assert events[:6] == ["launch a:6", "launch a:1,b:15", "read", "launch a:1,b:15", "read",
+                          "launch a:1,b:10"], events
