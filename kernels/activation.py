@@ -5,6 +5,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from llmserve.kernels.dependent_launch import await_previous_kernel, dependent_launch
+
 
 def silu_and_mul_torch(x: torch.Tensor) -> torch.Tensor:
     """x [..., 2 * I] = [gate | up] -> silu(gate) * up, [..., I]."""
@@ -13,7 +15,9 @@ def silu_and_mul_torch(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, width, stride_x, stride_o, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, width, stride_x, stride_o, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr):
+    await_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < width
@@ -33,7 +37,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         if rows.stride(-1) != 1:
             raise ValueError("silu_and_mul needs unit stride in the last dimension")
         block = min(triton.next_power_of_2(width), 1024)
+        pdl = dependent_launch(x.device)
         _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(width, block))](
-            rows, out, width, rows.stride(0), out.stride(0), BLOCK=block,
+            rows, out, width, rows.stride(0), out.stride(0), BLOCK=block, PDL=pdl, launch_pdl=pdl,
         )
     return out.view(*x.shape[:-1], width)

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from llmserve.kernels.dependent_launch import await_previous_kernel, dependent_launch
 from llmserve.kernels.paged_common import (
     LOG2E,
     check_paged_inputs,
@@ -77,8 +78,9 @@ def _decode_split_kernel(
     stride_table, stride_ob, stride_oh,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    MIN_SPLIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    MIN_SPLIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
 ):
+    await_previous_kernel(PDL)
     # KV heads vary fastest over the grid: the programs reading the neighbouring heads of the
     # same tokens (adjacent rows of the same pages) run side by side, which keeps the DRAM
     # access pattern close to a sequential read of each page.
@@ -130,8 +132,9 @@ def _decode_reduce_kernel(
     part_out_ptr, part_lse_ptr, seq_lens_ptr, out_ptr,
     stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr, BLOCK_S: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
 ):
+    await_previous_kernel(PDL)
     head = tl.program_id(0)
     seq = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -184,6 +187,7 @@ def paged_decode_attention(
         return out
     block_d = triton.next_power_of_2(head_dim)
     precision, upcast = dot_modes(q.dtype)
+    pdl = dependent_launch(q.device)
     if num_splits > 1:
         part_out = torch.empty(batch, num_heads, num_splits, block_d, dtype=torch.float32,
                                device=q.device)
@@ -198,13 +202,14 @@ def paged_decode_attention(
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_D=block_d, BLOCK_N=tiles.block_n, PAGE_SIZE=block_size, NUM_SPLITS=num_splits,
-        MIN_SPLIT=min_split, PRECISION=precision, UPCAST=upcast,
+        MIN_SPLIT=min_split, PRECISION=precision, UPCAST=upcast, PDL=pdl, launch_pdl=pdl,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_heads, batch)](
             part_out, part_lse, seq_lens, out, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=tiles.block_n, NUM_SPLITS=num_splits,
-            MIN_SPLIT=min_split, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4,
+            MIN_SPLIT=min_split, BLOCK_S=triton.next_power_of_2(num_splits), PDL=pdl,
+            launch_pdl=pdl, num_warps=4,
         )
     return out

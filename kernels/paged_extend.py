@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from llmserve.kernels.dependent_launch import await_previous_kernel, dependent_launch
 from llmserve.kernels.paged_common import (
     LOG2E,
     check_paged_inputs,
@@ -36,8 +37,9 @@ def _extend_kernel(
     stride_table, stride_ot, stride_oh,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
 ):
+    await_previous_kernel(PDL)
     kv_head = tl.program_id(0)  # fastest over the grid: neighbouring heads share DRAM pages
     block = tl.program_id(1)
     # The last sequence whose first query block is at or before ours.
@@ -124,6 +126,7 @@ def paged_extend_attention(
         return out
     precision, upcast = dot_modes(q.dtype)
     grid = (num_kv_heads, num_tokens // block_q + num_seqs)
+    pdl = dependent_launch(q.device)
     _extend_kernel[grid](
         q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables,
         scale * LOG2E, num_seqs,
@@ -132,6 +135,6 @@ def paged_extend_attention(
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=BLOCK_N, HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim), PAGE_SIZE=block_size,
-        PRECISION=precision, UPCAST=upcast, num_warps=4, num_stages=2,
+        PRECISION=precision, UPCAST=upcast, PDL=pdl, launch_pdl=pdl, num_warps=4, num_stages=2,
     )
     return out

@@ -4,6 +4,8 @@ import torch
 import triton
 import triton.language as tl
 
+from llmserve.kernels.dependent_launch import await_previous_kernel, dependent_launch
+
 
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Normalizes the last dimension in fp32, then scales (the order Hugging Face uses)."""
@@ -24,8 +26,9 @@ def add_rms_norm_torch(
 def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, summed_ptr, eps,
     stride_x, stride_r, stride_o, stride_s,
-    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
+    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, ADD_RESIDUAL: tl.constexpr, PDL: tl.constexpr,
 ):
+    await_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < HIDDEN
@@ -60,11 +63,13 @@ def _launch_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
         if rows.stride(-1) != 1 or res_rows.stride(-1) != 1 or weight.stride(-1) != 1:
             raise ValueError("rms_norm needs unit stride in the hidden dimension")
         block = triton.next_power_of_2(hidden)
+        pdl = dependent_launch(x.device)
         _rms_norm_kernel[(rows.shape[0],)](
             rows, res_rows, weight, out, out if summed is None else summed, eps,
             rows.stride(0), res_rows.stride(0), out.stride(0),
             out.stride(0) if summed is None else summed.stride(0),
-            HIDDEN=hidden, BLOCK=block, ADD_RESIDUAL=residual is not None,
+            HIDDEN=hidden, BLOCK=block, ADD_RESIDUAL=residual is not None, PDL=pdl,
+            launch_pdl=pdl,
             num_warps=min(max(block // 256, 1), 16),
         )
     return out.view(x.shape), None if summed is None else summed.view(x.shape)

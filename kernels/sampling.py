@@ -21,6 +21,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from llmserve.kernels.dependent_launch import await_previous_kernel, dependent_launch
+
 # lowbias32's multipliers, as the sampler's _mix32 uses them.
 MIX1: tl.constexpr = tl.constexpr(0x7FEB352D)
 MIX2: tl.constexpr = tl.constexpr(0x846CA68B)
@@ -96,7 +98,8 @@ def _score64(logit, ids, key, temperature):
 @triton.jit
 def _gumbel_kernel(logits_ptr, temperature_ptr, seeds_ptr, positions_ptr, best_ptr, best_id_ptr,
                    vocab, stride_row, span, BLOCK: tl.constexpr, SPLITS: tl.constexpr,
-                   FAST_LOG: tl.constexpr):
+                   FAST_LOG: tl.constexpr, PDL: tl.constexpr):
+    await_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     key = _row_key(seeds_ptr, positions_ptr, row)
@@ -146,7 +149,9 @@ def _gumbel_kernel(logits_ptr, temperature_ptr, seeds_ptr, positions_ptr, best_p
 
 
 @triton.jit
-def _pick_kernel(best_ptr, best_id_ptr, out_ptr, vocab, SPLITS: tl.constexpr):
+def _pick_kernel(best_ptr, best_id_ptr, out_ptr, vocab, SPLITS: tl.constexpr,
+                 PDL: tl.constexpr):
+    await_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = row * SPLITS + tl.arange(0, SPLITS)
     best = tl.load(best_ptr + offs)
@@ -173,9 +178,11 @@ def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.
         best = torch.empty(rows, splits, dtype=torch.float64, device=logits.device)
         best_id = torch.empty(rows, splits, dtype=torch.int32, device=logits.device)
         fast_log = os.environ.get("TRITON_INTERPRET") != "1"
+        pdl = dependent_launch(logits.device)
         _gumbel_kernel[(rows, splits)](logits, temperature, seeds.to(torch.int64),
                                        positions.to(torch.int64), best, best_id, vocab,
                                        logits.stride(0), span, BLOCK=BLOCK, SPLITS=splits,
-                                       FAST_LOG=fast_log, num_warps=4)
-        _pick_kernel[(rows,)](best, best_id, out, vocab, SPLITS=splits, num_warps=1)
+                                       FAST_LOG=fast_log, PDL=pdl, launch_pdl=pdl, num_warps=4)
+        _pick_kernel[(rows,)](best, best_id, out, vocab, SPLITS=splits, PDL=pdl, launch_pdl=pdl,
+                              num_warps=1)
     return out

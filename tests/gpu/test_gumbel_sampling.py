@@ -106,13 +106,13 @@ from llmserve.kernels import sampling
 signature = {"logits_ptr": "*fp32", "temperature_ptr": "*fp32", "seeds_ptr": "*i64",
              "positions_ptr": "*i64", "best_ptr": "*fp64", "best_id_ptr": "*i32",
              "vocab": "i32", "stride_row": "i32", "span": "i32", "BLOCK": "constexpr",
-             "SPLITS": "constexpr", "FAST_LOG": "constexpr"}
+             "SPLITS": "constexpr", "FAST_LOG": "constexpr", "PDL": "constexpr"}
 triton.compile(ASTSource(sampling._gumbel_kernel, signature,
-                         {"BLOCK": 1024, "SPLITS": 16, "FAST_LOG": True}),
+                         {"BLOCK": 1024, "SPLITS": 16, "FAST_LOG": True, "PDL": True}),
                target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 signature = {"best_ptr": "*fp64", "best_id_ptr": "*i32", "out_ptr": "*i64", "vocab": "i32",
-             "SPLITS": "constexpr"}
-triton.compile(ASTSource(sampling._pick_kernel, signature, {"SPLITS": 16}),
+             "SPLITS": "constexpr", "PDL": "constexpr"}
+triton.compile(ASTSource(sampling._pick_kernel, signature, {"SPLITS": 16, "PDL": True}),
                target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
 print("compiled")
 """

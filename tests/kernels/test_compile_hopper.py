@@ -24,6 +24,9 @@ FP32_POINTERS = {"part_out_ptr", "part_lse_ptr", "cos_sin_ptr"}
 
 
 def compile_sm90(fn, constants, dtype="bf16", num_warps=4, num_stages=2):
+    # Every kernel as the GPU runs it: launched with programmatic dependent launch.
+    constants = {**constants, "PDL": True}
+
     def arg_type(name):
         if name in constants:
             return "constexpr"
@@ -59,7 +62,7 @@ compile_sm90(rms_norm._rms_norm_kernel, dict(HIDDEN=1024, BLOCK=1024, ADD_RESIDU
 for norm in (True, False):
     compile_sm90(qkv_rope_store._qkv_rope_store_kernel, dict(
         NUM_Q_HEADS=16, NUM_KV_HEADS=8, HEAD_DIM=128, HALF=64, BLOCK_QH=16, BLOCK_KH=8,
-        BLOCK_HALF=64, BLOCK_D=128, PAGE_SIZE=16, NORM=norm))
+        BLOCK_HALF=64, BLOCK_D=128, PAGE_SIZE=16, NORM=norm, BY_HAND=False))
 compile_sm90(activation._silu_and_mul_kernel, dict(BLOCK=1024))
 print("compiled")
 """
