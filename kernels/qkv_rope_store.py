@@ -5,8 +5,6 @@ Unfused, that was up to six launches per layer (two copies, two norms, rotary, s
 step at batch 1 is bound by launches, not bytes, so one program per token now does it all.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -45,11 +43,11 @@ def qkv_rope_store_torch(
 
 
 @triton.jit
-def _round_to(x, dtype: tl.constexpr, BY_HAND: tl.constexpr):
-    """fp32 x rounded to `dtype`, to nearest even, and widened back (a no-op for fp32). BY_HAND
-    (in the interpreter) rounds bf16 with integer ops: the interpreter truncates in that cast,
-    where torch and the GPU round to nearest even (the GPU in one instruction)."""
-    if BY_HAND and dtype == tl.bfloat16:
+def _round_to(x, dtype: tl.constexpr):
+    """fp32 x rounded to `dtype`, to nearest even, and widened back (a no-op for fp32). bf16 is
+    rounded by hand: Triton's interpreter truncates in that cast where torch rounds, and on the GPU
+    the plain cast pair did not reproduce transformers' bf16 logits (measured on an H100)."""
+    if dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         return bits.to(tl.float32, bitcast=True)
@@ -60,8 +58,7 @@ def _round_to(x, dtype: tl.constexpr, BY_HAND: tl.constexpr):
 @triton.jit
 def _rotated_heads(row_ptr, first_head, weight_ptr, eps, cos, sin,
                    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
-                   BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, NORM: tl.constexpr,
-                   BY_HAND: tl.constexpr):
+                   BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, NORM: tl.constexpr):
     """Both halves of NUM_HEADS heads of one token, normed (if NORM) and rotated: fp32 values
     rounded to the input dtype wherever the twin (and Hugging Face) rounds."""
     heads = tl.arange(0, BLOCK_H)[:, None]
@@ -78,15 +75,13 @@ def _rotated_heads(row_ptr, first_head, weight_ptr, eps, cos, sin,
         w1 = tl.load(weight_ptr + cols, mask=cols < HALF, other=0.0).to(tl.float32)
         w2 = tl.load(weight_ptr + HALF + cols, mask=cols < HALF, other=0.0).to(tl.float32)
         # The normalized row, then the scaled one.
-        f1 = _round_to(_round_to(f1 * rstd, dtype, BY_HAND) * w1, dtype, BY_HAND)
-        f2 = _round_to(_round_to(f2 * rstd, dtype, BY_HAND) * w2, dtype, BY_HAND)
+        f1 = _round_to(_round_to(f1 * rstd, dtype) * w1, dtype)
+        f2 = _round_to(_round_to(f2 * rstd, dtype) * w2, dtype)
     # cos and sin, each product and the sums.
-    cos = _round_to(cos, dtype, BY_HAND)
-    sin = _round_to(sin, dtype, BY_HAND)
-    r1 = _round_to(_round_to(f1 * cos, dtype, BY_HAND) - _round_to(f2 * sin, dtype, BY_HAND),
-                   dtype, BY_HAND)
-    r2 = _round_to(_round_to(f2 * cos, dtype, BY_HAND) + _round_to(f1 * sin, dtype, BY_HAND),
-                   dtype, BY_HAND)
+    cos = _round_to(cos, dtype)
+    sin = _round_to(sin, dtype)
+    r1 = _round_to(_round_to(f1 * cos, dtype) - _round_to(f2 * sin, dtype), dtype)
+    r2 = _round_to(_round_to(f2 * cos, dtype) + _round_to(f1 * sin, dtype), dtype)
     return r1, r2, heads, cols, mask
 
 
@@ -99,7 +94,7 @@ def _qkv_rope_store_kernel(
     NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     HALF: tl.constexpr, BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr,
     BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    NORM: tl.constexpr, BY_HAND: tl.constexpr, PDL: tl.constexpr,
+    NORM: tl.constexpr, PDL: tl.constexpr,
 ):
     await_previous_kernel(PDL)
     token = tl.program_id(0).to(tl.int64)
@@ -110,8 +105,7 @@ def _qkv_rope_store_kernel(
     sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + half_cols, mask=half_cols < HALF,
                   other=0.0)
     q1, q2, heads, cols, mask = _rotated_heads(row, 0, q_weight_ptr, eps, cos, sin, NUM_Q_HEADS,
-                                               HEAD_DIM, HALF, BLOCK_QH, BLOCK_HALF, NORM,
-                                               BY_HAND)
+                                               HEAD_DIM, HALF, BLOCK_QH, BLOCK_HALF, NORM)
     dst = q_out_ptr + token * stride_ot + heads * HEAD_DIM + cols
     tl.store(dst, q1.to(q_out_ptr.dtype.element_ty), mask=mask)
     tl.store(dst + HALF, q2.to(q_out_ptr.dtype.element_ty), mask=mask)
@@ -122,7 +116,7 @@ def _qkv_rope_store_kernel(
         offset = slot % PAGE_SIZE
         k1, k2, k_heads, k_cols, k_mask = _rotated_heads(
             row, NUM_Q_HEADS, k_weight_ptr, eps, cos, sin, NUM_KV_HEADS, HEAD_DIM, HALF,
-            BLOCK_KH, BLOCK_HALF, NORM, BY_HAND)
+            BLOCK_KH, BLOCK_HALF, NORM)
         k_dst = (k_cache_ptr + page * stride_kcp + offset * stride_kct + k_heads * stride_kch
                  + k_cols)
         tl.store(k_dst, k1.to(k_cache_ptr.dtype.element_ty), mask=k_mask)
@@ -174,8 +168,7 @@ def qkv_rope_store(
         BLOCK_QH=triton.next_power_of_2(num_q_heads),
         BLOCK_KH=triton.next_power_of_2(num_kv_heads),
         BLOCK_HALF=triton.next_power_of_2(half), BLOCK_D=triton.next_power_of_2(head_dim),
-        PAGE_SIZE=k_cache.shape[1], NORM=norm,
-        BY_HAND=os.environ.get("TRITON_INTERPRET") == "1", PDL=pdl, launch_pdl=pdl,
+        PAGE_SIZE=k_cache.shape[1], NORM=norm, PDL=pdl, launch_pdl=pdl,
         num_warps=4,
     )
     return q

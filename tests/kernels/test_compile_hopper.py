@@ -62,7 +62,7 @@ compile_sm90(rms_norm._rms_norm_kernel, dict(HIDDEN=1024, BLOCK=1024, ADD_RESIDU
 for norm in (True, False):
     compile_sm90(qkv_rope_store._qkv_rope_store_kernel, dict(
         NUM_Q_HEADS=16, NUM_KV_HEADS=8, HEAD_DIM=128, HALF=64, BLOCK_QH=16, BLOCK_KH=8,
-        BLOCK_HALF=64, BLOCK_D=128, PAGE_SIZE=16, NORM=norm, BY_HAND=False))
+        BLOCK_HALF=64, BLOCK_D=128, PAGE_SIZE=16, NORM=norm))
 compile_sm90(activation._silu_and_mul_kernel, dict(BLOCK=1024))
 print("compiled")
 """
