@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from llmserve.kernels.paged_attention import paged_attention_torch
+from llmserve.kernels.paged_common import sm_count
 from llmserve.kernels.paged_decode import choose_num_splits, paged_decode_attention
 
 ON_CPU = pytest.mark.skipif(
@@ -140,6 +141,24 @@ def test_decode_shapes(
 )
 def test_decode_strided_query(paged, device) -> None:
     check_decode(paged, [5, 40, 16], 16, 4, 2, 32, torch.float32, device, 2, q_view=True)
+
+
+@pytest.mark.parametrize(
+    ("lens", "block_size", "dtype", "device"),
+    [
+        cpu([1, 127, 128, 129, 257, 300], 16, torch.float32, name="page16-fp32"),
+        cpu([1, 127, 128, 129, 257, 300], 128, torch.float32, name="page128-fp32"),
+        gpu([(37 * i) % 1100 + 1 for i in range(256)], 16, torch.bfloat16, name="b256-page16"),
+        gpu([(37 * i) % 1100 + 1 for i in range(256)], 128, torch.bfloat16, name="b256-page128"),
+    ],
+)
+def test_decode_unsplit_batch_runs_wide_tiles(paged, lens, block_size, dtype, device) -> None:
+    """A batch that fills the SMs without splitting runs UNSPLIT_TILES (128 keys a tile):
+    lengths either side of its tile boundaries."""
+    sms = sm_count(torch.device(device))
+    assert choose_num_splits(len(lens), 2 if device == "cpu" else 8, 4096, sms)[0] == 1
+    kv_heads, heads, dim = (2, 4, 32) if device == "cpu" else (8, 16, 128)
+    check_decode(paged, lens, block_size, heads, kv_heads, dim, dtype, device, None)
 
 
 @pytest.mark.parametrize("num_splits", [1, 2])
