@@ -178,22 +178,22 @@ def paged_decode_attention(
     int32. A given num_splits divides every sequence's keys into that many parts of whole tiles;
     None picks a count with choose_num_splits from the batch, the KV heads, the SM count and the
     longest context the block table can hold (no device sync, so CUDA-graph capture is safe).
-    Without given tiles, a batch that does not split runs UNSPLIT_TILES.
+    With both the split count and the tiles left to it, a batch that does not split runs
+    UNSPLIT_TILES.
     """
     check_paged_inputs(q, k_cache, v_cache, block_tables)
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
-    if num_splits is None:
+    chosen = num_splits is None
+    if chosen:
         num_splits, min_split = choose_num_splits(
             batch, num_kv_heads, block_tables.shape[1] * block_size, sm_count(q.device),
             (tiles or DecodeTiles()).block_n)
-        if num_splits == 1:
-            tiles = tiles or UNSPLIT_TILES
-            min_split = tiles.block_n
-    else:
-        min_split = (tiles or DecodeTiles()).block_n
-    tiles = tiles or DecodeTiles()
+    if tiles is None:
+        tiles = UNSPLIT_TILES if chosen and num_splits == 1 else DecodeTiles()
+    if not chosen or num_splits == 1:
+        min_split = tiles.block_n
     out = torch.empty_like(q)
     if batch == 0:
         return out

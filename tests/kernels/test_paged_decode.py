@@ -155,9 +155,8 @@ def test_decode_strided_query(paged, device) -> None:
 def test_decode_unsplit_batch_runs_wide_tiles(paged, lens, block_size, dtype, device) -> None:
     """A batch that fills the SMs without splitting runs UNSPLIT_TILES (128 keys a tile):
     lengths either side of its tile boundaries."""
-    sms = sm_count(torch.device(device))
-    assert choose_num_splits(len(lens), 2 if device == "cpu" else 8, 4096, sms)[0] == 1
     kv_heads, heads, dim = (2, 4, 32) if device == "cpu" else (8, 16, 128)
+    assert choose_num_splits(len(lens), kv_heads, 4096, sm_count(torch.device(device)))[0] == 1
     check_decode(paged, lens, block_size, heads, kv_heads, dim, dtype, device, None)
 
 
