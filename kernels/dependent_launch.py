@@ -19,18 +19,19 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 @functools.cache
-def _supported(device_index: int) -> bool:
+def _enabled(device_index: int) -> bool:
+    # Read once per device: every kernel launch outside the CUDA graphs asks.
+    if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("LLMSERVE_PDL") == "0":
+        return False
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 def dependent_launch(device: torch.device) -> bool:
     """Whether kernels on `device` launch with PDL: CUDA at compute capability 9.0 or newer,
     compiled (the interpreter has no grid dependency control) and not turned off."""
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+    if device.type != "cuda":
         return False
-    if os.environ.get("LLMSERVE_PDL") == "0":
-        return False
-    return _supported(device.index if device.index is not None else torch.cuda.current_device())
+    return _enabled(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @triton.jit
