@@ -2,90 +2,27 @@
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from llmserve.common.priority import PRIORITY_CLASS
 from llmserve.engine_service import metrics
 from llmserve.engine_service.async_engine import AsyncEngine, EngineDeadError
 from llmserve.engine_service.engine_builder import EngineInfo
 from llmserve.engine_service.health_port import start_health_server
-from llmserve.engine_service.request import EngineRequest, FinishReason, RequestOutput
-from llmserve.engine_service.validation import InvalidRequestError, check_prompt, sampling_options
-from llmserve.v1 import common_pb2, engine_service_pb2, engine_service_pb2_grpc
+from llmserve.engine_service.messages import request_from_proto, response_from_outputs
+from llmserve.engine_service.request import RequestOutput
+from llmserve.engine_service.stream_mux import StreamFailure, StreamMux
+from llmserve.engine_service.validation import InvalidRequestError
+from llmserve.v1 import engine_service_pb2, engine_service_pb2_grpc
 
 log = structlog.get_logger(__name__)
 
 SERVICE_NAME = engine_service_pb2.DESCRIPTOR.services_by_name["EngineService"].full_name
-FINISH_REASON = {
-    FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
-    FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
-}
-
-
-def request_from_proto(
-    msg: engine_service_pb2.EngineServiceGenerateRequest, info: EngineInfo
-) -> EngineRequest:
-    """Converts and validates a Generate request (raises InvalidRequestError)."""
-    prompt = list(msg.prompt_token_ids)
-    check_prompt(prompt, info)
-    if msg.priority not in PRIORITY_CLASS:
-        raise InvalidRequestError(f"priority: unknown value {msg.priority}")
-    s, stop = msg.sampling, msg.stopping
-    options = sampling_options(
-        info,
-        len(prompt),
-        temperature=s.temperature if s.HasField("temperature") else None,
-        top_p=s.top_p if s.HasField("top_p") else None,
-        top_k=s.top_k,
-        min_p=s.min_p,
-        seed=s.seed if s.HasField("seed") else None,
-        logprobs=s.logprobs if s.HasField("logprobs") else None,
-        max_tokens=stop.max_tokens if stop.HasField("max_tokens") else None,
-        stop_token_ids=list(stop.stop_token_ids),
-        ignore_eos=stop.ignore_eos,
-    )
-    # Internal ids are always unique: two callers may reuse the same request_id.
-    return EngineRequest(
-        request_id=f"{msg.request_id or 'req'}-{uuid.uuid4().hex[:12]}",
-        prompt_token_ids=prompt,
-        sampling=options,
-        priority=PRIORITY_CLASS[msg.priority],
-        tenant=msg.tenant,
-    )
-
-
-def response_from_outputs(
-    outputs: list[RequestOutput],
-) -> engine_service_pb2.EngineServiceGenerateResponse:
-    """Merges one or more step outputs of a request into one streamed response."""
-    last = outputs[-1]
-    # Called once per message of every stream: one output (a reader keeping up) is the rule.
-    token_ids = (
-        last.new_token_ids
-        if len(outputs) == 1
-        else [token_id for out in outputs for token_id in out.new_token_ids]
-    )
-    response = engine_service_pb2.EngineServiceGenerateResponse(token_ids=token_ids)
-    for out in outputs:
-        for lp in out.new_logprobs or ():
-            response.logprobs.add(
-                token_id=lp.token_id,
-                logprob=lp.logprob,
-                top_logprobs=[common_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
-            )
-    if last.finish_reason is not None:
-        response.finish_reason = FINISH_REASON[last.finish_reason]
-    usage = response.usage
-    usage.prompt_tokens = last.prompt_tokens
-    usage.completion_tokens = last.completion_tokens
-    usage.cached_prompt_tokens = last.cached_prompt_tokens
-    return response
 
 
 def info_to_proto(info: EngineInfo) -> engine_service_pb2.GetInfoResponse:
@@ -124,10 +61,38 @@ class EngineServicer(engine_service_pb2_grpc.EngineServiceServicer):
     ) -> AsyncIterator[engine_service_pb2.EngineServiceGenerateResponse]:
         """Streams the request's tokens; several per response when this reader lags behind."""
         try:
+            async with aclosing(self.run(request)) as batches:
+                async for outputs in batches:
+                    yield response_from_outputs(outputs)
+        except StreamFailure as exc:
+            await context.abort(exc.code, exc.details)
+
+    async def GenerateStreams(
+        self,
+        requests: AsyncIterator[engine_service_pb2.GenerateStreamsRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[engine_service_pb2.GenerateStreamsResponse]:
+        """Runs many streams over one call; each message carries every stream's new output."""
+        mux = StreamMux(self.run)
+        reader = asyncio.create_task(mux.read_requests(requests))
+        try:
+            async for message in mux.responses():
+                yield message
+        except StreamFailure as exc:
+            await context.abort(exc.code, exc.details)
+        finally:
+            reader.cancel()
+            mux.close()
+
+    async def run(
+        self, request: engine_service_pb2.EngineServiceGenerateRequest
+    ) -> AsyncIterator[list[RequestOutput]]:
+        """One request's output batches, logged and counted; raises StreamFailure."""
+        try:
             engine_request = request_from_proto(request, self.info)
         except InvalidRequestError as exc:
             metrics.REQUESTS.labels("invalid").inc()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise StreamFailure(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
         bound = log.bind(request_id=engine_request.request_id)
         bound.info(
             "request_started",
@@ -137,21 +102,22 @@ class EngineServicer(engine_service_pb2_grpc.EngineServiceServicer):
             tenant=engine_request.tenant,
         )
         if self.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "engine is shutting down")
+            raise StreamFailure(grpc.StatusCode.UNAVAILABLE, "engine is shutting down")
         latency = metrics.StreamLatency(time.monotonic())
         outcome = "cancelled"
         try:
-            async for outputs in self.engine.generate(engine_request):
-                latency.record(outputs)
-                if outputs[-1].finish_reason is not None:
-                    outcome = "finished"
-                yield response_from_outputs(outputs)
+            async with aclosing(self.engine.generate(engine_request)) as batches:
+                async for outputs in batches:
+                    latency.record(outputs)
+                    if outputs[-1].finish_reason is not None:
+                        outcome = "finished"
+                    yield outputs
         except EngineDeadError as exc:
             outcome = "failed"
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            raise StreamFailure(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
         except ValueError as exc:
             outcome = "invalid"
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise StreamFailure(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
         finally:
             metrics.REQUESTS.labels(outcome).inc()
             bound.info("request_" + outcome)

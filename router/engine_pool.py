@@ -16,6 +16,7 @@ import structlog
 
 from llmserve.router import metrics
 from llmserve.router.engine_channel import open_engine_channel
+from llmserve.router.engine_link import EngineLink
 from llmserve.router.hash_check import HashSelfCheck
 from llmserve.router.prefix_index import PrefixIndex
 from llmserve.v1 import engine_service_pb2, engine_service_pb2_grpc
@@ -35,6 +36,7 @@ class Engine:
     address: str
     channel: grpc.aio.Channel
     stub: engine_service_pb2_grpc.EngineServiceStub
+    link: EngineLink
     info: engine_service_pb2.GetInfoResponse | None = None
     load: engine_service_pb2.WatchLoadResponse | None = None
     kv_synced: bool = False
@@ -104,6 +106,7 @@ class EnginePool:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         for engine in self.engines.values():
+            engine.link.close()
             await engine.channel.close()
 
     async def _maintain(self) -> None:
@@ -113,9 +116,8 @@ class EnginePool:
                 channel = open_engine_channel(
                     address, self.credentials, self._server_names.get(address)
                 )
-                engine = Engine(
-                    address, channel, engine_service_pb2_grpc.EngineServiceStub(channel)
-                )
+                stub = engine_service_pb2_grpc.EngineServiceStub(channel)
+                engine = Engine(address, channel, stub, EngineLink(stub))
                 engine.task = asyncio.create_task(self._follow(engine))
                 self.engines[address] = engine
             for address in self.engines.keys() - addresses:
@@ -125,6 +127,7 @@ class EnginePool:
                 self._forget(address)
                 metrics.PREFIX_INDEX_ENGINE_BLOCKS.remove(address)
                 log.info("engine_removed", engine=address)
+                engine.link.close()
                 await engine.channel.close()
             await asyncio.sleep(self.refresh_s)
 

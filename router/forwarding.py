@@ -6,6 +6,7 @@ client's stream continues with no token duplicated or lost (greedy and seeded sa
 same tokens on any engine: sampling randomness is keyed on seed and position).
 """
 
+import asyncio
 import random
 import time
 from collections.abc import AsyncIterator
@@ -17,6 +18,7 @@ import structlog
 from llmserve.common.block_hash import hash_full_blocks
 from llmserve.router import metrics
 from llmserve.router.balancer import Balancer
+from llmserve.router.engine_link import StreamError
 from llmserve.router.engine_pool import Engine, EnginePool
 from llmserve.router.hash_check import HashSelfCheck
 from llmserve.router.prefix_index import PrefixIndex
@@ -32,6 +34,21 @@ FINAL_CODES = {
     grpc.StatusCode.CANCELLED,
     grpc.StatusCode.PERMISSION_DENIED,
 }
+
+
+def _count_routed(
+    request: "ForwardedRequest", address: str, prompt_len: int, matched_tokens: int
+) -> None:
+    metrics.ROUTED.labels(address).inc()
+    metrics.PROMPT_TOKENS.inc(prompt_len)
+    metrics.MATCHED_TOKENS.inc(min(matched_tokens, prompt_len))
+    log.info(
+        "request_routed",
+        request_id=request.request_id,
+        engine=address,
+        prompt_tokens=prompt_len,
+        matched_tokens=matched_tokens,
+    )
 
 
 class NoEngineError(Exception):
@@ -106,24 +123,23 @@ class Forwarder:
         cached = None
         excluded: set[str] = set()
         prompt_len = len(request.prompt_token_ids)
+        loop = asyncio.get_running_loop()
+        loop_deadline = None if deadline is None else loop.time() + deadline - time.monotonic()
         for attempt in range(MAX_ATTEMPTS):
             tokens = request.prompt_token_ids + generated
             engine, hashes, matched_tokens = self._route(tokens, excluded)
             stopping = common_pb2.StoppingCriteria()
             stopping.CopyFrom(request.stopping)
             stopping.max_tokens = request.max_tokens - len(generated)
-            call = engine.stub.Generate(
-                engine_service_pb2.EngineServiceGenerateRequest(
-                    request_id=request.request_id,
-                    prompt_token_ids=tokens,
-                    sampling=sampling,
-                    stopping=stopping,
-                    priority=request.priority,
-                    tenant=request.tenant,
-                ),
-                timeout=None if deadline is None else max(deadline - time.monotonic(), 0.001),
-                metadata=(("x-request-id", request.request_id),),
+            engine_request = engine_service_pb2.EngineServiceGenerateRequest(
+                request_id=request.request_id,
+                prompt_token_ids=tokens,
+                sampling=sampling,
+                stopping=stopping,
+                priority=request.priority,
+                tenant=request.tenant,
             )
+            responses = engine.link.stream(engine_request, loop_deadline)
             uncached = max(len(tokens) - matched_tokens, 1)
             engine.inflight += 1
             engine.inflight_prefill += uncached
@@ -131,18 +147,12 @@ class Forwarder:
             self.index.predict(engine.address, hashes)
             check = self.hash_check.routed(engine.address, hashes)
             if attempt == 0:
-                metrics.ROUTED.labels(engine.address).inc()
-                metrics.PROMPT_TOKENS.inc(prompt_len)
-                metrics.MATCHED_TOKENS.inc(min(matched_tokens, prompt_len))
-                log.info(
-                    "request_routed",
-                    request_id=request.request_id,
-                    engine=engine.address,
-                    prompt_tokens=prompt_len,
-                    matched_tokens=matched_tokens,
+                # Runs once the request is on its way (the stream's first step writes it).
+                asyncio.get_running_loop().call_soon(
+                    _count_routed, request, engine.address, prompt_len, matched_tokens
                 )
             try:
-                async for chunk in call:
+                async for chunk in responses:
                     if not started:
                         started = True
                         engine.inflight_prefill -= uncached
@@ -161,12 +171,12 @@ class Forwarder:
                     yield chunk
                     return
                 failure = "stream ended before the request finished"
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() in FINAL_CODES:
+            except StreamError as exc:
+                if exc.code in FINAL_CODES:
                     raise
-                failure = f"{exc.code().name}: {exc.details()}"
+                failure = str(exc)
             finally:
-                call.cancel()
+                await responses.aclose()
                 engine.inflight -= 1
                 if not started:
                     engine.inflight_prefill -= uncached

@@ -22,6 +22,7 @@ from llmserve.router.admission import AdmissionController, ShedError
 from llmserve.router.auth import BearerAuthInterceptor, TenantKeys
 from llmserve.router.balancer import Balancer, Policy
 from llmserve.router.detokenizer import IncrementalDetokenizer
+from llmserve.router.engine_link import StreamError
 from llmserve.router.engine_pool import EnginePool
 from llmserve.router.forwarding import ForwardedRequest, Forwarder, NoEngineError
 from llmserve.router.hash_check import HashSelfCheck
@@ -115,8 +116,8 @@ class GenerateServicer:
         )
         detokenizer = IncrementalDetokenizer(self.tokenizer, list(request.stop))
         try:
-            # The per-message path: one response per engine message, whatever it holds (the
-            # engine merges the tokens of a lagging stream), and no work beyond what it needs.
+            # The per-message path: one response per engine response, whatever it holds (the
+            # engine and the link merge the tokens of a lagging stream), and no more work.
             async for chunk in self.forwarder.stream(forwarded, deadline):
                 token_ids = chunk.token_ids
                 metrics.GENERATED_TOKENS.inc(len(token_ids))
@@ -145,9 +146,9 @@ class GenerateServicer:
                     yield response
                     return
                 yield response
-        except grpc.aio.AioRpcError as exc:
-            outcome = exc.code().name.lower()
-            await context.abort(exc.code(), exc.details() or exc.code().name)
+        except StreamError as exc:
+            outcome = exc.code.name.lower()
+            await context.abort(exc.code, exc.details or exc.code.name)
         except NoEngineError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except asyncio.CancelledError:

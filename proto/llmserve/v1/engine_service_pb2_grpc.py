@@ -40,6 +40,11 @@ class EngineServiceStub:
                 request_serializer=llmserve_dot_v1_dot_engine__service__pb2.EngineServiceGenerateRequest.SerializeToString,
                 response_deserializer=llmserve_dot_v1_dot_engine__service__pb2.EngineServiceGenerateResponse.FromString,
                 _registered_method=True)
+        self.GenerateStreams = channel.stream_stream(
+                '/llmserve.v1.EngineService/GenerateStreams',
+                request_serializer=llmserve_dot_v1_dot_engine__service__pb2.GenerateStreamsRequest.SerializeToString,
+                response_deserializer=llmserve_dot_v1_dot_engine__service__pb2.GenerateStreamsResponse.FromString,
+                _registered_method=True)
         self.GetInfo = channel.unary_unary(
                 '/llmserve.v1.EngineService/GetInfo',
                 request_serializer=llmserve_dot_v1_dot_engine__service__pb2.GetInfoRequest.SerializeToString,
@@ -63,6 +68,14 @@ class EngineServiceServicer:
 
     def Generate(self, request, context):
         """Streams the tokens generated for a prompt given as token ids.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateStreams(self, request_iterator, context):
+        """Many Generate streams over one call, as a router runs them: no call set-up per request, and
+        each response message carries every stream's new tokens since the previous one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -96,6 +109,11 @@ def add_EngineServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=llmserve_dot_v1_dot_engine__service__pb2.EngineServiceGenerateRequest.FromString,
                     response_serializer=llmserve_dot_v1_dot_engine__service__pb2.EngineServiceGenerateResponse.SerializeToString,
+            ),
+            'GenerateStreams': grpc.stream_stream_rpc_method_handler(
+                    servicer.GenerateStreams,
+                    request_deserializer=llmserve_dot_v1_dot_engine__service__pb2.GenerateStreamsRequest.FromString,
+                    response_serializer=llmserve_dot_v1_dot_engine__service__pb2.GenerateStreamsResponse.SerializeToString,
             ),
             'GetInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetInfo,
@@ -141,6 +159,33 @@ class EngineService:
             '/llmserve.v1.EngineService/Generate',
             llmserve_dot_v1_dot_engine__service__pb2.EngineServiceGenerateRequest.SerializeToString,
             llmserve_dot_v1_dot_engine__service__pb2.EngineServiceGenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateStreams(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/llmserve.v1.EngineService/GenerateStreams',
+            llmserve_dot_v1_dot_engine__service__pb2.GenerateStreamsRequest.SerializeToString,
+            llmserve_dot_v1_dot_engine__service__pb2.GenerateStreamsResponse.FromString,
             options,
             channel_credentials,
             insecure,

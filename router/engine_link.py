@@ -1,0 +1,183 @@
+"""The router's requests to one engine, all over one GenerateStreams call.
+
+A request costs one message on a call that is already open instead of a call of its own: that
+saves the call set-up on both ends of the hop, which is most of what the hop adds to a request's
+first token. The engine sends every stream's new tokens of a step in one message. When a request
+has several responses queued here (the router fell behind), its reader gets them merged into one.
+
+The call is opened at the first request and again after it breaks; a break ends every stream on
+it with UNAVAILABLE, which the forwarder treats as an engine failure.
+"""
+
+import asyncio
+import itertools
+from collections import deque
+from collections.abc import AsyncIterator
+
+import grpc
+
+from llmserve.v1 import common_pb2, engine_service_pb2, engine_service_pb2_grpc
+
+_Update = engine_service_pb2.StreamUpdate
+
+
+class StreamError(Exception):
+    """A stream ended without its last response: the engine's status, or the call broke."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class _LinkCall:
+    """One open GenerateStreams call and the streams running on it."""
+
+    def __init__(self, stub: engine_service_pb2_grpc.EngineServiceStub) -> None:
+        self.call = stub.GenerateStreams()
+        self.streams: dict[int, asyncio.Queue[_Update | StreamError]] = {}
+        self.broken: StreamError | None = None
+        self._outbox: deque[engine_service_pb2.GenerateStreamsRequest] = deque()
+        self._writing = False
+        self._reader = asyncio.create_task(self._read())
+
+    async def send(self, message: engine_service_pb2.GenerateStreamsRequest) -> None:
+        """Queues a message and writes the queue out unless another task already is."""
+        self._outbox.append(message)
+        if self._writing:
+            return
+        self._writing = True
+        try:
+            while self._outbox and self.broken is None:
+                await self.call.write(self._outbox.popleft())
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+            self._break(StreamError(grpc.StatusCode.UNAVAILABLE, f"engine call broke: {exc}"))
+        finally:
+            self._writing = False
+
+    async def _read(self) -> None:
+        try:
+            async for message in self.call:
+                for update in message.updates:
+                    queue = self.streams.get(update.stream_id)
+                    if queue is not None:
+                        queue.put_nowait(update)
+            error = StreamError(grpc.StatusCode.UNAVAILABLE, "engine ended the stream call")
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            # The call's own end (the engine went away) is an engine failure for every stream.
+            if code == grpc.StatusCode.CANCELLED:
+                code = grpc.StatusCode.UNAVAILABLE
+            error = StreamError(code, exc.details() or code.name)
+        self._break(error)
+
+    def _break(self, error: StreamError) -> None:
+        if self.broken is not None:
+            return
+        self.broken = error
+        for queue in self.streams.values():
+            queue.put_nowait(error)
+        self.streams.clear()
+        self.call.cancel()
+
+    def close(self) -> None:
+        self._break(StreamError(grpc.StatusCode.UNAVAILABLE, "engine left the pool"))
+        self._reader.cancel()
+
+
+class EngineLink:
+    """Streams requests to one engine over a shared GenerateStreams call."""
+
+    def __init__(self, stub: engine_service_pb2_grpc.EngineServiceStub) -> None:
+        self._stub = stub
+        self._current: _LinkCall | None = None
+        self._ids = itertools.count(1)
+
+    def _open(self) -> _LinkCall:
+        if self._current is None or self._current.broken is not None:
+            self._current = _LinkCall(self._stub)
+        return self._current
+
+    async def stream(
+        self, request: engine_service_pb2.EngineServiceGenerateRequest, deadline: float | None
+    ) -> AsyncIterator[engine_service_pb2.EngineServiceGenerateResponse]:
+        """Yields the request's responses; raises StreamError if it ends otherwise.
+
+        `deadline` is on the event loop's clock (None = none): past it the stream ends with
+        DEADLINE_EXCEEDED, as a call with that deadline would.
+        """
+        link = self._open()
+        stream_id = next(self._ids)
+        queue: asyncio.Queue[_Update | StreamError] = asyncio.Queue()
+        link.streams[stream_id] = queue
+        timer = None
+        if deadline is not None:
+            timer = asyncio.get_running_loop().call_at(
+                deadline,
+                queue.put_nowait,
+                StreamError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"),
+            )
+        finished = False
+        try:
+            await link.send(
+                engine_service_pb2.GenerateStreamsRequest(stream_id=stream_id, start=request)
+            )
+            while not finished:
+                updates = [await queue.get()]
+                while not queue.empty():
+                    updates.append(queue.get_nowait())
+                responses, failure = _split(updates)
+                if responses:
+                    response = _merge(responses)
+                    finished = response.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+                    yield response
+                if failure is not None:
+                    raise failure
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if link.streams.pop(stream_id, None) is not None and not finished:
+                # Left early (an error here, the client went away): the engine stops the request.
+                asyncio.get_running_loop().create_task(
+                    link.send(
+                        engine_service_pb2.GenerateStreamsRequest(stream_id=stream_id, cancel=True)
+                    )
+                )
+
+    def close(self) -> None:
+        """Ends the call; its streams fail with UNAVAILABLE."""
+        if self._current is not None:
+            self._current.close()
+
+
+def _split(
+    updates: list[_Update | StreamError],
+) -> tuple[list[engine_service_pb2.EngineServiceGenerateResponse], StreamError | None]:
+    """The responses before the first failure, and that failure (None if there is none)."""
+    responses = []
+    for update in updates:
+        if isinstance(update, StreamError):
+            return responses, update
+        if update.error_code:
+            return responses, StreamError(_CODES[update.error_code], update.error_message)
+        responses.append(update.response)
+    return responses, None
+
+
+def _merge(
+    responses: list[engine_service_pb2.EngineServiceGenerateResponse],
+) -> engine_service_pb2.EngineServiceGenerateResponse:
+    """One response for several a reader found queued: their tokens, the last one's ending."""
+    if len(responses) == 1:
+        return responses[0]
+    merged = engine_service_pb2.EngineServiceGenerateResponse()
+    for response in responses:
+        merged.token_ids.extend(response.token_ids)
+        merged.logprobs.extend(response.logprobs)
+    last = responses[-1]
+    merged.finish_reason = last.finish_reason
+    merged.usage.CopyFrom(last.usage)
+    return merged
