@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import xxhash
 
 ALGORITHM = "xxh3_64"
+_PARENT = struct.Struct("<Q")
 
 
 def hash_block(parent: int, token_ids: Sequence[int], seed: int) -> int:
@@ -23,8 +24,14 @@ def hash_full_blocks(
 ) -> list[int]:
     """Chained hashes of every full block of `token_ids`, reusing the `known` leading hashes."""
     hashes = list(known)
+    start, end = len(hashes) * block_size, len(token_ids) // block_size * block_size
+    if end <= start:
+        return hashes
+    # One pack for all the blocks: a router hashes every prompt before it can route it.
+    data = struct.pack(f"<{end - start}I", *token_ids[start:end])
     parent = hashes[-1] if hashes else 0
-    for start in range(len(hashes) * block_size, len(token_ids) - block_size + 1, block_size):
-        parent = hash_block(parent, token_ids[start : start + block_size], seed)
+    step = 4 * block_size
+    for offset in range(0, len(data), step):
+        parent = xxhash.xxh3_64_intdigest(_PARENT.pack(parent) + data[offset : offset + step], seed)
         hashes.append(parent)
     return hashes
