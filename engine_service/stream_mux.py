@@ -49,13 +49,14 @@ class StreamMux:
         """Starts and cancels streams as the caller asks, until it closes its side."""
         try:
             async for message in requests:
-                self._handle(message)
+                for action in message.actions:
+                    self._handle(action)
         except StreamFailure as exc:
             self._protocol_error = exc
         self._requests_ended = True
         self._ready.set()
 
-    def _handle(self, message: engine_service_pb2.GenerateStreamsRequest) -> None:
+    def _handle(self, message: engine_service_pb2.StreamAction) -> None:
         stream_id = message.stream_id
         if message.HasField("start"):
             if stream_id in self._tasks:

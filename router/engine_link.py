@@ -11,7 +11,6 @@ it with UNAVAILABLE, which the forwarder treats as an engine failure.
 
 import asyncio
 import itertools
-from collections import deque
 from collections.abc import AsyncIterator
 
 import grpc
@@ -40,19 +39,24 @@ class _LinkCall:
         self.call = stub.GenerateStreams()
         self.streams: dict[int, asyncio.Queue[_Update | StreamError]] = {}
         self.broken: StreamError | None = None
-        self._outbox: deque[engine_service_pb2.GenerateStreamsRequest] = deque()
+        self._outbox: list[engine_service_pb2.StreamAction] = []
         self._writing = False
         self._reader = asyncio.create_task(self._read())
 
-    async def send(self, message: engine_service_pb2.GenerateStreamsRequest) -> None:
-        """Queues a message and writes the queue out unless another task already is."""
-        self._outbox.append(message)
+    async def send(self, action: engine_service_pb2.StreamAction) -> None:
+        """Queues an action and writes the queue out unless another task already is.
+
+        One write is in flight at a time; whatever queues meanwhile goes out in the next message,
+        so a burst of requests costs a few writes, not one each.
+        """
+        self._outbox.append(action)
         if self._writing:
             return
         self._writing = True
         try:
             while self._outbox and self.broken is None:
-                await self.call.write(self._outbox.popleft())
+                actions, self._outbox = self._outbox, []
+                await self.call.write(engine_service_pb2.GenerateStreamsRequest(actions=actions))
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
             self._break(StreamError(grpc.StatusCode.UNAVAILABLE, f"engine call broke: {exc}"))
         finally:
@@ -122,9 +126,7 @@ class EngineLink:
             )
         finished = False
         try:
-            await link.send(
-                engine_service_pb2.GenerateStreamsRequest(stream_id=stream_id, start=request)
-            )
+            await link.send(engine_service_pb2.StreamAction(stream_id=stream_id, start=request))
             while not finished:
                 updates = [await queue.get()]
                 while not queue.empty():
@@ -142,9 +144,7 @@ class EngineLink:
             if link.streams.pop(stream_id, None) is not None and not finished:
                 # Left early (an error here, the client went away): the engine stops the request.
                 asyncio.get_running_loop().create_task(
-                    link.send(
-                        engine_service_pb2.GenerateStreamsRequest(stream_id=stream_id, cancel=True)
-                    )
+                    link.send(engine_service_pb2.StreamAction(stream_id=stream_id, cancel=True))
                 )
 
     def close(self) -> None:

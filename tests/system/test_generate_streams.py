@@ -24,7 +24,8 @@ def request(prompt: list[int], max_tokens: int) -> engine_service_pb2.EngineServ
 
 
 def start(stream_id: int, req: engine_service_pb2.EngineServiceGenerateRequest):
-    return engine_service_pb2.GenerateStreamsRequest(stream_id=stream_id, start=req)
+    action = engine_service_pb2.StreamAction(stream_id=stream_id, start=req)
+    return engine_service_pb2.GenerateStreamsRequest(actions=[action])
 
 
 def generate_direct(address: str, req: engine_service_pb2.EngineServiceGenerateRequest) -> list:
@@ -60,9 +61,8 @@ def test_streams_finish_fail_and_cancel_independently(qwen3_system) -> None:
                 for update in message.updates:
                     seen[update.stream_id].append(update)
                 if seen[8] and seen[8][-1].response.finish_reason and seen[9] and not cancelled:
-                    await call.write(
-                        engine_service_pb2.GenerateStreamsRequest(stream_id=7, cancel=True)
-                    )
+                    cancel = engine_service_pb2.StreamAction(stream_id=7, cancel=True)
+                    await call.write(engine_service_pb2.GenerateStreamsRequest(actions=[cancel]))
                     await call.done_writing()
                     cancelled = True
             return seen

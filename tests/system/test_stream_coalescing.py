@@ -49,11 +49,8 @@ def test_engine_merges_output_it_cannot_send_yet(qwen3_system) -> None:
     async def lagging_read() -> list[int]:
         async with grpc.aio.insecure_channel(engine.address, options=options) as channel:
             call = engine_service_pb2_grpc.EngineServiceStub(channel).GenerateStreams()
-            await call.write(
-                engine_service_pb2.GenerateStreamsRequest(
-                    stream_id=1, start=greedy_request("lagging")
-                )
-            )
+            start = engine_service_pb2.StreamAction(stream_id=1, start=greedy_request("lagging"))
+            await call.write(engine_service_pb2.GenerateStreamsRequest(actions=[start]))
             await call.done_writing()
             first = await call.read()
             await wait_until_idle(engine.address)
