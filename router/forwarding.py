@@ -148,9 +148,7 @@ class Forwarder:
             check = self.hash_check.routed(engine.address, hashes)
             if attempt == 0:
                 # Runs once the request is on its way (the stream's first step writes it).
-                asyncio.get_running_loop().call_soon(
-                    _count_routed, request, engine.address, prompt_len, matched_tokens
-                )
+                loop.call_soon(_count_routed, request, engine.address, prompt_len, matched_tokens)
             try:
                 async for chunk in responses:
                     if not started:
