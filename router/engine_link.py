@@ -39,31 +39,24 @@ class _LinkCall:
         self.call = stub.GenerateStreams()
         self.streams: dict[int, asyncio.Queue[_Update | StreamError]] = {}
         self.broken: StreamError | None = None
-        self._outbox = engine_service_pb2.GenerateStreamsRequest()
+        self._outbox: list[engine_service_pb2.StreamAction] = []
         self._writing = False
         self._reader = asyncio.create_task(self._read())
 
-    async def send(
-        self, stream_id: int, start: engine_service_pb2.EngineServiceGenerateRequest | None
-    ) -> None:
-        """Queues a start (or, with None, a cancel) and writes the queue out unless another task
-        already is.
+    async def send(self, action: engine_service_pb2.StreamAction) -> None:
+        """Queues an action and writes the queue out unless another task already is.
 
         One write is in flight at a time; whatever queues meanwhile goes out in the next message,
         so a burst of requests costs a few writes, not one each.
         """
-        action = self._outbox.actions.add(stream_id=stream_id)
-        if start is None:
-            action.cancel = True
-        else:
-            action.start.CopyFrom(start)
+        self._outbox.append(action)
         if self._writing:
             return
         self._writing = True
         try:
-            while self._outbox.actions and self.broken is None:
-                message, self._outbox = self._outbox, engine_service_pb2.GenerateStreamsRequest()
-                await self.call.write(message)
+            while self._outbox and self.broken is None:
+                actions, self._outbox = self._outbox, []
+                await self.call.write(engine_service_pb2.GenerateStreamsRequest(actions=actions))
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
             self._break(StreamError(grpc.StatusCode.UNAVAILABLE, f"engine call broke: {exc}"))
         finally:
@@ -133,7 +126,7 @@ class EngineLink:
             )
         finished = False
         try:
-            await link.send(stream_id, request)
+            await link.send(engine_service_pb2.StreamAction(stream_id=stream_id, start=request))
             while not finished:
                 updates = [await queue.get()]
                 while not queue.empty():
@@ -150,7 +143,9 @@ class EngineLink:
                 timer.cancel()
             if link.streams.pop(stream_id, None) is not None and not finished:
                 # Left early (an error here, the client went away): the engine stops the request.
-                asyncio.get_running_loop().create_task(link.send(stream_id, None))
+                asyncio.get_running_loop().create_task(
+                    link.send(engine_service_pb2.StreamAction(stream_id=stream_id, cancel=True))
+                )
 
     def close(self) -> None:
         """Ends the call; its streams fail with UNAVAILABLE."""

@@ -9,7 +9,7 @@ same tokens on any engine: sampling randomness is keyed on seed and position).
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
@@ -60,7 +60,7 @@ class ForwardedRequest:
     """What the engine is asked for, in engine terms (already tokenized and validated)."""
 
     request_id: str
-    prompt_token_ids: Sequence[int]
+    prompt_token_ids: list[int]
     sampling: common_pb2.SamplingParams
     max_tokens: int
     stopping: common_pb2.StoppingCriteria
@@ -83,7 +83,7 @@ class Forwarder:
         self.balancer = balancer
         self.hash_check = hash_check
 
-    def _route(self, tokens: Sequence[int], excluded: set[str]) -> tuple[Engine, list[int], int]:
+    def _route(self, tokens: list[int], excluded: set[str]) -> tuple[Engine, list[int], int]:
         engines = [e for e in self.pool.ready_engines() if e.address not in excluded]
         if not engines:
             raise NoEngineError("no engine is ready to serve")
@@ -126,21 +126,19 @@ class Forwarder:
         loop = asyncio.get_running_loop()
         loop_deadline = None if deadline is None else loop.time() + deadline - time.monotonic()
         for attempt in range(MAX_ATTEMPTS):
-            tokens: Sequence[int] = request.prompt_token_ids
-            if generated:
-                tokens = [*tokens, *generated]
+            tokens = request.prompt_token_ids + generated
             engine, hashes, matched_tokens = self._route(tokens, excluded)
             stopping = common_pb2.StoppingCriteria()
             stopping.CopyFrom(request.stopping)
             stopping.max_tokens = request.max_tokens - len(generated)
             engine_request = engine_service_pb2.EngineServiceGenerateRequest(
                 request_id=request.request_id,
+                prompt_token_ids=tokens,
                 sampling=sampling,
                 stopping=stopping,
                 priority=request.priority,
                 tenant=request.tenant,
             )
-            engine_request.prompt_token_ids.extend(tokens)
             responses = engine.link.stream(engine_request, loop_deadline)
             uncached = max(len(tokens) - matched_tokens, 1)
             engine.inflight += 1
