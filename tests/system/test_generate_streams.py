@@ -34,16 +34,7 @@ def generate_direct(address: str, req: engine_service_pb2.EngineServiceGenerateR
         return [t for r in stub.Generate(req, timeout=60) for t in r.token_ids]
 
 
-def running(address: str) -> int:
-    with grpc.insecure_channel(address) as channel:
-        stub = engine_service_pb2_grpc.EngineServiceStub(channel)
-        stream = stub.WatchLoad(engine_service_pb2.WatchLoadRequest(), timeout=5)
-        load = next(stream)
-        stream.cancel()
-        return load.num_running + load.num_waiting
-
-
-def test_streams_finish_fail_and_cancel_independently(qwen3_system) -> None:
+def test_streams_finish_fail_and_cancel_independently(qwen3_system, engine_load) -> None:
     _, engine, _ = qwen3_system
     good, long_one = request([3, 4, 5, 6], 12), request([9, 10, 11], 400)
     long_one.request_id = "cancel-me"
@@ -77,7 +68,7 @@ def test_streams_finish_fail_and_cancel_independently(qwen3_system) -> None:
     # The cancelled stream sent some tokens, never a last response, and the call ended.
     assert seen[7] and not any(u.response.finish_reason or u.error_code for u in seen[7])
     deadline = time.monotonic() + 10
-    while running(engine.address):
+    while (load := engine_load(engine.address)).num_running + load.num_waiting:
         assert time.monotonic() < deadline, "the cancelled stream still runs on the engine"
         time.sleep(0.05)
     events = engine.log_events()

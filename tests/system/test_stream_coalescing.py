@@ -6,6 +6,7 @@ control), and the router's link, for responses queued while the request's reader
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import grpc
 
@@ -14,15 +15,7 @@ from llmserve.router.engine_link import EngineLink
 from llmserve.v1 import common_pb2, engine_service_pb2, engine_service_pb2_grpc
 
 MAX_TOKENS = 200
-
-
-def engine_running(address: str) -> int:
-    with grpc.insecure_channel(address) as channel:
-        stub = engine_service_pb2_grpc.EngineServiceStub(channel)
-        stream = stub.WatchLoad(engine_service_pb2.WatchLoadRequest(), timeout=5)
-        load = next(stream)
-        stream.cancel()
-        return load.num_running + load.num_waiting
+LoadReader = Callable[[str], engine_service_pb2.WatchLoadResponse]
 
 
 def greedy_request(request_id: str) -> engine_service_pb2.EngineServiceGenerateRequest:
@@ -34,14 +27,17 @@ def greedy_request(request_id: str) -> engine_service_pb2.EngineServiceGenerateR
     )
 
 
-async def wait_until_idle(address: str) -> None:
+async def wait_until_idle(engine_load: LoadReader, address: str) -> None:
     deadline = time.monotonic() + 30
-    while await asyncio.to_thread(engine_running, address):
+    while True:
+        load = await asyncio.to_thread(engine_load, address)
+        if not load.num_running + load.num_waiting:
+            return
         assert time.monotonic() < deadline, "the engine never finished the request"
         await asyncio.sleep(0.05)
 
 
-def test_engine_merges_output_it_cannot_send_yet(qwen3_system) -> None:
+def test_engine_merges_output_it_cannot_send_yet(qwen3_system, engine_load) -> None:
     _, engine, _ = qwen3_system
     # A ~128-byte receive window: after a message or two the engine must wait to send.
     options = [("grpc.http2.lookahead_bytes", 128), ("grpc.http2.bdp_probe", 0)]
@@ -53,7 +49,7 @@ def test_engine_merges_output_it_cannot_send_yet(qwen3_system) -> None:
             await call.write(engine_service_pb2.GenerateStreamsRequest(actions=[start]))
             await call.done_writing()
             first = await call.read()
-            await wait_until_idle(engine.address)
+            await wait_until_idle(engine_load, engine.address)
             messages = [first]
             while (message := await call.read()) is not grpc.aio.EOF:
                 messages.append(message)
@@ -69,7 +65,7 @@ def test_engine_merges_output_it_cannot_send_yet(qwen3_system) -> None:
     assert max(sizes) > MAX_TOKENS // 2, sizes
 
 
-def test_link_merges_responses_queued_for_a_busy_reader(qwen3_system) -> None:
+def test_link_merges_responses_queued_for_a_busy_reader(qwen3_system, engine_load) -> None:
     _, engine, _ = qwen3_system
 
     async def lagging_read() -> list[int]:
@@ -77,7 +73,7 @@ def test_link_merges_responses_queued_for_a_busy_reader(qwen3_system) -> None:
             link = EngineLink(engine_service_pb2_grpc.EngineServiceStub(channel))
             responses = link.stream(greedy_request("busy"), None)
             sizes = [len((await anext(responses)).token_ids)]
-            await wait_until_idle(engine.address)
+            await wait_until_idle(engine_load, engine.address)
             async for response in responses:
                 sizes.append(len(response.token_ids))
             link.close()
