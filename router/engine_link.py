@@ -41,6 +41,7 @@ class _LinkCall:
         self.broken: StreamError | None = None
         self._outbox: list[engine_service_pb2.StreamAction] = []
         self._writing = False
+        self._flushes: set[asyncio.Task[None]] = set()
         self._reader = asyncio.create_task(self._read())
 
     async def send(self, action: engine_service_pb2.StreamAction) -> None:
@@ -50,9 +51,25 @@ class _LinkCall:
         so a burst of requests costs a few writes, not one each.
         """
         self._outbox.append(action)
-        if self._writing:
-            return
+        if not self._writing:
+            self._writing = True
+            await self._flush()
+
+    def send_soon(self, action: engine_service_pb2.StreamAction) -> None:
+        """Queues an action without waiting: the write in flight takes it, or one started here."""
+        self._outbox.append(action)
+        if not self._writing:
+            self._flush_in_background()
+
+    def _flush_in_background(self) -> None:
         self._writing = True
+        # Held until done: the event loop keeps only a weak reference to a task.
+        flush = asyncio.get_running_loop().create_task(self._flush())
+        self._flushes.add(flush)
+        flush.add_done_callback(self._flushes.discard)
+
+    async def _flush(self) -> None:
+        """Writes queued actions until none are left; the caller has set `_writing`."""
         try:
             while self._outbox and self.broken is None:
                 actions, self._outbox = self._outbox, []
@@ -61,6 +78,10 @@ class _LinkCall:
             self._break(StreamError(grpc.StatusCode.UNAVAILABLE, f"engine call broke: {exc}"))
         finally:
             self._writing = False
+            if self._outbox and self.broken is None:
+                # The writing task was cancelled (its own request went away) with other
+                # requests' actions still queued: they must not wait for the next send.
+                self._flush_in_background()
 
     async def _read(self) -> None:
         try:
@@ -143,9 +164,7 @@ class EngineLink:
                 timer.cancel()
             if link.streams.pop(stream_id, None) is not None and not finished:
                 # Left early (an error here, the client went away): the engine stops the request.
-                asyncio.get_running_loop().create_task(
-                    link.send(engine_service_pb2.StreamAction(stream_id=stream_id, cancel=True))
-                )
+                link.send_soon(engine_service_pb2.StreamAction(stream_id=stream_id, cancel=True))
 
     def close(self) -> None:
         """Ends the call; its streams fail with UNAVAILABLE."""
