@@ -65,7 +65,12 @@ class StreamMux:
                     f"stream_id: {stream_id} is already running on this call",
                 )
             self._tasks[stream_id] = asyncio.create_task(self._stream(stream_id, message.start))
-        elif message.cancel:
+        elif not message.cancel:
+            raise StreamFailure(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"actions: stream {stream_id} has neither start nor cancel=true",
+            )
+        else:
             task = self._tasks.pop(stream_id, None)
             if task is not None:
                 task.cancel()

@@ -76,18 +76,31 @@ def test_streams_finish_fail_and_cancel_independently(qwen3_system, engine_load)
     assert ends == ["request_started", "request_cancelled"]
 
 
-def test_a_reused_stream_id_ends_the_call(qwen3_system) -> None:
+@pytest.mark.parametrize(
+    ("second", "message"),
+    [
+        (start(1, request([5, 6], 4)), "stream_id: 1 is already running"),
+        (
+            engine_service_pb2.GenerateStreamsRequest(
+                actions=[engine_service_pb2.StreamAction(stream_id=2)]
+            ),
+            "actions: stream 2 has neither start nor cancel=true",
+        ),
+    ],
+    ids=["reused stream_id", "empty action"],
+)
+def test_a_malformed_action_ends_the_call(qwen3_system, second, message) -> None:
     _, engine, _ = qwen3_system
 
     async def run() -> grpc.StatusCode:
         async with grpc.aio.insecure_channel(engine.address) as channel:
             call = engine_service_pb2_grpc.EngineServiceStub(channel).GenerateStreams()
             await call.write(start(1, request([3, 4], 400)))
-            await call.write(start(1, request([5, 6], 4)))
+            await call.write(second)
             with pytest.raises(grpc.aio.AioRpcError) as failure:
                 async for _ in call:
                     pass
-            assert "stream_id: 1 is already running" in failure.value.details()
+            assert message in failure.value.details()
             return failure.value.code()
 
     assert asyncio.run(asyncio.wait_for(run(), 60)) == grpc.StatusCode.INVALID_ARGUMENT
