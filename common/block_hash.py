@@ -13,12 +13,6 @@ ALGORITHM = "xxh3_64"
 _PARENT = struct.Struct("<Q")
 
 
-def hash_block(parent: int, token_ids: Sequence[int], seed: int) -> int:
-    """Hash of one full block whose predecessor hashed to `parent` (0 for the first block)."""
-    data = struct.pack(f"<Q{len(token_ids)}I", parent, *token_ids)
-    return xxhash.xxh3_64_intdigest(data, seed)
-
-
 def hash_full_blocks(
     token_ids: Sequence[int], block_size: int, seed: int, known: Sequence[int] = ()
 ) -> list[int]:
