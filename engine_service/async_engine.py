@@ -1,8 +1,9 @@
 """The asyncio face of the engine core, which runs in its own process.
 
 One reader thread receives the core's per-step results and hands each to the event loop in one
-call; streams take their tokens from per-request queues, so a slow reader's tokens pile up (and
-are coalesced into one response later) without ever holding up the core.
+call, which passes every output straight to its stream's sink: a callback of the gRPC edge that
+queues it for its reader, so a slow reader's tokens pile up (and are coalesced into one response
+later) without ever holding up the core.
 """
 
 import asyncio
@@ -34,6 +35,11 @@ class EngineDeadError(RuntimeError):
     """The engine core process is gone; no request can be served."""
 
 
+# Takes a stream's outputs in order; an exception (the core refused the request, or died) is the
+# last thing it gets, as is an output with a finish reason.
+Sink = Callable[[RequestOutput | Exception], None]
+
+
 class AsyncEngine:
     """Starts the core process and serves many concurrent streams from its step results."""
 
@@ -46,7 +52,7 @@ class AsyncEngine:
         self.on_step: Callable[[StepResult], None] | None = None
         self.dead = asyncio.Event()
         self.error: str | None = None
-        self._streams: dict[str, asyncio.Queue[RequestOutput | Exception]] = {}
+        self._streams: dict[str, Sink] = {}
         self._load_watchers: set[asyncio.Queue[LoadSnapshot]] = set()
         self._last_load: LoadSnapshot | None = None
         self._stopping = False
@@ -86,34 +92,21 @@ class AsyncEngine:
     def num_streams(self) -> int:
         return len(self._streams)
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[list[RequestOutput]]:
-        """Yields batches of outputs for one request; a batch holds all that arrived meanwhile.
+    def open_stream(self, request: EngineRequest, sink: Sink) -> None:
+        """Sends the request to the core; its outputs go to `sink` as each step produces them.
 
-        Leaving early (the client went away) aborts the request and frees its KV blocks.
+        Raises EngineDeadError when the core is gone. A stream left before its end must be
+        closed (`close_stream`), which aborts the request and frees its KV blocks.
         """
         if self.error is not None:
             raise EngineDeadError(self.error)
-        outputs: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
-        self._streams[request.request_id] = outputs
+        self._streams[request.request_id] = sink
         self._send(AddRequest(request))
-        finished = False
-        try:
-            while not finished:
-                batch: list[RequestOutput] = []
-                item = await outputs.get()
-                while True:
-                    if isinstance(item, Exception):
-                        raise item
-                    batch.append(item)
-                    if outputs.empty():
-                        break
-                    item = outputs.get_nowait()
-                finished = batch[-1].finish_reason is not None
-                yield batch
-        finally:
-            self._streams.pop(request.request_id, None)
-            if not finished and self.error is None:
-                self._send(AbortRequest(request.request_id))
+
+    def close_stream(self, request_id: str) -> None:
+        """Stops a stream that has not ended: its sink gets nothing more and the core aborts it."""
+        if self._streams.pop(request_id, None) is not None and self.error is None:
+            self._send(AbortRequest(request_id))
 
     async def watch_load(self) -> AsyncIterator[LoadSnapshot]:
         """Yields the current load, then each new value (intermediate ones may be skipped)."""
@@ -146,16 +139,19 @@ class AsyncEngine:
 
     def _dispatch(self, message: StepResult | RejectedRequest) -> None:
         if isinstance(message, RejectedRequest):
-            stream = self._streams.get(message.request_id)
-            if stream is not None:
-                stream.put_nowait(ValueError(message.reason))
+            sink = self._streams.pop(message.request_id, None)
+            if sink is not None:
+                sink(ValueError(message.reason))
             return
         now = time.monotonic()
+        streams = self._streams
         for output in message.outputs:
-            stream = self._streams.get(output.request_id)
-            if stream is not None:
+            sink = streams.get(output.request_id)
+            if sink is not None:
                 output.arrival = now
-                stream.put_nowait(output)
+                if output.finish_reason is not None:
+                    del streams[output.request_id]
+                sink(output)
         self.kv_events.publish(message.stored_hashes, message.removed_hashes)
         if message.load != self._last_load:
             self._last_load = message.load
@@ -172,7 +168,8 @@ class AsyncEngine:
         self._process.join(timeout=1)
         self.error = f"engine core process exited (code {self._process.exitcode})"
         log.error("engine_core_died", exitcode=self._process.exitcode)
-        for stream in self._streams.values():
-            stream.put_nowait(EngineDeadError(self.error))
+        streams, self._streams = self._streams, {}
+        for sink in streams.values():
+            sink(EngineDeadError(self.error))
         self.kv_events.close()
         self.dead.set()

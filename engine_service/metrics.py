@@ -45,9 +45,8 @@ class StreamLatency:
         self.last = started
         self.first = True
 
-    def record(self, outputs: list[RequestOutput]) -> None:
-        for output in outputs:
-            gap = max(0.0, output.arrival - self.last)
-            (TTFT if self.first else ITL).observe(gap)
-            self.first = False
-            self.last = output.arrival
+    def record(self, output: RequestOutput) -> None:
+        gap = max(0.0, output.arrival - self.last)
+        (TTFT if self.first else ITL).observe(gap)
+        self.first = False
+        self.last = output.arrival

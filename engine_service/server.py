@@ -3,7 +3,6 @@
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 
 import grpc
 import structlog
@@ -11,13 +10,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from llmserve.engine_service import metrics
-from llmserve.engine_service.async_engine import AsyncEngine, EngineDeadError
+from llmserve.engine_service.async_engine import AsyncEngine
 from llmserve.engine_service.engine_builder import EngineInfo
 from llmserve.engine_service.health_port import start_health_server
-from llmserve.engine_service.messages import request_from_proto, response_from_outputs
+from llmserve.engine_service.messages import response_from_outputs
 from llmserve.engine_service.request import RequestOutput
-from llmserve.engine_service.stream_mux import StreamFailure, StreamMux
-from llmserve.engine_service.validation import InvalidRequestError
+from llmserve.engine_service.request_stream import Deliver, RequestStream, StreamFailure
+from llmserve.engine_service.stream_mux import StreamMux
 from llmserve.v1 import engine_service_pb2, engine_service_pb2_grpc
 
 log = structlog.get_logger(__name__)
@@ -54,18 +53,38 @@ class EngineServicer(engine_service_pb2_grpc.EngineServiceServicer):
         self.kv_events = kv_events
         self.draining = False
 
+    def start(
+        self, request: engine_service_pb2.EngineServiceGenerateRequest, deliver: Deliver
+    ) -> RequestStream:
+        """Starts one request whose outputs go to `deliver`; raises StreamFailure."""
+        return RequestStream(self.engine, self.info, request, deliver, self.draining)
+
     async def Generate(
         self,
         request: engine_service_pb2.EngineServiceGenerateRequest,
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[engine_service_pb2.EngineServiceGenerateResponse]:
         """Streams the request's tokens; several per response when this reader lags behind."""
+        items: asyncio.Queue[RequestOutput | StreamFailure] = asyncio.Queue()
         try:
-            async with aclosing(self.run(request)) as batches:
-                async for outputs in batches:
-                    yield response_from_outputs(outputs)
+            stream = self.start(request, items.put_nowait)
         except StreamFailure as exc:
             await context.abort(exc.code, exc.details)
+        try:
+            finished = False
+            while not finished:
+                batch = [await items.get()]
+                while not items.empty():
+                    batch.append(items.get_nowait())
+                if isinstance(batch[-1], StreamFailure):
+                    failure = batch.pop()
+                    if batch:
+                        yield response_from_outputs(batch)
+                    await context.abort(failure.code, failure.details)
+                finished = batch[-1].finish_reason is not None
+                yield response_from_outputs(batch)
+        finally:
+            stream.cancel()
 
     async def GenerateStreams(
         self,
@@ -73,7 +92,7 @@ class EngineServicer(engine_service_pb2_grpc.EngineServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[engine_service_pb2.GenerateStreamsResponse]:
         """Runs many streams over one call; each message carries every stream's new output."""
-        mux = StreamMux(self.run)
+        mux = StreamMux(self.start)
         reader = asyncio.create_task(mux.read_requests(requests))
         try:
             async for message in mux.responses():
@@ -83,44 +102,6 @@ class EngineServicer(engine_service_pb2_grpc.EngineServiceServicer):
         finally:
             reader.cancel()
             mux.close()
-
-    async def run(
-        self, request: engine_service_pb2.EngineServiceGenerateRequest
-    ) -> AsyncIterator[list[RequestOutput]]:
-        """One request's output batches, logged and counted; raises StreamFailure."""
-        try:
-            engine_request = request_from_proto(request, self.info)
-        except InvalidRequestError as exc:
-            metrics.REQUESTS.labels("invalid").inc()
-            raise StreamFailure(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
-        bound = log.bind(request_id=engine_request.request_id)
-        bound.info(
-            "request_started",
-            prompt_tokens=len(engine_request.prompt_token_ids),
-            max_tokens=engine_request.sampling.max_tokens,
-            priority=engine_request.priority,
-            tenant=engine_request.tenant,
-        )
-        if self.draining:
-            raise StreamFailure(grpc.StatusCode.UNAVAILABLE, "engine is shutting down")
-        latency = metrics.StreamLatency(time.monotonic())
-        outcome = "cancelled"
-        try:
-            async with aclosing(self.engine.generate(engine_request)) as batches:
-                async for outputs in batches:
-                    latency.record(outputs)
-                    if outputs[-1].finish_reason is not None:
-                        outcome = "finished"
-                    yield outputs
-        except EngineDeadError as exc:
-            outcome = "failed"
-            raise StreamFailure(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
-        except ValueError as exc:
-            outcome = "invalid"
-            raise StreamFailure(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
-        finally:
-            metrics.REQUESTS.labels(outcome).inc()
-            bound.info("request_" + outcome)
 
     async def GetInfo(
         self, request: engine_service_pb2.GetInfoRequest, context: grpc.aio.ServicerContext

@@ -4,38 +4,32 @@ A router sends every request to an engine over one such call, so a request costs
 not a call set-up on both sides, and each message back carries the new output of every stream
 that has some: a step's tokens for N streams go out as one message, not N. A stream whose output
 arrives while the previous message is still being sent has it merged into the next one.
+
+No task runs per stream: a start action sends its request to the core as the message is read,
+and outputs land in the outbox straight from the step's dispatch, so the hop through the mux
+costs no event-loop iteration of its own either way.
 """
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing
 
 import grpc
 
 from llmserve.engine_service.messages import response_from_outputs
 from llmserve.engine_service.request import RequestOutput
+from llmserve.engine_service.request_stream import Deliver, RequestStream, StreamFailure
 from llmserve.v1 import engine_service_pb2
 
-Run = Callable[
-    [engine_service_pb2.EngineServiceGenerateRequest], AsyncIterator[list[RequestOutput]]
-]
-
-
-class StreamFailure(Exception):
-    """A request ended with a gRPC status instead of its last output."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code = code
-        self.details = details
+# Starts one request whose outputs go to the given callback; raises StreamFailure if it cannot.
+Start = Callable[[engine_service_pb2.EngineServiceGenerateRequest, Deliver], RequestStream]
 
 
 class StreamMux:
     """Runs the streams a GenerateStreams call starts and batches their output into messages."""
 
-    def __init__(self, run: Run) -> None:
-        self._run = run
-        self._tasks: dict[int, asyncio.Task[None]] = {}
+    def __init__(self, start: Start) -> None:
+        self._start = start
+        self._streams: dict[int, RequestStream] = {}
         # Output and failures not yet sent, per stream, in arrival order.
         self._outputs: dict[int, list[RequestOutput]] = {}
         self._failures: dict[int, StreamFailure] = {}
@@ -59,39 +53,43 @@ class StreamMux:
     def _handle(self, message: engine_service_pb2.StreamAction) -> None:
         stream_id = message.stream_id
         if message.HasField("start"):
-            if stream_id in self._tasks:
+            if stream_id in self._streams:
                 raise StreamFailure(
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"stream_id: {stream_id} is already running on this call",
                 )
-            self._tasks[stream_id] = asyncio.create_task(self._stream(stream_id, message.start))
+            try:
+                self._streams[stream_id] = self._start(
+                    message.start, lambda item: self._deliver(stream_id, item)
+                )
+            except StreamFailure as exc:
+                self._failures[stream_id] = exc
+                self._ready.set()
         elif not message.cancel:
             raise StreamFailure(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"actions: stream {stream_id} has neither start nor cancel=true",
             )
         else:
-            task = self._tasks.pop(stream_id, None)
-            if task is not None:
-                task.cancel()
+            stream = self._streams.pop(stream_id, None)
+            if stream is not None:
+                stream.cancel()
             self._outputs.pop(stream_id, None)
             self._failures.pop(stream_id, None)
 
-    async def _stream(
-        self, stream_id: int, request: engine_service_pb2.EngineServiceGenerateRequest
-    ) -> None:
-        try:
-            async with aclosing(self._run(request)) as batches:
-                async for outputs in batches:
-                    self._outputs.setdefault(stream_id, []).extend(outputs)
-                    self._ready.set()
-        except StreamFailure as exc:
-            self._failures[stream_id] = exc
-            self._ready.set()
-        finally:
-            if self._tasks.get(stream_id) is asyncio.current_task():
-                del self._tasks[stream_id]
-                self._ready.set()
+    def _deliver(self, stream_id: int, item: RequestOutput | StreamFailure) -> None:
+        if isinstance(item, StreamFailure):
+            self._failures[stream_id] = item
+            self._streams.pop(stream_id, None)
+        else:
+            outputs = self._outputs.get(stream_id)
+            if outputs is None:
+                self._outputs[stream_id] = [item]
+            else:
+                outputs.append(item)
+            if item.finish_reason is not None:
+                self._streams.pop(stream_id, None)
+        self._ready.set()
 
     async def responses(self) -> AsyncIterator[engine_service_pb2.GenerateStreamsResponse]:
         """Messages to send, each with all output gathered since the last; ends with the call.
@@ -104,7 +102,7 @@ class StreamMux:
             if self._outputs or self._failures:
                 yield self._take()
                 continue
-            if self._requests_ended and not self._tasks:
+            if self._requests_ended and not self._streams:
                 return
             await self._ready.wait()
             self._ready.clear()
@@ -124,6 +122,6 @@ class StreamMux:
 
     def close(self) -> None:
         """Cancels every stream still running (the call ended): each aborts its request."""
-        for task in self._tasks.values():
-            task.cancel()
-        self._tasks.clear()
+        for stream in self._streams.values():
+            stream.cancel()
+        self._streams.clear()

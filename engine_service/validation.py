@@ -18,8 +18,9 @@ def check_prompt(token_ids: list[int], info: EngineInfo, field: str = "prompt_to
             f"{field}: {len(token_ids)} tokens; the limit is {info.max_model_len - 1} "
             f"(max_model_len {info.max_model_len} minus at least one generated token)"
         )
-    bad = next((t for t in token_ids if not 0 <= t < info.vocab_size), None)
-    if bad is not None:
+    # min/max run in C; the scan that names the culprit runs only for a bad prompt.
+    if min(token_ids) < 0 or max(token_ids) >= info.vocab_size:
+        bad = next(t for t in token_ids if not 0 <= t < info.vocab_size)
         raise InvalidRequestError(
             f"{field}: token id {bad} is outside the vocabulary [0, {info.vocab_size})"
         )

@@ -1,0 +1,98 @@
+"""One request served to a gRPC stream: validated, sent to the core, counted and logged.
+
+Both ways of asking an engine for tokens (a `Generate` call per request, or a stream on a
+`GenerateStreams` call) serve each request through one of these. Outputs are handed to the
+caller's `deliver` callback from the event loop's dispatch of a step, with no task in between:
+the request's first token reaches its gRPC writer one loop iteration after the core sent it.
+"""
+
+import time
+from collections.abc import Callable
+
+import grpc
+import structlog
+
+from llmserve.engine_service import metrics
+from llmserve.engine_service.async_engine import AsyncEngine, EngineDeadError
+from llmserve.engine_service.engine_builder import EngineInfo
+from llmserve.engine_service.messages import request_from_proto
+from llmserve.engine_service.request import RequestOutput
+from llmserve.engine_service.validation import InvalidRequestError
+from llmserve.v1 import engine_service_pb2
+
+log = structlog.get_logger(__name__)
+
+
+class StreamFailure(Exception):
+    """A request ended with a gRPC status instead of its last output."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+# Gets each output in order; a StreamFailure, or an output with a finish reason, is the last.
+Deliver = Callable[[RequestOutput | StreamFailure], None]
+
+
+class RequestStream:
+    """A started request: its outputs go to `deliver` until it ends or `cancel()` is called."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        info: EngineInfo,
+        message: engine_service_pb2.EngineServiceGenerateRequest,
+        deliver: Deliver,
+        draining: bool = False,
+    ) -> None:
+        """Validates and starts the request; raises StreamFailure when it cannot start."""
+        try:
+            self.request = request_from_proto(message, info)
+        except InvalidRequestError as exc:
+            metrics.REQUESTS.labels("invalid").inc()
+            raise StreamFailure(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+        if draining:
+            raise StreamFailure(grpc.StatusCode.UNAVAILABLE, "engine is shutting down")
+        self._engine = engine
+        self._deliver = deliver
+        self._latency = metrics.StreamLatency(time.monotonic())
+        self.ended = False
+        try:
+            engine.open_stream(self.request, self._on_output)
+        except EngineDeadError as exc:
+            raise StreamFailure(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
+        # Logged once the request is on its way to the core: the log line costs no latency.
+        request = self.request
+        log.info(
+            "request_started",
+            request_id=request.request_id,
+            prompt_tokens=len(request.prompt_token_ids),
+            max_tokens=request.sampling.max_tokens,
+            priority=request.priority,
+            tenant=request.tenant,
+        )
+
+    def cancel(self) -> None:
+        """The caller went away: the core aborts the request (nothing happens once it ended)."""
+        if not self.ended:
+            self._engine.close_stream(self.request.request_id)
+            self._end("cancelled")
+
+    def _on_output(self, item: RequestOutput | Exception) -> None:
+        if isinstance(item, Exception):
+            dead = isinstance(item, EngineDeadError)
+            self._end("failed" if dead else "invalid")
+            code = grpc.StatusCode.UNAVAILABLE if dead else grpc.StatusCode.INVALID_ARGUMENT
+            self._deliver(StreamFailure(code, str(item)))
+            return
+        self._latency.record(item)
+        if item.finish_reason is not None:
+            self._end("finished")
+        self._deliver(item)
+
+    def _end(self, outcome: str) -> None:
+        self.ended = True
+        metrics.REQUESTS.labels(outcome).inc()
+        log.info("request_" + outcome, request_id=self.request.request_id)
