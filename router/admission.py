@@ -60,11 +60,17 @@ class AdmissionController:
     def queued_by_priority(self) -> dict[int, int]:
         return {p: sum(len(q) for q in t.values()) for p, t in self._queues.items()}
 
-    async def acquire(self, priority: int, tenant: str, timeout: float | None) -> None:
-        """Waits for a slot; raises ShedError when shed, TimeoutError past the deadline."""
+    def try_acquire(self, priority: int) -> bool:
+        """Takes a slot if one is free and nobody as important waits; True if taken."""
         ahead = any(p <= priority and tenants for p, tenants in self._queues.items())
         if self._has_room(priority) and not ahead:
             self._start(priority)
+            return True
+        return False
+
+    async def acquire(self, priority: int, tenant: str, timeout: float | None) -> None:
+        """Waits for a slot; raises ShedError when shed, TimeoutError past the deadline."""
+        if self.try_acquire(priority):
             return
         waiter = _Waiter(
             priority, next(self._arrivals), tenant, asyncio.get_running_loop().create_future()

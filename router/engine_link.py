@@ -11,13 +11,17 @@ it with UNAVAILABLE, which the forwarder treats as an engine failure.
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import grpc
 
 from llmserve.v1 import common_pb2, engine_service_pb2, engine_service_pb2_grpc
 
 _Update = engine_service_pb2.StreamUpdate
+_Message = engine_service_pb2.GenerateStreamsRequest
+# A request, or its fields: from fields the message is built once, inside the one that carries it
+# (a copy of a long prompt costs as much as building it).
+_Request = engine_service_pb2.EngineServiceGenerateRequest | Mapping[str, object]
 
 
 class StreamError(Exception):
@@ -39,25 +43,26 @@ class _LinkCall:
         self.call = stub.GenerateStreams()
         self.streams: dict[int, asyncio.Queue[_Update | StreamError]] = {}
         self.broken: StreamError | None = None
-        self._outbox: list[engine_service_pb2.StreamAction] = []
+        # The next message, built as actions queue: each is written once, into it.
+        self._outbox = _Message()
         self._writing = False
         self._flushes: set[asyncio.Task[None]] = set()
         self._reader = asyncio.create_task(self._read())
 
-    async def send(self, action: engine_service_pb2.StreamAction) -> None:
-        """Queues an action and writes the queue out unless another task already is.
+    async def start(self, stream_id: int, request: _Request) -> None:
+        """Queues a stream's start and writes the queue out unless another task already is.
 
         One write is in flight at a time; whatever queues meanwhile goes out in the next message,
         so a burst of requests costs a few writes, not one each.
         """
-        self._outbox.append(action)
+        self._outbox.actions.add(stream_id=stream_id, start=request)
         if not self._writing:
             self._writing = True
             await self._flush()
 
-    def send_soon(self, action: engine_service_pb2.StreamAction) -> None:
-        """Queues an action without waiting: the write in flight takes it, or one started here."""
-        self._outbox.append(action)
+    def cancel_soon(self, stream_id: int) -> None:
+        """Queues a stream's cancel without waiting: the write in flight takes it, or one here."""
+        self._outbox.actions.add(stream_id=stream_id, cancel=True)
         if not self._writing:
             self._flush_in_background()
 
@@ -71,14 +76,14 @@ class _LinkCall:
     async def _flush(self) -> None:
         """Writes queued actions until none are left; the caller has set `_writing`."""
         try:
-            while self._outbox and self.broken is None:
-                actions, self._outbox = self._outbox, []
-                await self.call.write(engine_service_pb2.GenerateStreamsRequest(actions=actions))
+            while self._outbox.actions and self.broken is None:
+                message, self._outbox = self._outbox, _Message()
+                await self.call.write(message)
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
             self._break(StreamError(grpc.StatusCode.UNAVAILABLE, f"engine call broke: {exc}"))
         finally:
             self._writing = False
-            if self._outbox and self.broken is None:
+            if self._outbox.actions and self.broken is None:
                 # The writing task was cancelled (its own request went away) with other
                 # requests' actions still queued: they must not wait for the next send.
                 self._flush_in_background()
@@ -127,7 +132,7 @@ class EngineLink:
         return self._current
 
     async def stream(
-        self, request: engine_service_pb2.EngineServiceGenerateRequest, deadline: float | None
+        self, request: _Request, deadline: float | None
     ) -> AsyncIterator[engine_service_pb2.EngineServiceGenerateResponse]:
         """Yields the request's responses; raises StreamError if it ends otherwise.
 
@@ -147,7 +152,7 @@ class EngineLink:
             )
         finished = False
         try:
-            await link.send(engine_service_pb2.StreamAction(stream_id=stream_id, start=request))
+            await link.start(stream_id, request)
             while not finished:
                 updates = [await queue.get()]
                 while not queue.empty():
@@ -164,7 +169,7 @@ class EngineLink:
                 timer.cancel()
             if link.streams.pop(stream_id, None) is not None and not finished:
                 # Left early (an error here, the client went away): the engine stops the request.
-                link.send_soon(engine_service_pb2.StreamAction(stream_id=stream_id, cancel=True))
+                link.cancel_soon(stream_id)
 
     def close(self) -> None:
         """Ends the call; its streams fail with UNAVAILABLE."""

@@ -20,7 +20,7 @@ from llmserve.router import metrics
 from llmserve.router.balancer import Balancer
 from llmserve.router.engine_link import StreamError
 from llmserve.router.engine_pool import Engine, EnginePool
-from llmserve.router.hash_check import HashSelfCheck
+from llmserve.router.hash_check import HashSelfCheck, PendingCheck
 from llmserve.router.prefix_index import PrefixIndex
 from llmserve.v1 import common_pb2, engine_service_pb2
 
@@ -34,21 +34,6 @@ FINAL_CODES = {
     grpc.StatusCode.CANCELLED,
     grpc.StatusCode.PERMISSION_DENIED,
 }
-
-
-def _count_routed(
-    request: "ForwardedRequest", address: str, prompt_len: int, matched_tokens: int
-) -> None:
-    metrics.ROUTED.labels(address).inc()
-    metrics.PROMPT_TOKENS.inc(prompt_len)
-    metrics.MATCHED_TOKENS.inc(min(matched_tokens, prompt_len))
-    log.info(
-        "request_routed",
-        request_id=request.request_id,
-        engine=address,
-        prompt_tokens=prompt_len,
-        matched_tokens=matched_tokens,
-    )
 
 
 class NoEngineError(Exception):
@@ -83,10 +68,14 @@ class Forwarder:
         self.balancer = balancer
         self.hash_check = hash_check
 
-    def _route(self, tokens: list[int], excluded: set[str]) -> tuple[Engine, list[int], int]:
+    def _candidates(self, excluded: set[str]) -> list[Engine]:
         engines = [e for e in self.pool.ready_engines() if e.address not in excluded]
         if not engines:
             raise NoEngineError("no engine is ready to serve")
+        return engines
+
+    def _route(self, tokens: list[int], engines: list[Engine]) -> tuple[Engine, list[int], int]:
+        """The engine with the best score, the prompt's block hashes there, its matched tokens."""
         # Each engine is looked up under the hashes of its own GetInfo: engines of one pool
         # normally agree (one computation), and one that differs is checked against what it
         # claims, not against its neighbours' scheme.
@@ -110,6 +99,41 @@ class Forwarder:
         matched_tokens = decision.matched_blocks * chosen.info.block_size
         return chosen, hashes_of[chosen.address], matched_tokens
 
+    def _account(self, attempt: "_Attempt") -> None:
+        """An attempt's prefix bookkeeping: the blocks it will cache, its prefill, the check.
+
+        With one candidate engine nothing is computed before the request is sent: this runs
+        while the engine works on it (the routing hashes, if not yet known, are computed here).
+        """
+        if attempt.ended:
+            return
+        engine = attempt.engine
+        assert engine.info is not None
+        if attempt.hashes is None:
+            attempt.hashes = hash_full_blocks(
+                attempt.tokens, engine.info.block_size, engine.info.block_hash_seed
+            )
+            blocks = self.index.match(attempt.hashes, [engine.address])[engine.address]
+            attempt.matched_tokens = blocks * engine.info.block_size
+            self.index.predict(engine.address, attempt.hashes)
+        attempt.uncached = max(len(attempt.tokens) - attempt.matched_tokens, 1)
+        engine.inflight_prefill += attempt.uncached
+        attempt.check = self.hash_check.routed(engine.address, attempt.hashes)
+
+    def _started(self, attempt: "_Attempt") -> None:
+        """The engine sent the attempt's first token: its prefill is done."""
+        attempt.started = True
+        attempt.engine.inflight_prefill -= attempt.uncached
+        self.hash_check.computed(attempt.check)
+
+    def _ended(self, attempt: "_Attempt") -> None:
+        attempt.ended = True
+        engine = attempt.engine
+        engine.inflight -= 1
+        if not attempt.started:
+            engine.inflight_prefill -= attempt.uncached
+            self.hash_check.abandoned(attempt.check)
+
     async def stream(
         self, request: ForwardedRequest, deadline: float | None
     ) -> AsyncIterator[engine_service_pb2.EngineServiceGenerateResponse]:
@@ -125,42 +149,47 @@ class Forwarder:
         prompt_len = len(request.prompt_token_ids)
         loop = asyncio.get_running_loop()
         loop_deadline = None if deadline is None else loop.time() + deadline - time.monotonic()
-        for attempt in range(MAX_ATTEMPTS):
+        for attempt_number in range(MAX_ATTEMPTS):
             tokens = request.prompt_token_ids + generated
-            engine, hashes, matched_tokens = self._route(tokens, excluded)
+            engines = self._candidates(excluded)
+            if len(engines) == 1:
+                attempt = _Attempt(engines[0], tokens)
+            else:
+                engine, hashes, matched_tokens = self._route(tokens, engines)
+                # At once, not deferred: a burst sharing a new prefix follows the first request.
+                self.index.predict(engine.address, hashes)
+                attempt = _Attempt(engine, tokens, hashes, matched_tokens)
+            engine = attempt.engine
             stopping = common_pb2.StoppingCriteria()
             stopping.CopyFrom(request.stopping)
             stopping.max_tokens = request.max_tokens - len(generated)
-            engine_request = engine_service_pb2.EngineServiceGenerateRequest(
-                request_id=request.request_id,
-                prompt_token_ids=tokens,
-                sampling=sampling,
-                stopping=stopping,
-                priority=request.priority,
-                tenant=request.tenant,
-            )
+            engine_request = {
+                "request_id": request.request_id,
+                "prompt_token_ids": tokens,
+                "sampling": sampling,
+                "stopping": stopping,
+                "priority": request.priority,
+                "tenant": request.tenant,
+            }
             responses = engine.link.stream(engine_request, loop_deadline)
-            uncached = max(len(tokens) - matched_tokens, 1)
             engine.inflight += 1
-            engine.inflight_prefill += uncached
-            started = False
-            self.index.predict(engine.address, hashes)
-            check = self.hash_check.routed(engine.address, hashes)
-            if attempt == 0:
-                # Runs once the request is on its way (the stream's first step writes it).
-                loop.call_soon(_count_routed, request, engine.address, prompt_len, matched_tokens)
+            # The bookkeeping runs once the request is on its way (the stream's first step
+            # writes it), before any response can arrive.
+            loop.call_soon(self._account, attempt)
+            if attempt_number == 0:
+                loop.call_soon(_count_routed, request, attempt, prompt_len)
             try:
                 async for chunk in responses:
-                    if not started:
-                        started = True
-                        engine.inflight_prefill -= uncached
-                        self.hash_check.computed(check)
                     if cached is None:
                         cached = min(chunk.usage.cached_prompt_tokens, prompt_len)
                     generated.extend(chunk.token_ids)
                     if chunk.finish_reason == common_pb2.FINISH_REASON_UNSPECIFIED:
                         yield chunk
+                        if not attempt.started:
+                            self._started(attempt)  # after the first token went out
                         continue
+                    if not attempt.started:
+                        self._started(attempt)
                     # Only the last response's usage is read: the others keep the engine's.
                     usage = chunk.usage
                     usage.prompt_tokens = prompt_len
@@ -175,10 +204,7 @@ class Forwarder:
                 failure = str(exc)
             finally:
                 await responses.aclose()
-                engine.inflight -= 1
-                if not started:
-                    engine.inflight_prefill -= uncached
-                    self.hash_check.abandoned(check)
+                self._ended(attempt)
             excluded.add(engine.address)
             stage = "mid_stream" if generated else "before_first_token"
             metrics.FAILOVERS.labels(stage).inc()
@@ -191,3 +217,31 @@ class Forwarder:
                 error=failure[:200],
             )
         raise NoEngineError(f"gave up after {MAX_ATTEMPTS} engines failed")
+
+
+@dataclass
+class _Attempt:
+    """One engine's try at a request, and the prefix bookkeeping it has caused so far."""
+
+    engine: Engine
+    tokens: list[int]
+    hashes: list[int] | None = None  # None: not computed yet (one candidate engine)
+    matched_tokens: int = 0
+    uncached: int = 0  # prompt tokens counted in the engine's queued prefill
+    check: PendingCheck | None = None
+    started: bool = False
+    ended: bool = False
+
+
+def _count_routed(request: ForwardedRequest, attempt: _Attempt, prompt_len: int) -> None:
+    address = attempt.engine.address
+    metrics.ROUTED.labels(address).inc()
+    metrics.PROMPT_TOKENS.inc(prompt_len)
+    metrics.MATCHED_TOKENS.inc(min(attempt.matched_tokens, prompt_len))
+    log.info(
+        "request_routed",
+        request_id=request.request_id,
+        engine=address,
+        prompt_tokens=prompt_len,
+        matched_tokens=attempt.matched_tokens,
+    )

@@ -29,10 +29,15 @@ def prompt_input(
     max_model_len: int,
 ) -> PromptInput:
     """Tokenizes exactly one of prompt / messages / prompt_token_ids and checks its length."""
+    token_ids = getattr(request, "prompt_token_ids", ())  # TokenizeRequest has none
     given = [
         name
-        for name in ("prompt", "messages", "prompt_token_ids")
-        if name in request.DESCRIPTOR.fields_by_name and _is_set(request, name)
+        for name, value in (
+            ("prompt", request.prompt),
+            ("messages", request.messages),
+            ("prompt_token_ids", token_ids),
+        )
+        if value
     ]
     if not given:
         raise InvalidInputError(
@@ -57,7 +62,7 @@ def prompt_input(
             raise InvalidInputError(f"messages: {exc}") from exc
         result = PromptInput(field, text, ids)
     else:
-        result = PromptInput(field, "", list(request.prompt_token_ids))
+        result = PromptInput(field, "", list(token_ids))
     if not result.token_ids:
         raise InvalidInputError(f"{field}: tokenizes to no tokens")
     if len(result.token_ids) >= max_model_len:
@@ -74,10 +79,6 @@ def check_stop_strings(stop: list[str]) -> None:
     for i, s in enumerate(stop):
         if not s or len(s) > MAX_STOP_LENGTH:
             raise InvalidInputError(f"stop[{i}]: length {len(s)}; must be 1..{MAX_STOP_LENGTH}")
-
-
-def _is_set(request: object, name: str) -> bool:
-    return bool(getattr(request, name))
 
 
 def check_max_tokens(stopping: common_pb2.StoppingCriteria, room: int, default: int) -> int:

@@ -87,24 +87,11 @@ class GenerateServicer:
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         outcome = "failed"
-        queued_at = time.monotonic()
-        try:
-            self.admission.capacity = self._capacity()
-            metrics.QUEUED.set(self.admission.queued + 1)
-            await self.admission.acquire(priority, request.tenant, remaining)
-        except ShedError as exc:
-            metrics.SHED.labels(str(priority)).inc()
-            await context.send_initial_metadata(
-                (("retry-after-ms", str(int(exc.retry_after_s * 1000))),)
-            )
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry in {exc.retry_after_s:.1f} s"
-            )
-        except TimeoutError:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while queued")
-        finally:
-            metrics.QUEUED.set(self.admission.queued)
-        metrics.QUEUE_WAIT.labels(str(priority)).observe(time.monotonic() - queued_at)
+        self.admission.capacity = self._capacity()
+        if self.admission.try_acquire(priority):
+            metrics.QUEUE_WAIT.labels(str(priority)).observe(0.0)
+        else:
+            await self._wait_for_admission(priority, request.tenant, remaining, context)
         forwarded = ForwardedRequest(
             request_id=request_id,
             prompt_token_ids=prompt.token_ids,
@@ -157,6 +144,28 @@ class GenerateServicer:
         finally:
             metrics.REQUESTS.labels(outcome).inc()
             self.admission.release(priority)
+
+    async def _wait_for_admission(
+        self, priority: int, tenant: str, remaining: float | None, context: grpc.aio.ServicerContext
+    ) -> None:
+        """Queues for a slot; a request shed or out of time ends its call here."""
+        queued_at = time.monotonic()
+        try:
+            metrics.QUEUED.set(self.admission.queued + 1)
+            await self.admission.acquire(priority, tenant, remaining)
+        except ShedError as exc:
+            metrics.SHED.labels(str(priority)).inc()
+            await context.send_initial_metadata(
+                (("retry-after-ms", str(int(exc.retry_after_s * 1000))),)
+            )
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry in {exc.retry_after_s:.1f} s"
+            )
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while queued")
+        finally:
+            metrics.QUEUED.set(self.admission.queued)
+        metrics.QUEUE_WAIT.labels(str(priority)).observe(time.monotonic() - queued_at)
 
     def _capacity(self) -> int:
         """Requests the ready engines can run at once (their batches plus as much queued)."""
