@@ -24,6 +24,9 @@ Time breakdown (on by default; --no-breakdown skips it), measured without touchi
   the engine's TTFT is the first token's way out: the latency each token carries from the
   engine's frontend to the client (protobuf, HTTP/2, the client's event loop). It adds latency,
   not period: the frontend serializes while the core computes the next step.
+- serialization: what building, serializing and parsing one token's message costs on this host's
+  CPU, for each message a token travels in (timed here, in a loop: the messages' share of the
+  way out, with no transport).
 - router: router target minus engine target, for ITL (period) and for the ways in and out.
 
     python benchmarks/single.py                                    # both targets, breakdown
@@ -166,6 +169,43 @@ def offline_steps(
     }
 
 
+def serialization_costs(repeats: int = 20000) -> dict[str, float]:
+    """Seconds per message to build + serialize, and to parse, each message carrying one token."""
+    import timeit
+
+    from llmserve.v1 import engine_service_pb2, generate_service_pb2
+
+    def engine_response() -> bytes:
+        message = engine_service_pb2.EngineServiceGenerateResponse(token_ids=[9707])
+        return message.SerializeToString()
+
+    def streams_response() -> bytes:
+        message = engine_service_pb2.GenerateStreamsResponse()
+        update = message.updates.add(stream_id=7)
+        update.response.token_ids.append(9707)
+        return message.SerializeToString()
+
+    def router_response() -> bytes:
+        message = generate_service_pb2.GenerateResponse(
+            request_id="w3-router-0", text="Hello", token_ids=[9707]
+        )
+        return message.SerializeToString()
+
+    engine, router = engine_service_pb2, generate_service_pb2
+    costs = {}
+    for name, build, parse in (
+        ("engine_generate_response", engine_response, engine.EngineServiceGenerateResponse),
+        ("generate_streams_response", streams_response, engine.GenerateStreamsResponse),
+        ("router_generate_response", router_response, router.GenerateResponse),
+    ):
+        data = build()
+        costs[f"{name}_build_serialize_s"] = timeit.timeit(build, number=repeats) / repeats
+        costs[f"{name}_parse_s"] = (
+            timeit.timeit(lambda p=parse, d=data: p.FromString(d), number=repeats) / repeats
+        )
+    return {k: round(v, 9) for k, v in costs.items()}
+
+
 def target_figures(records: list[StreamRecord], sides: list[dict], output_tokens: int) -> dict:
     """Client latency over the repeats, and the engine-side means with the ways in and out."""
     figures = outcome_figures(records, [output_tokens] * len(records))
@@ -192,7 +232,7 @@ def target_figures(records: list[StreamRecord], sides: list[dict], output_tokens
 
 def breakdown(per_target: dict[str, dict], offline: dict | None) -> dict:
     """Per token and per first token: engine step, hand-off, gRPC, router (seconds)."""
-    out: dict = {"offline_engine": offline}
+    out: dict = {"offline_engine": offline, "serialization_per_message": serialization_costs()}
     direct = per_target.get("engine")
     if direct is not None and offline is not None and "error" not in offline:
         step = offline["decode_step_s"]["mean"]
@@ -291,8 +331,11 @@ def main() -> None:
             f"{f['itl_s']['p99'] * 1e3:.3f} ms, TPOT p50 {f['tpot_s']['p50'] * 1e3:.3f} ms"
         )
     for part, values in figures["breakdown"].items():
-        if part != "offline_engine" and values:
+        if part not in ("offline_engine", "serialization_per_message") and values:
             print(f"  {part}: " + ", ".join(f"{k} {_ms(v)}" for k, v in values.items()))
+    costs = figures["breakdown"]["serialization_per_message"]
+    print("  serialization per message: " + ", ".join(f"{k} {v * 1e6:.2f} us" for k, v in
+                                                     costs.items()))
     print(f"wrote {path}")
 
 
