@@ -9,7 +9,7 @@ same tokens on any engine: sampling randomness is keyed on seed and position).
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -45,7 +45,7 @@ class ForwardedRequest:
     """What the engine is asked for, in engine terms (already tokenized and validated)."""
 
     request_id: str
-    prompt_token_ids: list[int]
+    prompt_token_ids: Sequence[int]
     sampling: common_pb2.SamplingParams
     max_tokens: int
     stopping: common_pb2.StoppingCriteria
@@ -74,7 +74,9 @@ class Forwarder:
             raise NoEngineError("no engine is ready to serve")
         return engines
 
-    def _route(self, tokens: list[int], engines: list[Engine]) -> tuple[Engine, list[int], int]:
+    def _route(
+        self, tokens: Sequence[int], engines: list[Engine]
+    ) -> tuple[Engine, list[int], int]:
         """The engine with the best score, the prompt's block hashes there, its matched tokens."""
         # Each engine is looked up under the hashes of its own GetInfo: engines of one pool
         # normally agree (one computation), and one that differs is checked against what it
@@ -150,7 +152,9 @@ class Forwarder:
         loop = asyncio.get_running_loop()
         loop_deadline = None if deadline is None else loop.time() + deadline - time.monotonic()
         for attempt_number in range(MAX_ATTEMPTS):
-            tokens = request.prompt_token_ids + generated
+            tokens = request.prompt_token_ids
+            if generated:
+                tokens = [*tokens, *generated]
             engines = self._candidates(excluded)
             if len(engines) == 1:
                 attempt = _Attempt(engines[0], tokens)
@@ -224,7 +228,7 @@ class _Attempt:
     """One engine's try at a request, and the prefix bookkeeping it has caused so far."""
 
     engine: Engine
-    tokens: list[int]
+    tokens: Sequence[int]
     hashes: list[int] | None = None  # None: not computed yet (one candidate engine)
     matched_tokens: int = 0
     uncached: int = 0  # prompt tokens counted in the engine's queued prefill

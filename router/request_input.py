@@ -1,5 +1,6 @@
 """Turns a public request's input (prompt, messages or token ids) into prompt token ids."""
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from llmserve.router.chat_template import ChatTemplateError
@@ -20,7 +21,10 @@ class PromptInput:
 
     field: str
     text: str
-    token_ids: list[int]
+    # For `prompt_token_ids`, the request's own repeated field: copying it into a list costs
+    # more than everything else the router does before the request leaves (~17 us for 512 ids),
+    # while the engine request is filled from it in C.
+    token_ids: Sequence[int]
 
 
 def prompt_input(
@@ -62,7 +66,7 @@ def prompt_input(
             raise InvalidInputError(f"messages: {exc}") from exc
         result = PromptInput(field, text, ids)
     else:
-        result = PromptInput(field, "", list(token_ids))
+        result = PromptInput(field, "", token_ids)
     if not result.token_ids:
         raise InvalidInputError(f"{field}: tokenizes to no tokens")
     if len(result.token_ids) >= max_model_len:
