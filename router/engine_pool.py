@@ -15,7 +15,7 @@ import grpc
 import structlog
 
 from llmserve.router import metrics
-from llmserve.router.engine_channel import open_engine_channel
+from llmserve.router.engine_channel import LINK_STREAM_WINDOW_BYTES, open_engine_channel
 from llmserve.router.engine_link import EngineLink
 from llmserve.router.hash_check import HashSelfCheck
 from llmserve.router.prefix_index import PrefixIndex
@@ -34,8 +34,10 @@ class Engine:
     """One engine endpoint, what it told us about itself, and this router's work on it."""
 
     address: str
-    channel: grpc.aio.Channel
+    channel: grpc.aio.Channel  # GetInfo and the load and KV-event streams
     stub: engine_service_pb2_grpc.EngineServiceStub
+    # Requests, over a connection of their own: tokens never queue behind a KV-event snapshot.
+    link_channel: grpc.aio.Channel
     link: EngineLink
     info: engine_service_pb2.GetInfoResponse | None = None
     load: engine_service_pb2.WatchLoadResponse | None = None
@@ -106,18 +108,26 @@ class EnginePool:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         for engine in self.engines.values():
-            engine.link.close()
-            await engine.channel.close()
+            await self._close(engine)
+
+    @staticmethod
+    async def _close(engine: Engine) -> None:
+        engine.link.close()
+        await engine.link_channel.close()
+        await engine.channel.close()
 
     async def _maintain(self) -> None:
         while True:
             addresses = await asyncio.to_thread(self._resolve)
             for address in addresses - self.engines.keys():
-                channel = open_engine_channel(
-                    address, self.credentials, self._server_names.get(address)
+                server_name = self._server_names.get(address)
+                channel = open_engine_channel(address, self.credentials, server_name)
+                link_channel = open_engine_channel(
+                    address, self.credentials, server_name, LINK_STREAM_WINDOW_BYTES
                 )
                 stub = engine_service_pb2_grpc.EngineServiceStub(channel)
-                engine = Engine(address, channel, stub, EngineLink(stub))
+                link = EngineLink(engine_service_pb2_grpc.EngineServiceStub(link_channel))
+                engine = Engine(address, channel, stub, link_channel, link)
                 engine.task = asyncio.create_task(self._follow(engine))
                 self.engines[address] = engine
             for address in self.engines.keys() - addresses:
@@ -127,8 +137,7 @@ class EnginePool:
                 self._forget(address)
                 metrics.PREFIX_INDEX_ENGINE_BLOCKS.remove(address)
                 log.info("engine_removed", engine=address)
-                engine.link.close()
-                await engine.channel.close()
+                await self._close(engine)
             await asyncio.sleep(self.refresh_s)
 
     async def _follow(self, engine: Engine) -> None:
