@@ -82,11 +82,7 @@ class StreamMux:
             self._failures[stream_id] = item
             self._streams.pop(stream_id, None)
         else:
-            outputs = self._outputs.get(stream_id)
-            if outputs is None:
-                self._outputs[stream_id] = [item]
-            else:
-                outputs.append(item)
+            self._outputs.setdefault(stream_id, []).append(item)
             if item.finish_reason is not None:
                 self._streams.pop(stream_id, None)
         self._ready.set()

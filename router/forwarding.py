@@ -101,12 +101,16 @@ class Forwarder:
         matched_tokens = decision.matched_blocks * chosen.info.block_size
         return chosen, hashes_of[chosen.address], matched_tokens
 
-    def _account(self, attempt: "_Attempt") -> None:
-        """An attempt's prefix bookkeeping: the blocks it will cache, its prefill, the check.
+    @staticmethod
+    def _reserve_prefill(attempt: "_Attempt") -> None:
+        """Counts the attempt's uncached prompt tokens in its engine's queued prefill."""
+        attempt.uncached = max(len(attempt.tokens) - attempt.matched_tokens, 1)
+        attempt.engine.inflight_prefill += attempt.uncached
 
-        With one candidate engine nothing is computed before the request is sent: this runs
-        while the engine works on it (the routing hashes, if not yet known, are computed here).
-        """
+    def _account(self, attempt: "_Attempt") -> None:
+        """The bookkeeping that can wait until the request is sent: the hash check, and with one
+        candidate engine (nothing was chosen, so nothing was hashed) the hashes, the prediction
+        and the prefill reservation too. Runs while the engine works on the request."""
         if attempt.ended:
             return
         engine = attempt.engine
@@ -118,8 +122,7 @@ class Forwarder:
             blocks = self.index.match(attempt.hashes, [engine.address])[engine.address]
             attempt.matched_tokens = blocks * engine.info.block_size
             self.index.predict(engine.address, attempt.hashes)
-        attempt.uncached = max(len(attempt.tokens) - attempt.matched_tokens, 1)
-        engine.inflight_prefill += attempt.uncached
+            self._reserve_prefill(attempt)
         attempt.check = self.hash_check.routed(engine.address, attempt.hashes)
 
     def _started(self, attempt: "_Attempt") -> None:
@@ -160,9 +163,11 @@ class Forwarder:
                 attempt = _Attempt(engines[0], tokens)
             else:
                 engine, hashes, matched_tokens = self._route(tokens, engines)
-                # At once, not deferred: a burst sharing a new prefix follows the first request.
+                # At once, not deferred: the next request of a burst is scored knowing this one
+                # (a shared new prefix follows it; its prefill counts in the engine's load).
                 self.index.predict(engine.address, hashes)
                 attempt = _Attempt(engine, tokens, hashes, matched_tokens)
+                self._reserve_prefill(attempt)
             engine = attempt.engine
             stopping = common_pb2.StoppingCriteria()
             stopping.CopyFrom(request.stopping)
