@@ -5,7 +5,7 @@ completion-queue thread that grpc.aio drains into the event loop: two thread wak
 before the loop sees it. The classic poller reads the socket on that completion-queue thread, one
 wake-up fewer. A forwarded token crosses four such message ends more than a direct one (router
 in and out, both ways), so the router's cost to a first token is mostly these wake-ups.
-`benchmarks/grpc_hop.py` measures a hop both ways.
+`benchmarks/grpc_poller.py` times a message round trip with each.
 
 gRPC reads the choice once, from GRPC_EXPERIMENTS, when it starts; an operator's setting wins.
 """

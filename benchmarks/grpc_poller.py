@@ -1,0 +1,124 @@
+"""What gRPC's socket poller costs one message: ping-pong round trips on one open stream.
+
+The router sends each request, and gets each token back, as one message on a GenerateStreams
+call that is already open. This times exactly that, with no router logic: a grpc.aio client on
+uvloop writes a 40-byte message on a bidirectional stream, a grpc.aio server on uvloop echoes it,
+and the client times write -> echo read. Client and server are separate processes, started for
+each poller with GRPC_EXPERIMENTS set, since gRPC reads it once when it starts:
+
+- `event-engine`: gRPC's default, sockets read on EventEngine threads;
+- `classic`: `llmserve.common.grpc_polling.CLASSIC_POLLER`, what the router and engine run.
+
+Round trips go back to back ("hot") and 20 ms apart ("idle": W2's 4 req/s leaves the processes
+asleep between messages, and every thread wake-up then costs more). p50 and p90 per poller and
+pace.
+
+    python benchmarks/grpc_poller.py [--messages 600] [--out-dir DIR]
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import uvloop
+from result_file import RESULTS_DIR, write_result
+
+from llmserve.common.grpc_polling import CLASSIC_POLLER
+from llmserve.common.launcher import free_port
+
+METHOD = "/llmserve.bench.Echo/Stream"
+POLLERS = {"event-engine": "", "classic": CLASSIC_POLLER}
+GAPS_S = (0.0, 0.02)
+
+
+def _raw(message: bytes) -> bytes:
+    return message
+
+
+async def _serve(port: int) -> None:
+    async def echo(
+        messages: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        async for message in messages:
+            yield message
+
+    handler = grpc.method_handlers_generic_handler(
+        "llmserve.bench.Echo", {"Stream": grpc.stream_stream_rpc_method_handler(echo, _raw, _raw)})
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+async def _ping(port: int, gap_s: float, messages: int) -> dict:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        await channel.channel_ready()
+        call = channel.stream_stream(METHOD, request_serializer=_raw, response_deserializer=_raw)()
+        payload = b"x" * 40
+        rtts = []
+        for _ in range(messages + 50):
+            sent = time.perf_counter()
+            await call.write(payload)
+            await call.read()
+            rtts.append((time.perf_counter() - sent) * 1e6)
+            await asyncio.sleep(gap_s)
+        await call.done_writing()
+    deciles = statistics.quantiles(rtts[50:], n=10)
+    return {"rtt_p50_us": round(statistics.median(rtts[50:]), 1),
+            "rtt_p90_us": round(deciles[8], 1)}
+
+
+def _measure(poller: str, gap_s: float, messages: int) -> dict:
+    """Runs one server and one client process with `poller`; returns the client's figures."""
+    env = {**os.environ, "GRPC_EXPERIMENTS": POLLERS[poller]}
+    port = free_port()
+    server = subprocess.Popen([sys.executable, __file__, "--serve", str(port)], env=env)
+    try:
+        out = subprocess.run(
+            [sys.executable, __file__, "--ping", str(port), "--gap", str(gap_s),
+             "--messages", str(messages)],
+            env=env, check=True, capture_output=True, text=True, timeout=300)
+    finally:
+        server.kill()
+        server.wait()
+    return json.loads(out.stdout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=600)
+    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--ping", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--gap", type=float, default=0.0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve is not None:
+        uvloop.run(_serve(args.serve))
+        return
+    if args.ping is not None:
+        print(json.dumps(uvloop.run(_ping(args.ping, args.gap, args.messages))))
+        return
+    figures: dict[str, dict] = {}
+    for poller in POLLERS:
+        for gap_s in GAPS_S:
+            pace = "hot" if gap_s == 0 else "idle"
+            result = _measure(poller, gap_s, args.messages)
+            figures.setdefault(poller, {})[pace] = result
+            print(f"{poller:12s} {pace:4s}: round trip p50 {result['rtt_p50_us']:.0f} us, "
+                  f"p90 {result['rtt_p90_us']:.0f} us", flush=True)
+    parameters = {"messages": args.messages, "payload_bytes": 40, "idle_gap_s": GAPS_S[1],
+                  "pollers": POLLERS}
+    print(f"wrote {write_result('grpc-poller', parameters, figures, args.out_dir)}")
+
+
+if __name__ == "__main__":
+    main()
