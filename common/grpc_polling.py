@@ -8,7 +8,9 @@ and back), so most of what the router adds to a first token is these wake-ups.
 
 The trade, measured on the H200 host (`benchmarks/grpc_poller.py`, `router_throughput.py`, W2):
 - a message round trip on an open stream: 198 -> 88 us back to back, 809 -> 582 us idle;
-- what the router adds to W2's TTFT p50 at 4 req/s: +1.21 and +1.25 ms -> +0.95 to +0.98 ms;
+- what the router adds to W2's TTFT p50 at 4 req/s: +1.21 and +1.25 ms -> +0.95 to +1.23 ms
+  over four runs (the path outside the engine, router minus direct of the mean client TTFT
+  less the engine's own: 1.08-1.13 -> 0.80-1.02 ms);
 - one router's most tokens/s to 256 streams: 24-33k -> 19-24k; its event-loop thread spends
   more per message (4.7-5.0 s against 3.5-4.3 s for the same 131k tokens). Routers scale out;
   a deployment bound by router CPU rather than latency can set GRPC_EXPERIMENTS="" to get the
