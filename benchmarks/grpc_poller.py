@@ -34,7 +34,8 @@ from result_file import RESULTS_DIR, write_result
 from llmserve.common.grpc_polling import CLASSIC_POLLER
 from llmserve.common.launcher import free_port
 
-METHOD = "/llmserve.bench.Echo/Stream"
+SERVICE = "llmserve.bench.Echo"
+METHOD = f"/{SERVICE}/Stream"
 POLLERS = {"event-engine": "", "classic": CLASSIC_POLLER}
 GAPS_S = (0.0, 0.02)
 
@@ -51,7 +52,7 @@ async def _serve(port: int) -> None:
             yield message
 
     handler = grpc.method_handlers_generic_handler(
-        "llmserve.bench.Echo", {"Stream": grpc.stream_stream_rpc_method_handler(echo, _raw, _raw)})
+        SERVICE, {"Stream": grpc.stream_stream_rpc_method_handler(echo, _raw, _raw)})
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((handler,))
     server.add_insecure_port(f"127.0.0.1:{port}")
@@ -101,6 +102,8 @@ def main() -> None:
     parser.add_argument("--ping", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--gap", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.messages < 2:
+        parser.error(f"--messages: {args.messages}; at least 2 for a p90")
     if args.serve is not None:
         uvloop.run(_serve(args.serve))
         return
