@@ -56,6 +56,7 @@ from stream_bench import (
     latency_figures,
     outcome_figures,
     percentiles,
+    router_flags,
     scrape_metrics,
     started_servers,
     targets_of,
@@ -277,7 +278,7 @@ def main() -> None:
     flags = engine_flags(DEFAULT_ENGINE_FLAGS, args)
 
     runs: dict[str, dict[str, dict]] = {}
-    with started_servers(model, flags, "router" in targets) as servers:
+    with started_servers(model, flags, "router" in targets, router_flags(args)) as servers:
         for target in targets:
             warm_up(servers.address(target), target, warmup_prompts(vocab)[0], 600)
         run = 0
@@ -332,6 +333,7 @@ def main() -> None:
         "load_processes": args.processes,
         "model": model.name,
         "engine_flags": flags,
+        "router_flags": router_flags(args),
         "prompt_ids_folded_into_vocab": vocab <= 10000,
         "prompt_salt": "run k shifts each prompt's first token by k (mod vocab)",
         "request_timeout_s": args.request_timeout_s,

@@ -59,6 +59,7 @@ from stream_bench import (
     latency_figures,
     outcome_figures,
     percentiles,
+    router_flags,
     scrape_metrics,
     started_servers,
     targets_of,
@@ -293,7 +294,7 @@ def main() -> None:
     flags = engine_flags([], args)
     timeout = args.request_timeout_s
 
-    with started_servers(model, flags, "router" in targets) as servers:
+    with started_servers(model, flags, "router" in targets, router_flags(args)) as servers:
         records, sides = asyncio.run(
             run_streams(servers, targets, next_prompt, args.output_tokens, args.repeats, timeout)
         )
@@ -320,6 +321,7 @@ def main() -> None:
         "prompts": f"random ids 0..10000 (seed {args.seed}), a fresh prompt per request",
         "model": model.name,
         "engine_flags": flags,
+        "router_flags": router_flags(args),
     }
     path = write_result("W3", parameters, figures, out_dir=args.out_dir)
     if len(targets) == 1:

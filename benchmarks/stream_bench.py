@@ -204,7 +204,9 @@ class Servers:
 
 
 @contextmanager
-def started_servers(model: Path, engine_args: list[str], with_router: bool) -> Iterator[Servers]:
+def started_servers(
+    model: Path, engine_args: list[str], with_router: bool, router_args: list[str]
+) -> Iterator[Servers]:
     """A fresh engine (its /metrics on a free port) and, if asked, a router in front of it."""
     with tempfile.TemporaryDirectory() as tmp:
         metrics_port = free_port()
@@ -212,7 +214,7 @@ def started_servers(model: Path, engine_args: list[str], with_router: bool) -> I
         router = None
         try:
             if with_router:
-                router = start_router(model, [engine], Path(tmp))
+                router = start_router(model, [engine], Path(tmp), *router_args)
             yield Servers(engine, router, metrics_port)
         finally:
             if router is not None:
@@ -258,6 +260,13 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         help="extra engine flags, repeatable: --engine-arg=--enforce-eager "
         "--engine-arg='--num-kv-blocks 4096'",
     )
+    parser.add_argument(
+        "--router-arg",
+        action="append",
+        default=[],
+        metavar="FLAGS",
+        help="extra router flags, repeatable: --router-arg=--busy-poll",
+    )
     parser.add_argument("--request-timeout-s", type=float, default=3600.0)
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
 
@@ -269,6 +278,11 @@ def targets_of(args: argparse.Namespace) -> list[str]:
 def engine_flags(defaults: list[str], args: argparse.Namespace) -> list[str]:
     """The script's engine flags, then --engine-arg's (argparse lets the later ones win)."""
     return [*defaults, *(f for chunk in args.engine_arg for f in shlex.split(chunk))]
+
+
+def router_flags(args: argparse.Namespace) -> list[str]:
+    """The flags --router-arg gave, split as a shell would."""
+    return [f for chunk in args.router_arg for f in shlex.split(chunk)]
 
 
 def vocab_size(model: Path) -> int:

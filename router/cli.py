@@ -68,6 +68,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="calls in flight before new ones get RESOURCE_EXHAUSTED at once (default 4096; "
         "keep it above --max-queue plus what the engines run)",
     )
+    p.add_argument(
+        "--busy-poll",
+        action="store_true",
+        help="poll sockets instead of sleeping while requests are in flight: about 0.1 ms less "
+        "per relayed message for one busy core (give the router 2 cores or more)",
+    )
     security = p.add_argument_group("TLS and auth (none given = plaintext, no auth)")
     security.add_argument("--tls-cert", type=Path, help="server certificate of the public port")
     security.add_argument("--tls-key", type=Path, help="private key of --tls-cert")
@@ -129,6 +135,7 @@ async def _serve(args: argparse.Namespace) -> None:
             max_message_bytes=args.max_message_mb << 20,
             max_concurrent_rpcs=args.max_concurrent_rpcs,
             metrics_port=args.metrics_port,
+            busy_poll=args.busy_poll,
         )
     log.info("stopped")
 

@@ -8,6 +8,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import grpc
@@ -21,6 +22,7 @@ from llmserve.router import metrics
 from llmserve.router.admission import AdmissionController, ShedError
 from llmserve.router.auth import BearerAuthInterceptor, TenantKeys
 from llmserve.router.balancer import Balancer, Policy
+from llmserve.router.busy_poll import BusyPoll
 from llmserve.router.detokenizer import IncrementalDetokenizer
 from llmserve.router.engine_link import StreamError
 from llmserve.router.engine_pool import EnginePool
@@ -52,11 +54,17 @@ class GenerateServicer:
         pool: EnginePool,
         forwarder: Forwarder,
         admission: AdmissionController,
+        busy_poll: BusyPoll | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.pool = pool
         self.forwarder = forwarder
         self.admission = admission
+        self.busy_poll = busy_poll
+
+    def _polling(self) -> AbstractContextManager[None]:
+        """Keeps the event loop polling while the block runs, if the router busy-polls."""
+        return nullcontext() if self.busy_poll is None else self.busy_poll.in_flight()
 
     async def _require_info(
         self, context: grpc.aio.ServicerContext
@@ -102,48 +110,49 @@ class GenerateServicer:
             tenant=request.tenant,
         )
         detokenizer = IncrementalDetokenizer(self.tokenizer, list(request.stop))
-        try:
-            # The per-message path: one response per engine response, whatever it holds (the
-            # engine and the link merge the tokens of a lagging stream), and no more work.
-            async for chunk in self.forwarder.stream(forwarded, deadline):
-                token_ids = chunk.token_ids
-                metrics.GENERATED_TOKENS.inc(len(token_ids))
-                final = chunk.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
-                response = generate_service_pb2.GenerateResponse(
-                    request_id=request_id,
-                    text=detokenizer.push(token_ids, final),
-                    token_ids=token_ids,
-                )
-                if chunk.logprobs:
-                    response.logprobs.extend(self._with_text(chunk.logprobs))
-                if detokenizer.stopped or final:
-                    response.finish_reason = (
-                        common_pb2.FINISH_REASON_STOP
-                        if detokenizer.stopped
-                        else chunk.finish_reason
-                    )
-                    response.usage.CopyFrom(chunk.usage)
-                    outcome = "finished"
-                    log.info(
-                        "request_finished",
+        with self._polling():
+            try:
+                # The per-message path: one response per engine response, whatever it holds (the
+                # engine and the link merge the tokens of a lagging stream), and no more work.
+                async for chunk in self.forwarder.stream(forwarded, deadline):
+                    token_ids = chunk.token_ids
+                    metrics.GENERATED_TOKENS.inc(len(token_ids))
+                    final = chunk.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+                    response = generate_service_pb2.GenerateResponse(
                         request_id=request_id,
-                        completion_tokens=chunk.usage.completion_tokens,
-                        finish_reason=common_pb2.FinishReason.Name(response.finish_reason),
+                        text=detokenizer.push(token_ids, final),
+                        token_ids=token_ids,
                     )
+                    if chunk.logprobs:
+                        response.logprobs.extend(self._with_text(chunk.logprobs))
+                    if detokenizer.stopped or final:
+                        response.finish_reason = (
+                            common_pb2.FINISH_REASON_STOP
+                            if detokenizer.stopped
+                            else chunk.finish_reason
+                        )
+                        response.usage.CopyFrom(chunk.usage)
+                        outcome = "finished"
+                        log.info(
+                            "request_finished",
+                            request_id=request_id,
+                            completion_tokens=chunk.usage.completion_tokens,
+                            finish_reason=common_pb2.FinishReason.Name(response.finish_reason),
+                        )
+                        yield response
+                        return
                     yield response
-                    return
-                yield response
-        except StreamError as exc:
-            outcome = exc.code.name.lower()
-            await context.abort(exc.code, exc.details or exc.code.name)
-        except NoEngineError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        except asyncio.CancelledError:
-            outcome = "cancelled"
-            raise
-        finally:
-            metrics.REQUESTS.labels(outcome).inc()
-            self.admission.release(priority)
+            except StreamError as exc:
+                outcome = exc.code.name.lower()
+                await context.abort(exc.code, exc.details or exc.code.name)
+            except NoEngineError as exc:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            except asyncio.CancelledError:
+                outcome = "cancelled"
+                raise
+            finally:
+                metrics.REQUESTS.labels(outcome).inc()
+                self.admission.release(priority)
 
     async def _wait_for_admission(
         self, priority: int, tenant: str, remaining: float | None, context: grpc.aio.ServicerContext
@@ -262,19 +271,27 @@ async def serve_router(
     max_message_bytes: int = 16 << 20,
     max_concurrent_rpcs: int = 4096,
     metrics_port: int = -1,
+    busy_poll: bool = False,
 ) -> None:
     """Serves until cancelled; health turns SERVING once an engine is ready.
 
     `server_credentials` puts TLS on the public port, `engine_credentials` mutual TLS on the
     engine channels (None = plaintext). With `auth`, every GenerateService call needs a bearer
     key and runs as the key's tenant (see `auth`). `metrics_port` >= 0 serves `/metrics` and
-    `/healthz` over HTTP on `host` (0 = any free port).
+    `/healthz` over HTTP on `host` (0 = any free port). `busy_poll` keeps the event loop polling
+    while requests are in flight (see `busy_poll`).
     """
     index = PrefixIndex()
     hash_check = HashSelfCheck(index)
     pool = EnginePool(engines, index, hash_check, credentials=engine_credentials)
     forwarder = Forwarder(pool, index, Balancer(policy), hash_check)
-    servicer = GenerateServicer(tokenizer, pool, forwarder, AdmissionController(max_queue))
+    servicer = GenerateServicer(
+        tokenizer,
+        pool,
+        forwarder,
+        AdmissionController(max_queue),
+        BusyPoll() if busy_poll else None,
+    )
     ops = None
     if metrics_port >= 0:
         ops = OpsHttpServer(
@@ -326,6 +343,7 @@ async def serve_router(
         tls=server_credentials is not None,
         engine_tls=engine_credentials is not None,
         auth=auth is not None,
+        busy_poll=busy_poll,
     )
     await pool.start()
     try:
