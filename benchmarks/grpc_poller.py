@@ -27,7 +27,6 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
-from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import grpc
@@ -53,15 +52,11 @@ def _raw(message: bytes) -> bytes:
     return message
 
 
-def _polling(busy_poll: bool) -> AbstractContextManager[None]:
-    return BusyPoll().in_flight() if busy_poll else nullcontext()
-
-
 async def _serve(port: int, busy_poll: bool) -> None:
     async def echo(
         messages: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
-        with _polling(busy_poll):
+        with BusyPoll(enabled=busy_poll).in_flight():
             async for message in messages:
                 yield message
 
@@ -75,7 +70,7 @@ async def _serve(port: int, busy_poll: bool) -> None:
 
 
 async def _ping(port: int, gap_s: float, messages: int, busy_poll: bool) -> dict:
-    with _polling(busy_poll):
+    with BusyPoll(enabled=busy_poll).in_flight():
         return await _round_trips(port, gap_s, messages)
 
 

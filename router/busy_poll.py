@@ -21,10 +21,12 @@ class BusyPoll:
     """Counts requests in flight and runs a task that yields to the loop while there are any.
 
     A task that only yields keeps a callback always ready, so each pass of the loop polls its
-    sockets with a zero timeout rather than blocking in epoll until one is readable.
+    sockets with a zero timeout rather than blocking in epoll until one is readable. Disabled,
+    it marks nothing and the loop sleeps as usual.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
         self._in_flight = 0
         self._spinner: asyncio.Task[None] | None = None
 
@@ -35,6 +37,9 @@ class BusyPoll:
     @contextmanager
     def in_flight(self) -> Iterator[None]:
         """Marks a request in flight for the duration of the block (on the event loop)."""
+        if not self.enabled:
+            yield
+            return
         self._in_flight += 1
         if self._spinner is None:
             self._spinner = asyncio.get_running_loop().create_task(self._spin())

@@ -8,7 +8,6 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import grpc
@@ -54,17 +53,13 @@ class GenerateServicer:
         pool: EnginePool,
         forwarder: Forwarder,
         admission: AdmissionController,
-        busy_poll: BusyPoll | None = None,
+        busy_poll: BusyPoll,
     ) -> None:
         self.tokenizer = tokenizer
         self.pool = pool
         self.forwarder = forwarder
         self.admission = admission
         self.busy_poll = busy_poll
-
-    def _polling(self) -> AbstractContextManager[None]:
-        """Keeps the event loop polling while the block runs, if the router busy-polls."""
-        return nullcontext() if self.busy_poll is None else self.busy_poll.in_flight()
 
     async def _require_info(
         self, context: grpc.aio.ServicerContext
@@ -110,7 +105,7 @@ class GenerateServicer:
             tenant=request.tenant,
         )
         detokenizer = IncrementalDetokenizer(self.tokenizer, list(request.stop))
-        with self._polling():
+        with self.busy_poll.in_flight():
             try:
                 # The per-message path: one response per engine response, whatever it holds (the
                 # engine and the link merge the tokens of a lagging stream), and no more work.
@@ -290,7 +285,7 @@ async def serve_router(
         pool,
         forwarder,
         AdmissionController(max_queue),
-        BusyPoll() if busy_poll else None,
+        BusyPoll(enabled=busy_poll),
     )
     ops = None
     if metrics_port >= 0:

@@ -55,3 +55,13 @@ def test_a_request_after_a_pause_starts_polling_again() -> None:
         return states
 
     assert uvloop.run(scenario()) == [True, False, True, False]
+
+
+def test_a_disabled_busy_poll_lets_the_loop_sleep() -> None:
+    async def scenario() -> tuple[bool, float]:
+        poll = BusyPoll(enabled=False)
+        with poll.in_flight():
+            return poll.polling, await _loop_cpu_s(0.3)
+
+    polling, cpu_s = uvloop.run(scenario())
+    assert polling is False and cpu_s < 0.05
