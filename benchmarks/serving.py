@@ -11,6 +11,10 @@ How it runs:
 - One fresh engine (default flags --max-model-len 4096 --max-num-seqs 256, then --engine-arg's)
   and, for the router target, one router in front of it. One short untimed warm-up per target.
   Each (rate, target) run in turn, rates outermost, so drift hits both targets alike.
+- --repeats N runs each (rate, target) N times, the targets' order reversed every other time
+  (engine, router, router, engine, ...), so a drift that is linear in time cancels in the
+  difference. A (rate, target)'s figures pool the records of its runs; `repeats` keeps each
+  run's TTFT p50 and output tok/s to show the spread.
 - The arrival schedule is drawn once (seed 0, unit-rate exponential gaps, first request at 0)
   and scaled by 1/rate. Request i goes to load process i % --processes; each process has its
   own grpc.aio channel and sends at its requests' absolute times from a shared start. The JSON
@@ -31,6 +35,7 @@ W3 (`single.py`) times engine steps offline for the single-stream breakdown.
     python benchmarks/serving.py                                  # all rates, both targets
     python benchmarks/serving.py --model /tmp/qwen3-0.6b-shape --engine-arg=--enforce-eager
     python benchmarks/serving.py --num-requests 64 --rates 4 all --out-dir /tmp/w2  # CPU smoke
+    python benchmarks/serving.py --rates 4 --repeats 2 --pin-cpus --router-arg=--busy-poll
 """
 
 import argparse
@@ -42,11 +47,14 @@ import queue
 import random
 import resource
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass
 from multiprocessing.synchronize import Event
 
 import grpc
 from result_file import device_name, write_result
 from stream_bench import (
+    Scrape,
     StreamClient,
     StreamRecord,
     add_common_args,
@@ -56,6 +64,7 @@ from stream_bench import (
     latency_figures,
     outcome_figures,
     percentiles,
+    pinning_of,
     router_flags,
     scrape_metrics,
     started_servers,
@@ -139,17 +148,26 @@ def _load_process(
     go: Event,
     start_wall: "multiprocessing.sharedctypes.Synchronized[float]",
     results: "multiprocessing.Queue[tuple[list[StreamRecord], float]]",
+    cpus: frozenset[int] | None,
 ) -> None:
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
     results.put(
         asyncio.run(_send_shard(address, target, shard, tag, timeout, ready, go, start_wall))
     )
 
 
 def run_load(
-    address: str, target: str, items: list[Item], processes: int, tag: str, timeout: float
+    address: str,
+    target: str,
+    items: list[Item],
+    processes: int,
+    tag: str,
+    timeout: float,
+    cpus: frozenset[int] | None = None,
 ) -> tuple[list[StreamRecord], list[float]]:
-    """Sends `items` from `processes` load processes; returns the records (times relative to
-    the shared start) and each process's CPU seconds."""
+    """Sends `items` from `processes` load processes (on `cpus` if given); returns the records
+    (times relative to the shared start) and each process's CPU seconds."""
     context = multiprocessing.get_context("spawn")
     ready, results = context.Queue(), context.Queue()
     go, start_wall = context.Event(), context.Value("d", 0.0)
@@ -166,6 +184,7 @@ def run_load(
                 go,
                 start_wall,
                 results,
+                cpus,
             ),
             daemon=True,
         )
@@ -213,14 +232,27 @@ def warm_up(address: str, target: str, prompt: list[int], timeout: float) -> Non
         raise RuntimeError(f"warm-up through {target} failed: {record.status}")
 
 
-def run_figures(
-    records: list[StreamRecord], max_tokens: list[int], offsets: list[float], cpu: list[float]
-) -> dict:
+@dataclass
+class Run:
+    """One pass of a rate's requests at one target, as the load processes saw it."""
+
+    records: list[StreamRecord]
+    cpu: list[float]  # each load process's CPU seconds
+
+    @property
+    def duration(self) -> float:
+        """From the shared start, where the first request is sent, to the last token."""
+        return max(max((r.arrivals[-1] for r in self.records if r.arrivals), default=0.0), 1e-9)
+
+
+def run_figures(runs: list[Run], max_tokens: list[int], offsets: list[float]) -> dict:
+    """One (rate, target)'s figures over the records of all its runs; throughput over their
+    summed durations."""
+    records = [r for run in runs for r in run.records]
     outcome = outcome_figures(records, max_tokens)
-    end = max((r.arrivals[-1] for r in records if r.arrivals), default=0.0)
-    duration = max(end, 1e-9)  # from the shared start, where the first request is sent
+    duration = sum(run.duration for run in runs)
     lags = [r.sent - offsets[r.index] for r in records]
-    return {
+    figures = {
         **outcome,
         "duration_s": round(duration, 3),
         "request_throughput_per_s": round(outcome["completed"] / duration, 3),
@@ -228,8 +260,25 @@ def run_figures(
         **latency_figures(records),
         "send_lateness_s": {k: v for k, v in percentiles(lags).items() if k in ("p99", "mean")}
         | {"max": round(max(lags), 6)},
-        "load_process_cpu_busy_max": round(max(cpu) / duration, 3),
+        "load_process_cpu_busy_max": round(max(max(run.cpu) / run.duration for run in runs), 3),
     }
+    if len(runs) > 1:
+        figures["repeats"] = [
+            {
+                "ttft_p50_s": latency_figures(run.records)["ttft_s"]["p50"],
+                "output_tok_per_s": round(
+                    sum(len(r.arrivals) for r in run.records) / run.duration, 1
+                ),
+            }
+            for run in runs
+        ]
+    return figures
+
+
+def run_order(targets: list[str], repeats: int) -> Iterable[str]:
+    """Each target `repeats` times, the order reversed every other time: A B B A A B ..."""
+    for repeat in range(repeats):
+        yield from targets if repeat % 2 == 0 else reversed(targets)
 
 
 def deltas(runs: dict[str, dict[str, dict]]) -> dict:
@@ -267,7 +316,14 @@ def main() -> None:
         "--num-requests", type=int, default=256, help="the first N of W1's 256 (default all)"
     )
     parser.add_argument("--processes", type=int, default=4, help="load-generator processes")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="runs per rate and target, in the order engine, router, router, engine, ...",
+    )
     args = parser.parse_args()
+    pinning = pinning_of(args)
     targets = targets_of(args)
     rates = {label: parse_rate(label) for label in args.rates}
     model = args.model or default_model()
@@ -278,13 +334,17 @@ def main() -> None:
     flags = engine_flags(DEFAULT_ENGINE_FLAGS, args)
 
     runs: dict[str, dict[str, dict]] = {}
-    with started_servers(model, flags, "router" in targets, router_flags(args)) as servers:
+    with started_servers(
+        model, flags, "router" in targets, router_flags(args), pinning
+    ) as servers:
         for target in targets:
             warm_up(servers.address(target), target, warmup_prompts(vocab)[0], 600)
         run = 0
         for label, rate in rates.items():
             offsets = arrival_offsets(len(prompts), rate)
-            for target in targets:
+            passes: dict[str, list[Run]] = {t: [] for t in targets}
+            windows: dict[str, list[tuple[Scrape, Scrape]]] = {t: [] for t in targets}
+            for target in run_order(targets, args.repeats):
                 items = list(
                     zip(
                         range(len(prompts)),
@@ -302,17 +362,22 @@ def main() -> None:
                     args.processes,
                     f"w2-{run}",
                     args.request_timeout_s,
+                    pinning and pinning.load,
                 )
-                figures = run_figures(records, max_tokens, offsets, cpu)
-                side = engine_side(before, scrape_metrics(servers.metrics_port))
+                windows[target].append((before, scrape_metrics(servers.metrics_port)))
+                passes[target].append(Run(records, cpu))
+                one = run_figures(passes[target][-1:], max_tokens, offsets)
+                print(_summary(target, label, one), flush=True)
+                run += 1
+            for target in targets:
+                figures = run_figures(passes[target], max_tokens, offsets)
+                side = engine_side(windows[target])
                 if side["engine_ttft_mean_s"] is not None:
                     side["client_minus_engine_ttft_mean_s"] = round(
                         figures["ttft_s"]["mean"] - side["engine_ttft_mean_s"], 6
                     )
                 figures["engine_side"] = side
                 runs.setdefault(label, {})[target] = figures
-                print(_summary(target, label, figures), flush=True)
-                run += 1
 
     results: dict = {"runs": runs}
     if len(targets) == 2:
@@ -331,6 +396,8 @@ def main() -> None:
         "ignore_eos": True,
         "schedule": f"Poisson, unit-rate gaps seeded {SCHEDULE_SEED}, scaled by 1/rate",
         "load_processes": args.processes,
+        "repeats": args.repeats,
+        "cpu_pinning": pinning.describe() if pinning else None,
         "model": model.name,
         "engine_flags": flags,
         "router_flags": router_flags(args),

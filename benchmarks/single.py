@@ -59,6 +59,7 @@ from stream_bench import (
     latency_figures,
     outcome_figures,
     percentiles,
+    pinning_of,
     router_flags,
     scrape_metrics,
     started_servers,
@@ -100,7 +101,7 @@ async def run_streams(
             )
             if record.status != "OK":
                 raise RuntimeError(f"{request_id} through {target} failed: {record.status}")
-            side = engine_side(before, scrape_metrics(servers.metrics_port))
+            side = engine_side([(before, scrape_metrics(servers.metrics_port))])
             return record, side | {"request_id": request_id}
 
         for target in targets:
@@ -293,12 +294,19 @@ def main() -> None:
     next_prompt = prompt_source(args.seed, args.prompt_tokens, vocab)
     flags = engine_flags([], args)
     timeout = args.request_timeout_s
+    pinning = pinning_of(args)
+    own_cpus = os.sched_getaffinity(0)
 
-    with started_servers(model, flags, "router" in targets, router_flags(args)) as servers:
+    with started_servers(
+        model, flags, "router" in targets, router_flags(args), pinning
+    ) as servers:
+        if pinning is not None:
+            os.sched_setaffinity(0, pinning.load)  # this process is the client
         records, sides = asyncio.run(
             run_streams(servers, targets, next_prompt, args.output_tokens, args.repeats, timeout)
         )
         received = received_at(servers)
+    os.sched_setaffinity(0, own_cpus)  # the offline breakdown has the machine to itself
     for target in targets:
         for record, side in zip(records[target], sides[target], strict=True):
             at = received.get(side["request_id"])
@@ -322,6 +330,7 @@ def main() -> None:
         "model": model.name,
         "engine_flags": flags,
         "router_flags": router_flags(args),
+        "cpu_pinning": pinning.describe() if pinning else None,
     }
     path = write_result("W3", parameters, figures, out_dir=args.out_dir)
     if len(targets) == 1:

@@ -8,18 +8,20 @@
   ITL = gaps between consecutive arrivals; TPOT = (last - first arrival) / (tokens - 1).
 - The servers both scripts start (fresh processes, engine /metrics on a free port) and the
   engine-side figures read from that /metrics endpoint.
+- With --pin-cpus, the engine, the router and the load generator each run on their own CPUs.
 
 No torch at import time: the load-generator processes import this module.
 """
 
 import argparse
 import json
+import os
 import shlex
 import statistics
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,7 +157,10 @@ def outcome_figures(records: list[StreamRecord], max_tokens: list[int]) -> dict:
     }
 
 
-def scrape_metrics(port: int) -> dict[str, float]:
+Scrape = dict[str, float]  # one /metrics read: sample name (with labels) -> value
+
+
+def scrape_metrics(port: int) -> Scrape:
     """Every sample on the engine's /metrics, keyed by name (and labels, where it has any)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
         text = reply.read().decode()
@@ -166,18 +171,19 @@ def scrape_metrics(port: int) -> dict[str, float]:
     }
 
 
-def histogram_delta(before: dict[str, float], after: dict[str, float], name: str) -> dict:
-    """Observations, their sum and mean of histogram `name` between two scrapes."""
-    count = after.get(name + "_count", 0.0) - before.get(name + "_count", 0.0)
-    total = after.get(name + "_sum", 0.0) - before.get(name + "_sum", 0.0)
+def histogram_delta(windows: list[tuple[Scrape, Scrape]], name: str) -> dict:
+    """Observations, their sum and mean of histogram `name` within (before, after) windows."""
+    count = sum(a.get(name + "_count", 0.0) - b.get(name + "_count", 0.0) for b, a in windows)
+    total = sum(a.get(name + "_sum", 0.0) - b.get(name + "_sum", 0.0) for b, a in windows)
     return {"count": int(count), "sum_s": total, "mean_s": total / count if count else None}
 
 
-def engine_side(before: dict[str, float], after: dict[str, float]) -> dict:
+def engine_side(windows: list[tuple[Scrape, Scrape]]) -> dict:
     """The engine's own mean TTFT (frontend received -> first token handed to the stream) and
-    ITL (gap between tokens reaching its frontend) over what ran between two scrapes."""
-    ttft = histogram_delta(before, after, ENGINE_TTFT)
-    itl = histogram_delta(before, after, ENGINE_ITL)
+    ITL (gap between tokens reaching its frontend) over what ran within (before, after) scrape
+    windows."""
+    ttft = histogram_delta(windows, ENGINE_TTFT)
+    itl = histogram_delta(windows, ENGINE_ITL)
     return {
         "engine_ttft_mean_s": _round(ttft["mean_s"]),
         "engine_itl_mean_s": _round(itl["mean_s"]),
@@ -187,6 +193,45 @@ def engine_side(before: dict[str, float], after: dict[str, float]) -> dict:
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 6)
+
+
+@dataclass(frozen=True)
+class CpuPinning:
+    """Disjoint CPU sets for the engine, the router and the load generator.
+
+    On a shared host they otherwise meet on the same cores: a router that busy-polls keeps one
+    core busy, and the engine's step loop or a load process landing there runs late.
+    """
+
+    engine: frozenset[int]
+    router: frozenset[int]
+    load: frozenset[int]
+
+    @classmethod
+    def split(cls, cpus: Iterable[int]) -> "CpuPinning":
+        """Half of `cpus` (in order) for the engine, a quarter each for the router and load."""
+        ordered = sorted(cpus)
+        if len(ordered) < 4:
+            raise ValueError(f"--pin-cpus needs 4 CPUs or more; this process may use {ordered}")
+        quarter = len(ordered) // 4
+        engine_end = len(ordered) - 2 * quarter
+        return cls(
+            frozenset(ordered[:engine_end]),
+            frozenset(ordered[engine_end : engine_end + quarter]),
+            frozenset(ordered[engine_end + quarter :]),
+        )
+
+    def describe(self) -> dict[str, list[int]]:
+        return {
+            "engine": sorted(self.engine),
+            "router": sorted(self.router),
+            "load": sorted(self.load),
+        }
+
+
+def pinning_of(args: argparse.Namespace) -> CpuPinning | None:
+    """The CPU split --pin-cpus asks for, over the CPUs this process may use; else None."""
+    return CpuPinning.split(os.sched_getaffinity(0)) if args.pin_cpus else None
 
 
 @dataclass
@@ -205,16 +250,30 @@ class Servers:
 
 @contextmanager
 def started_servers(
-    model: Path, engine_args: list[str], with_router: bool, router_args: list[str]
+    model: Path,
+    engine_args: list[str],
+    with_router: bool,
+    router_args: list[str],
+    pinning: CpuPinning | None = None,
 ) -> Iterator[Servers]:
-    """A fresh engine (its /metrics on a free port) and, if asked, a router in front of it."""
+    """A fresh engine (its /metrics on a free port) and, if asked, a router in front of it,
+    each on its CPUs of `pinning` when given."""
     with tempfile.TemporaryDirectory() as tmp:
         metrics_port = free_port()
-        engine = start_engine(model, Path(tmp), *engine_args, "--metrics-port", str(metrics_port))
+        engine = start_engine(
+            model,
+            Path(tmp),
+            *engine_args,
+            "--metrics-port",
+            str(metrics_port),
+            cpus=pinning and pinning.engine,
+        )
         router = None
         try:
             if with_router:
-                router = start_router(model, [engine], Path(tmp), *router_args)
+                router = start_router(
+                    model, [engine], Path(tmp), *router_args, cpus=pinning and pinning.router
+                )
             yield Servers(engine, router, metrics_port)
         finally:
             if router is not None:
@@ -266,6 +325,12 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="FLAGS",
         help="extra router flags, repeatable: --router-arg=--busy-poll",
+    )
+    parser.add_argument(
+        "--pin-cpus",
+        action="store_true",
+        help="run the engine on half of the CPUs, the router and the load generator on a "
+        "quarter each, none shared",
     )
     parser.add_argument("--request-timeout-s", type=float, default=3600.0)
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)

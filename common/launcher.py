@@ -51,8 +51,17 @@ class ServerProcess:
                 self.process.wait()
 
 
-def start_server(module: str, args: list[str], workdir: Path, ready_event: str) -> ServerProcess:
-    """Runs `python -m module args` (JSON logs, metrics off) and waits for `ready_event`."""
+def start_server(
+    module: str,
+    args: list[str],
+    workdir: Path,
+    ready_event: str,
+    cpus: frozenset[int] | None = None,
+) -> ServerProcess:
+    """Runs `python -m module args` (JSON logs, metrics off) and waits for `ready_event`.
+
+    With `cpus`, the process (and every thread and child it starts) runs on those CPUs only.
+    """
     port = free_port()
     log_path = workdir / f"{module.rsplit('.', 1)[-1]}-{port}.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -76,6 +85,9 @@ def start_server(module: str, args: list[str], workdir: Path, ready_event: str) 
             cwd=workdir,
             env=env,
         )
+    if cpus is not None:
+        # Set before the interpreter has started any thread: all later ones inherit it.
+        os.sched_setaffinity(process.pid, cpus)
     server = ServerProcess(process, port, log_path)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -88,18 +100,25 @@ def start_server(module: str, args: list[str], workdir: Path, ready_event: str) 
     raise TimeoutError(f"{module} not ready in {STARTUP_TIMEOUT_S}s:\n{log_path.read_text()}")
 
 
-def start_engine(model_dir: Path, workdir: Path, *extra: str) -> ServerProcess:
+def start_engine(
+    model_dir: Path, workdir: Path, *extra: str, cpus: frozenset[int] | None = None
+) -> ServerProcess:
     return start_server(
-        "llmserve.engine_service", ["--model", str(model_dir), *extra], workdir, "serving"
+        "llmserve.engine_service", ["--model", str(model_dir), *extra], workdir, "serving", cpus
     )
 
 
 def start_router(
-    model_dir: Path, engines: list[ServerProcess], workdir: Path, *extra: str
+    model_dir: Path,
+    engines: list[ServerProcess],
+    workdir: Path,
+    *extra: str,
+    cpus: frozenset[int] | None = None,
 ) -> ServerProcess:
     return start_server(
         "llmserve.router",
         ["--model", str(model_dir), "--engines", ",".join(e.address for e in engines), *extra],
         workdir,
         "ready",
+        cpus,
     )
