@@ -11,7 +11,7 @@ it with UNAVAILABLE, which the forwarder treats as an engine failure.
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 
 import grpc
 
@@ -42,6 +42,7 @@ class _LinkCall:
     def __init__(self, stub: engine_service_pb2_grpc.EngineServiceStub) -> None:
         self.call = stub.GenerateStreams()
         self.streams: dict[int, asyncio.Queue[_Update | StreamError]] = {}
+        self.unanswered: set[int] = set()  # streams the engine has sent nothing for yet
         self.broken: StreamError | None = None
         # The next message, built as actions queue: each is written once, into it.
         self._outbox = _Message()
@@ -91,7 +92,7 @@ class _LinkCall:
     async def _read(self) -> None:
         try:
             async for message in self.call:
-                for update in message.updates:
+                for update in first_tokens_first(message.updates, self.unanswered):
                     queue = self.streams.get(update.stream_id)
                     if queue is not None:
                         queue.put_nowait(update)
@@ -143,6 +144,7 @@ class EngineLink:
         stream_id = next(self._ids)
         queue: asyncio.Queue[_Update | StreamError] = asyncio.Queue()
         link.streams[stream_id] = queue
+        link.unanswered.add(stream_id)
         timer = None
         if deadline is not None:
             timer = asyncio.get_running_loop().call_at(
@@ -167,6 +169,7 @@ class EngineLink:
         finally:
             if timer is not None:
                 timer.cancel()
+            link.unanswered.discard(stream_id)
             if link.streams.pop(stream_id, None) is not None and not finished:
                 # Left early (an error here, the client went away): the engine stops the request.
                 link.cancel_soon(stream_id)
@@ -175,6 +178,27 @@ class EngineLink:
         """Ends the call; its streams fail with UNAVAILABLE."""
         if self._current is not None:
             self._current.close()
+
+
+def first_tokens_first(updates: Sequence[_Update], unanswered: set[int]) -> Sequence[_Update]:
+    """The updates with those of `unanswered` streams in front; those streams leave the set.
+
+    Readers wake in the order their updates are queued, and each relays its response before the
+    next one runs, so a new stream's first token would otherwise wait behind every running
+    stream's next token: on the H200 in W2 at 4 requests/s, a first token waited a median
+    0.19 ms from reaching the router to its reader running. A caller waits on the first token;
+    the running streams lose a fraction of that on one of their tokens.
+    """
+    if not unanswered:
+        return updates
+    first = {u.stream_id for u in updates if u.stream_id in unanswered}
+    if not first:
+        return updates
+    unanswered -= first
+    return [
+        *(u for u in updates if u.stream_id in first),
+        *(u for u in updates if u.stream_id not in first),
+    ]
 
 
 def _split(
