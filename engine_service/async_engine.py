@@ -31,6 +31,20 @@ from llmserve.engine_service.request import EngineRequest, RequestOutput
 log = structlog.get_logger(__name__)
 
 
+def first_tokens_first(outputs: list[RequestOutput]) -> list[RequestOutput]:
+    """A step's outputs with the requests' first tokens in front, otherwise in step order.
+
+    Readers wake in the order their outputs are handed over and each sends its response before
+    the next one runs: a new request's first token would wait behind every running request's
+    next one (on the H200 in W2 at 4 requests/s, the router's reader of a first token woke a
+    median 0.19 ms after it arrived until the router put first tokens first).
+    """
+    first = [o for o in outputs if o.completion_tokens == len(o.new_token_ids)]
+    if not first or len(first) == len(outputs):
+        return outputs
+    return [*first, *(o for o in outputs if o.completion_tokens != len(o.new_token_ids))]
+
+
 class EngineDeadError(RuntimeError):
     """The engine core process is gone; no request can be served."""
 
@@ -145,7 +159,7 @@ class AsyncEngine:
             return
         now = time.monotonic()
         streams = self._streams
-        for output in message.outputs:
+        for output in first_tokens_first(message.outputs):
             sink = streams.get(output.request_id)
             if sink is not None:
                 output.arrival = now
