@@ -6,9 +6,10 @@
 #   bash scripts/device-run.sh            # everything, in priority order, inside the time budget
 #   STAGES="tests w1" bash scripts/device-run.sh   # a subset (setup always runs)
 #
-# Stages: tests tptests w1 w1sync w1dist w1tp2 w1eager k1 w1fa4 peer w3 w2 router (w1sync:
+# Stages: tests tptests w1 w1sync w1dist w1tp2 w1eager k1 w1fa4 peer w3 w2 w2ab router (w1sync:
 # async scheduling off; w1dist: TP=1 through torch.distributed and the rank step channel;
-# tptests, w1tp2: tensor parallelism, which needs two GPUs). Each stage runs under its own timeout and the whole
+# tptests, w1tp2: tensor parallelism, which needs two GPUs; w2ab: W2 at 4 req/s and all at once,
+# --repeats 2 with the router's --busy-poll, ~6 min). Each stage runs under its own timeout and the whole
 # run under BUDGET_S (default 570 s); a stage that fails or times out is marked "!! STAGE ...
 # FAILED" and the next one runs. Everything is teed to $OUT/device-run.log; the JSON results and
 # a summary land in $OUT (at most 8 files come back).
@@ -106,6 +107,9 @@ wanted peer && stage w1-transformers 170 env PYTHONPATH="$BASE_PYTHONPATH" \
 
 wanted w3 && stage w3 200 python3 benchmarks/single.py --model "$MODEL" --out-dir "$RESULTS"
 wanted w2 && stage w2 330 python3 benchmarks/serving.py --model "$MODEL" --out-dir "$RESULTS"
+wanted w2ab && stage w2ab 480 env LLMSERVE_COMMIT="$LLMSERVE_COMMIT-busy-poll-abba" \
+  python3 benchmarks/serving.py --model "$MODEL" --out-dir "$RESULTS" --rates 4 all --repeats 2 \
+  --router-arg=--busy-poll
 if wanted router; then
   stage router 150 python3 benchmarks/router_throughput.py --processes 8
   cp benchmarks/results/router-throughput-*"$LLMSERVE_COMMIT".json "$RESULTS"/ 2>/dev/null
