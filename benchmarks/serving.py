@@ -323,6 +323,8 @@ def main() -> None:
         help="runs per rate and target, in the order engine, router, router, engine, ...",
     )
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats}: must be 1 or more")
     pinning = pinning_of(args)
     targets = targets_of(args)
     rates = {label: parse_rate(label) for label in args.rates}
