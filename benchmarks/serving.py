@@ -252,7 +252,7 @@ def run_figures(runs: list[Run], max_tokens: list[int], offsets: list[float]) ->
     outcome = outcome_figures(records, max_tokens)
     duration = sum(run.duration for run in runs)
     lags = [r.sent - offsets[r.index] for r in records]
-    figures = {
+    return {
         **outcome,
         "duration_s": round(duration, 3),
         "request_throughput_per_s": round(outcome["completed"] / duration, 3),
@@ -262,17 +262,6 @@ def run_figures(runs: list[Run], max_tokens: list[int], offsets: list[float]) ->
         | {"max": round(max(lags), 6)},
         "load_process_cpu_busy_max": round(max(max(run.cpu) / run.duration for run in runs), 3),
     }
-    if len(runs) > 1:
-        figures["repeats"] = [
-            {
-                "ttft_p50_s": latency_figures(run.records)["ttft_s"]["p50"],
-                "output_tok_per_s": round(
-                    sum(len(r.arrivals) for r in run.records) / run.duration, 1
-                ),
-            }
-            for run in runs
-        ]
-    return figures
 
 
 def run_order(targets: list[str], repeats: int) -> Iterable[str]:
@@ -336,15 +325,14 @@ def main() -> None:
     flags = engine_flags(DEFAULT_ENGINE_FLAGS, args)
 
     runs: dict[str, dict[str, dict]] = {}
-    with started_servers(
-        model, flags, "router" in targets, router_flags(args), pinning
-    ) as servers:
+    with started_servers(model, flags, "router" in targets, router_flags(args), pinning) as servers:
         for target in targets:
             warm_up(servers.address(target), target, warmup_prompts(vocab)[0], 600)
         run = 0
         for label, rate in rates.items():
             offsets = arrival_offsets(len(prompts), rate)
             passes: dict[str, list[Run]] = {t: [] for t in targets}
+            each: dict[str, list[dict]] = {t: [] for t in targets}  # each run's own figures
             windows: dict[str, list[tuple[Scrape, Scrape]]] = {t: [] for t in targets}
             for target in run_order(targets, args.repeats):
                 items = list(
@@ -368,8 +356,8 @@ def main() -> None:
                 )
                 windows[target].append((before, scrape_metrics(servers.metrics_port)))
                 passes[target].append(Run(records, cpu))
-                one = run_figures(passes[target][-1:], max_tokens, offsets)
-                print(_summary(target, label, one), flush=True)
+                each[target].append(run_figures(passes[target][-1:], max_tokens, offsets))
+                print(_summary(target, label, each[target][-1]), flush=True)
                 run += 1
             for target in targets:
                 figures = run_figures(passes[target], max_tokens, offsets)
@@ -379,6 +367,14 @@ def main() -> None:
                         figures["ttft_s"]["mean"] - side["engine_ttft_mean_s"], 6
                     )
                 figures["engine_side"] = side
+                if args.repeats > 1:
+                    figures["repeats"] = [
+                        {
+                            "ttft_p50_s": one["ttft_s"]["p50"],
+                            "output_tok_per_s": one["output_tok_per_s"],
+                        }
+                        for one in each[target]
+                    ]
                 runs.setdefault(label, {})[target] = figures
 
     results: dict = {"runs": runs}

@@ -297,9 +297,7 @@ def main() -> None:
     pinning = pinning_of(args)
     own_cpus = os.sched_getaffinity(0)
 
-    with started_servers(
-        model, flags, "router" in targets, router_flags(args), pinning
-    ) as servers:
+    with started_servers(model, flags, "router" in targets, router_flags(args), pinning) as servers:
         if pinning is not None:
             os.sched_setaffinity(0, pinning.load)  # this process is the client
         records, sides = asyncio.run(
