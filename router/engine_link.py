@@ -34,6 +34,9 @@ class StreamError(Exception):
 
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+# Readers woken per pass of the event loop: a pass stays well under a millisecond, so calls
+# arriving while many streams run are accepted at once (see hand_out).
+WAKE_BATCH = 8
 
 
 class _LinkCall:
@@ -92,10 +95,7 @@ class _LinkCall:
     async def _read(self) -> None:
         try:
             async for message in self.call:
-                for update in first_tokens_first(message.updates, self.unanswered):
-                    queue = self.streams.get(update.stream_id)
-                    if queue is not None:
-                        queue.put_nowait(update)
+                await hand_out(message.updates, self.streams, self.unanswered)
             error = StreamError(grpc.StatusCode.UNAVAILABLE, "engine ended the stream call")
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
@@ -178,6 +178,29 @@ class EngineLink:
         """Ends the call; its streams fail with UNAVAILABLE."""
         if self._current is not None:
             self._current.close()
+
+
+async def hand_out(
+    updates: Sequence[_Update],
+    streams: Mapping[int, asyncio.Queue[_Update | StreamError]],
+    unanswered: set[int],
+) -> None:
+    """Queues each update for its stream's reader (first tokens first), yielding to the event
+    loop after every WAKE_BATCH readers woken.
+
+    The readers woken by one message all run in the loop's next pass, and gRPC accepts one new
+    call per pass. A message for 256 streams made a pass of tens of milliseconds, so while a
+    burst's first streams ran, the rest waited to be accepted: on the H200, W2 all at once took
+    1.5 s to route its 256 requests in one run of three (0.14 s in another).
+    """
+    woken = 0
+    for update in first_tokens_first(updates, unanswered):
+        queue = streams.get(update.stream_id)
+        if queue is not None:
+            queue.put_nowait(update)
+            woken += 1
+            if woken % WAKE_BATCH == 0:
+                await asyncio.sleep(0)
 
 
 def first_tokens_first(updates: Sequence[_Update], unanswered: set[int]) -> Sequence[_Update]:
