@@ -34,8 +34,9 @@ class StreamError(Exception):
 
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
-# Readers woken per pass of the event loop: a pass stays well under a millisecond, so calls
-# arriving while many streams run are accepted at once (see hand_out).
+# Readers woken per pass of the event loop: at about 60 us of router CPU per relayed response
+# (router_throughput.py on the H200) a pass stays near half a millisecond, so calls arriving while
+# many streams run are accepted promptly (see hand_out).
 WAKE_BATCH = 8
 
 
