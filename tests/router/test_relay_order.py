@@ -4,9 +4,16 @@ them so that work ready meanwhile (gRPC accepting a new call) waits for one batc
 
 import asyncio
 
+import grpc
 import uvloop
 
-from llmserve.router.engine_link import WAKE_BATCH, StreamError, first_tokens_first, hand_out
+from llmserve.router.engine_link import (
+    WAKE_BATCH,
+    StreamError,
+    StreamInbox,
+    first_tokens_first,
+    hand_out,
+)
 from llmserve.v1 import engine_service_pb2 as pb
 
 
@@ -35,20 +42,18 @@ def test_nothing_moves_once_every_stream_was_answered() -> None:
 
 def test_ready_work_runs_after_one_batch_of_readers() -> None:
     async def scenario() -> tuple[list[int], dict[int, list[int]], set[int]]:
-        streams: dict[int, asyncio.Queue[pb.StreamUpdate | StreamError]] = {
-            i: asyncio.Queue() for i in range(1, 4 * WAKE_BATCH + 1)
-        }
+        streams = {i: StreamInbox() for i in range(1, 4 * WAKE_BATCH + 1)}
         queued_when_it_ran: list[int] = []
         asyncio.get_running_loop().call_soon(
-            lambda: queued_when_it_ran.append(sum(q.qsize() for q in streams.values()))
+            lambda: queued_when_it_ran.append(sum(len(inbox.items) for inbox in streams.values()))
         )
         unanswered = {5, 30}
         message = _message(*streams, 99)  # 99: a stream that already ended here
         await hand_out(message.updates, streams, unanswered)
         tokens = {}
-        for i, queue in streams.items():
-            update = queue.get_nowait()
-            assert isinstance(update, pb.StreamUpdate) and queue.empty()
+        for i, inbox in streams.items():
+            [update] = await inbox.take()
+            assert isinstance(update, pb.StreamUpdate)
             tokens[i] = list(update.response.token_ids)
         return queued_when_it_ran, tokens, unanswered
 
@@ -60,12 +65,35 @@ def test_ready_work_runs_after_one_batch_of_readers() -> None:
 
 def test_a_small_message_is_handed_out_without_yielding() -> None:
     async def scenario() -> list[int]:
-        streams: dict[int, asyncio.Queue[pb.StreamUpdate | StreamError]] = {
-            i: asyncio.Queue() for i in range(1, WAKE_BATCH)
-        }
+        streams = {i: StreamInbox() for i in range(1, WAKE_BATCH)}
         ran: list[int] = []
         asyncio.get_running_loop().call_soon(ran.append, 1)
         await hand_out(_message(*streams).updates, streams, set())
         return ran.copy()  # the callback still runs as the loop winds down
 
     assert uvloop.run(scenario()) == []
+
+
+def test_an_inbox_wakes_its_reader_with_everything_queued_in_order() -> None:
+    async def scenario() -> tuple[list[object], list[object], list[object]]:
+        inbox = StreamInbox()
+        waiting = asyncio.ensure_future(inbox.take())
+        await asyncio.sleep(0)
+        assert not waiting.done()  # nothing queued: the reader waits
+        first = _message(1, 2).updates
+        inbox.put(first[0])
+        inbox.put(first[1])
+        woken = await waiting
+        # A reader cancelled while it waits loses nothing put afterwards.
+        cancelled = asyncio.ensure_future(inbox.take())
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        await asyncio.sleep(0)
+        error = StreamError(grpc.StatusCode.UNAVAILABLE, "engine call broke")
+        inbox.put(error)
+        return woken, await inbox.take(), [cancelled.cancelled()]
+
+    woken, after_cancel, cancelled = uvloop.run(scenario())
+    assert [u.stream_id for u in woken] == [1, 2]  # type: ignore[attr-defined]
+    assert len(after_cancel) == 1 and isinstance(after_cancel[0], StreamError)
+    assert cancelled == [True]
