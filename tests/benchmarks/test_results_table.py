@@ -1,0 +1,174 @@
+"""docs/benchmarks.md's results table matches benchmarks/results/, and the latest-per-key rule."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "benchmarks" / "results_table.py"
+GPU = "NVIDIA H100 80GB HBM3"
+
+
+def _load_module():
+    spec = importlib.util.spec_from_file_location("results_table", SCRIPT)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+rt = _load_module()
+
+
+def test_docs_table_matches_the_results(capsys: pytest.CaptureFixture[str]) -> None:
+    history = rt.History.of(rt.RESULTS_DIR)
+    shallow = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--is-shallow-repository"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    if not history.order or shallow == "true":
+        pytest.skip("the latest result per key is decided by git history, which is absent here")
+    code = rt.main(["--check"])
+    assert code == 0, capsys.readouterr().err
+
+
+# --- the rule, on a throwaway repository --------------------------------------------------------
+
+
+def _git(repo: Path, *args: str) -> str:
+    identity = ["-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    return subprocess.run(
+        ["git", "-C", str(repo), *identity, *args],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+
+
+def _commit(repo: Path, message: str, path: str | None = None) -> str:
+    if path:
+        (repo / path).parent.mkdir(parents=True, exist_ok=True)
+        (repo / path).write_text(message)
+        _git(repo, "add", path)
+    _git(repo, "commit", "-q", "--allow-empty", "-m", message)
+    return _git(repo, "rev-parse", "HEAD")
+
+
+def _w1(commit: str, block: int = 16, impl: str = "llmserve-triton-graphs", **extra) -> dict:
+    backend = "flash_attn" if "flash_attn" in impl else "triton"
+    return {
+        "workload": "W1",
+        "device": GPU,
+        "commit": commit[:7],
+        "parameters": {
+            "impl": impl,
+            "model": "qwen3-0.6b-shape",
+            "block_size": block,
+            "enforce_eager": "eager" in impl,
+        },
+        "figures": {"tok_per_s": 100.0, "wall_s": 1.0, "attention_backend": backend},
+        **extra,
+    }
+
+
+def _w2(commit: str, rates: list[str], repeats: int = 1, router_flags: list | None = None):
+    run = {"ttft_s": {"p50": 0.005}, "itl_s": {"p50": 0.001}}
+    return {
+        "workload": "W2",
+        "device": GPU,
+        "commit": commit[:7],
+        "parameters": {
+            "rates_per_s": rates,
+            "model": "qwen3-0.6b-shape",
+            "repeats": repeats,
+            "router_flags": router_flags or [],
+        },
+        "figures": {"runs": {r: {"engine": run, "router": run} for r in rates}},
+    }
+
+
+def test_latest_per_key(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    h1 = _commit(repo, "one")
+    h2 = _commit(repo, "two")
+    h3 = _commit(repo, "router change", "router/x.py")
+    _commit(repo, f"Revert {h3[:7]} (slower)", "router/x.py")  # undoes h3's code
+    h5 = _commit(repo, "test change", "tests/test_x.py")
+    _commit(repo, 'Revert "test change"\n\nThis reverts commit ' + h5 + ".", "tests/test_x.py")
+
+    results = repo / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    files = {
+        # W1 triton graphs, block 16: h2 is the newest commit that is not reverted.
+        "W1-b16-h1.json": _w1(h1),
+        "W1-b16-h2.json": _w1(h2),
+        "W1-b16-h3.json": _w1(h3),
+        # Block 128 is another configuration; a probe run never counts.
+        "W1-b128-h1.json": _w1(h1, block=128),
+        "W1-b128-h2.json": _w1(h2, block=128, note="tiles forced by a probe sitecustomize"),
+        # A label in the name is no configuration; a reverted test is no reason to drop a result.
+        "W1-peer-h2.json": _w1(h2, impl="transformers"),
+        "W1-peer-h5-repeat2.json": _w1(h5, impl="transformers"),
+        # Same commit, added together: the name that sorts last.
+        "W1-eager-a.json": _w1(h2, impl="llmserve-triton-eager"),
+        "W1-eager-b.json": _w1(h2, impl="llmserve-triton-eager"),
+        # Same commit: a file not committed yet is the newest.
+        "W1-fa-committed.json": _w1(h2, impl="llmserve-flash_attn-graphs"),
+        # W2: each rate is a key of its own; then more repeats win.
+        "W2-h1.json": _w2(h1, ["4", "all"]),
+        "W2-h2.json": _w2(h2, ["4"]),
+        "W2-bp-a.json": _w2(h2, ["all"], repeats=3, router_flags=["--busy-poll"]),
+        "W2-bp-b.json": _w2(h2, ["all"], repeats=2, router_flags=["--busy-poll"]),
+        # Not workload results: kept only while the docs cite them.
+        "diagnostics-cited.json": {"workload": "diagnostics: a timeline", "commit": h2[:7]},
+        "diagnostics-other.json": {"workload": "diagnostics: another", "commit": h2[:7]},
+        "summary.txt": {},
+    }
+    for name, record in files.items():
+        (results / name).write_text(json.dumps(record))
+    _git(repo, "add", "benchmarks")
+    _git(repo, "commit", "-q", "-m", "results")
+    (results / "W1-fa-untracked.json").write_text(
+        json.dumps(_w1(h2, impl="llmserve-flash_attn-graphs"))
+    )
+
+    docs = repo / "docs" / "benchmarks.md"
+    docs.parent.mkdir()
+    docs.write_text(
+        f"# Benchmarks\n\nSee benchmarks/results/diagnostics-cited.json.\n\n{rt.START}\n{rt.END}\n"
+    )
+    history = rt.History.of(results)
+    assert rt.to_prune(results, docs.read_text(), history) == [
+        "W1-b128-h2.json",
+        "W1-b16-h1.json",
+        "W1-b16-h3.json",
+        "W1-eager-a.json",
+        "W1-fa-committed.json",
+        "W1-peer-h2.json",
+        "W2-bp-b.json",
+        "diagnostics-other.json",
+        "summary.txt",
+    ]
+
+    # Prune, render, check; then the check catches a stale table and a dead citation.
+    args = ["--results", str(results), "--docs", str(docs)]
+    assert rt.main([*args, "--check"]) == 1  # not pruned yet
+    assert rt.main([*args, "--prune", "--delete"]) == 0
+    assert rt.main(args) == 0
+    assert rt.main([*args, "--check"]) == 0
+    table = docs.read_text()
+    assert table.count("| W2 | default, ") == 2  # 4 req/s from W2-h2, all at once from W2-h1
+    assert "[JSON](../benchmarks/results/W2-h1.json)" in table
+    assert "| W1 | transformers peer |" in table
+    docs.write_text(table.replace("100 tok/s", "99 tok/s", 1))
+    assert rt.main([*args, "--check"]) == 1
+    docs.write_text(table + "\nAlso benchmarks/results/gone.json.\n")
+    assert rt.main([*args, "--check"]) == 1
