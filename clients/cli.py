@@ -18,15 +18,20 @@ import argparse
 import dataclasses
 import json
 import os
+import queue
 import sys
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
 from llmserve.clients._base import DEFAULT_TARGET
 from llmserve.clients.client import LLMClient
 from llmserve.clients.request import PRIORITIES
+
+T = TypeVar("T")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +56,38 @@ def main(argv: list[str] | None = None) -> int:
         # final flush does not complain about it again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+
+
+def _off_main_thread(produce: Callable[[], Iterable[T]]) -> Iterator[T]:
+    """Yields the items of `produce()`, which a thread of its own calls and iterates: every gRPC
+    call runs there, never in the main thread.
+
+    Ctrl-C raises KeyboardInterrupt in the main thread at whatever line it is on. In gRPC's wait
+    for a response that line can be just after `threading.Condition.wait` released its lock and
+    before it takes it back; the call then dies with "RuntimeError: cannot release un-acquired
+    lock" and a traceback instead of exiting 130. Here the main thread waits on a SimpleQueue
+    (C code: nothing left half done). Items queue without bound if stdout stalls; a stream is
+    bounded by its max_tokens.
+    """
+    items: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
+
+    def pump() -> None:
+        try:
+            for item in produce():
+                items.put((True, item))
+        except BaseException as exc:  # raised again in the main thread
+            items.put((False, exc))
+        else:
+            items.put((False, None))
+
+    threading.Thread(target=pump, name="llmserve-call", daemon=True).start()
+    while True:
+        is_item, value = items.get()
+        if not is_item:
+            if value is not None:
+                raise value
+            return
+        yield value
 
 
 def _channel_credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
@@ -93,7 +130,10 @@ def _prompt_or_messages(args: argparse.Namespace) -> dict[str, Any]:
 def _generate(client: LLMClient, args: argparse.Namespace) -> int:
     last = None
     params = {name: getattr(args, name) for name in _GENERATE_OPTIONS}
-    for chunk in client.generate(timeout=args.timeout, **_prompt_or_messages(args), **params):
+    chunks = _off_main_thread(
+        lambda: client.generate(timeout=args.timeout, **_prompt_or_messages(args), **params)
+    )
+    for chunk in chunks:
         if args.json:
             print(json.dumps(dataclasses.asdict(chunk)), flush=True)
         else:
@@ -114,17 +154,21 @@ def _generate(client: LLMClient, args: argparse.Namespace) -> int:
 
 
 def _tokenize(client: LLMClient, args: argparse.Namespace) -> int:
-    print(json.dumps(client.tokenize(**_prompt_or_messages(args), timeout=args.timeout)))
+    (token_ids,) = _off_main_thread(
+        lambda: [client.tokenize(**_prompt_or_messages(args), timeout=args.timeout)]
+    )
+    print(json.dumps(token_ids))
     return 0
 
 
 def _info(client: LLMClient, args: argparse.Namespace) -> int:
-    print(json.dumps(client.model_info(timeout=args.timeout), indent=2))
+    (info,) = _off_main_thread(lambda: [client.model_info(timeout=args.timeout)])
+    print(json.dumps(info, indent=2))
     return 0
 
 
 def _health(client: LLMClient, args: argparse.Namespace) -> int:
-    status = client.health(args.service, timeout=args.timeout)
+    (status,) = _off_main_thread(lambda: [client.health(args.service, timeout=args.timeout)])
     print(status)
     return 0 if status == "SERVING" else 1
 

@@ -57,10 +57,12 @@ def start_server(
     workdir: Path,
     ready_event: str,
     cpus: frozenset[int] | None = None,
+    program: list[str] | None = None,
 ) -> ServerProcess:
     """Runs `python -m module args` (JSON logs, metrics off) and waits for `ready_event`.
 
     With `cpus`, the process (and every thread and child it starts) runs on those CPUs only.
+    `program` replaces `python -m module`: an installed console script, say.
     """
     port = free_port()
     log_path = workdir / f"{module.rsplit('.', 1)[-1]}-{port}.log"
@@ -69,9 +71,7 @@ def start_server(
         # cwd is a scratch folder so the repository's top-level folders never shadow packages.
         process = subprocess.Popen(
             [
-                sys.executable,
-                "-m",
-                module,
+                *(program or [sys.executable, "-m", module]),
                 "--port",
                 str(port),
                 "--metrics-port",

@@ -7,10 +7,18 @@ run). Objects made at start-up live as long as the process, so they are frozen (
 later collections only walk what requests allocate.
 """
 
+import atexit
 import gc
 
 
 def freeze_startup_heap() -> None:
-    """Collects once, then moves every surviving object to the permanent generation."""
+    """Collects once, then moves every surviving object to the permanent generation.
+
+    At exit the heap is unfrozen again: the interpreter's last collections skip frozen objects,
+    so reference cycles in it (Triton's modules hold some) would never be freed, and nanobind
+    prints ~30 lines of "leaked instances/types/functions" for Triton's bindings.
+    """
     gc.collect()
     gc.freeze()
+    atexit.unregister(gc.unfreeze)  # once, however often this is called
+    atexit.register(gc.unfreeze)

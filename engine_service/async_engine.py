@@ -122,15 +122,24 @@ class AsyncEngine:
         if self._streams.pop(request_id, None) is not None and self.error is None:
             self._send(AbortRequest(request_id))
 
-    async def watch_load(self) -> AsyncIterator[LoadSnapshot]:
-        """Yields the current load, then each new value (intermediate ones may be skipped)."""
+    async def watch_load(self, heartbeat_s: float) -> AsyncIterator[LoadSnapshot]:
+        """Yields the current load, then each new value (intermediate ones may be skipped), and
+        the current one again after `heartbeat_s` without a change: a watcher tells an idle
+        engine from a frozen one by the beat."""
         updates: asyncio.Queue[LoadSnapshot] = asyncio.Queue(maxsize=1)
         self._load_watchers.add(updates)
         try:
             if self._last_load is not None:
                 yield self._last_load
             while True:
-                yield await updates.get()
+                try:
+                    async with asyncio.timeout(heartbeat_s):
+                        load = await updates.get()
+                except TimeoutError:
+                    if self._last_load is None:
+                        continue
+                    load = self._last_load
+                yield load
         finally:
             self._load_watchers.discard(updates)
 

@@ -13,6 +13,7 @@ from prometheus_client import start_http_server
 
 from llmserve.common import tls
 from llmserve.common.logs import configure_logging
+from llmserve.common.ports import cannot_listen, check_port_free, first_free_port
 from llmserve.common.startup_heap import freeze_startup_heap
 from llmserve.engine_service.async_engine import AsyncEngine, EngineDeadError
 from llmserve.engine_service.config import EngineConfig
@@ -21,7 +22,7 @@ from llmserve.engine_service.server import serve_engine
 
 log = structlog.get_logger(__name__)
 DEFAULT_PORT = 50052
-PORT_SEARCH = 16
+DEFAULT_METRICS_PORT = 9401
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -38,7 +39,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help=f"gRPC port (default {DEFAULT_PORT}, or the next free one; 0 = any)",
     )
-    p.add_argument("--metrics-port", type=int, default=9401, help="-1 turns /metrics off")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help=f"/metrics port (default {DEFAULT_METRICS_PORT}, or the next free one; -1 = off)",
+    )
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--max-model-len", type=int, default=None)
@@ -95,20 +101,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _free_port(host: str) -> int:
-    """The first port from DEFAULT_PORT on that nobody listens on (a second local engine)."""
-    import socket
-
-    for port in range(DEFAULT_PORT, DEFAULT_PORT + PORT_SEARCH):
-        with socket.socket() as sock:
-            if sock.connect_ex((host if host != "0.0.0.0" else "127.0.0.1", port)) != 0:
-                return port
-    raise OSError(f"no free port in {DEFAULT_PORT}..{DEFAULT_PORT + PORT_SEARCH - 1}")
+def _start_metrics(host: str, port: int | None) -> None:
+    """Serves /metrics on `port`, or on the first free one from DEFAULT_METRICS_PORT (None)."""
+    option = "--metrics-port"
+    chosen = first_free_port(option, host, DEFAULT_METRICS_PORT) if port is None else port
+    try:
+        server, _ = start_http_server(chosen, addr=host)
+    except OSError as exc:
+        raise cannot_listen(option, host, chosen, exc.strerror or str(exc)) from exc
+    log.info("metrics_serving", port=server.server_port, path="/metrics")
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    # Before the model loads: a bad certificate path fails in a second, not after minutes.
+    # Before the model loads: a bad certificate path or a taken port fails in a second, not
+    # after minutes.
     credentials = tls.server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
+    if args.port is not None:
+        check_port_free("--port", args.host, args.port)
+    if args.health_port >= 0:
+        check_port_free("--health-port", args.host, args.health_port)
+    if args.metrics_port is None or args.metrics_port >= 0:
+        _start_metrics(args.host, args.metrics_port)
     model = ensure_demo_model() if args.model == "demo" else Path(args.model)
     config = EngineConfig(
         model=model,
@@ -142,10 +155,11 @@ async def _serve(args: argparse.Namespace) -> None:
             actual=info.block_hash_seed,
         )
         info = dataclasses.replace(info, block_hash_seed=args.test_reported_hash_seed)
-    if args.metrics_port >= 0:
-        server, _ = start_http_server(args.metrics_port, addr=args.host)
-        log.info("metrics_serving", port=server.server_port, path="/metrics")
-    port = args.port if args.port is not None else _free_port(args.host)
+    # Searched only now, just before the bind: engines started together each load a model
+    # first, and one that searched before loading could pick the port another then binds.
+    port = args.port
+    if port is None:
+        port = first_free_port("--port", args.host, DEFAULT_PORT)
     task = asyncio.current_task()
     assert task is not None
     loop = asyncio.get_running_loop()

@@ -122,4 +122,8 @@ def core_process_main(config: EngineConfig, conn: Connection, log_format: LogFor
         CoreLoop(core, conn).run()
     except (EOFError, BrokenPipeError):
         log.info("frontend_gone")
+    except Exception:
+        # Logged as an event: multiprocessing would print the traceback as plain lines.
+        log.exception("engine_core_failed")
+        raise SystemExit(1) from None
     core.runner.shutdown()

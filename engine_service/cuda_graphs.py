@@ -90,8 +90,9 @@ class StepGraphs:
                  capture: GraphCapture, what: str, progress: bool = True) -> None:
         self.sizes = sorted(sizes)
         self._replays: dict[int, Replay] = {}
+        # disable=None: no bar unless stderr is a terminal, so JSON logs stay one event a line.
         for size in tqdm(sorted(self.sizes, reverse=True), desc=f"Capturing {what} graphs",
-                         disable=not progress, dynamic_ncols=True):
+                         disable=None if progress else True, dynamic_ncols=True):
             self._replays[size] = capture(prepare(size))
 
     def padded_size(self, size: int) -> int | None:

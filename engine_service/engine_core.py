@@ -35,10 +35,6 @@ class LoadSnapshot:
     requests_per_priority: tuple[int, ...]
 
 
-# Stands in for a sampled token the host has not read yet.
-PLACEHOLDER = -1
-
-
 @dataclass
 class StepInFlight:
     """A launched step: its chunks and its drawn tokens, still on the device."""
@@ -118,15 +114,14 @@ class EngineCore:
         With `async_scheduling` a step's sampled tokens are read while the next step already
         runs on the device (its outputs come back from the following call), so the host's
         scheduling and bookkeeping hide behind the GPU: decode, prefill chunks and admissions
-        alike. A step planned beside the one in flight preempts nothing (that step's sequences
-        hold their blocks); where it would have to, the next step first waits for the one in
-        flight and plans with preemption.
+        alike. A step planned beside the one in flight preempts nothing (the scheduler's rule);
+        where it would have to, the next step first waits for the one in flight and plans again.
         """
         outputs: list[RequestOutput] = []
         plan = None
         if self._in_flight is not None:
             if not self._stalled:
-                plan = self.scheduler.schedule(preempt=False)
+                plan = self.scheduler.schedule(step_in_flight=True)
                 self._stalled = plan.stalled
             if plan is None or not plan.chunks:
                 outputs += self._complete(self._in_flight)
@@ -154,7 +149,8 @@ class EngineCore:
         pending = None
         if previous is not None:
             source = {id(c.seq): i for i, c in enumerate(previous.sampling)}
-            rows = [r for r, c in enumerate(chunks) if c.seq.token_ids[c.start] == PLACEHOLDER]
+            # A sequence with a pending token has nothing else to compute: the chunk is that token.
+            rows = [r for r, c in enumerate(chunks) if c.seq.num_pending_tokens]
             pending = PendingTokens(previous.tokens, rows,
                                     [source[id(chunks[r].seq)] for r in rows])
         logits = self.runner.execute(chunks, pending)
@@ -171,8 +167,8 @@ class EngineCore:
             step.copy_to_host()
             for chunk in sampling:
                 seq = chunk.seq
-                seq.token_ids.append(PLACEHOLDER)
-                seq.last_token_pending = self._length_reached(seq, seq.num_tokens)
+                seq.num_pending_tokens += 1
+                seq.final_token_pending = self._length_reached(seq, seq.num_tokens)
         return step
 
     def _complete(self, step: "StepInFlight") -> list[RequestOutput]:
@@ -183,7 +179,8 @@ class EngineCore:
             logprobs = self.sampler.logprobs(step.logits, token_list, step.batch.num_logprobs)
         for chunk in step.chunks:
             if self._live(chunk.seq):
-                self.scheduler.register(chunk)
+                self.scheduler.kv_cache.publish(chunk.seq, chunk.start,
+                                                chunk.start + chunk.num_tokens)
         outputs = []
         for chunk, token, token_logprobs in zip(step.sampling, token_list, logprobs, strict=True):
             seq = chunk.seq
@@ -191,14 +188,13 @@ class EngineCore:
                 continue  # aborted, or finished by the token before this one
             length = chunk.start + chunk.num_tokens + 1
             if step.deferrable:
-                seq.token_ids[length - 1] = token
-            else:
-                seq.token_ids.append(token)
+                seq.num_pending_tokens -= 1  # steps are read in launch order: it was the first
+            seq.token_ids.append(token)
             seq.finish_reason = self._finish_reason(seq, token, length)
             if seq.finish_reason is not None:
-                # A step launched after this one may have appended a placeholder.
-                del seq.token_ids[length:]
-                seq.last_token_pending = False
+                # A step launched after this one may be sampling a token past the end.
+                seq.num_pending_tokens = 0
+                seq.final_token_pending = False
                 self.scheduler.finish(seq)
                 del self.sequences[seq.request_id]
             outputs.append(

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import structlog
 import torch
 
+from llmserve.common.request_limits import MAX_LOGPROBS
 from llmserve.engine_service.model_runner import ModelRunner
 from llmserve.engine_service.request import EngineRequest, SamplingOptions
 from llmserve.engine_service.sampler import Sampler, SamplingBatch
@@ -48,9 +49,6 @@ def dummy_chunks(num_tokens: int, num_seqs: int, block_size: int) -> list[Schedu
 
 def profile_peak_bytes(runner: ModelRunner) -> int:
     """Peak bytes allocated by the weights plus the largest step and its sampling."""
-    # Imported here: validation imports engine_builder, which imports this module.
-    from llmserve.engine_service.validation import MAX_LOGPROBS
-
     limits, device = runner.limits, runner.device
     runner.allocate_kv_cache(1)
     torch.cuda.synchronize(device)

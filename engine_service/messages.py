@@ -3,9 +3,10 @@
 import uuid
 
 from llmserve.common.priority import PRIORITY_CLASS
+from llmserve.common.request_limits import check_prompt_tokens, check_shared_fields
 from llmserve.engine_service.engine_builder import EngineInfo
 from llmserve.engine_service.request import EngineRequest, FinishReason, RequestOutput
-from llmserve.engine_service.validation import InvalidRequestError, check_prompt, sampling_options
+from llmserve.engine_service.validation import check_vocabulary, sampling_options
 from llmserve.v1 import common_pb2, engine_service_pb2
 
 FINISH_REASON = {
@@ -18,24 +19,12 @@ def request_from_proto(
     msg: engine_service_pb2.EngineServiceGenerateRequest, info: EngineInfo
 ) -> EngineRequest:
     """Converts and validates a Generate request (raises InvalidRequestError)."""
+    check_shared_fields(msg)
+    # Counted before the copy: a 64 MiB message holds 16 million ids.
+    check_prompt_tokens("prompt_token_ids", len(msg.prompt_token_ids), info.max_model_len)
     prompt = list(msg.prompt_token_ids)
-    check_prompt(prompt, info)
-    if msg.priority not in PRIORITY_CLASS:
-        raise InvalidRequestError(f"priority: unknown value {msg.priority}")
-    s, stop = msg.sampling, msg.stopping
-    options = sampling_options(
-        info,
-        len(prompt),
-        temperature=s.temperature if s.HasField("temperature") else None,
-        top_p=s.top_p if s.HasField("top_p") else None,
-        top_k=s.top_k,
-        min_p=s.min_p,
-        seed=s.seed if s.HasField("seed") else None,
-        logprobs=s.logprobs if s.HasField("logprobs") else None,
-        max_tokens=stop.max_tokens if stop.HasField("max_tokens") else None,
-        stop_token_ids=list(stop.stop_token_ids),
-        ignore_eos=stop.ignore_eos,
-    )
+    check_vocabulary("prompt_token_ids", prompt, info.vocab_size)
+    options = sampling_options(info, len(prompt), msg.sampling, msg.stopping)
     # Internal ids are always unique: two callers may reuse the same request_id.
     return EngineRequest(
         request_id=f"{msg.request_id or 'req'}-{uuid.uuid4().hex[:12]}",

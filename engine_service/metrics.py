@@ -7,6 +7,8 @@ from llmserve.engine_service.request import RequestOutput
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12)
 
+# Every request (a Generate call or a GenerateStreams stream) once, refused ones included;
+# outcomes as in common/call_outcome.py.
 REQUESTS = Counter("llmserve_engine_requests", "Generate requests by outcome", ["outcome"])
 GENERATED_TOKENS = Counter("llmserve_engine_generated_tokens", "Tokens generated")
 COMPUTED_TOKENS = Counter("llmserve_engine_computed_tokens", "Tokens run through the model")

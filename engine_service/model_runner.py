@@ -61,7 +61,8 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class PendingTokens:
-    """Input tokens still on the device: row `rows[i]` of the step reads `tokens[sources[i]]`."""
+    """Input tokens still on the device: the token of chunk `rows[i]` (its only one) is
+    `tokens[sources[i]]`."""
 
     tokens: torch.Tensor
     rows: list[int]
@@ -233,7 +234,7 @@ class ModelRunner:
         batch = self.inputs.build(chunks, pad_rows, pad_tokens)
         graphed = pad_rows is not None
         if pending is not None and pending.rows:
-            rows = upload(pending.rows, torch.int64, self.device)
+            rows = upload(self.inputs.chunk_starts(pending.rows), torch.int64, self.device)
             sources = upload(pending.sources, torch.int64, self.device)
             batch.input_ids.index_copy_(0, rows, pending.tokens[sources].to(torch.int32))
         self.channel.publish(Op.STEP, step_args(batch.layout, graphed), batch.layout)

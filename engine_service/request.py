@@ -9,6 +9,12 @@ class FinishReason(Enum):
     STOP = "stop"
 
 
+# Temperatures below this are greedy (vLLM's _SAMPLING_EPS). Far smaller ones overflow logits / T
+# in fp32 (1e-45 is subnormal) into NaN probabilities; at 1e-5 a logit gap of 1e-3 already
+# weighs exp(-100), so a draw differs from greedy only between near-ties.
+MIN_TEMPERATURE = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingOptions:
     """How one request's tokens are drawn and when it stops (already validated)."""
@@ -22,6 +28,11 @@ class SamplingOptions:
     max_tokens: int = 256
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        # Here, where every path builds its options, so the torch and Triton samplers both see 0.
+        if self.temperature < MIN_TEMPERATURE:
+            object.__setattr__(self, "temperature", 0.0)
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,14 @@ from collections.abc import Callable
 import grpc
 import structlog
 
+from llmserve.common.call_outcome import CANCELLED, FINISHED, status_outcome
+from llmserve.common.request_limits import InvalidRequestError
+from llmserve.common.wire import MalformedRequest
 from llmserve.engine_service import metrics
 from llmserve.engine_service.async_engine import AsyncEngine, EngineDeadError
 from llmserve.engine_service.engine_builder import EngineInfo
 from llmserve.engine_service.messages import request_from_proto
 from llmserve.engine_service.request import RequestOutput
-from llmserve.engine_service.validation import InvalidRequestError
 from llmserve.v1 import engine_service_pb2
 
 log = structlog.get_logger(__name__)
@@ -36,25 +38,36 @@ class StreamFailure(Exception):
 Deliver = Callable[[RequestOutput | StreamFailure], None]
 
 
+def _refusal(code: grpc.StatusCode, details: str) -> StreamFailure:
+    """The failure of a request that cannot start, counted under its status."""
+    metrics.REQUESTS.labels(status_outcome(code)).inc()
+    return StreamFailure(code, details)
+
+
 class RequestStream:
-    """A started request: its outputs go to `deliver` until it ends or `cancel()` is called."""
+    """A started request: its outputs go to `deliver` until it ends or `cancel()` is called.
+
+    Each request counts once in `llmserve_engine_requests_total`, refused ones included, under
+    its outcome (see `call_outcome`).
+    """
 
     def __init__(
         self,
         engine: AsyncEngine,
         info: EngineInfo,
-        message: engine_service_pb2.EngineServiceGenerateRequest,
+        message: engine_service_pb2.EngineServiceGenerateRequest | MalformedRequest,
         deliver: Deliver,
         draining: bool = False,
     ) -> None:
         """Validates and starts the request; raises StreamFailure when it cannot start."""
+        if isinstance(message, MalformedRequest):
+            raise _refusal(grpc.StatusCode.INVALID_ARGUMENT, message.message)
         try:
             self.request = request_from_proto(message, info)
         except InvalidRequestError as exc:
-            metrics.REQUESTS.labels("invalid").inc()
-            raise StreamFailure(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+            raise _refusal(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
         if draining:
-            raise StreamFailure(grpc.StatusCode.UNAVAILABLE, "engine is shutting down")
+            raise _refusal(grpc.StatusCode.UNAVAILABLE, "engine is shutting down")
         self._engine = engine
         self._deliver = deliver
         self._latency = metrics.StreamLatency(time.monotonic())
@@ -62,7 +75,7 @@ class RequestStream:
         try:
             engine.open_stream(self.request, self._on_output)
         except EngineDeadError as exc:
-            raise StreamFailure(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
+            raise _refusal(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
         # Logged once the request is on its way to the core: the log line costs no latency.
         request = self.request
         log.info(
@@ -74,22 +87,25 @@ class RequestStream:
             tenant=request.tenant,
         )
 
-    def cancel(self) -> None:
-        """The caller went away: the core aborts the request (nothing happens once it ended)."""
+    def cancel(self, outcome: str = CANCELLED) -> None:
+        """The caller went away: the core aborts the request (nothing happens once it ended).
+
+        `outcome` says why: "cancelled", or "deadline_exceeded" for a call past its deadline.
+        """
         if not self.ended:
             self._engine.close_stream(self.request.request_id)
-            self._end("cancelled")
+            self._end(outcome)
 
     def _on_output(self, item: RequestOutput | Exception) -> None:
         if isinstance(item, Exception):
             dead = isinstance(item, EngineDeadError)
-            self._end("failed" if dead else "invalid")
             code = grpc.StatusCode.UNAVAILABLE if dead else grpc.StatusCode.INVALID_ARGUMENT
+            self._end(status_outcome(code))
             self._deliver(StreamFailure(code, str(item)))
             return
         self._latency.record(item)
         if item.finish_reason is not None:
-            self._end("finished")
+            self._end(FINISHED)
         self._deliver(item)
 
     def _end(self, outcome: str) -> None:

@@ -7,8 +7,10 @@ from collections.abc import AsyncIterator
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
+from llmserve.common import reflection
+from llmserve.common.call_outcome import FAILED, ended_from_outside
+from llmserve.common.wire import MalformedRequest, add_lenient_service
 from llmserve.engine_service import metrics
 from llmserve.engine_service.async_engine import AsyncEngine
 from llmserve.engine_service.engine_builder import EngineInfo
@@ -21,7 +23,14 @@ from llmserve.v1 import engine_service_pb2, engine_service_pb2_grpc
 
 log = structlog.get_logger(__name__)
 
-SERVICE_NAME = engine_service_pb2.DESCRIPTOR.services_by_name["EngineService"].full_name
+SERVICE = engine_service_pb2.DESCRIPTOR.services_by_name["EngineService"]
+SERVICE_NAME = SERVICE.full_name
+# WatchLoad repeats an unchanged load this often: routers take an engine silent for a few beats
+# as frozen (`--engine-silence-timeout-s`, 2 s at least).
+LOAD_HEARTBEAT_S = 1.0
+# The most often routers' HTTP/2 keepalive pings may come (their interval is 2 s at least); gRPC
+# answers pings more frequent than its 5-minute default with GOAWAY too_many_pings.
+MIN_PING_INTERVAL_MS = 500
 
 
 def info_to_proto(info: EngineInfo) -> engine_service_pb2.GetInfoResponse:
@@ -54,14 +63,16 @@ class EngineServicer(engine_service_pb2_grpc.EngineServiceServicer):
         self.draining = False
 
     def start(
-        self, request: engine_service_pb2.EngineServiceGenerateRequest, deliver: Deliver
+        self,
+        request: engine_service_pb2.EngineServiceGenerateRequest | MalformedRequest,
+        deliver: Deliver,
     ) -> RequestStream:
         """Starts one request whose outputs go to `deliver`; raises StreamFailure."""
         return RequestStream(self.engine, self.info, request, deliver, self.draining)
 
     async def Generate(
         self,
-        request: engine_service_pb2.EngineServiceGenerateRequest,
+        request: engine_service_pb2.EngineServiceGenerateRequest | MalformedRequest,
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[engine_service_pb2.EngineServiceGenerateResponse]:
         """Streams the request's tokens; several per response when this reader lags behind."""
@@ -83,12 +94,16 @@ class EngineServicer(engine_service_pb2_grpc.EngineServiceServicer):
                     await context.abort(failure.code, failure.details)
                 finished = batch[-1].finish_reason is not None
                 yield response_from_outputs(batch)
+        except Exception:
+            stream.cancel(FAILED)  # a no-op after a StreamFailure: the stream ended
+            raise
         finally:
-            stream.cancel()
+            # A no-op once the stream ended; else the call did (cancelled or past its deadline).
+            stream.cancel(ended_from_outside(context))
 
     async def GenerateStreams(
         self,
-        requests: AsyncIterator[engine_service_pb2.GenerateStreamsRequest],
+        requests: AsyncIterator[engine_service_pb2.GenerateStreamsRequest | MalformedRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[engine_service_pb2.GenerateStreamsResponse]:
         """Runs many streams over one call; each message carries every stream's new output."""
@@ -104,16 +119,23 @@ class EngineServicer(engine_service_pb2_grpc.EngineServiceServicer):
             mux.close()
 
     async def GetInfo(
-        self, request: engine_service_pb2.GetInfoRequest, context: grpc.aio.ServicerContext
+        self,
+        request: engine_service_pb2.GetInfoRequest | MalformedRequest,
+        context: grpc.aio.ServicerContext,
     ) -> engine_service_pb2.GetInfoResponse:
         """Describes the model, KV-cache geometry and block-hash scheme."""
+        await _refuse_malformed(request, context)
         return info_to_proto(self.info)
 
     async def WatchLoad(
-        self, request: engine_service_pb2.WatchLoadRequest, context: grpc.aio.ServicerContext
+        self,
+        request: engine_service_pb2.WatchLoadRequest | MalformedRequest,
+        context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[engine_service_pb2.WatchLoadResponse]:
-        """Streams the engine's load: the current value at once, then every change."""
-        async for load in self.engine.watch_load():
+        """Streams the engine's load: the current value at once, then every change, and the
+        current value again each LOAD_HEARTBEAT_S without one (a sign of life)."""
+        await _refuse_malformed(request, context)
+        async for load in self.engine.watch_load(LOAD_HEARTBEAT_S):
             yield engine_service_pb2.WatchLoadResponse(
                 num_running=load.num_running,
                 num_waiting=load.num_waiting,
@@ -123,10 +145,12 @@ class EngineServicer(engine_service_pb2_grpc.EngineServiceServicer):
                 requests_per_priority=list(load.requests_per_priority),
             )
 
-    async def WatchKvEvents(self, request: engine_service_pb2.WatchKvEventsRequest,
+    async def WatchKvEvents(self,
+                            request: engine_service_pb2.WatchKvEventsRequest | MalformedRequest,
                             context: grpc.aio.ServicerContext
                             ) -> AsyncIterator[engine_service_pb2.WatchKvEventsResponse]:
         """Streams the cached block hashes: a snapshot, then numbered batches of changes."""
+        await _refuse_malformed(request, context)
         if not self.kv_events:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED,
                                 "this engine publishes no KV events (started with --no-kv-events)")
@@ -134,6 +158,11 @@ class EngineServicer(engine_service_pb2_grpc.EngineServiceServicer):
             yield engine_service_pb2.WatchKvEventsResponse(
                 sequence_number=change.sequence_number, snapshot=change.snapshot,
                 block_hashes_stored=change.stored, block_hashes_removed=change.removed)
+
+
+async def _refuse_malformed(request: object, context: grpc.aio.ServicerContext) -> None:
+    if isinstance(request, MalformedRequest):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
 
 
 async def serve_engine(engine: AsyncEngine, info: EngineInfo, host: str, port: int,
@@ -147,9 +176,14 @@ async def serve_engine(engine: AsyncEngine, info: EngineInfo, host: str, port: i
     plaintext); `health_port` >= 0 also serves health alone, plaintext (see `health_port`).
     """
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0),
-                                      ("grpc.max_receive_message_length", 64 << 20)])
+                                      ("grpc.max_receive_message_length", 64 << 20),
+                                      # Routers' keepalive pings, on idle connections too.
+                                      ("grpc.keepalive_permit_without_calls", 1),
+                                      ("grpc.http2.min_ping_interval_without_data_ms",
+                                       MIN_PING_INTERVAL_MS)])
     servicer = EngineServicer(engine, info, kv_events)
-    engine_service_pb2_grpc.add_EngineServiceServicer_to_server(servicer, server)
+    # Lenient parsing: garbage gets INVALID_ARGUMENT, as at the router, not UNKNOWN.
+    add_lenient_service(server, SERVICE, servicer)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -18,7 +18,7 @@ from llmserve.engine_service.scheduler import ScheduledChunk
 ALIGN = 32  # int32 elements: 128 bytes
 
 
-def upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def upload(values: list | np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small host list on `device` without waiting: a pageable copy would wait for the step
     in flight, a pinned non-blocking one does not."""
     host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
@@ -88,6 +88,9 @@ class StepInputs:
         step, tokens up to `pad_tokens`: a padding token is token 0 at position 0 in slot -1
         (stores nothing) and belongs to no sequence; a padding row has seq_len 0 (attends to
         nothing) and, in a varlen step, no tokens. In a decode step each row is one token.
+
+        A token still pending (sampled by the step in flight, so only on the device) is written
+        as the token before it, a stand-in that the runner overwrites on the device.
         """
         num_seqs = len(chunks)
         starts = np.fromiter((c.start for c in chunks), np.int64, num_seqs)
@@ -109,7 +112,8 @@ class StepInputs:
         qsl = h["query_start_loc"]
         if decode:
             qsl[: rows + 1] = np.arange(rows + 1)
-            h["input_ids"][:num_seqs] = [c.seq.token_ids[c.start] for c in chunks]
+            h["input_ids"][:num_seqs] = [c.seq.token_ids[c.start - c.seq.num_pending_tokens]
+                                         for c in chunks]
             positions = starts
             token_rows = table_rows
         else:
@@ -118,7 +122,9 @@ class StepInputs:
             qsl[num_seqs + 1 : rows + 1] = num_tokens
             h["input_ids"][:num_tokens] = np.fromiter(
                 itertools.chain.from_iterable(
-                    c.seq.token_ids[c.start : c.start + c.num_tokens] for c in chunks),
+                    c.seq.token_ids[c.start - (p := c.seq.num_pending_tokens)
+                                    : c.start + c.num_tokens - p]
+                    for c in chunks),
                 np.int32, num_tokens)
             positions = np.arange(num_tokens) + np.repeat(starts - qsl[:num_seqs], counts)
             token_rows = np.repeat(table_rows, counts)
@@ -137,6 +143,10 @@ class StepInputs:
         self._upload(end)
         return self.view(BatchLayout(tokens, rows, num_sampling, num_seqs, decode,
                                      int(counts.max(initial=0)), end))
+
+    def chunk_starts(self, rows: list[int]) -> np.ndarray:
+        """Where chunks `rows` of the step last built start in its flat batch."""
+        return self.np["query_start_loc"][rows]
 
     def padding_batch(self, num_tokens: int, rows: int, decode: bool) -> StepBatch:
         """Views of the device buffers as a step of padding only (for graph capture): `rows`

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
+from llmserve.common.wire import MalformedRequest
 from llmserve.engine_service.messages import response_from_outputs
 from llmserve.engine_service.request import RequestOutput
 from llmserve.engine_service.request_stream import Deliver, RequestStream, StreamFailure
@@ -38,11 +39,15 @@ class StreamMux:
         self._protocol_error: StreamFailure | None = None
 
     async def read_requests(
-        self, requests: AsyncIterator[engine_service_pb2.GenerateStreamsRequest]
+        self,
+        requests: AsyncIterator[engine_service_pb2.GenerateStreamsRequest | MalformedRequest],
     ) -> None:
         """Starts and cancels streams as the caller asks, until it closes its side."""
         try:
             async for message in requests:
+                if isinstance(message, MalformedRequest):
+                    # Its stream ids are unknown too: the call cannot go on.
+                    raise StreamFailure(grpc.StatusCode.INVALID_ARGUMENT, message.message)
                 for action in message.actions:
                     self._handle(action)
         except StreamFailure as exc:

@@ -162,7 +162,8 @@ def _pick_kernel(best_ptr, best_id_ptr, out_ptr, vocab, SPLITS: tl.constexpr,
 
 def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor,
                   positions: torch.Tensor, splits: int = SPLITS) -> torch.Tensor:
-    """Tokens [N] int64 drawn from logits [N, V] at temperature [N] (> 0), keyed on seeds [N]
+    """Tokens [N] int64 drawn from logits [N, V] at temperature [N] (>= the engine's
+    MIN_TEMPERATURE: colder requests are greedy before they get here), keyed on seeds [N]
     (int64, a uint64 reinterpreted) and positions [N]: gumbel_sample_torch with the sampler's
     keyed_uniform noise, with no sync and no [N, V] temporaries.
 

@@ -23,6 +23,8 @@ import grpc
 import structlog
 from google.protobuf.message import Message
 
+from llmserve.common.request_limits import MAX_TENANT_CHARS
+
 log = structlog.get_logger(__name__)
 
 Check = Callable[[Any, grpc.aio.ServicerContext], Awaitable[None]]
@@ -41,6 +43,11 @@ class TenantKeys:
         for tenant, keys in tenants.items():
             if not isinstance(tenant, str) or not tenant:
                 raise ValueError("auth keys: tenant names must be non-empty strings")
+            if len(tenant) > MAX_TENANT_CHARS:
+                # Requests run as their key's tenant: every one would be refused.
+                raise ValueError(
+                    f"auth keys: tenant names are at most {MAX_TENANT_CHARS} characters"
+                )
             if not isinstance(keys, list) or not keys:
                 raise ValueError(f"auth keys: tenant '{tenant}' needs a non-empty list of keys")
             for key in keys:

@@ -14,12 +14,15 @@ import uvloop
 from llmserve.common import tls
 from llmserve.common.demo_checkpoint import demo_model_dir
 from llmserve.common.logs import configure_logging
+from llmserve.common.ports import check_port_free, first_free_port
 from llmserve.router.auth import TenantKeys
 from llmserve.router.balancer import Policy
+from llmserve.router.engine_pool import SILENCE_TIMEOUT_BOUNDS_S, SILENCE_TIMEOUT_S
 from llmserve.router.server import serve_router
 from llmserve.router.tokenizer import TextTokenizer
 
 log = structlog.get_logger(__name__)
+DEFAULT_METRICS_PORT = 9400
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,12 +38,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="comma-separated host:port list, or dns:NAME:PORT (re-resolved)",
     )
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--port", type=int, default=50051, help="gRPC port (0 = any)")
     p.add_argument(
         "--metrics-port",
         type=int,
-        default=9400,
-        help="HTTP port of /metrics and /healthz (health details per engine); -1 = off",
+        default=None,
+        help=f"HTTP port of /metrics and /healthz (health details per engine) (default "
+        f"{DEFAULT_METRICS_PORT}, or the next free one; -1 = off)",
     )
     p.add_argument("--max-connection-age-s", type=float, default=300.0)
     p.add_argument(
@@ -73,6 +77,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="poll sockets instead of sleeping while requests are in flight: one thread wake-up "
         "fewer per message received, for one busy core (give the router 2 cores or more)",
+    )
+    low, high = SILENCE_TIMEOUT_BOUNDS_S
+    p.add_argument(
+        "--engine-silence-timeout-s",
+        type=float,
+        default=SILENCE_TIMEOUT_S,
+        help=f"an engine that sends nothing for this long (its load stream beats every second; "
+        f"HTTP/2 pings go unanswered) leaves the pool and its streams fail over, as if it had "
+        f"died (default {SILENCE_TIMEOUT_S:g}; {low:g} to {high:g})",
     )
     security = p.add_argument_group("TLS and auth (none given = plaintext, no auth)")
     security.add_argument("--tls-cert", type=Path, help="server certificate of the public port")
@@ -115,6 +128,14 @@ async def _serve(args: argparse.Namespace) -> None:
     tokenizer = TextTokenizer.from_model_dir(
         demo_model_dir() if args.model == "demo" else Path(args.model)
     )
+    # Checked here, just before serve_router binds them: a taken port is named, not a bind
+    # error from gRPC or the HTTP server. The public port never moves: clients expect it.
+    check_port_free("--port", args.host, args.port)
+    metrics_port = args.metrics_port
+    if metrics_port is None:
+        metrics_port = first_free_port("--metrics-port", args.host, DEFAULT_METRICS_PORT)
+    elif metrics_port >= 0:
+        check_port_free("--metrics-port", args.host, metrics_port)
     task = asyncio.current_task()
     assert task is not None
     loop = asyncio.get_running_loop()
@@ -134,8 +155,9 @@ async def _serve(args: argparse.Namespace) -> None:
             auth=auth,
             max_message_bytes=args.max_message_mb << 20,
             max_concurrent_rpcs=args.max_concurrent_rpcs,
-            metrics_port=args.metrics_port,
+            metrics_port=metrics_port,
             busy_poll=args.busy_poll,
+            engine_silence_timeout_s=args.engine_silence_timeout_s,
         )
     log.info("stopped")
 

@@ -15,7 +15,8 @@ from llmserve.router.tokenizer import TextTokenizer
 class IncrementalDetokenizer:
     """Turns a stream of token ids into text chunks, stopping at the first stop string."""
 
-    def __init__(self, tokenizer: TextTokenizer, stop: list[str]) -> None:
+    def __init__(self, tokenizer: TextTokenizer, stop: Sequence[str]) -> None:
+        self._text_tokenizer = tokenizer
         self._tokenizer: Tokenizer = tokenizer.tokenizer
         self._stream = tokenizer.decode_stream()
         self._stop = [s for s in stop if s]
@@ -24,19 +25,29 @@ class IncrementalDetokenizer:
         self._decoded_len = 0
         self.stopped = False
 
-    def push(self, token_ids: Sequence[int], final: bool = False) -> str:
+    def push(self, token_ids: Sequence[int]) -> str:
         """Adds tokens; returns the text now safe to emit. Sets `stopped` on a stop string."""
+        return self._emit(self._step(token_ids), final=False)
+
+    async def push_last(self, token_ids: Sequence[int]) -> str:
+        """Adds the stream's last tokens; returns all the text left to emit."""
+        text = self._step(token_ids)
+        # Bytes of an unfinished character stay in the stream: the full decode shows them (as
+        # U+FFFD), exactly as a one-shot decode of the whole output would.
+        full = await self._text_tokenizer.decode(self._token_ids)
+        return self._emit(text + full[self._decoded_len :], final=True)
+
+    def _step(self, token_ids: Sequence[int]) -> str:
         self._token_ids.extend(token_ids)
         # One step per token: DecodeStream.step also takes a list, but (tokenizers 0.23) a list
         # that ends inside a UTF-8 character loses the text of the tokens before it.
         step, tokenizer = self._stream.step, self._tokenizer
         text = "".join([piece for token_id in token_ids if (piece := step(tokenizer, token_id))])
         self._decoded_len += len(text)
-        if final:
-            # Bytes of an unfinished character stay in the stream: the full decode shows them
-            # (as U+FFFD), exactly as a one-shot decode of the whole output would.
-            full = self._tokenizer.decode(self._token_ids, skip_special_tokens=True)
-            text += full[self._decoded_len :]
+        return text
+
+    def _emit(self, text: str, final: bool) -> str:
+        """The new text less what may begin a stop string (held until `final`)."""
         if not self._stop:
             return text  # nothing to hold back
         self._pending += text

@@ -4,7 +4,9 @@ Engines come from a static `host:port` list or from `dns:NAME:PORT` (a Kubernete
 Service), re-resolved periodically. For each engine the pool holds a `GetInfo`, a `WatchLoad`
 subscription and a `WatchKvEvents` subscription feeding the prefix index and the hash self-check.
 An engine whose streams break (it died, or is restarting) leaves the pool at once and rejoins
-when they are back.
+when they are back. Engines send their load at least every second even when it holds still: one
+silent for longer than the silence timeout (frozen, or cut off without a reset) leaves too, and
+its requests fail over as if it had died.
 """
 
 import asyncio
@@ -22,7 +24,16 @@ from llmserve.router.prefix_index import PrefixIndex
 from llmserve.v1 import engine_service_pb2, engine_service_pb2_grpc
 
 log = structlog.get_logger(__name__)
-RETRY_MAX_S = 2.0
+# Between attempts to subscribe to an engine. A dial waits for the connection (wait_for_ready),
+# so these only pace failures of an engine that answers: short, so one back is found at once.
+RETRY_MIN_S = 0.1
+RETRY_MAX_S = 0.5
+# How long GetInfo waits for a connection before the attempt starts over.
+GET_INFO_TIMEOUT_S = 5.0
+SILENCE_TIMEOUT_S = 3.0
+# Above the engines' one-second load heartbeat with room for a late one; below a minute, past
+# which frozen engines' streams would stall longer than clients wait.
+SILENCE_TIMEOUT_BOUNDS_S = (2.0, 60.0)
 
 
 class EngineStreamError(RuntimeError):
@@ -70,20 +81,26 @@ class EnginePool:
         hash_check: HashSelfCheck,
         refresh_s: float = 5.0,
         credentials: grpc.ChannelCredentials | None = None,
+        silence_timeout_s: float = SILENCE_TIMEOUT_S,
     ) -> None:
         if not targets:
             raise ValueError("--engines: give at least one host:port or dns:NAME:PORT")
+        low, high = SILENCE_TIMEOUT_BOUNDS_S
+        if not low <= silence_timeout_s <= high:
+            raise ValueError(f"--engine-silence-timeout-s must be within {low:g}..{high:g} s")
         self.targets = targets
         self.index = index
         self.hash_check = hash_check
         self.refresh_s = refresh_s
+        self.silence_timeout_s = silence_timeout_s
         # None = plaintext; otherwise mutual TLS to every engine.
         self.credentials = credentials
         # The DNS name each resolved address came from: what its TLS certificate names.
         self._server_names: dict[str, str] = {}
         self.engines: dict[str, Engine] = {}
         self._task: asyncio.Task[None] | None = None
-        self.ready = asyncio.Event()
+        # Set whenever an engine becomes ready or stops being ready (router health follows it).
+        self.changed = asyncio.Event()
 
     def ready_engines(self) -> list[Engine]:
         return [e for e in self.engines.values() if e.ready]
@@ -121,9 +138,14 @@ class EnginePool:
             addresses = await asyncio.to_thread(self._resolve)
             for address in addresses - self.engines.keys():
                 server_name = self._server_names.get(address)
-                channel = open_engine_channel(address, self.credentials, server_name)
+                # HTTP/2 pings at the silence timeout: the request connection to a frozen engine
+                # fails even while its load stream's timer has not run out yet.
+                keepalive_s = self.silence_timeout_s
+                channel = open_engine_channel(
+                    address, self.credentials, server_name, keepalive_s=keepalive_s
+                )
                 link_channel = open_engine_channel(
-                    address, self.credentials, server_name, LINK_STREAM_WINDOW_BYTES
+                    address, self.credentials, server_name, LINK_STREAM_WINDOW_BYTES, keepalive_s
                 )
                 stub = engine_service_pb2_grpc.EngineServiceStub(channel)
                 link = EngineLink(engine_service_pb2_grpc.EngineServiceStub(link_channel))
@@ -132,6 +154,8 @@ class EnginePool:
                 self.engines[address] = engine
             for address in self.engines.keys() - addresses:
                 engine = self.engines.pop(address)
+                if engine.ready:
+                    self.changed.set()
                 if engine.task is not None:
                     engine.task.cancel()
                 self._forget(address)
@@ -142,28 +166,36 @@ class EnginePool:
 
     async def _follow(self, engine: Engine) -> None:
         """Subscribes to the engine's streams, resubscribing with backoff whenever they break."""
-        backoff = 0.1
+        backoff = RETRY_MIN_S
         while True:
             try:
+                # Waits for the connection: the call goes out the moment a (re)started engine
+                # accepts it, not at the next retry.
                 engine.info = await engine.stub.GetInfo(
-                    engine_service_pb2.GetInfoRequest(), timeout=2
+                    engine_service_pb2.GetInfoRequest(),
+                    timeout=GET_INFO_TIMEOUT_S,
+                    wait_for_ready=True,
                 )
                 async with asyncio.TaskGroup() as group:
                     group.create_task(self._follow_load(engine))
                     group.create_task(self._follow_kv_events(engine))
             except* (grpc.aio.AioRpcError, EngineStreamError) as failure:
-                was_ready = engine.ready
-                engine.load, engine.kv_synced = None, False
-                self._forget(engine.address)
-                if was_ready:
-                    log.warning(
-                        "engine_left",
-                        engine=engine.address,
-                        error=str(failure.exceptions[0]).splitlines()[0][:200],
-                    )
-                    backoff = 0.1
+                if self._leave(engine, failure.exceptions[0]):
+                    backoff = RETRY_MIN_S
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, RETRY_MAX_S)
+
+    def _leave(self, engine: Engine, error: Exception) -> bool:
+        """Takes the engine out of routing until it rejoins; True if it was ready."""
+        was_ready = engine.ready
+        engine.load, engine.kv_synced = None, False
+        self._forget(engine.address)
+        if was_ready:
+            log.warning(
+                "engine_left", engine=engine.address, error=str(error).splitlines()[0][:200]
+            )
+            self.changed.set()
+        return was_ready
 
     def _forget(self, address: str) -> None:
         self.index.drop(address)
@@ -182,15 +214,29 @@ class EnginePool:
                 model=engine.info.model,
                 cached_blocks=self.index.counts.get(engine.address, 0),
             )
-            self.ready.set()
+            self.changed.set()
 
     async def _follow_load(self, engine: Engine) -> None:
-        async for load in engine.stub.WatchLoad(engine_service_pb2.WatchLoadRequest()):
+        loads = engine.stub.WatchLoad(engine_service_pb2.WatchLoadRequest())
+        while True:
+            try:
+                async with asyncio.timeout(self.silence_timeout_s):
+                    load = await loads.read()  # a cancelled read cancels the call
+            except TimeoutError:
+                error = EngineStreamError(
+                    f"engine silent: no load message for {self.silence_timeout_s:g} s"
+                )
+                # Out of routing first, so no request (nor a failed-over one) goes there; then
+                # its streams fail over at once instead of hanging on a frozen engine.
+                self._leave(engine, error)
+                engine.link.close()
+                raise error from None
+            if load is grpc.aio.EOF:
+                raise EngineStreamError("load stream ended")
             first = engine.load is None
             engine.load = load
             if first:
                 self._joined(engine)
-        raise EngineStreamError("load stream ended")
 
     async def _follow_kv_events(self, engine: Engine) -> None:
         try:

@@ -2,7 +2,8 @@
 
 from prometheus_client import Counter, Gauge, Histogram
 
-REQUESTS = Counter("llmserve_router_requests", "Generate requests by outcome", ["outcome"])
+# Every Generate call once, refused ones included; outcomes as in common/call_outcome.py.
+REQUESTS = Counter("llmserve_router_requests", "Generate calls by outcome", ["outcome"])
 ROUTED = Counter("llmserve_router_routed_requests", "Requests sent to each engine", ["engine"])
 PROMPT_TOKENS = Counter("llmserve_router_prompt_tokens", "Prompt tokens routed")
 MATCHED_TOKENS = Counter(

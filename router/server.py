@@ -13,10 +13,20 @@ from typing import Any
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
+from llmserve.common import reflection
+from llmserve.common.call_outcome import FAILED, FINISHED, ended_from_outside, status_outcome
 from llmserve.common.priority import PRIORITY_CLASS
+from llmserve.common.request_limits import (
+    MAX_ID_CHARS,
+    InvalidRequestError,
+    check_length,
+    check_shared_fields,
+    check_stop_strings,
+    resolve_max_tokens,
+)
 from llmserve.common.startup_heap import freeze_startup_heap
+from llmserve.common.wire import MalformedRequest, add_lenient_service
 from llmserve.router import metrics
 from llmserve.router.admission import AdmissionController, ShedError
 from llmserve.router.auth import BearerAuthInterceptor, TenantKeys
@@ -24,24 +34,23 @@ from llmserve.router.balancer import Balancer, Policy
 from llmserve.router.busy_poll import BusyPoll
 from llmserve.router.detokenizer import IncrementalDetokenizer
 from llmserve.router.engine_link import StreamError
-from llmserve.router.engine_pool import EnginePool
+from llmserve.router.engine_pool import SILENCE_TIMEOUT_S, EnginePool
 from llmserve.router.forwarding import ForwardedRequest, Forwarder, NoEngineError
 from llmserve.router.hash_check import HashSelfCheck
 from llmserve.router.ops_http import OpsHttpServer
 from llmserve.router.prefix_index import PrefixIndex
-from llmserve.router.request_input import (
-    InvalidInputError,
-    check_max_tokens,
-    check_stop_strings,
-    prompt_input,
-)
+from llmserve.router.request_input import prompt_input
 from llmserve.router.tokenizer import TextTokenizer
-from llmserve.router.wire import MalformedRequest, lenient_deserializer
 from llmserve.v1 import common_pb2, engine_service_pb2, generate_service_pb2
 
 log = structlog.get_logger(__name__)
 
 SERVICE = generate_service_pb2.DESCRIPTOR.services_by_name["GenerateService"]
+# Health names that say whether the router can serve (some engine is ready), as `/healthz` does.
+READINESS_NAMES = ("", SERVICE.full_name)
+# A health name that is SERVING while the process serves gRPC at all, engines or not: what a
+# liveness probe asks, so engines being down never gets routers restarted.
+LIVENESS_NAME = "liveness"
 
 
 class GenerateServicer:
@@ -74,80 +83,100 @@ class GenerateServicer:
         request: generate_service_pb2.GenerateRequest | MalformedRequest,
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[generate_service_pb2.GenerateResponse]:
-        """Streams a completion; each response carries new text and the tokens behind it."""
-        if isinstance(request, MalformedRequest):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        info = await self._require_info(context)
-        request_id = request.request_id or _metadata_request_id(context) or uuid.uuid4().hex
+        """Streams a completion; each response carries new text and the tokens behind it.
+
+        Each call counts once in `llmserve_router_requests_total`, refused ones included, under
+        its outcome (see `call_outcome`).
+        """
+        outcome = FAILED
         try:
-            check_stop_strings(list(request.stop))
-            prompt = prompt_input(request, self.tokenizer, info.max_model_len)
-            room = info.max_model_len - len(prompt.token_ids)
-            max_tokens = check_max_tokens(request.stopping, room, info.max_tokens_default)
-        except InvalidInputError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        priority = PRIORITY_CLASS.get(request.priority, 1)
-        remaining = context.time_remaining()
-        deadline = None if remaining is None else time.monotonic() + remaining
-        outcome = "failed"
-        self.admission.capacity = self._capacity()
-        if self.admission.try_acquire(priority):
-            metrics.QUEUE_WAIT.labels(str(priority)).observe(0.0)
-        else:
-            await self._wait_for_admission(priority, request.tenant, remaining, context)
-        forwarded = ForwardedRequest(
-            request_id=request_id,
-            prompt_token_ids=prompt.token_ids,
-            sampling=request.sampling,
-            max_tokens=max_tokens,
-            stopping=request.stopping,
-            priority=request.priority,
-            tenant=request.tenant,
-        )
-        detokenizer = IncrementalDetokenizer(self.tokenizer, list(request.stop))
-        with self.busy_poll.in_flight():
+            if isinstance(request, MalformedRequest):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            info = await self._require_info(context)
             try:
-                # The per-message path: one response per engine response, whatever it holds (the
-                # engine and the link merge the tokens of a lagging stream), and no more work.
-                async for chunk in self.forwarder.stream(forwarded, deadline):
-                    token_ids = chunk.token_ids
-                    metrics.GENERATED_TOKENS.inc(len(token_ids))
-                    final = chunk.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
-                    response = generate_service_pb2.GenerateResponse(
-                        request_id=request_id,
-                        text=detokenizer.push(token_ids, final),
-                        token_ids=token_ids,
-                    )
-                    if chunk.logprobs:
-                        response.logprobs.extend(self._with_text(chunk.logprobs))
-                    if detokenizer.stopped or final:
-                        response.finish_reason = (
-                            common_pb2.FINISH_REASON_STOP
-                            if detokenizer.stopped
-                            else chunk.finish_reason
-                        )
-                        response.usage.CopyFrom(chunk.usage)
-                        outcome = "finished"
-                        log.info(
-                            "request_finished",
+                check_shared_fields(request)
+                check_stop_strings(request.stop)
+                request_id = request.request_id or _metadata_request_id(context) or uuid.uuid4().hex
+                prompt = await prompt_input(request, self.tokenizer, info.max_model_len)
+                max_tokens = resolve_max_tokens(
+                    request.stopping,
+                    info.max_model_len,
+                    len(prompt.token_ids),
+                    info.max_tokens_default,
+                )
+            except InvalidRequestError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            priority = PRIORITY_CLASS[request.priority]
+            remaining = context.time_remaining()
+            deadline = None if remaining is None else time.monotonic() + remaining
+            self.admission.capacity = self._capacity()
+            if self.admission.try_acquire(priority):
+                metrics.QUEUE_WAIT.labels(str(priority)).observe(0.0)
+            else:
+                await self._wait_for_admission(priority, request.tenant, remaining, context)
+            forwarded = ForwardedRequest(
+                request_id=request_id,
+                prompt_token_ids=prompt.token_ids,
+                sampling=request.sampling,
+                max_tokens=max_tokens,
+                stopping=request.stopping,
+                priority=request.priority,
+                tenant=request.tenant,
+            )
+            detokenizer = IncrementalDetokenizer(self.tokenizer, request.stop)
+            with self.busy_poll.in_flight():
+                try:
+                    # The per-message path: one response per engine response, whatever it holds
+                    # (the engine and the link merge the tokens of a lagging stream), and no
+                    # more work.
+                    async for chunk in self.forwarder.stream(forwarded, deadline):
+                        token_ids = chunk.token_ids
+                        metrics.GENERATED_TOKENS.inc(len(token_ids))
+                        final = chunk.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+                        response = generate_service_pb2.GenerateResponse(
                             request_id=request_id,
-                            completion_tokens=chunk.usage.completion_tokens,
-                            finish_reason=common_pb2.FinishReason.Name(response.finish_reason),
+                            text=(
+                                await detokenizer.push_last(token_ids)
+                                if final
+                                else detokenizer.push(token_ids)
+                            ),
+                            token_ids=token_ids,
                         )
+                        if chunk.logprobs:
+                            response.logprobs.extend(self._with_text(chunk.logprobs))
+                        if detokenizer.stopped or final:
+                            response.finish_reason = (
+                                common_pb2.FINISH_REASON_STOP
+                                if detokenizer.stopped
+                                else chunk.finish_reason
+                            )
+                            response.usage.CopyFrom(chunk.usage)
+                            outcome = FINISHED
+                            log.info(
+                                "request_finished",
+                                request_id=request_id,
+                                completion_tokens=chunk.usage.completion_tokens,
+                                finish_reason=common_pb2.FinishReason.Name(response.finish_reason),
+                            )
+                            yield response
+                            return
                         yield response
-                        return
-                    yield response
-            except StreamError as exc:
-                outcome = exc.code.name.lower()
-                await context.abort(exc.code, exc.details or exc.code.name)
-            except NoEngineError as exc:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-            except asyncio.CancelledError:
-                outcome = "cancelled"
-                raise
-            finally:
-                metrics.REQUESTS.labels(outcome).inc()
-                self.admission.release(priority)
+                except StreamError as exc:
+                    await context.abort(exc.code, exc.details or exc.code.name)
+                except NoEngineError as exc:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+                finally:
+                    self.admission.release(priority)
+        except grpc.aio.AbortError:
+            outcome = status_outcome(context.code())
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            # GeneratorExit: gRPC stopped iterating this stream, as it does when the call is
+            # cancelled while it writes a response (no CancelledError reaches us then).
+            outcome = ended_from_outside(context)
+            raise
+        finally:
+            metrics.REQUESTS.labels(outcome).inc()
 
     async def _wait_for_admission(
         self, priority: int, tenant: str, remaining: float | None, context: grpc.aio.ServicerContext
@@ -191,8 +220,8 @@ class GenerateServicer:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         info = await self._require_info(context)
         try:
-            prompt = prompt_input(request, self.tokenizer, info.max_model_len)
-        except InvalidInputError as exc:
+            prompt = await prompt_input(request, self.tokenizer, info.max_model_len)
+        except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return generate_service_pb2.TokenizeResponse(token_ids=prompt.token_ids, text=prompt.text)
 
@@ -202,6 +231,8 @@ class GenerateServicer:
         context: grpc.aio.ServicerContext,
     ) -> generate_service_pb2.GetModelInfoResponse:
         """Describes the served model and its limits."""
+        if isinstance(request, MalformedRequest):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         info = await self._require_info(context)
         return generate_service_pb2.GetModelInfoResponse(
             model=info.model,
@@ -228,27 +259,41 @@ def health_details(pool: EnginePool, hash_check: HashSelfCheck) -> dict[str, Any
     }
 
 
+async def _follow_readiness(pool: EnginePool, health_servicer: health.aio.HealthServicer) -> None:
+    """Keeps the readiness health names in step with `health_details`: SERVING while some
+    engine is ready, NOT_SERVING while none is. Logs `ready` when it first turns SERVING."""
+    serving = False
+    first = True
+    while True:
+        pool.changed.clear()
+        ready = [e.address for e in pool.ready_engines()]
+        if bool(ready) != serving:
+            serving = bool(ready)
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if serving
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            for name in READINESS_NAMES:
+                await health_servicer.set(name, status)
+            if first:
+                first = False
+                log.info("ready", engines=ready)
+                freeze_startup_heap()
+            else:
+                (log.info if serving else log.warning)(
+                    "health_changed",
+                    status=health_pb2.HealthCheckResponse.ServingStatus.Name(status),
+                    engines=ready,
+                )
+        await pool.changed.wait()
+
+
 def _metadata_request_id(context: grpc.aio.ServicerContext) -> str | None:
-    return dict(context.invocation_metadata() or ()).get("x-request-id")
-
-
-def _generic_handler(servicer: GenerateServicer) -> grpc.GenericRpcHandler:
-    """Registers the servicer with lenient request parsing (see `wire`)."""
-    methods = {}
-    for method in SERVICE.methods:
-        request_cls = getattr(generate_service_pb2, method.input_type.name)
-        response_cls = getattr(generate_service_pb2, method.output_type.name)
-        factory = (
-            grpc.unary_stream_rpc_method_handler
-            if method.server_streaming
-            else grpc.unary_unary_rpc_method_handler
-        )
-        methods[method.name] = factory(
-            getattr(servicer, method.name),
-            request_deserializer=lenient_deserializer(request_cls),
-            response_serializer=response_cls.SerializeToString,
-        )
-    return grpc.method_handlers_generic_handler(SERVICE.full_name, methods)
+    request_id = dict(context.invocation_metadata() or ()).get("x-request-id")
+    if request_id is not None:
+        check_length("x-request-id metadata", request_id, MAX_ID_CHARS, "characters")
+    return request_id
 
 
 async def serve_router(
@@ -267,18 +312,26 @@ async def serve_router(
     max_concurrent_rpcs: int = 4096,
     metrics_port: int = -1,
     busy_poll: bool = False,
+    engine_silence_timeout_s: float = SILENCE_TIMEOUT_S,
 ) -> None:
-    """Serves until cancelled; health turns SERVING once an engine is ready.
+    """Serves until cancelled; health is SERVING while an engine is ready (`_follow_readiness`).
 
     `server_credentials` puts TLS on the public port, `engine_credentials` mutual TLS on the
     engine channels (None = plaintext). With `auth`, every GenerateService call needs a bearer
     key and runs as the key's tenant (see `auth`). `metrics_port` >= 0 serves `/metrics` and
     `/healthz` over HTTP on `host` (0 = any free port). `busy_poll` keeps the event loop polling
-    while requests are in flight (see `busy_poll`).
+    while requests are in flight (see `busy_poll`). An engine silent for
+    `engine_silence_timeout_s` leaves the pool (see `engine_pool`).
     """
     index = PrefixIndex()
     hash_check = HashSelfCheck(index)
-    pool = EnginePool(engines, index, hash_check, credentials=engine_credentials)
+    pool = EnginePool(
+        engines,
+        index,
+        hash_check,
+        credentials=engine_credentials,
+        silence_timeout_s=engine_silence_timeout_s,
+    )
     forwarder = Forwarder(pool, index, Balancer(policy), hash_check)
     servicer = GenerateServicer(
         tokenizer,
@@ -310,11 +363,12 @@ async def serve_router(
         # bound for the process, set above what admission queues and engines run.
         maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
-    server.add_generic_rpc_handlers((_generic_handler(servicer),))
+    add_lenient_service(server, SERVICE, servicer)
     health_servicer = health.aio.HealthServicer()
     # The servicer reports the server ("") SERVING by default: not until an engine is ready.
-    for name in ("", SERVICE.full_name):
+    for name in READINESS_NAMES:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await health_servicer.set(LIVENESS_NAME, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (
@@ -341,15 +395,13 @@ async def serve_router(
         busy_poll=busy_poll,
     )
     await pool.start()
+    readiness = asyncio.create_task(_follow_readiness(pool, health_servicer))
     try:
-        await pool.ready.wait()
-        for name in ("", SERVICE.full_name):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("ready", engines=[e.address for e in pool.ready_engines()])
-        freeze_startup_heap()
         await server.wait_for_termination()
     finally:
-        for name in ("", SERVICE.full_name):
+        readiness.cancel()
+        await asyncio.gather(readiness, return_exceptions=True)
+        for name in (*READINESS_NAMES, LIVENESS_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.stop(grace=5)
         await pool.close()

@@ -26,8 +26,12 @@ ENV PATH=/opt/venv/bin:$PATH
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "${TORCH_SPEC}"
 WORKDIR /src
 COPY . .
+# Our wheel, built as tests/test_packaging.py builds and serves it, then installed by its path
+# (not by name, which an index's "llmserve" could answer) with the engine extra.
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir ".[engine]" "${FLASH_ATTN_SPEC}"
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
+ && set -- /wheels/llmserve-*.whl \
+ && pip install --no-cache-dir "$1[engine]" "${FLASH_ATTN_SPEC}"
 
 FROM ${CUDA_IMAGE}
 ENV PYTHONDONTWRITEBYTECODE=1 \

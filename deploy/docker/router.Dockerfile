@@ -7,7 +7,7 @@ ARG PYTHON_IMAGE=python:3.12-slim
 
 FROM ${PYTHON_IMAGE} AS builder
 WORKDIR /src
-# The whole tree (minus router.Dockerfile.dockerignore): pyproject.toml maps several top-level
+# The whole tree (minus router.Dockerfile.dockerignore): setup.py maps several top-level
 # folders into the llmserve namespace, and this stage is thrown away anyway.
 COPY . .
 # Our wheel plus wheels of every dependency, so the runtime stage installs offline and cannot

@@ -136,3 +136,41 @@ def test_console_script_sigint_exits_130(router) -> None:
         _, err = proc.communicate(timeout=10)
     assert (proc.returncode, err) == (130, b"")
     assert router.stream_ended.wait(2)
+
+
+# Runs the CLI with SIGINT raised at the Nth function call or return of its main thread once
+# three chunks are out: a real signal is handled at such points, so a sweep over N hits each
+# line a Ctrl-C can interrupt (within gRPC's wait for a response too, when that ran there).
+SIGINT_AT_CALL_N = """
+import os, signal, sys
+from llmserve.clients.cli import main
+target, writes, calls = int(sys.argv.pop(1)), [], []
+def profile(frame, event, arg):
+    if len(writes) < 3:
+        if event == "c_call" and arg == sys.stdout.write:
+            writes.append(1)
+    else:
+        calls.append(1)
+        if len(calls) == target:
+            sys.setprofile(None)
+            os.kill(os.getpid(), signal.SIGINT)
+sys.setprofile(profile)
+sys.exit(main())
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT delivery is POSIX")
+def test_sigint_anywhere_in_the_stream_exits_130(router) -> None:
+    router.endless = True
+    # One chunk's handling took 62 calls and returns when gRPC waited in the main thread.
+    for n in range(1, 65):
+        router.stream_ended.clear()
+        done = subprocess.run(
+            [sys.executable, "-c", SIGINT_AT_CALL_N, str(n), "generate", "hi"],
+            capture_output=True,
+            timeout=30,
+            env={**os.environ, "LLMSERVE_TARGET": router.target},
+        )
+        assert (done.returncode, done.stderr.decode()) == (130, ""), f"SIGINT at call {n}"
+        assert done.stdout.startswith(b"xxx")
+        assert router.stream_ended.wait(5)

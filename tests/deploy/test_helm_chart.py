@@ -23,6 +23,8 @@ import kubernetes_validate as kv
 import pytest
 import yaml
 
+from llmserve.router.server import LIVENESS_NAME
+
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "deploy" / "helm" / "llmserve"
 FETCH_HELM = REPO / "deploy" / "helm" / "fetch-helm.py"
@@ -488,11 +490,18 @@ def test_probes_use_native_grpc_on_the_right_port(
     assert startup["failureThreshold"] * startup["periodSeconds"] >= 15 * 60
 
     rtr = container(router(objs), "router")
+    # Readiness asks what follows the engines (gRPC health "", or /healthz under TLS: NOT_SERVING
+    # and 503 while no engine is ready); liveness only whether the process serves, so engines
+    # being down never restarts routers.
+    if router_tls_on(values):
+        assert rtr["livenessProbe"]["tcpSocket"] == {"port": 50051}
+        assert rtr["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": 9400}
+    else:
+        assert rtr["livenessProbe"]["grpc"] == {"port": 50051, "service": LIVENESS_NAME}
+        assert rtr["readinessProbe"]["grpc"] == {"port": 50051}
     for probe in ("livenessProbe", "readinessProbe"):
-        if router_tls_on(values):
-            assert rtr[probe]["tcpSocket"] == {"port": 50051}, probe
-        else:
-            assert rtr[probe]["grpc"] == {"port": 50051}, probe
+        handlers = {"grpc", "tcpSocket", "httpGet"} & rtr[probe].keys()
+        assert len(handlers) == 1, (probe, rtr[probe])
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -69,6 +69,29 @@ def test_overlapped_loop_survives_preemption(make_core) -> None:
     assert overlapped > 0 and overlapped_core.scheduler.num_preemptions > 0
 
 
+def test_a_more_important_prompt_ahead_of_pending_decodes(make_core) -> None:
+    """Its prompt chunk comes first in the step, so the decodes' pending tokens sit further
+    into the flat batch than their chunk's index: they must still land on their own row."""
+    options = SamplingOptions(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+    def run(async_scheduling: bool) -> dict[str, list[int]]:
+        core = make_core(num_kv_blocks=512, max_num_seqs=8, async_scheduling=async_scheduling)
+        for i in range(3):
+            core.add_request(EngineRequest(f"d{i}", [5 + i, 6, 7, 8], options, priority=2))
+        outputs: dict[str, list[int]] = {}
+        steps = 0
+        while core.has_work:
+            if steps == 3:
+                core.add_request(EngineRequest("critical", list(range(30, 60)), options,
+                                               priority=0))
+            for out in core.step():
+                outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
+            steps += 1
+        return outputs
+
+    assert run(async_scheduling=True) == run(async_scheduling=False)
+
+
 def test_steps_that_admit_or_prefill_are_launched_before_the_previous_step_is_read(
     make_core, monkeypatch
 ) -> None:

@@ -1,7 +1,9 @@
 """Sampler: greedy, seeded draws independent of the batch, filters, logprobs."""
 
+import pytest
 import torch
 
+from llmserve.engine_service.request import SamplingOptions
 from llmserve.engine_service.sampler import Sampler, SamplingBatch, keyed_uniform
 
 
@@ -34,6 +36,16 @@ def test_greedy_is_argmax_and_logprobs_are_log_softmax() -> None:
         assert lp is not None and lp.token_id == tokens[row]
         assert abs(lp.logprob - reference[row, tokens[row]].item()) < 1e-6
         assert [t for t, _ in lp.top] == reference[row].topk(3).indices.tolist()
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-39, 1e-20, 9e-6])
+def test_tiny_temperature_draws_the_top_token(temperature: float) -> None:
+    # Unfloored, 1e-45 and 1e-39 overflow logits / T to inf: NaN probabilities, token 0 always.
+    logits = torch.randn(16, 50, generator=torch.Generator().manual_seed(2)) * 8
+    assert (logits.argmax(-1) != 0).all()
+    options = SamplingOptions(temperature=temperature)
+    tokens, _ = Sampler()(logits, batch(16, temperature=options.temperature))
+    assert tokens == logits.argmax(-1).tolist()
 
 
 def test_seeded_draw_is_independent_of_batch_neighbours() -> None:

@@ -90,6 +90,34 @@ def test_standard_request_never_preempts_critical_work() -> None:
     assert plan.preempted == [] and [c.seq.request_id for c in plan.chunks] == ["crit"]
 
 
+def test_work_gives_way_only_to_work_before_it_in_scheduling_order() -> None:
+    scheduler = make(max_seqs=1)
+    later = seq("later", [1] * 4, 2)
+    scheduler.add(later)
+    run_step(scheduler)
+    scheduler.add(seq("last", [2] * 4, 3))  # same class, arrived after: waits for a slot
+    plan = scheduler.schedule()
+    assert plan.preempted == [] and [c.seq.request_id for c in plan.chunks] == ["later"]
+    # Same class, arrived before (as a preempted sequence keeps its arrival): the later one
+    # gives way to it.
+    scheduler.add(seq("earlier", [3] * 4, 1))
+    plan = scheduler.schedule()
+    assert plan.preempted == [later] and [c.seq.request_id for c in plan.chunks] == ["earlier"]
+
+
+def test_nothing_is_preempted_beside_a_step_in_flight() -> None:
+    scheduler = make(num_blocks=5, budget=64)
+    low = seq("low", [1] * 16, 0, priority=2)
+    scheduler.add(low)
+    run_step(scheduler)
+    scheduler.add(seq("critical", [3] * 8, 1, priority=0))
+    plan = scheduler.schedule(step_in_flight=True)
+    assert plan.stalled and plan.preempted == [] and plan.chunks == []
+    assert low in scheduler.running and len(low.block_ids) == 4
+    plan = scheduler.schedule()
+    assert not plan.stalled and plan.preempted == [low]
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     st.lists(
@@ -124,7 +152,7 @@ def test_random_interleavings_keep_the_pool_consistent(ops: list[tuple[str, int,
                 scheduler.finish(victim)
             else:
                 scheduler.abort(victim)
-        pool = scheduler.pool
+        pool = scheduler.kv_cache.pool
         assert all(c >= 0 for c in pool.ref_counts)
         owners: dict[int, int] = {}
         for s in scheduler.running:
@@ -138,4 +166,4 @@ def test_random_interleavings_keep_the_pool_consistent(ops: list[tuple[str, int,
         assert all(not s.block_ids for s in scheduler.waiting)
     for s in list(scheduler.running) + list(scheduler.waiting):
         scheduler.abort(s)
-    assert scheduler.pool.num_free == scheduler.pool.num_blocks
+    assert scheduler.kv_cache.pool.num_free == scheduler.kv_cache.pool.num_blocks

@@ -1,12 +1,13 @@
 """Incremental detokenization: whole UTF-8 characters only, stop strings never leak."""
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
 from llmserve.engine_service.demo_model import build_tokenizer, write_tokenizer
 from llmserve.router.detokenizer import IncrementalDetokenizer
-from llmserve.router.tokenizer import TextTokenizer
+from llmserve.router.tokenizer import INLINE_TOKENS, TextTokenizer
 
 
 @pytest.fixture(scope="module")
@@ -16,14 +17,24 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> TextTokenizer:
     return TextTokenizer.from_model_dir(out)
 
 
-def stream(tokenizer: TextTokenizer, text: str, stop: list[str]) -> tuple[list[str], bool]:
-    ids = tokenizer.encode(text)
-    detok = IncrementalDetokenizer(tokenizer, stop)
+def encode(tokenizer: TextTokenizer, text: str) -> list[int]:
+    return asyncio.run(tokenizer.encode(text)).ids
+
+
+def push_chunks(detok: IncrementalDetokenizer, chunks: list[list[int]]) -> list[str]:
+    """Pushes the chunks as a stream would, the last one as its end; stops at a stop string."""
     pieces = []
-    for i, token in enumerate(ids):
-        pieces.append(detok.push([token], final=i == len(ids) - 1))
+    for i, chunk in enumerate(chunks):
+        last = i == len(chunks) - 1
+        pieces.append(asyncio.run(detok.push_last(chunk)) if last else detok.push(chunk))
         if detok.stopped:
             break
+    return pieces
+
+
+def stream(tokenizer: TextTokenizer, text: str, stop: list[str]) -> tuple[list[str], bool]:
+    detok = IncrementalDetokenizer(tokenizer, stop)
+    pieces = push_chunks(detok, [[token] for token in encode(tokenizer, text)])
     return pieces, detok.stopped
 
 
@@ -32,7 +43,16 @@ def test_multibyte_characters_are_never_split(tokenizer: TextTokenizer) -> None:
     pieces, _ = stream(tokenizer, text, [])
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
-    assert len(tokenizer.encode("😀")) > 1  # the emoji spans several byte-level tokens
+    assert len(encode(tokenizer, "😀")) > 1  # the emoji spans several byte-level tokens
+
+
+def test_unfinished_character_at_the_end_shows_as_replacement(tokenizer: TextTokenizer) -> None:
+    """The last push decodes the whole output, off the event loop when it is long."""
+    emoji = encode(tokenizer, "😀")
+    for repeats in (1, INLINE_TOKENS // len(emoji) + 1):
+        ids = emoji * repeats
+        pieces = push_chunks(IncrementalDetokenizer(tokenizer, []), [ids, ids[:1]])
+        assert "".join(pieces) == "😀" * repeats + "\ufffd"
 
 
 @pytest.mark.parametrize("stop", ["brown", "fox jumps", "x", "lazy dog"])
@@ -44,8 +64,9 @@ def test_stop_string_cuts_text_before_it(tokenizer: TextTokenizer, stop: str) ->
 
 
 def test_chat_template_renders_chatml(tokenizer: TextTokenizer) -> None:
-    text, ids = tokenizer.encode_chat([{"role": "user", "content": "Hi"}])
+    text = asyncio.run(tokenizer.render_chat([{"role": "user", "content": "Hi"}]))
     assert text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    ids = asyncio.run(tokenizer.encode(text, add_special_tokens=False)).ids
     assert ids[0] == tokenizer.tokenizer.token_to_id("<|im_start|>")
 
 
@@ -56,14 +77,10 @@ def test_several_tokens_per_message_decode_like_one_at_a_time(
 ) -> None:
     """A lagging stream's merged messages: characters split across and inside them survive."""
     text = "Zürich 東京 😀 café, naïve"
-    ids = tokenizer.encode(text)
+    ids = encode(tokenizer, text)
     detok = IncrementalDetokenizer(tokenizer, stop)
-    pieces = []
-    for start in range(0, len(ids), per_message):
-        chunk = ids[start : start + per_message]
-        pieces.append(detok.push(chunk, final=start + per_message >= len(ids)))
-        if detok.stopped:
-            break
+    chunks = [ids[start : start + per_message] for start in range(0, len(ids), per_message)]
+    pieces = push_chunks(detok, chunks)
     one_at_a_time, _ = stream(tokenizer, text, stop)
     assert "".join(pieces) == "".join(one_at_a_time) == text.split("東京")[0] if stop else text
     assert all("\ufffd" not in p for p in pieces)

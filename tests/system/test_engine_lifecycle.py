@@ -1,5 +1,6 @@
 """Engine process behaviour seen from outside: KV-event and load streams, drain, core death."""
 
+import json
 import random
 import signal
 import threading
@@ -114,6 +115,10 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(tiny_checkpoint, start
         assert rest[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
         assert rest[-1].usage.completion_tokens == 200
     assert engine.process.wait(timeout=20) == 0
+    # Its whole output, both processes' exits included, is JSON events: no plain lines such
+    # as nanobind's leak report for Triton's bindings at interpreter exit.
+    lines = engine.log_path.read_text().splitlines()
+    assert "stopped" in [json.loads(line)["event"] for line in lines]
 
 
 def test_metrics_move_after_traffic(tiny_checkpoint, start_engine, unused_port) -> None:

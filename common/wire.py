@@ -1,14 +1,18 @@
 """Request decoding that turns malformed bytes into an error naming the field, not a crash.
 
-grpcio answers a request it cannot parse with a bare INTERNAL; invalid UTF-8 in a string field
-is the common case (protobuf refuses it), and a caller deserves to know which field it was.
+grpcio answers a request it cannot parse with a bare INTERNAL (UNKNOWN from an asyncio server);
+invalid UTF-8 in a string field is the common case (protobuf refuses it), and a caller deserves
+to know which field it was. Both tiers serve through `add_lenient_service`: a handler receives a
+MalformedRequest instead of a request that could not be parsed, and answers INVALID_ARGUMENT
+with its message.
 """
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from google.protobuf import empty_pb2
-from google.protobuf.descriptor import Descriptor, FieldDescriptor
+import grpc
+from google.protobuf import empty_pb2, message_factory
+from google.protobuf.descriptor import Descriptor, FieldDescriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
@@ -64,3 +68,35 @@ def lenient_deserializer(
             return MalformedRequest(f"request is not a valid {message_cls.DESCRIPTOR.full_name}")
 
     return deserialize
+
+
+_HANDLER_FACTORIES = {
+    # (client streaming, server streaming)
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def add_lenient_service(
+    server: grpc.aio.Server, service: ServiceDescriptor, servicer: object
+) -> None:
+    """Serves `service` from `servicer` (a method per RPC) with lenient request parsing."""
+    handlers = {}
+    for method in service.methods:
+        factory = _HANDLER_FACTORIES[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = factory(
+            getattr(servicer, method.name),
+            request_deserializer=lenient_deserializer(
+                message_factory.GetMessageClass(method.input_type)
+            ),
+            response_serializer=message_factory.GetMessageClass(
+                method.output_type
+            ).SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    # As generated code registers its handlers: looked up by exact method name first.
+    server.add_registered_method_handlers(service.full_name, handlers)

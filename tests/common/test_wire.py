@@ -1,6 +1,6 @@
 """Malformed request bytes become an error naming the field, never an exception."""
 
-from llmserve.router.wire import MalformedRequest, lenient_deserializer
+from llmserve.common.wire import MalformedRequest, lenient_deserializer
 from llmserve.v1 import generate_service_pb2 as pb
 
 

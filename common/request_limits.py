@@ -1,0 +1,137 @@
+"""The bounds of every request field, checked by both tiers before any work is done.
+
+The router checks a `GenerateRequest` and an engine its `EngineServiceGenerateRequest` against
+the same bounds here, so a request the router let through is never refused by an engine for a
+limit, and one sent straight to an engine meets the same ones. A violation raises
+InvalidRequestError, whose message names the field and its limit (the caller's INVALID_ARGUMENT).
+Fixed bounds are constants; those that follow the model (prompt length, max_tokens) take
+max_model_len. The proto comments quote every bound.
+
+Counts are checked before contents: the length of a repeated field is known without reading it,
+so an oversized one costs nothing to refuse.
+"""
+
+from collections.abc import Sequence, Sized
+
+from llmserve.common.priority import PRIORITY_CLASS
+from llmserve.v1 import common_pb2, engine_service_pb2, generate_service_pb2
+
+# Echoed in every response chunk and written into both tiers' logs: a UUID takes 36.
+MAX_ID_CHARS = 128
+# Tenant names key admission queues and logs.
+MAX_TENANT_CHARS = 128
+# Every stop string is searched for in the pending text after each chunk.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+# The engine checks each generated token against every one of them.
+MAX_STOP_TOKEN_IDS = 128
+# The chat completion APIs' own bound; each turn costs a few template tokens anyway.
+MAX_MESSAGES = 2048
+# "system", "user", "assistant", "tool", ...
+MAX_ROLE_CHARS = 64
+# Alternatives returned per generated token.
+MAX_LOGPROBS = 20
+
+
+class InvalidRequestError(ValueError):
+    """A request field is out of its bounds; the message names the field and its limit."""
+
+
+def check_length(field: str, value: Sized, limit: int, unit: str) -> None:
+    if len(value) > limit:
+        raise InvalidRequestError(f"{field}: {len(value)} {unit}; the limit is {limit}")
+
+
+def check_shared_fields(
+    request: generate_service_pb2.GenerateRequest | engine_service_pb2.EngineServiceGenerateRequest,
+) -> None:
+    """The fields both APIs' generate requests carry: ids, sampling, stop token ids, priority."""
+    check_length("request_id", request.request_id, MAX_ID_CHARS, "characters")
+    check_length("tenant", request.tenant, MAX_TENANT_CHARS, "characters")
+    check_sampling(request.sampling)
+    check_length(
+        "stopping.stop_token_ids", request.stopping.stop_token_ids, MAX_STOP_TOKEN_IDS, "ids"
+    )
+    if request.priority not in PRIORITY_CLASS:
+        raise InvalidRequestError(f"priority: unknown value {request.priority}")
+
+
+def check_sampling(sampling: common_pb2.SamplingParams) -> None:
+    if sampling.HasField("temperature") and not sampling.temperature >= 0:
+        raise InvalidRequestError(f"sampling.temperature: {sampling.temperature} must be >= 0")
+    if sampling.HasField("top_p") and not 0 < sampling.top_p <= 1:
+        raise InvalidRequestError(f"sampling.top_p: {sampling.top_p} must be in (0, 1]")
+    if sampling.top_k < 0:
+        raise InvalidRequestError(f"sampling.top_k: {sampling.top_k} must be >= 0 (0 = off)")
+    if not 0 <= sampling.min_p <= 1:
+        raise InvalidRequestError(f"sampling.min_p: {sampling.min_p} must be in [0, 1]")
+    if sampling.HasField("logprobs") and not 0 <= sampling.logprobs <= MAX_LOGPROBS:
+        raise InvalidRequestError(
+            f"sampling.logprobs: {sampling.logprobs} must be in [0, {MAX_LOGPROBS}]"
+        )
+
+
+def check_stop_strings(stop: Sequence[str]) -> None:
+    check_length("stop", stop, MAX_STOP_STRINGS, "strings")
+    for i, s in enumerate(stop):
+        if not s or len(s) > MAX_STOP_CHARS:
+            raise InvalidRequestError(f"stop[{i}]: length {len(s)}; must be 1..{MAX_STOP_CHARS}")
+
+
+def check_messages(messages: Sequence[generate_service_pb2.ChatMessage]) -> None:
+    """The conversation's turns and roles; contents are bounded once rendered, like a prompt."""
+    check_length("messages", messages, MAX_MESSAGES, "messages")
+    for i, message in enumerate(messages):
+        role = message.role
+        if not role or len(role) > MAX_ROLE_CHARS:
+            raise InvalidRequestError(
+                f"messages[{i}].role: length {len(role)}; must be 1..{MAX_ROLE_CHARS}"
+            )
+
+
+def check_prompt_chars(
+    field: str, num_chars: int, max_model_len: int, chars_per_token: float | None
+) -> None:
+    """Refuses a text that must tokenize to more than max_model_len - 1 tokens, untokenized.
+
+    `chars_per_token` is the most characters one token of the model's tokenizer can stand for
+    (None: unbounded, nothing is refused here), so the text has at least
+    num_chars / chars_per_token tokens: past the limit, it could never fit.
+    """
+    if chars_per_token is None:
+        return
+    limit = int((max_model_len - 1) * chars_per_token)
+    if num_chars > limit:
+        raise InvalidRequestError(
+            f"{field}: {num_chars} characters; the limit is {limit} ({max_model_len - 1} tokens "
+            f"of at most {chars_per_token:g} characters each, max_model_len {max_model_len} minus "
+            "at least one generated token)"
+        )
+
+
+def check_prompt_tokens(field: str, num_tokens: int, max_model_len: int) -> None:
+    if num_tokens == 0:
+        raise InvalidRequestError(f"{field}: must not be empty (no tokens)")
+    if num_tokens >= max_model_len:
+        raise InvalidRequestError(
+            f"{field}: {num_tokens} tokens; the limit is {max_model_len - 1} "
+            f"(max_model_len {max_model_len} minus at least one generated token)"
+        )
+
+
+def resolve_max_tokens(
+    stopping: common_pb2.StoppingCriteria, max_model_len: int, prompt_tokens: int, default: int
+) -> int:
+    """The request's max_tokens, or the default capped by the room left in max_model_len."""
+    room = max_model_len - prompt_tokens
+    if not stopping.HasField("max_tokens"):
+        return min(default, room)
+    max_tokens = stopping.max_tokens
+    if max_tokens <= 0:
+        raise InvalidRequestError(f"stopping.max_tokens: {max_tokens} must be >= 1")
+    if max_tokens > room:
+        raise InvalidRequestError(
+            f"stopping.max_tokens: {max_tokens} exceeds the limit {room} "
+            f"(max_model_len {max_model_len} minus {prompt_tokens} prompt tokens)"
+        )
+    return max_tokens
