@@ -24,6 +24,7 @@ test: install
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	cd proto && ../$(BIN)/buf lint
 
 proto: install

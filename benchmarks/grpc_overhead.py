@@ -25,7 +25,7 @@ from result_file import write_result
 from llmserve.common.launcher import start_engine
 from llmserve.engine_service.demo_model import ensure_demo_model
 from llmserve.engine_service.llm import LLM
-from llmserve.engine_service.request import SamplingOptions
+from llmserve.engine_service.seam import SamplingOptions
 from llmserve.v1 import common_pb2, engine_service_pb2, engine_service_pb2_grpc
 
 

@@ -145,7 +145,7 @@ def offline_steps(
     from step_breakdown import step_breakdown
 
     from llmserve.engine_service.llm import LLM
-    from llmserve.engine_service.request import EngineRequest, SamplingOptions
+    from llmserve.engine_service.seam import EngineRequest, SamplingOptions
 
     settings = engine_settings(model, flags)
     if settings["device"] == "cpu" or not torch.cuda.is_available():

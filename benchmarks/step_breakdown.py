@@ -11,8 +11,8 @@ from collections.abc import Callable
 import torch
 
 from llmserve.engine_service.llm import LLM
-from llmserve.engine_service.request import SamplingOptions
-from llmserve.engine_service.sampler import Sampler, SamplingBatch
+from llmserve.engine_service.runner.sampler import Sampler, SamplingBatch
+from llmserve.engine_service.seam import SamplingOptions
 from llmserve.kernels.sampling import gumbel_sample
 
 

@@ -28,9 +28,9 @@ from step_breakdown import sampler_versus_kernel, step_breakdown
 from transformers_peer import run_transformers_peer
 from w1_draws import fold_into_vocab, w1_requests, warmup_prompts
 
-from llmserve.engine_service.checkpoint import read_model_spec
 from llmserve.engine_service.llm import LLM
-from llmserve.engine_service.request import SamplingOptions
+from llmserve.engine_service.models.checkpoint import read_model_spec
+from llmserve.engine_service.seam import SamplingOptions
 
 
 def copy_bandwidth(device: str) -> float:

@@ -15,10 +15,10 @@ from llmserve.common import tls
 from llmserve.common.logs import configure_logging
 from llmserve.common.ports import cannot_listen, check_port_free, first_free_port
 from llmserve.common.startup_heap import freeze_startup_heap
-from llmserve.engine_service.async_engine import AsyncEngine, EngineDeadError
 from llmserve.engine_service.config import EngineConfig
 from llmserve.engine_service.demo_model import ensure_demo_model
-from llmserve.engine_service.server import serve_engine
+from llmserve.engine_service.frontend.async_engine import AsyncEngine, EngineDeadError
+from llmserve.engine_service.frontend.server import serve_engine
 
 log = structlog.get_logger(__name__)
 DEFAULT_PORT = 50052

@@ -10,8 +10,6 @@ import tempfile
 from pathlib import Path
 
 import structlog
-import torch
-from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from llmserve.common.demo_checkpoint import demo_model_dir
@@ -70,36 +68,6 @@ def write_tokenizer(tokenizer: Tokenizer, out_dir: Path, max_len: int) -> None:
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
-def _qwen3_tensors(cfg: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    hidden, inter, head_dim = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
-    q_size = cfg["num_attention_heads"] * head_dim
-    kv_size = cfg["num_key_value_heads"] * head_dim
-
-    def normal(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator) * 0.05
-
-    tensors = {
-        "model.embed_tokens.weight": normal(cfg["vocab_size"], hidden),
-        "model.norm.weight": torch.ones(hidden),
-    }
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        tensors |= {
-            p + "self_attn.q_proj.weight": normal(q_size, hidden),
-            p + "self_attn.k_proj.weight": normal(kv_size, hidden),
-            p + "self_attn.v_proj.weight": normal(kv_size, hidden),
-            p + "self_attn.o_proj.weight": normal(hidden, q_size),
-            p + "self_attn.q_norm.weight": torch.ones(head_dim),
-            p + "self_attn.k_norm.weight": torch.ones(head_dim),
-            p + "mlp.gate_proj.weight": normal(inter, hidden),
-            p + "mlp.up_proj.weight": normal(inter, hidden),
-            p + "mlp.down_proj.weight": normal(hidden, inter),
-            p + "input_layernorm.weight": torch.ones(hidden),
-            p + "post_attention_layernorm.weight": torch.ones(hidden),
-        }
-    return tensors
-
-
 def create_demo_model(out_dir: Path) -> None:
     """Writes the demo checkpoint (config, weights, tokenizer) into `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -130,11 +98,10 @@ def create_demo_model(out_dir: Path) -> None:
     (out_dir / "generation_config.json").write_text(
         json.dumps({"eos_token_id": [im_end, endoftext], "pad_token_id": endoftext}, indent=2)
     )
-    save_file(
-        _qwen3_tensors(cfg, torch.Generator().manual_seed(0)),
-        str(out_dir / "model.safetensors"),
-        metadata={"format": "pt"},
-    )
+    # Imported only here: the engine's frontend imports this module and must not load torch.
+    from llmserve.engine_service.demo_weights import write_demo_weights
+
+    write_demo_weights(cfg, out_dir)
     write_tokenizer(tokenizer, out_dir, cfg["max_position_embeddings"])
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from llmserve.engine_service.config import EngineConfig
-from llmserve.engine_service.engine_builder import EngineInfo, build_engine
-from llmserve.engine_service.request import EngineRequest, FinishReason, SamplingOptions
-from llmserve.engine_service.validation import check_prompt
+from llmserve.engine_service.core.engine_builder import build_engine
+from llmserve.engine_service.frontend.validation import check_prompt
+from llmserve.engine_service.seam import EngineInfo, EngineRequest, FinishReason, SamplingOptions
 
 
 @dataclass

@@ -5,7 +5,7 @@ The engine's sampler draws token argmax_i p_i / E_i, with p = softmax(logits / T
 E_i = -log(u_i) for noise u keyed on (request seed, position, token id). Since p_i is
 exp(l_i / T) over a constant, that is argmax_i l_i / T - log(E_i): no softmax, no sort, and the
 kernels read the logits once, hashing the noise in registers with the sampler's own hash
-(`keyed_uniform` in engine_service/sampler.py). For rows without top-k, top-p or min-p, and
+(`keyed_uniform` in engine_service/runner/sampler.py). For rows without top-k, top-p or min-p, and
 temperature > 0.
 
 The twin scores in fp64 and the kernel draws exactly its tokens, but scoring every entry in fp64

@@ -30,7 +30,7 @@ def open_engine_channel(
     `keepalive_s`: an HTTP/2 ping goes out after that long without one, and the connection (with
     every call on it) fails when no answer comes within that long again: a frozen or unreachable
     engine's calls end with UNAVAILABLE instead of hanging until their deadlines (engines permit
-    pings this often, see `engine_service.server`). None = no pings.
+    pings this often, see `engine_service.frontend.server`). None = no pings.
 
     `server_name` matters for engines found through DNS: the router dials the resolved pod IP,
     while the certificate names the headless Service (what the chart asks engines' certificates

@@ -81,7 +81,7 @@ try:
     print("flash-attn 4: importable")
 except Exception as exc:
     print(f"flash-attn 4: NOT importable ({exc!r:.200}): the flash_attn stages will say so")
-import llmserve.engine_service.engine_builder  # noqa: F401
+import llmserve.engine_service.core.engine_builder  # noqa: F401
 print("llmserve imports")
 EOF
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny real checkpoints and real engine/router processes on loopback ports."""
+"""Shared fixtures: tiny real checkpoints, engine cores built on them in this process, and real
+engine/router processes on loopback ports."""
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -9,7 +10,11 @@ import torch
 from llmserve.common.launcher import ServerProcess, free_port
 from llmserve.common.launcher import start_engine as launch_engine
 from llmserve.common.launcher import start_router as launch_router
+from llmserve.engine_service.config import EngineConfig
+from llmserve.engine_service.core.engine_builder import build_engine
+from llmserve.engine_service.core.engine_core import EngineCore
 from llmserve.engine_service.demo_model import build_tokenizer, write_tokenizer
+from llmserve.engine_service.seam import EngineRequest, SamplingOptions
 
 
 @pytest.fixture
@@ -120,6 +125,49 @@ def qwen3_system(
     engine = start_engine(model_dir)
     router = start_router(model_dir, [engine])
     return model_dir, engine, router
+
+
+# Odd lengths, one shorter than a block, several blocks; 5 sequences pad to a graph of 8.
+PROMPTS = [[5, 17, 99, 230, 7], [400, 12], list(range(40, 77)), [3] * 20, [9, 8, 7] * 11]
+
+
+def _make_core(model_dir: Path, **settings: object) -> EngineCore:
+    # A small token budget chunks the prompts across steps with several sequences batched, so
+    # mixed steps run the prefill path and the rest replay decode graphs (sizes 1-8).
+    config = {"num_kv_blocks": 512, "max_num_batched_tokens": 16, "max_num_seqs": 8,
+              "cuda_graph_max_bs": 8, **settings}
+    core, _ = build_engine(EngineConfig(model=model_dir, **config))
+    return core
+
+
+def _greedy(core: EngineCore, prompts: list[list[int]], new_tokens: int,
+            ignore_eos: bool = False) -> list[list[int]]:
+    """Every prompt's greedy tokens, all run together through the core's step loop (stopping
+    at the checkpoint's end-of-sequence tokens, as transformers' generate does, unless told)."""
+    options = SamplingOptions(temperature=0.0, max_tokens=new_tokens, ignore_eos=ignore_eos)
+    for i, prompt in enumerate(prompts):
+        core.add_request(EngineRequest(f"g{i}", prompt, options))
+    tokens: dict[str, list[int]] = {f"g{i}": [] for i in range(len(prompts))}
+    while core.has_work:
+        for out in core.step():
+            tokens[out.request_id].extend(out.new_token_ids)
+    return [tokens[f"g{i}"] for i in range(len(prompts))]
+
+
+@pytest.fixture
+def make_core() -> Callable[..., EngineCore]:
+    """Builds an engine core on a checkpoint with the given EngineConfig settings."""
+    return _make_core
+
+
+@pytest.fixture
+def greedy() -> Callable[..., list[list[int]]]:
+    return _greedy
+
+
+@pytest.fixture
+def prompts() -> list[list[int]]:
+    return [list(p) for p in PROMPTS]
 
 
 def _engine_dies_cleanly(engine: ServerProcess, victim_event: str) -> dict:

@@ -10,8 +10,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from llmserve.engine_service.attention import PagedAttention
-from llmserve.engine_service.checkpoint import CheckpointError, ModelSpec
+from llmserve.engine_service.attention.layer import PagedAttention
+from llmserve.engine_service.models.checkpoint import CheckpointError, ModelSpec
 from llmserve.engine_service.models.rope import rope_inv_freq
 from llmserve.engine_service.parallel.group import TensorParallelGroup
 from llmserve.engine_service.parallel.layers import (

@@ -32,7 +32,7 @@ class RankProcesses:
         payload = json.dumps(asdict(config), default=str)
         self.processes = [
             subprocess.Popen(
-                [sys.executable, "-m", "llmserve.engine_service.parallel.follower",
+                [sys.executable, "-m", "llmserve.engine_service.runner.follower",
                  "--rank", str(rank), "--size", str(self.size), "--port", str(self.port),
                  "--config", payload],
                 stdin=subprocess.PIPE,

@@ -675,7 +675,7 @@ def test_service_monitor(rendered: dict[str, list[Obj]]) -> None:
 
 def test_grafana_dashboard_queries_only_metrics_we_export(rendered: dict[str, list[Obj]]) -> None:
     exported = set()
-    for module in ("engine_service/metrics.py", "router/metrics.py"):
+    for module in ("engine_service/frontend/metrics.py", "router/metrics.py"):
         exported |= set(re.findall(r'"(llmserve_[a-z_]+)"', (REPO / module).read_text()))
     suffixes = ("_total", "_bucket", "_count", "_sum")
     dashboards = 0

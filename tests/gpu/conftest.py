@@ -1,5 +1,6 @@
 """Helpers for the CUDA engine tests (as fixtures: with --import-mode=importlib test modules
-cannot import one another). The tiny checkpoints come from tests/conftest.py's `tiny_checkpoint`.
+cannot import one another). The tiny checkpoints, `make_core`, `greedy` and `prompts` come from
+tests/conftest.py, which the CPU tests of the graph path share.
 """
 
 from collections.abc import Callable
@@ -8,37 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmserve.engine_service.config import EngineConfig
+from llmserve.engine_service.core.engine_core import EngineCore
 from llmserve.engine_service.demo_model import build_tokenizer, write_tokenizer
-from llmserve.engine_service.engine_builder import build_engine
-from llmserve.engine_service.engine_core import EngineCore
-from llmserve.engine_service.request import EngineRequest, SamplingOptions
-
-# Odd lengths, one shorter than a block, several blocks; 5 sequences pad to a graph of 8.
-PROMPTS = [[5, 17, 99, 230, 7], [400, 12], list(range(40, 77)), [3] * 20, [9, 8, 7] * 11]
-
-
-def _make_core(model_dir: Path, **settings: object) -> EngineCore:
-    # A small token budget chunks the prompts across steps with several sequences batched, so
-    # mixed steps run the prefill path and the rest replay decode graphs (sizes 1-8).
-    config = {"num_kv_blocks": 512, "max_num_batched_tokens": 16, "max_num_seqs": 8,
-              "cuda_graph_max_bs": 8, **settings}
-    core, _ = build_engine(EngineConfig(model=model_dir, **config))
-    return core
-
-
-def _greedy(core: EngineCore, prompts: list[list[int]], new_tokens: int,
-            ignore_eos: bool = False) -> list[list[int]]:
-    """Every prompt's greedy tokens, all run together through the core's step loop (stopping
-    at the checkpoint's end-of-sequence tokens, as transformers' generate does, unless told)."""
-    options = SamplingOptions(temperature=0.0, max_tokens=new_tokens, ignore_eos=ignore_eos)
-    for i, prompt in enumerate(prompts):
-        core.add_request(EngineRequest(f"g{i}", prompt, options))
-    tokens: dict[str, list[int]] = {f"g{i}": [] for i in range(len(prompts))}
-    while core.has_work:
-        for out in core.step():
-            tokens[out.request_id].extend(out.new_token_ids)
-    return [tokens[f"g{i}"] for i in range(len(prompts))]
+from llmserve.engine_service.seam import EngineRequest, SamplingOptions
 
 
 def _teacher_forced(core: EngineCore, prompts: list[list[int]],
@@ -88,21 +61,5 @@ def qwen3_hd128(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def make_core() -> Callable[..., EngineCore]:
-    """Builds an engine core on a checkpoint with the given EngineConfig settings."""
-    return _make_core
-
-
-@pytest.fixture
-def greedy() -> Callable[..., list[list[int]]]:
-    return _greedy
-
-
-@pytest.fixture
 def teacher_forced() -> Callable[..., list[torch.Tensor]]:
     return _teacher_forced
-
-
-@pytest.fixture
-def prompts() -> list[list[int]]:
-    return [list(p) for p in PROMPTS]

@@ -13,9 +13,9 @@ import pytest
 import torch
 import transformers
 
-from llmserve.engine_service.attention import BackendUnavailableError
+from llmserve.engine_service.attention.layer import BackendUnavailableError
 from llmserve.engine_service.config import EngineConfig
-from llmserve.engine_service.engine_builder import build_engine
+from llmserve.engine_service.core.engine_builder import build_engine
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

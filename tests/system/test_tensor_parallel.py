@@ -5,7 +5,7 @@ import grpc
 import pytest
 
 from llmserve.engine_service.config import EngineConfig
-from llmserve.engine_service.engine_builder import build_engine
+from llmserve.engine_service.core.engine_builder import build_engine
 from llmserve.v1 import common_pb2, engine_service_pb2, engine_service_pb2_grpc
 
 PROMPTS = [[5, 6, 7], list(range(10, 60)), [300 + i % 17 for i in range(70)], [42] * 33]

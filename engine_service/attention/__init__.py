@@ -1,0 +1,1 @@
+"""Paged attention: the layer the models call and its backends (torch, Triton, flash-attn 4)."""

@@ -1,0 +1,156 @@
+"""Start-up: read the checkpoint, choose device, dtype and attention backend, load the weights,
+size the KV cache, warm up (capture the decode graphs); under tensor parallelism, start the
+other ranks first."""
+
+import time
+
+import structlog
+import torch
+
+from llmserve.common.block_hash import ALGORITHM
+from llmserve.common.launcher import free_port
+from llmserve.common.startup_heap import freeze_startup_heap
+from llmserve.engine_service.config import EngineConfig
+from llmserve.engine_service.core.block_pool import BlockPool
+from llmserve.engine_service.core.engine_core import EngineCore
+from llmserve.engine_service.core.kv_sizing import num_kv_blocks, profile_peak_bytes, snapshot
+from llmserve.engine_service.core.scheduler import Scheduler, SchedulerConfig
+from llmserve.engine_service.models.checkpoint import ModelSpec, read_model_spec
+from llmserve.engine_service.parallel.group import TensorParallelGroup, join_group
+from llmserve.engine_service.parallel.rank_processes import RankProcesses
+from llmserve.engine_service.runner.cuda_graphs import (
+    CudaGraphCapture,
+    graph_batch_sizes,
+    varlen_graph_sizes,
+)
+from llmserve.engine_service.runner.model_runner import ModelRunner, resolve_dtype
+from llmserve.engine_service.runner.runner_builder import (
+    build_runner,
+    distributed,
+    load_backends,
+    rank_device,
+)
+from llmserve.engine_service.seam import EngineInfo
+
+log = structlog.get_logger(__name__)
+
+
+def check_tensor_parallel(spec: ModelSpec, config: EngineConfig) -> None:
+    """Refuses a group size the model cannot be split by, saying which sizes it can."""
+    size = config.tensor_parallel_size
+    divides = [n for n in range(1, spec.num_kv_heads + 1)
+               if spec.num_kv_heads % n == 0 and spec.num_heads % n == 0
+               and spec.intermediate_size % n == 0]
+    if size not in divides:
+        raise ValueError(
+            f"tensor_parallel_size {size} does not divide this model's {spec.num_kv_heads} KV "
+            f"heads ({spec.num_heads} query heads, MLP size {spec.intermediate_size}): the KV "
+            f"cache is split by KV heads; supported sizes: {divides}")
+    if distributed(config) and rank_device(config, 0).type == "cuda":
+        available = torch.cuda.device_count()
+        if size > available:
+            raise ValueError(f"tensor_parallel_size {size} needs {size} GPUs; "
+                             f"{available} visible")
+
+
+def build_engine(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
+    """Loads the checkpoint and returns a ready engine core with its description.
+
+    Under tensor parallelism this process is rank 0: it starts the other ranks, which load
+    their shards and follow its runner.
+    """
+    started = time.monotonic()
+    spec = read_model_spec(config.model)
+    if not 0 < config.gpu_memory_utilization <= 1:
+        raise ValueError(
+            f"gpu_memory_utilization {config.gpu_memory_utilization} must be in (0, 1]"
+        )
+    check_tensor_parallel(spec, config)
+    device = rank_device(config, 0)
+    dtype = resolve_dtype(config.dtype, spec, device)
+    on_cuda = device.type == "cuda"
+    use_graphs = on_cuda and not config.enforce_eager
+    # Backends are checked before any weights load: a missing one fails start-up at once.
+    backends = load_backends(config, device, dtype)
+    free_at_start = torch.cuda.mem_get_info(device)[0] if on_cuda else 0
+    ranks = RankProcesses(config) if config.tensor_parallel_size > 1 else None
+    tp = TensorParallelGroup()
+    if distributed(config):
+        port = ranks.port if ranks is not None else free_port()
+        tp = join_group(0, config.tensor_parallel_size, port, device)
+    runner = build_runner(config, tp, backends)
+    runner.rank_processes = ranks
+    max_model_len = runner.limits.max_model_len
+    block_bytes = ModelRunner.kv_bytes_per_block(spec, dtype, config.block_size, tp.size)
+    num_blocks = config.num_kv_blocks
+    if num_blocks is None and on_cuda:
+        peak = profile_peak_bytes(runner)
+        memory = snapshot(device, peak, free_at_start)
+        num_blocks = num_kv_blocks(memory, config.gpu_memory_utilization, block_bytes)
+    elif num_blocks is None:
+        num_blocks = max(1, config.kv_cache_memory_bytes // block_bytes)
+    # One sequence of max_model_len must always fit, or it could never be scheduled.
+    max_model_len = min(max_model_len, num_blocks * config.block_size)
+    runner.allocate_kv_cache(num_blocks)
+    log.info(
+        "kv_cache_ready",
+        num_blocks=num_blocks,
+        block_size=config.block_size,
+        bytes=num_blocks * block_bytes,
+        max_model_len=max_model_len,
+        seconds=round(time.monotonic() - started, 2),
+    )
+    _warm_up(runner, config, use_graphs)
+    pool = BlockPool(num_blocks)
+    scheduler = Scheduler(
+        SchedulerConfig(
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            block_size=config.block_size,
+            max_model_len=max_model_len,
+            block_hash_seed=config.block_hash_seed,
+        ),
+        pool,
+    )
+    overlap = on_cuda if config.async_scheduling is None else config.async_scheduling
+    core = EngineCore(runner, scheduler, pool, spec.eos_token_ids, max_model_len, overlap)
+    info = EngineInfo(
+        model=config.model.name,
+        architecture=spec.architecture,
+        vocab_size=spec.vocab_size,
+        max_model_len=max_model_len,
+        block_size=config.block_size,
+        num_blocks=num_blocks,
+        max_num_seqs=config.max_num_seqs,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        block_hash_algorithm=ALGORITHM,
+        block_hash_seed=config.block_hash_seed,
+        eos_token_ids=spec.eos_token_ids,
+        attention_backend=runner.attention.name,
+        dtype=str(dtype).removeprefix("torch."),
+        tensor_parallel_size=tp.size,
+        device=str(device),
+        max_tokens_default=config.max_tokens_default,
+    )
+    log.info("engine_built", attention_backend=info.attention_backend,
+             cuda_graphs=runner.graphs is not None,
+             varlen_graphs=runner.varlen_graphs is not None, async_scheduling=overlap,
+             seconds=round(time.monotonic() - started, 2))
+    freeze_startup_heap()
+    return core, info
+
+
+def _warm_up(runner: ModelRunner, config: EngineConfig, use_graphs: bool) -> None:
+    """Captures the decode and varlen graphs, or on CUDA without them compiles every decode
+    variant."""
+    if runner.device.type != "cuda":
+        return
+    sizes = graph_batch_sizes(min(config.cuda_graph_max_bs, config.max_num_seqs))
+    varlen = []
+    if runner.attention.prefill.varlen_graph_safe:
+        varlen = varlen_graph_sizes(min(config.cuda_graph_max_tokens,
+                                        config.max_num_batched_tokens))
+    if use_graphs and sizes:
+        runner.capture_graphs(sizes, varlen, CudaGraphCapture())
+    else:
+        runner.warm_up_decode(sizes)

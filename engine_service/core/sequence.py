@@ -1,0 +1,57 @@
+"""A request's life inside the engine: its tokens, its KV blocks and how far it is computed."""
+
+from enum import Enum
+
+from llmserve.engine_service.seam import EngineRequest, FinishReason, SamplingOptions
+
+
+class SequenceStatus(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    """One request's tokens (prompt + generated) and the KV blocks that hold them.
+
+    With async scheduling a token is sampled by a step whose result the host has not read yet:
+    it counts in `num_tokens` (the next step computes it, reading it on the device) but its
+    value is not in `token_ids` until the step is read. Such tokens are always the last ones.
+    """
+
+    def __init__(self, request: EngineRequest, arrival: int, seed: int) -> None:
+        self.request_id = request.request_id
+        self.priority = request.priority
+        self.arrival = arrival
+        self.sampling: SamplingOptions = request.sampling
+        self.seed = seed
+        self.num_prompt_tokens = len(request.prompt_token_ids)
+        self.token_ids: list[int] = list(request.prompt_token_ids)  # the tokens with known values
+        self.num_pending_tokens = 0  # sampled in a step still in flight; values come later
+        self.status = SequenceStatus.WAITING
+        self.num_computed_tokens = 0
+        self.block_ids: list[int] = []
+        # Chained hashes of the full blocks of token_ids, extended as blocks fill.
+        self.block_hashes: list[int] = []
+        self.num_cached_prompt_tokens = 0
+        self.num_preemptions = 0
+        self.finish_reason: FinishReason | None = None
+        # Its pending token reaches its length limit, so it ends there: nothing more to compute.
+        self.final_token_pending = False
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """Scheduling order: more important class first, then first come first served."""
+        return (self.priority, self.arrival)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids) + self.num_pending_tokens
+
+    @property
+    def num_output_tokens(self) -> int:
+        return self.num_tokens - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) + self.num_pending_tokens - self.num_computed_tokens

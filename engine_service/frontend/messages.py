@@ -1,0 +1,62 @@
+"""Conversions between the engine's gRPC messages and its internal requests and outputs."""
+
+import uuid
+
+from llmserve.common.priority import PRIORITY_CLASS
+from llmserve.common.request_limits import check_prompt_tokens, check_shared_fields
+from llmserve.engine_service.frontend.validation import check_vocabulary, sampling_options
+from llmserve.engine_service.seam import EngineInfo, EngineRequest, FinishReason, RequestOutput
+from llmserve.v1 import common_pb2, engine_service_pb2
+
+FINISH_REASON = {
+    FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
+    FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
+}
+
+
+def request_from_proto(
+    msg: engine_service_pb2.EngineServiceGenerateRequest, info: EngineInfo
+) -> EngineRequest:
+    """Converts and validates a Generate request (raises InvalidRequestError)."""
+    check_shared_fields(msg)
+    # Counted before the copy: a 64 MiB message holds 16 million ids.
+    check_prompt_tokens("prompt_token_ids", len(msg.prompt_token_ids), info.max_model_len)
+    prompt = list(msg.prompt_token_ids)
+    check_vocabulary("prompt_token_ids", prompt, info.vocab_size)
+    options = sampling_options(info, len(prompt), msg.sampling, msg.stopping)
+    # Internal ids are always unique: two callers may reuse the same request_id.
+    return EngineRequest(
+        request_id=f"{msg.request_id or 'req'}-{uuid.uuid4().hex[:12]}",
+        prompt_token_ids=prompt,
+        sampling=options,
+        priority=PRIORITY_CLASS[msg.priority],
+        tenant=msg.tenant,
+    )
+
+
+def response_from_outputs(
+    outputs: list[RequestOutput],
+) -> engine_service_pb2.EngineServiceGenerateResponse:
+    """Merges one or more step outputs of a request into one streamed response."""
+    last = outputs[-1]
+    # Called once per message of every stream: one output (a reader keeping up) is the rule.
+    token_ids = (
+        last.new_token_ids
+        if len(outputs) == 1
+        else [token_id for out in outputs for token_id in out.new_token_ids]
+    )
+    response = engine_service_pb2.EngineServiceGenerateResponse(token_ids=token_ids)
+    for out in outputs:
+        for lp in out.new_logprobs or ():
+            response.logprobs.add(
+                token_id=lp.token_id,
+                logprob=lp.logprob,
+                top_logprobs=[common_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
+            )
+    if last.finish_reason is not None:
+        response.finish_reason = FINISH_REASON[last.finish_reason]
+    usage = response.usage
+    usage.prompt_tokens = last.prompt_tokens
+    usage.completion_tokens = last.completion_tokens
+    usage.cached_prompt_tokens = last.cached_prompt_tokens
+    return response

@@ -1,0 +1,227 @@
+"""The engine's gRPC server: `EngineService`, health and reflection on one port."""
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from llmserve.common import reflection
+from llmserve.common.call_outcome import FAILED, ended_from_outside
+from llmserve.common.wire import MalformedRequest, add_lenient_service
+from llmserve.engine_service.frontend import metrics
+from llmserve.engine_service.frontend.async_engine import AsyncEngine
+from llmserve.engine_service.frontend.health_port import start_health_server
+from llmserve.engine_service.frontend.messages import response_from_outputs
+from llmserve.engine_service.frontend.request_stream import Deliver, RequestStream, StreamFailure
+from llmserve.engine_service.frontend.stream_mux import StreamMux
+from llmserve.engine_service.seam import EngineInfo, RequestOutput
+from llmserve.v1 import engine_service_pb2, engine_service_pb2_grpc
+
+log = structlog.get_logger(__name__)
+
+SERVICE = engine_service_pb2.DESCRIPTOR.services_by_name["EngineService"]
+SERVICE_NAME = SERVICE.full_name
+# WatchLoad repeats an unchanged load this often: routers take an engine silent for a few beats
+# as frozen (`--engine-silence-timeout-s`, 2 s at least).
+LOAD_HEARTBEAT_S = 1.0
+# The most often routers' HTTP/2 keepalive pings may come (their interval is 2 s at least); gRPC
+# answers pings more frequent than its 5-minute default with GOAWAY too_many_pings.
+MIN_PING_INTERVAL_MS = 500
+
+
+def info_to_proto(info: EngineInfo) -> engine_service_pb2.GetInfoResponse:
+    return engine_service_pb2.GetInfoResponse(
+        model=info.model,
+        architecture=info.architecture,
+        vocab_size=info.vocab_size,
+        max_model_len=info.max_model_len,
+        block_size=info.block_size,
+        num_blocks=info.num_blocks,
+        max_num_seqs=info.max_num_seqs,
+        max_num_batched_tokens=info.max_num_batched_tokens,
+        block_hash_algorithm=info.block_hash_algorithm,
+        block_hash_seed=info.block_hash_seed,
+        eos_token_ids=list(info.eos_token_ids),
+        attention_backend=info.attention_backend,
+        dtype=info.dtype,
+        device=info.device,
+        max_tokens_default=info.max_tokens_default,
+    )
+
+
+class EngineServicer(engine_service_pb2_grpc.EngineServiceServicer):
+    """Serves token-id generation from one engine core to many concurrent streams."""
+
+    def __init__(self, engine: AsyncEngine, info: EngineInfo, kv_events: bool = True) -> None:
+        self.engine = engine
+        self.info = info
+        self.kv_events = kv_events
+        self.draining = False
+
+    def start(
+        self,
+        request: engine_service_pb2.EngineServiceGenerateRequest | MalformedRequest,
+        deliver: Deliver,
+    ) -> RequestStream:
+        """Starts one request whose outputs go to `deliver`; raises StreamFailure."""
+        return RequestStream(self.engine, self.info, request, deliver, self.draining)
+
+    async def Generate(
+        self,
+        request: engine_service_pb2.EngineServiceGenerateRequest | MalformedRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[engine_service_pb2.EngineServiceGenerateResponse]:
+        """Streams the request's tokens; several per response when this reader lags behind."""
+        items: asyncio.Queue[RequestOutput | StreamFailure] = asyncio.Queue()
+        try:
+            stream = self.start(request, items.put_nowait)
+        except StreamFailure as exc:
+            await context.abort(exc.code, exc.details)
+        try:
+            finished = False
+            while not finished:
+                batch = [await items.get()]
+                while not items.empty():
+                    batch.append(items.get_nowait())
+                if isinstance(batch[-1], StreamFailure):
+                    failure = batch.pop()
+                    if batch:
+                        yield response_from_outputs(batch)
+                    await context.abort(failure.code, failure.details)
+                finished = batch[-1].finish_reason is not None
+                yield response_from_outputs(batch)
+        except Exception:
+            stream.cancel(FAILED)  # a no-op after a StreamFailure: the stream ended
+            raise
+        finally:
+            # A no-op once the stream ended; else the call did (cancelled or past its deadline).
+            stream.cancel(ended_from_outside(context))
+
+    async def GenerateStreams(
+        self,
+        requests: AsyncIterator[engine_service_pb2.GenerateStreamsRequest | MalformedRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[engine_service_pb2.GenerateStreamsResponse]:
+        """Runs many streams over one call; each message carries every stream's new output."""
+        mux = StreamMux(self.start)
+        reader = asyncio.create_task(mux.read_requests(requests))
+        try:
+            async for message in mux.responses():
+                yield message
+        except StreamFailure as exc:
+            await context.abort(exc.code, exc.details)
+        finally:
+            reader.cancel()
+            mux.close()
+
+    async def GetInfo(
+        self,
+        request: engine_service_pb2.GetInfoRequest | MalformedRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> engine_service_pb2.GetInfoResponse:
+        """Describes the model, KV-cache geometry and block-hash scheme."""
+        await _refuse_malformed(request, context)
+        return info_to_proto(self.info)
+
+    async def WatchLoad(
+        self,
+        request: engine_service_pb2.WatchLoadRequest | MalformedRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[engine_service_pb2.WatchLoadResponse]:
+        """Streams the engine's load: the current value at once, then every change, and the
+        current value again each LOAD_HEARTBEAT_S without one (a sign of life)."""
+        await _refuse_malformed(request, context)
+        async for load in self.engine.watch_load(LOAD_HEARTBEAT_S):
+            yield engine_service_pb2.WatchLoadResponse(
+                num_running=load.num_running,
+                num_waiting=load.num_waiting,
+                num_free_blocks=load.num_free_blocks,
+                num_total_blocks=load.num_total_blocks,
+                queued_prefill_tokens=load.queued_prefill_tokens,
+                requests_per_priority=list(load.requests_per_priority),
+            )
+
+    async def WatchKvEvents(self,
+                            request: engine_service_pb2.WatchKvEventsRequest | MalformedRequest,
+                            context: grpc.aio.ServicerContext
+                            ) -> AsyncIterator[engine_service_pb2.WatchKvEventsResponse]:
+        """Streams the cached block hashes: a snapshot, then numbered batches of changes."""
+        await _refuse_malformed(request, context)
+        if not self.kv_events:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                                "this engine publishes no KV events (started with --no-kv-events)")
+        async for change in self.engine.kv_events.subscribe():
+            yield engine_service_pb2.WatchKvEventsResponse(
+                sequence_number=change.sequence_number, snapshot=change.snapshot,
+                block_hashes_stored=change.stored, block_hashes_removed=change.removed)
+
+
+async def _refuse_malformed(request: object, context: grpc.aio.ServicerContext) -> None:
+    if isinstance(request, MalformedRequest):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+
+
+async def serve_engine(engine: AsyncEngine, info: EngineInfo, host: str, port: int,
+                       drain_timeout_s: float = 30.0,
+                       credentials: grpc.ServerCredentials | None = None,
+                       health_port: int = -1, kv_events: bool = True) -> bool:
+    """Serves until cancelled (a graceful drain) or until the core dies; False on the latter.
+
+    Draining: health turns NOT_SERVING and new requests are refused at once, while requests in
+    flight run to completion for up to `drain_timeout_s`. `credentials` secure the port (None =
+    plaintext); `health_port` >= 0 also serves health alone, plaintext (see `health_port`).
+    """
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0),
+                                      ("grpc.max_receive_message_length", 64 << 20),
+                                      # Routers' keepalive pings, on idle connections too.
+                                      ("grpc.keepalive_permit_without_calls", 1),
+                                      ("grpc.http2.min_ping_interval_without_data_ms",
+                                       MIN_PING_INTERVAL_MS)])
+    servicer = EngineServicer(engine, info, kv_events)
+    # Lenient parsing: garbage gets INVALID_ARGUMENT, as at the router, not UNKNOWN.
+    add_lenient_service(server, SERVICE, servicer)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+    if credentials is None:
+        bound_port = server.add_insecure_port(f"{host}:{port}")
+    else:
+        bound_port = server.add_secure_port(f"{host}:{port}", credentials)
+    if bound_port == 0:
+        raise OSError(f"cannot bind {host}:{port}")
+    engine.on_step = metrics.record_step
+    await server.start()
+    health_server = (
+        await start_health_server(health_servicer, host, health_port) if health_port >= 0 else None
+    )
+
+    async def set_health(status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, status)
+
+    await set_health(health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving", service=SERVICE_NAME, host=host, port=bound_port,
+             tls=credentials is not None)
+    try:
+        await engine.dead.wait()
+        await set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.stop(grace=1)
+        return False
+    except asyncio.CancelledError:
+        servicer.draining = True
+        await set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        log.info("draining", in_flight=engine.num_streams, timeout_s=drain_timeout_s)
+        deadline = time.monotonic() + drain_timeout_s
+        while engine.num_streams and time.monotonic() < deadline and not engine.dead.is_set():
+            await asyncio.sleep(0.05)
+        await server.stop(grace=1)
+        engine.stop()
+        return True
+    finally:
+        if health_server is not None:
+            await health_server.stop(grace=None)

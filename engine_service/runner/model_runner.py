@@ -1,0 +1,288 @@
+"""Runs the model over one scheduled step: the flat batch, the paged KV cache, the logits.
+
+On CUDA the weights are bf16 by default, the non-matmul operations are Triton kernels, and
+decode steps and short prefill/mixed steps replay CUDA graphs; on the CPU everything runs the
+torch twins. Under tensor parallelism every rank has a runner holding its shard: rank 0's
+publishes each call to the others through a `StepChannel`, and the others `follow()` it.
+"""
+
+import contextlib
+import gc
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+import torch
+
+from llmserve.engine_service.attention.layer import AttentionKernels, PagedAttention
+from llmserve.engine_service.models.checkpoint import ModelSpec, iter_safetensors
+from llmserve.engine_service.models.decoder import DecoderModel
+from llmserve.engine_service.parallel.group import TensorParallelGroup
+from llmserve.engine_service.parallel.rank_processes import RankProcesses
+from llmserve.engine_service.runner.chunk import Chunk
+from llmserve.engine_service.runner.cuda_graphs import (
+    CudaGraphCapture,
+    GraphCapture,
+    StepGraphs,
+    eager_capture,
+)
+from llmserve.engine_service.runner.step_channel import Op, StepChannel, step_args, step_layout
+from llmserve.engine_service.runner.step_inputs import StepBatch, StepInputs, upload
+from llmserve.kernels.ops import kernel_ops
+
+log = structlog.get_logger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(requested: str, spec: ModelSpec, device: torch.device) -> torch.dtype:
+    """`auto` = bf16 on a GPU (fp16 if the checkpoint is fp16), fp32 on the CPU (bf16 matmuls
+    are slow there)."""
+    if requested != "auto":
+        return DTYPES[requested]
+    if device.type == "cpu":
+        return torch.float32
+    return torch.float16 if spec.torch_dtype == "float16" else torch.bfloat16
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Creates parameters in `dtype` (no fp32 copy of the weights is ever made)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@dataclass(frozen=True)
+class PendingTokens:
+    """Input tokens still on the device: the token of chunk `rows[i]` (its only one) is
+    `tokens[sources[i]]`."""
+
+    tokens: torch.Tensor
+    rows: list[int]
+    sources: list[int]
+
+
+@dataclass(frozen=True)
+class RunnerLimits:
+    """The largest step the runner's buffers hold, and the KV geometry."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    block_size: int
+
+
+class ModelRunner:
+    """Owns the weights, the KV cache and the decode graphs on one device; computes logits."""
+
+    def __init__(self, model_dir: Path, spec: ModelSpec, device: torch.device,
+                 dtype: torch.dtype, limits: RunnerLimits, prefill: AttentionKernels,
+                 decode: AttentionKernels, tp: TensorParallelGroup | None = None) -> None:
+        self.spec, self.device, self.dtype, self.limits = spec, device, dtype, limits
+        self.tp = tp or TensorParallelGroup()
+        self.block_size = limits.block_size
+        self.num_kv_heads = spec.num_kv_heads // self.tp.size
+        self.ops = kernel_ops(device)
+        with torch.device(device), default_dtype(dtype):
+            self.model = DecoderModel(spec, self.ops, self.tp)
+        self.model.load_weights(iter_safetensors(model_dir))
+        self.model.eval()
+        self.attention = PagedAttention(prefill, decode, self.ops.qkv_rope_store,
+                                        1.0 / math.sqrt(spec.head_dim))
+        max_pages = -(-limits.max_model_len // limits.block_size)
+        self.inputs = StepInputs(max(limits.max_num_batched_tokens, limits.max_num_seqs),
+                                 limits.max_num_seqs, max_pages, limits.block_size, device)
+        self.channel = StepChannel(self.tp, self.inputs)
+        # Rank 0 owns the other ranks' processes (set by the engine builder).
+        self.rank_processes: RankProcesses | None = None
+        self.graphs: StepGraphs | None = None  # decode steps, by batch size
+        self.varlen_graphs: StepGraphs | None = None  # other steps, by token count
+        self.num_blocks = 0
+
+    @staticmethod
+    def kv_bytes_per_block(spec: ModelSpec, dtype: torch.dtype, block_size: int,
+                           tp_size: int = 1) -> int:
+        """One rank's bytes for one block: it holds num_kv_heads / tp_size of the heads."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        kv_heads = spec.num_kv_heads // tp_size
+        return 2 * spec.num_layers * block_size * kv_heads * spec.head_dim * itemsize
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        """(Re)allocates the pool as one zeroed tensor; drops graphs, which hold its address.
+
+        Zeroed, not empty: kernels that load whole pages multiply masked-out rows by zero, and
+        0 * NaN from uninitialized memory would still be NaN.
+        """
+        self.channel.publish(Op.ALLOCATE_KV_CACHE, [num_blocks])
+        self.graphs = self.varlen_graphs = None
+        self.attention.kv_caches = []
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        spec = self.spec
+        pool = torch.zeros(spec.num_layers, 2, num_blocks, self.block_size, self.num_kv_heads,
+                           spec.head_dim, dtype=self.dtype, device=self.device)
+        self.attention.kv_caches = [(pool[layer, 0], pool[layer, 1])
+                                    for layer in range(spec.num_layers)]
+        self.num_blocks = num_blocks
+
+    def capture_graphs(self, decode_sizes: list[int], varlen_sizes: list[int],
+                       capture: GraphCapture, progress: bool = True) -> None:
+        """Captures the decode pass per batch size and the varlen pass per token count (after
+        the KV cache is allocated); no varlen sizes, no varlen graphs.
+
+        The caller checks that the backends are graph-safe when `capture` is a real CUDA
+        graph capture (the CPU stand-in replays eagerly and takes any backend).
+        """
+        self.channel.publish(Op.CAPTURE_GRAPHS,
+                             [len(decode_sizes), *decode_sizes, *varlen_sizes])
+        on_cuda = self.device.type == "cuda"
+        started = time.monotonic()
+        free_before = torch.cuda.mem_get_info(self.device)[0] if on_cuda else 0
+        log.info("cuda_graphs_capturing", batch_sizes=len(decode_sizes),
+                 max_batch_size=max(decode_sizes), token_counts=len(varlen_sizes),
+                 max_tokens=max(varlen_sizes, default=0))
+        progress = progress and self.tp.leader
+        with torch.inference_mode():
+            # The largest pass first: every later graph reuses its memory in the shared pool.
+            if varlen_sizes:
+                self.varlen_graphs = StepGraphs(varlen_sizes, self._varlen_pass, capture,
+                                                "varlen", progress)
+            self.graphs = StepGraphs(decode_sizes, self._decode_pass, capture, "decode",
+                                     progress)
+            self._warm_up_logits()
+        if on_cuda:
+            torch.cuda.synchronize(self.device)
+        log.info("cuda_graphs_captured", graphs=len(decode_sizes) + len(varlen_sizes),
+                 seconds=round(time.monotonic() - started, 2),
+                 bytes=free_before - torch.cuda.mem_get_info(self.device)[0] if on_cuda else 0)
+
+    @torch.inference_mode()
+    def warm_up_decode(self, sizes: list[int]) -> None:
+        """Runs the eager decode pass once per batch size (compiles every kernel variant)."""
+        self.channel.publish(Op.WARM_UP_DECODE, sizes)
+        started = time.monotonic()
+        for bs in sizes:
+            self._decode_pass(bs)()
+        self._warm_up_logits()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        log.info("decode_warmed_up", batch_sizes=len(sizes),
+                 seconds=round(time.monotonic() - started, 2))
+
+    def _warm_up_logits(self) -> None:
+        """Runs the LM head's matmul once per row count a step can sample.
+
+        It runs outside the graphs on the step's own row count, and cuBLAS picks a kernel per
+        shape: the first launch of each kernel loads its module, which W1 on the H100 paid
+        mid-run (18 steps each 5-12 ms late, at the first 249, 233, ... rows). No collective:
+        each rank warms its own shard. The CPU has no such first-launch cost.
+        """
+        if self.device.type != "cuda":
+            return
+        hidden = torch.zeros(self.limits.max_num_seqs, self.spec.hidden_size, dtype=self.dtype,
+                             device=self.device)
+        for rows in range(1, self.limits.max_num_seqs + 1):
+            self.model.lm_head.shard_logits(hidden[:rows])
+
+    def _decode_pass(self, num_seqs: int) -> Callable[[], torch.Tensor]:
+        return self._pass(self.inputs.padding_batch(num_seqs, num_seqs, decode=True))
+
+    def _varlen_pass(self, num_tokens: int) -> Callable[[], torch.Tensor]:
+        return self._pass(self.inputs.padding_batch(num_tokens, self._varlen_rows(num_tokens),
+                                                    decode=False))
+
+    def _varlen_rows(self, num_tokens: int) -> int:
+        """Sequences a varlen graph of `num_tokens` holds: every step of that many tokens."""
+        return min(num_tokens, self.limits.max_num_seqs)
+
+    def _pass(self, batch: StepBatch) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            self.attention.metadata = batch.attention
+            return self.model(batch.input_ids, batch.positions, self.attention)
+
+        return run
+
+    @torch.inference_mode()
+    def execute(self, chunks: list[Chunk],
+                pending: PendingTokens | None = None) -> torch.Tensor:
+        """Runs the step and returns logits [S, vocab] (the weights' dtype) for the chunks that
+        sample.
+
+        Never waits for the device: the caller's one read of the sampled tokens is the sync.
+        `pending` supplies input tokens that the previous step sampled and the host has not
+        read yet: they are copied into place on the device.
+        """
+        pad_rows = pad_tokens = None
+        if all(c.num_tokens == 1 for c in chunks):
+            if self.graphs is not None:
+                pad_rows = self.graphs.padded_size(len(chunks))
+        elif self.varlen_graphs is not None:
+            pad_tokens = self.varlen_graphs.padded_size(sum(c.num_tokens for c in chunks))
+            if pad_tokens is not None:
+                pad_rows = self._varlen_rows(pad_tokens)
+        batch = self.inputs.build(chunks, pad_rows, pad_tokens)
+        graphed = pad_rows is not None
+        if pending is not None and pending.rows:
+            rows = upload(self.inputs.chunk_starts(pending.rows), torch.int64, self.device)
+            sources = upload(pending.sources, torch.int64, self.device)
+            batch.input_ids.index_copy_(0, rows, pending.tokens[sources].to(torch.int32))
+        self.channel.publish(Op.STEP, step_args(batch.layout, graphed), batch.layout)
+        logits = self._forward(batch, graphed)
+        assert logits is not None, "only rank 0 executes scheduled chunks"
+        return logits
+
+    def _forward(self, batch: StepBatch, graphed: bool) -> torch.Tensor | None:
+        layout = batch.layout
+        graphs = self.graphs if layout.decode else self.varlen_graphs
+        if graphed:
+            assert graphs is not None
+            hidden = graphs.replay(layout.rows if layout.decode else layout.num_tokens)
+        else:
+            self.attention.metadata = batch.attention
+            hidden = self.model(batch.input_ids, batch.positions, self.attention)
+        return self.model.compute_logits(hidden[batch.logits_indices])
+
+    @torch.inference_mode()
+    def follow(self) -> None:
+        """Ranks other than 0: mirrors rank 0's runner calls until it says stop."""
+        while True:
+            op, args = self.channel.receive()
+            if op == Op.STEP:
+                self._forward(self.inputs.view(step_layout(args)), bool(args[-1]))
+            elif op == Op.ALLOCATE_KV_CACHE:
+                self.allocate_kv_cache(args[0])
+            elif op == Op.CAPTURE_GRAPHS:
+                capture = CudaGraphCapture() if self.device.type == "cuda" else eager_capture
+                self.capture_graphs(args[1 : 1 + args[0]], args[1 + args[0] :], capture)
+            elif op == Op.WARM_UP_DECODE:
+                self.warm_up_decode(args)
+            else:
+                return
+
+    def shutdown(self) -> None:
+        """Rank 0: lets the other ranks' `follow()` return, leaves the group with them (NCCL's
+        teardown waits for every rank), then waits for their processes to exit."""
+        if self.rank_processes is not None:
+            self.rank_processes.stopping = True
+        self.channel.publish(Op.STOP)
+        self.leave_group()
+        if self.rank_processes is not None:
+            self.rank_processes.join()
+
+    def leave_group(self) -> None:
+        """Drops the decode graphs first: NCCL's teardown waits until no graph holds its
+        captured collectives."""
+        self.graphs = self.varlen_graphs = None
+        gc.collect()
+        self.tp.close()

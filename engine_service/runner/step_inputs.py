@@ -1,0 +1,205 @@
+"""One step's flat batch: built with numpy in a host buffer, copied to the device in one go.
+
+Every input lives at a fixed offset of one int32 buffer, pinned on the host and mirrored on the
+device, so a step costs one non-blocking copy, and CUDA graphs captured on views of the device
+buffer read each new step's inputs from the same addresses.
+"""
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from llmserve.engine_service.attention.layer import AttentionMetadata
+from llmserve.engine_service.runner.block_table import BlockTableMirror
+from llmserve.engine_service.runner.chunk import Chunk
+
+ALIGN = 32  # int32 elements: 128 bytes
+
+
+def upload(values: list | np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on `device` without waiting: a pageable copy would wait for the step
+    in flight, a pinned non-blocking one does not."""
+    host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How much of the buffer one step uses: with the buffer's contents, all another
+    tensor-parallel rank needs to run the same step."""
+
+    num_tokens: int
+    rows: int  # sequences including padding
+    num_sampling: int
+    num_seqs: int
+    decode: bool
+    max_query_len: int
+    end: int  # int32 elements of the buffer in use
+
+
+@dataclass
+class StepBatch:
+    """The seam between scheduler and runner: one flat batch of tokens for one forward pass."""
+
+    input_ids: torch.Tensor  # [T] int32
+    positions: torch.Tensor  # [T] int32
+    attention: AttentionMetadata
+    logits_indices: torch.Tensor  # [S] int32: rows of the flat batch whose logits pick a token
+    num_seqs: int  # sequences before padding (rows past it are padding)
+    layout: BatchLayout
+
+
+class StepInputs:
+    """Fixed-address input buffers for up to `max_tokens` tokens in `max_seqs` sequences."""
+
+    def __init__(self, max_tokens: int, max_seqs: int, max_pages: int, block_size: int,
+                 device: torch.device) -> None:
+        self.max_tokens, self.max_seqs, self.max_pages = max_tokens, max_seqs, max_pages
+        self.block_size, self.device = block_size, device
+        sizes = {"input_ids": max_tokens, "positions": max_tokens, "slots": max_tokens,
+                 "seq_lens": max_seqs, "query_start_loc": max_seqs + 1,
+                 "logits_indices": max_seqs, "block_tables": max_seqs * max_pages}
+        # Block tables last: a step copies the buffer up to its last used table row. Each
+        # section starts 128-byte aligned, so kernels see aligned pointers whatever the sizes.
+        self.offsets: dict[str, int] = {}
+        total = 0
+        for name, size in sizes.items():
+            self.offsets[name] = total
+            total = -(-(total + size) // ALIGN) * ALIGN
+        on_cuda = device.type == "cuda"
+        self.host = torch.zeros(total, dtype=torch.int32, pin_memory=on_cuda)
+        self.device_buffer = (torch.zeros(total, dtype=torch.int32, device=device)
+                              if on_cuda else self.host)
+        whole = self.host.numpy()
+        self.np = {name: whole[self.offsets[name] : self.offsets[name] + size]
+                   for name, size in sizes.items()}
+        self.host_tables = self.np["block_tables"].reshape(max_seqs, max_pages)
+        self.mirror = BlockTableMirror(max_seqs, max_pages)
+        # Recorded after each copy: the host buffer is not refilled while a copy still reads it.
+        self._copied = torch.cuda.Event() if on_cuda else None
+
+    def build(self, chunks: list[Chunk], pad_rows: int | None = None,
+              pad_tokens: int | None = None) -> StepBatch:
+        """Fills the buffers for `chunks` and copies them to the device (without a sync).
+
+        Padding (for a graph replay) appends rows up to `pad_rows` sequences and, in a varlen
+        step, tokens up to `pad_tokens`: a padding token is token 0 at position 0 in slot -1
+        (stores nothing) and belongs to no sequence; a padding row has seq_len 0 (attends to
+        nothing) and, in a varlen step, no tokens. In a decode step each row is one token.
+
+        A token still pending (sampled by the step in flight, so only on the device) is written
+        as the token before it, a stand-in that the runner overwrites on the device.
+        """
+        num_seqs = len(chunks)
+        starts = np.fromiter((c.start for c in chunks), np.int64, num_seqs)
+        counts = np.fromiter((c.num_tokens for c in chunks), np.int64, num_seqs)
+        num_tokens = int(counts.sum())
+        decode = bool((counts == 1).all())
+        rows = num_seqs if pad_rows is None else pad_rows
+        tokens = rows if decode else num_tokens if pad_tokens is None else pad_tokens
+        if tokens > self.max_tokens or rows > self.max_seqs:
+            raise ValueError(f"step of {tokens} tokens in {rows} sequences exceeds the "
+                             f"buffers ({self.max_tokens} tokens, {self.max_seqs} sequences)")
+        if rows < num_seqs or tokens < num_tokens or (decode and pad_tokens is not None):
+            raise ValueError(f"cannot pad a step of {num_tokens} tokens in {num_seqs} "
+                             f"sequences to {tokens} tokens in {rows} rows")
+        if self._copied is not None:
+            self._copied.synchronize()
+        h = self.np
+        table_rows = self.mirror.rows([c.seq for c in chunks])
+        qsl = h["query_start_loc"]
+        if decode:
+            qsl[: rows + 1] = np.arange(rows + 1)
+            h["input_ids"][:num_seqs] = [c.seq.token_ids[c.start - c.seq.num_pending_tokens]
+                                         for c in chunks]
+            positions = starts
+            token_rows = table_rows
+        else:
+            qsl[0] = 0
+            np.cumsum(counts, out=qsl[1 : num_seqs + 1], dtype=np.int32)
+            qsl[num_seqs + 1 : rows + 1] = num_tokens
+            h["input_ids"][:num_tokens] = np.fromiter(
+                itertools.chain.from_iterable(
+                    c.seq.token_ids[c.start - (p := c.seq.num_pending_tokens)
+                                    : c.start + c.num_tokens - p]
+                    for c in chunks),
+                np.int32, num_tokens)
+            positions = np.arange(num_tokens) + np.repeat(starts - qsl[:num_seqs], counts)
+            token_rows = np.repeat(table_rows, counts)
+        bs = self.block_size
+        h["positions"][:num_tokens] = positions
+        h["slots"][:num_tokens] = (self.mirror.table[token_rows, positions // bs] * bs
+                                   + positions % bs)
+        h["seq_lens"][:num_seqs] = starts + counts
+        sampling = np.fromiter((c.samples for c in chunks), bool, num_seqs)
+        num_sampling = int(sampling.sum())
+        h["logits_indices"][:num_sampling] = qsl[1 : num_seqs + 1][sampling] - 1
+        np.take(self.mirror.table, table_rows, axis=0, out=self.host_tables[:num_seqs])
+        self._write_padding(num_tokens, tokens, num_seqs, rows)
+        # Padding rows read no block table: only the real rows' tables are copied.
+        end = self.offsets["block_tables"] + num_seqs * self.max_pages
+        self._upload(end)
+        return self.view(BatchLayout(tokens, rows, num_sampling, num_seqs, decode,
+                                     int(counts.max(initial=0)), end))
+
+    def chunk_starts(self, rows: list[int]) -> np.ndarray:
+        """Where chunks `rows` of the step last built start in its flat batch."""
+        return self.np["query_start_loc"][rows]
+
+    def padding_batch(self, num_tokens: int, rows: int, decode: bool) -> StepBatch:
+        """Views of the device buffers as a step of padding only (for graph capture): `rows`
+        sequences of one token each (decode), or of no tokens beside `num_tokens` padding
+        tokens (varlen). Whatever the buffers hold is read at replay."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        h = self.np
+        self._write_padding(0, num_tokens, 0, rows)
+        h["query_start_loc"][: rows + 1] = np.arange(rows + 1) if decode else 0
+        h["logits_indices"][:rows] = np.arange(rows)
+        end = self.offsets["block_tables"]
+        self._upload(end)
+        return self.view(BatchLayout(num_tokens, rows, rows, rows, decode,
+                                     1 if decode else num_tokens, end))
+
+    def _write_padding(self, first_token: int, tokens: int, first_row: int, rows: int) -> None:
+        """Padding tokens: token 0 at position 0 in slot -1 (stores nothing); padding rows:
+        seq_len 0 (attend to nothing)."""
+        h = self.np
+        h["input_ids"][first_token:tokens] = 0
+        h["positions"][first_token:tokens] = 0
+        h["slots"][first_token:tokens] = -1
+        h["seq_lens"][first_row:rows] = 0
+
+    def _upload(self, end: int) -> None:
+        if self.device_buffer is self.host:
+            return
+        self.device_buffer[:end].copy_(self.host[:end], non_blocking=True)
+        assert self._copied is not None
+        self._copied.record()
+
+    def view(self, layout: BatchLayout) -> StepBatch:
+        """The step at `layout` as views of the device buffer (which must hold its inputs)."""
+        buf, off = self.device_buffer, self.offsets
+        num_tokens, rows = layout.num_tokens, layout.rows
+
+        def view(name: str, size: int) -> torch.Tensor:
+            return buf[off[name] : off[name] + size]
+
+        tables = view("block_tables", self.max_seqs * self.max_pages)
+        return StepBatch(
+            input_ids=view("input_ids", num_tokens),
+            positions=view("positions", num_tokens),
+            attention=AttentionMetadata(
+                query_start_loc=view("query_start_loc", rows + 1),
+                seq_lens=view("seq_lens", rows),
+                block_tables=tables.view(self.max_seqs, self.max_pages)[:rows],
+                slot_mapping=view("slots", num_tokens),
+                decode_only=layout.decode,
+                max_query_len=layout.max_query_len,
+            ),
+            logits_indices=view("logits_indices", layout.num_sampling),
+            num_seqs=layout.num_seqs,
+            layout=layout,
+        )

@@ -1,0 +1,141 @@
+"""What crosses between the gRPC frontend process and the engine core process.
+
+Plain dataclasses and enums, pickled over the pipe between them (vLLM's `v1/engine/__init__.py`
+plays this part): the frontend imports this module and never the core, so it loads no torch.
+The frontend sends `AddRequest`, `AbortRequest` or None (stop); the core answers once with
+`EngineInfo` (or the exception that stopped its start-up), then with a `StepResult` per step
+that changed something and a `RejectedRequest` for a request it refused.
+"""
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class FinishReason(Enum):
+    LENGTH = "length"
+    STOP = "stop"
+
+
+# Temperatures below this are greedy (vLLM's _SAMPLING_EPS). Far smaller ones overflow logits / T
+# in fp32 (1e-45 is subnormal) into NaN probabilities; at 1e-5 a logit gap of 1e-3 already
+# weighs exp(-100), so a draw differs from greedy only between near-ties.
+MIN_TEMPERATURE = 1e-5
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How one request's tokens are drawn and when it stops (already validated)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    logprobs: int | None = None
+    max_tokens: int = 256
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        # Here, where every path builds its options, so the torch and Triton samplers both see 0.
+        if self.temperature < MIN_TEMPERATURE:
+            object.__setattr__(self, "temperature", 0.0)
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """A prompt as token ids, with its sampling options and priority class (0 = most important)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    priority: int = 1
+    tenant: str = ""
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """The chosen token's log-probability and the top alternatives at its position."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request; the last one carries the finish reason."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprobs] | None = None
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    # When the frontend received it (its own monotonic clock), for latency metrics.
+    arrival: float = 0.0
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What `GetInfo` reports: the model and the limits it is served under."""
+
+    model: str
+    architecture: str
+    vocab_size: int
+    max_model_len: int
+    block_size: int
+    num_blocks: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    block_hash_algorithm: str
+    block_hash_seed: int
+    eos_token_ids: tuple[int, ...]
+    attention_backend: str
+    dtype: str
+    tensor_parallel_size: int
+    device: str
+    max_tokens_default: int
+
+
+@dataclass(frozen=True)
+class LoadSnapshot:
+    """The engine's load at one moment (what `WatchLoad` streams)."""
+
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_total_blocks: int
+    queued_prefill_tokens: int
+    requests_per_priority: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class AddRequest:
+    request: EngineRequest
+
+
+@dataclass(frozen=True)
+class AbortRequest:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class RejectedRequest:
+    """The core refused a request it was sent (e.g. a duplicate id)."""
+
+    request_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one step changed: new tokens, the load, and the prefix cache's net changes."""
+
+    outputs: list[RequestOutput]
+    load: LoadSnapshot
+    stored_hashes: list[int]
+    removed_hashes: list[int]
+    num_preemptions: int
+    num_computed_tokens: int

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# W1 and W3 at two commits in one device call, alternated (A B B A), for "speed unchanged" checks.
+# Here, before the call (the trees travel as carried, ignored paths):
+#
+#   mkdir -p .devrun && for side in base new; do rm -rf .devrun/$side; done
+#   git archive --prefix=base/ BASE_REV | tar -x -C .devrun
+#   git archive --prefix=new/ HEAD | tar -x -C .devrun
+#
+# then run `bash scripts/device-ab.sh` carrying .devrun and .whl (wheels the device image lacks).
+# STAGES picks among: gputests w1 w3 (default: all). Each tree is installed editable in turn and
+# runs its own benchmark scripts; results are tagged BASE_COMMIT / NEW_COMMIT and land in $OUT.
+set -uo pipefail
+OUT="${OUT:-/tmp/device-out}"
+STAGES="${STAGES:-gputests w1 w3}"
+BASE_COMMIT="${BASE_COMMIT:-base}"
+NEW_COMMIT="${NEW_COMMIT:-new}"
+MODEL=/tmp/qwen3-0.6b-shape
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/device-ab.log") 2>&1
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+wanted() { [[ " $STAGES " == *" $1 "* ]]; }
+ROOT=$PWD
+
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl || echo "!! wheels FAILED"
+export PYTHONPATH=/tmp/site
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+
+use() {  # use SIDE: install that tree editable; later commands run inside it
+  python3 -m pip install -q --no-deps --no-build-isolation --no-index -e "$ROOT/.devrun/$1" \
+    >/dev/null || echo "!! install $1 FAILED"
+  cd "$ROOT/.devrun/$1" || exit 1
+}
+commit_of() { [ "$1" = base ] && echo "$BASE_COMMIT" || echo "$NEW_COMMIT"; }
+
+use new
+timeout 120 python3 -c "
+import sys
+from pathlib import Path
+sys.path[:0] = ['benchmarks', '.']
+try:
+    from bench_checkpoint import main
+except ImportError:
+    from llmserve.engine_service.bench_checkpoint import main
+main(['$MODEL'])" || echo "!! checkpoint FAILED"
+
+if wanted gputests; then
+  echo "== gpu tests (new) =="
+  timeout 240 python3 -m pytest -m gpu tests -q -p no:cacheprovider -x 2>&1 | tail -25
+fi
+for side in base new new base; do
+  use "$side"
+  export LLMSERVE_COMMIT; LLMSERVE_COMMIT=$(commit_of "$side")
+  if wanted w1; then
+    echo "== W1 $side ($LLMSERVE_COMMIT) =="
+    timeout 150 python3 benchmarks/throughput.py --model "$MODEL" --out "$OUT/w1-$side" \
+      --no-progress 2>&1 | tail -4
+  fi
+  if wanted w3; then
+    echo "== W3 $side ($LLMSERVE_COMMIT) =="
+    timeout 150 python3 benchmarks/single.py --model "$MODEL" --out-dir "$OUT/w3-$side" \
+      --no-breakdown 2>&1 | tail -4
+  fi
+done
+cd "$ROOT"
+python3 - "$OUT" <<'PY'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+for workload, key in (("w1", "tok_per_s"), ("w3", None)):
+    for side in ("base", "new"):
+        for path in sorted((out / f"{workload}-{side}").glob("*.json")):
+            r = json.loads(path.read_text())
+            f = r["figures"]
+            if key:
+                print(f"{workload} {side} {r['commit']} {path.name}: {f[key]} tok/s")
+            else:
+                for target, t in f["targets"].items():
+                    print(f"{workload} {side} {r['commit']} {path.name} {target}: "
+                          f"TTFT p50 {t['ttft_s']['p50'] * 1e3:.3f} ms, "
+                          f"ITL p50 {t['itl_s']['p50'] * 1e3:.4f} ms")
+PY

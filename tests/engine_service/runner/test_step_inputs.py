@@ -1,0 +1,71 @@
+"""The fixed-address step inputs: the flat batch of decode, varlen and mixed steps, padded for a
+graph replay or not."""
+
+import pytest
+import torch
+
+from llmserve.engine_service.core.scheduler import ScheduledChunk
+from llmserve.engine_service.core.sequence import Sequence
+from llmserve.engine_service.runner.step_inputs import StepInputs
+from llmserve.engine_service.seam import EngineRequest
+
+
+def chunk(tokens: list[int], blocks: list[int], start: int, count: int) -> ScheduledChunk:
+    seq = Sequence(EngineRequest(f"s{id(tokens)}", tokens), 0, 0)
+    seq.block_ids = blocks
+    return ScheduledChunk(seq, start, count)
+
+
+def test_padded_decode_step_writes_nothing_and_attends_to_nothing() -> None:
+    inputs = StepInputs(max_tokens=32, max_seqs=8, max_pages=4, block_size=4,
+                        device=torch.device("cpu"))
+    chunks = [chunk([1, 2, 3, 4, 5], [7, 3], 4, 1), chunk([9, 8, 7], [5], 2, 1),
+              chunk(list(range(10)), [1, 2, 6], 9, 1)]
+    batch = inputs.build(chunks, pad_rows=4)
+    meta = batch.attention
+    assert meta.decode_only and meta.max_query_len == 1 and batch.num_seqs == 3
+    assert batch.input_ids.tolist() == [5, 7, 9, 0]
+    assert batch.positions.tolist() == [4, 2, 9, 0]
+    # Slot = page * block_size + offset; the padding row stores nothing.
+    assert meta.slot_mapping.tolist() == [3 * 4 + 0, 5 * 4 + 2, 6 * 4 + 1, -1]
+    assert meta.seq_lens.tolist() == [5, 3, 10, 0]
+    assert meta.query_start_loc.tolist() == [0, 1, 2, 3, 4]
+    assert meta.block_tables[:3, :3].tolist() == [[7, 3, 0], [5, 0, 0], [1, 2, 6]]
+    assert batch.logits_indices.tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="pad"):
+        inputs.build(chunks, pad_rows=4, pad_tokens=8)  # a decode step pads rows only
+    with pytest.raises(ValueError, match="pad"):
+        inputs.build([chunk([1, 2, 3], [0], 0, 3)], pad_rows=4, pad_tokens=2)
+
+
+def test_padded_varlen_step_adds_tokens_of_no_sequence_and_empty_rows() -> None:
+    inputs = StepInputs(max_tokens=32, max_seqs=8, max_pages=4, block_size=4,
+                        device=torch.device("cpu"))
+    chunks = [chunk(list(range(100, 110)), [2, 0, 3], 0, 6), chunk([7, 7, 7], [5], 2, 1)]
+    batch = inputs.build(chunks, pad_rows=5, pad_tokens=10)
+    meta = batch.attention
+    assert not meta.decode_only and batch.num_seqs == 2 and batch.layout.num_tokens == 10
+    assert batch.input_ids.tolist() == [100, 101, 102, 103, 104, 105, 7, 0, 0, 0]
+    assert batch.positions.tolist() == [0, 1, 2, 3, 4, 5, 2, 0, 0, 0]
+    assert meta.slot_mapping.tolist() == [8, 9, 10, 11, 0, 1, 22, -1, -1, -1]
+    # Padding rows hold no query tokens and attend to nothing.
+    assert meta.query_start_loc.tolist() == [0, 6, 7, 7, 7, 7]
+    assert meta.seq_lens.tolist() == [6, 3, 0, 0, 0]
+    assert batch.logits_indices.tolist() == [6]  # the first chunk is mid-prompt
+
+
+def test_mixed_step_flat_batch() -> None:
+    inputs = StepInputs(max_tokens=32, max_seqs=8, max_pages=4, block_size=4,
+                        device=torch.device("cpu"))
+    # A chunk mid-prompt (does not sample), a prompt's last chunk and a decode row.
+    chunks = [chunk(list(range(100, 110)), [2, 0, 3], 0, 6),
+              chunk([1, 2, 3, 4, 5, 6], [1, 4], 4, 2), chunk([7, 7, 7], [5], 2, 1)]
+    batch = inputs.build(chunks)
+    meta = batch.attention
+    assert not meta.decode_only and meta.max_query_len == 6
+    assert batch.input_ids.tolist() == [100, 101, 102, 103, 104, 105, 5, 6, 7]
+    assert batch.positions.tolist() == [0, 1, 2, 3, 4, 5, 4, 5, 2]
+    assert meta.slot_mapping.tolist() == [8, 9, 10, 11, 0, 1, 16, 17, 22]
+    assert meta.query_start_loc.tolist() == [0, 6, 8, 9]
+    assert meta.seq_lens.tolist() == [6, 6, 3]
+    assert batch.logits_indices.tolist() == [7, 8]
