@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # A CPU build of torch, pinned: an unpinned torch pulls a multi-GB CUDA build.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: install serve test lint proto
+.PHONY: install serve test lint proto docs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,3 +29,7 @@ lint: install
 
 proto: install
 	$(BIN)/python proto/generate.py
+
+# docs/configuration.md, from the servers' config dataclasses (a test fails while it is stale).
+docs: install
+	$(BIN)/python scripts/config_docs.py

@@ -30,7 +30,7 @@ import grpc
 import uvloop
 from result_file import write_result
 
-from llmserve.common.launcher import free_port
+from llmserve.common.ports import ephemeral_port
 
 SERVICE = "llmserve.bench.Hop"
 METHOD = f"/{SERVICE}/Stream"
@@ -136,7 +136,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=150)
     args = parser.parse_args()
-    ports = {name: free_port() for name in ("backend", "proxy", "proxy-sync")}
+    ports = {name: ephemeral_port() for name in ("backend", "proxy", "proxy-sync")}
     backend = f"127.0.0.1:{ports['backend']}"
     context = multiprocessing.get_context("spawn")
     servers = [context.Process(target=run_backend, args=(ports["backend"],), daemon=True),

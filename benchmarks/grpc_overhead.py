@@ -20,9 +20,9 @@ from pathlib import Path
 
 import grpc
 import torch
+from harness import start_engine
 from result_file import write_result
 
-from llmserve.common.launcher import start_engine
 from llmserve.engine_service.demo_model import ensure_demo_model
 from llmserve.engine_service.llm import LLM
 from llmserve.engine_service.seam import SamplingOptions

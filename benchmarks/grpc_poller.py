@@ -34,7 +34,7 @@ import uvloop
 from result_file import RESULTS_DIR, write_result
 
 from llmserve.common.grpc_polling import CLASSIC_POLLER
-from llmserve.common.launcher import free_port
+from llmserve.common.ports import ephemeral_port
 from llmserve.router.busy_poll import BusyPoll
 
 SERVICE = "llmserve.bench.Echo"
@@ -97,7 +97,7 @@ def _measure(variant: str, gap_s: float, messages: int) -> dict:
     experiments, busy_poll = VARIANTS[variant]
     env = {**os.environ, "GRPC_EXPERIMENTS": experiments}
     polling = ["--busy-poll"] if busy_poll else []
-    port = free_port()
+    port = ephemeral_port()
     server = subprocess.Popen([sys.executable, __file__, "--serve", str(port), *polling], env=env)
     try:
         out = subprocess.run(

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import grpc
+from harness import start_engine, start_router
 from result_file import write_result
 
-from llmserve.common.launcher import start_engine, start_router
 from llmserve.engine_service.demo_model import ensure_demo_model
 from llmserve.v1 import common_pb2, generate_service_pb2, generate_service_pb2_grpc
 

@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 import grpc
+from harness import ServerProcess, start_engine, start_router
 from result_file import write_result
 
 from llmserve.common.block_hash import hash_full_blocks
-from llmserve.common.launcher import ServerProcess, start_engine, start_router
 from llmserve.engine_service.demo_model import ensure_demo_model
 from llmserve.v1 import (
     common_pb2,

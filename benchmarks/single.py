@@ -42,7 +42,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 
@@ -126,14 +126,11 @@ def received_at(servers: Servers) -> dict[str, float]:
 
 
 def engine_settings(model: Path, flags: list[str]) -> dict:
-    """The EngineConfig the engine built from `flags`, for an in-process LLM."""
-    from llmserve.engine_service.cli import parse_args
-    from llmserve.engine_service.config import EngineConfig
+    """The settings of the EngineConfig the engine built from `flags`, for an in-process LLM."""
+    from llmserve.engine_service.cli import parse_config
 
-    parsed = vars(parse_args(["--model", str(model), *flags]))
-    names = {f.name for f in fields(EngineConfig)} - {"model"}
-    settings = {k: v for k, v in parsed.items() if k in names}
-    settings["kv_cache_memory_bytes"] = int(parsed["kv_cache_memory_gb"] * (1 << 30))
+    settings = asdict(parse_config(["--model", str(model), *flags]))
+    del settings["model"]
     return settings
 
 

@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from harness import ServerProcess, start_engine, start_router
 from prometheus_client.parser import text_string_to_metric_families
 from result_file import RESULTS_DIR
 
-from llmserve.common.launcher import ServerProcess, free_port, start_engine, start_router
+from llmserve.common.ports import ephemeral_port
 from llmserve.v1 import (
     common_pb2,
     engine_service_pb2,
@@ -260,7 +261,7 @@ def started_servers(
     """A fresh engine (its /metrics on a free port) and, if asked, a router in front of it,
     each on its CPUs of `pinning` when given."""
     with tempfile.TemporaryDirectory() as tmp:
-        metrics_port = free_port()
+        metrics_port = ephemeral_port()
         engine = start_engine(
             model,
             Path(tmp),
@@ -291,7 +292,7 @@ def default_model() -> Path:
 
         return ensure_demo_model()
     if not (BENCH_CHECKPOINT / "model.safetensors").is_file():
-        from llmserve.engine_service.bench_checkpoint import write_bench_checkpoint
+        from bench_checkpoint import write_bench_checkpoint
 
         write_bench_checkpoint(BENCH_CHECKPOINT)
     return BENCH_CHECKPOINT

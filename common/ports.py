@@ -1,4 +1,5 @@
-"""Server ports: a default steps to the next free port, a port given outright must be free.
+"""Server ports: a default steps to the next free port, a port given outright must be free, and
+a port no one configures (the tensor-parallel rendezvous) is one the OS picks.
 
 A second local engine started with the defaults takes the next free ports; a port that was
 asked for and is taken fails start-up with a message naming it (gRPC's own bind error names
@@ -56,3 +57,12 @@ def first_free_port(option: str, host: str, default: int) -> int:
     raise OSError(
         f"{option}: ports {default}..{default + PORT_SEARCH - 1} on {host} are all in use",
     )
+
+
+def ephemeral_port() -> int:
+    """A loopback port the OS reports unused now, for a listener only our own processes dial:
+    no user names it, so there is no default to step from. It is free when returned, not
+    reserved: the caller binds it next."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

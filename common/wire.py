@@ -26,6 +26,12 @@ class MalformedRequest:
     message: str
 
 
+async def refuse_malformed(request: object, context: grpc.aio.ServicerContext) -> None:
+    """Ends the call with INVALID_ARGUMENT, naming what was wrong, if `request` is malformed."""
+    if isinstance(request, MalformedRequest):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+
+
 def _find_bad_utf8(descriptor: Descriptor, data: bytes, prefix: str = "") -> str | None:
     """Walks the raw fields and names the first string field that is not valid UTF-8."""
     raw = empty_pb2.Empty()

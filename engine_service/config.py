@@ -1,39 +1,124 @@
-"""Engine settings, fixed at start-up."""
+"""The engine's settings, fixed at start-up: what it serves, and how its process serves it.
 
-from dataclasses import dataclass
+Every `llmserve-engine` flag is a field here (`common.config_flags` derives the flags, the
+checks and docs/configuration.md); torch-free, so the gRPC frontend can hold it.
+"""
+
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+from llmserve.common.config_flags import (
+    INT32_MAX,
+    PORT_MAX,
+    check,
+    host_setting,
+    log_format_setting,
+    log_level_setting,
+    setting,
+)
+
+DEFAULT_PORT = 50052
+DEFAULT_METRICS_PORT = 9401
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
+# Triton's paged kernels index a block's rows with power-of-two masks.
+BLOCK_SIZES = tuple(2**i for i in range(11))
+SERVER = "server process"
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """What the engine is asked to serve and the limits it serves under."""
+    """What the engine is asked to serve, the limits it serves under, and its server process.
 
-    model: Path
-    dtype: str = "auto"
-    device: str = "auto"
-    max_model_len: int | None = None
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    block_size: int = 16
-    num_kv_blocks: int | None = None
-    # The KV pool's size on the CPU; on a GPU the pool is sized by gpu_memory_utilization.
-    kv_cache_memory_bytes: int = 1 << 30
-    max_tokens_default: int = 256
-    block_hash_seed: int = 0
-    # auto = triton on CUDA, torch on the CPU; prefill_/decode_backend override one phase each.
-    attention_backend: str = "auto"
-    prefill_backend: str | None = None
-    decode_backend: str | None = None
-    # Fraction of the GPU's memory this engine may hold: weights, activations and the KV cache.
-    gpu_memory_utilization: float = 0.9
-    enforce_eager: bool = False
-    cuda_graph_max_bs: int = 256
-    # Prefill and mixed steps of up to this many tokens replay graphs too (0: never).
-    cuda_graph_max_tokens: int = 2048
-    # One process per rank; the KV cache is split by KV heads, so this must divide them.
-    tensor_parallel_size: int = 1
-    # Run through torch.distributed and the step channel even at tensor_parallel_size 1.
-    distributed: bool = False
-    # Read each step's tokens while the next step runs (None = on CUDA only: on the CPU the
-    # step is synchronous, so overlapping would only delay every token by one step).
-    async_scheduling: bool | None = None
+    A limit left None is chosen at start-up (from the checkpoint, the device or the KV pool):
+    the engine builder fills those in once, and the parts it builds read that resolved copy.
+    """
+
+    model: Path = setting(Path("demo"),
+                          "checkpoint directory, or 'demo' for the embedded demo model")
+    dtype: str = setting("auto", "weights' and activations' dtype (auto: bfloat16 on a GPU, "
+                                 "float16 for a float16 checkpoint, float32 on the CPU)",
+                         choices=("auto", "float32", "bfloat16", "float16"))
+    device: str = setting("auto", "auto: cuda when a GPU is visible, else cpu",
+                          choices=("auto", "cpu", "cuda"))
+    max_model_len: int | None = setting(
+        None, "longest sequence, prompt plus output, in tokens (default: the checkpoint's; "
+              "never more than it, nor than the KV pool holds)", low=2, high=INT32_MAX)
+    max_num_seqs: int = setting(64, "sequences in one step", low=1, high=INT32_MAX)
+    max_num_batched_tokens: int = setting(
+        2048, "tokens computed in one step (longer prompts are chunked)", low=1, high=INT32_MAX)
+    block_size: int = setting(16, "tokens per KV block; prefix-cache hashes cover whole blocks",
+                              choices=BLOCK_SIZES)
+    num_kv_blocks: int | None = setting(
+        None, "KV blocks in the pool (default: what fits in --gpu-memory-utilization on a GPU, "
+              "in --kv-cache-memory-gb on the CPU)", low=1, high=INT32_MAX)
+    kv_cache_memory_gb: float = setting(
+        1.0, "GiB the KV pool takes on the CPU (on a GPU, --gpu-memory-utilization sizes it)",
+        low=0, exclusive_low=True, high=4096)
+    max_tokens_default: int = setting(256, "output tokens of a request that sets no max_tokens",
+                                      low=1, high=INT32_MAX)
+    block_hash_seed: int = setting(0, "seed of the prefix-cache block hashes (GetInfo reports "
+                                      "it to routers)", low=0, high=2**64 - 1, flag=False)
+    attention_backend: str = setting(
+        "auto", "auto: triton on CUDA, torch on the CPU; flash_attn: flash-attn 4",
+        choices=ATTENTION_BACKENDS)
+    prefill_backend: str | None = setting(
+        None, "overrides --attention-backend for prefill and mixed steps",
+        choices=ATTENTION_BACKENDS)
+    decode_backend: str | None = setting(
+        None, "overrides --attention-backend for pure-decode steps", choices=ATTENTION_BACKENDS)
+    gpu_memory_utilization: float = setting(
+        0.9, "fraction of the GPU's memory this engine may hold: weights, activations and the "
+             "KV cache", low=0, exclusive_low=True, high=1)
+    enforce_eager: bool = setting(False, "no CUDA graphs at all")
+    cuda_graph_max_bs: int = setting(
+        256, "largest decode batch captured in a CUDA graph (capped at --max-num-seqs)",
+        low=0, high=INT32_MAX)
+    cuda_graph_max_tokens: int = setting(
+        2048, "largest prefill or mixed step, in tokens, captured in a CUDA graph (capped at "
+              "--max-num-batched-tokens; 0 = none)", low=0, high=INT32_MAX)
+    tensor_parallel_size: int = setting(
+        1, "ranks (GPUs, or CPU processes) the model is split over, one process each; must "
+           "divide its KV heads", low=1, high=64, aliases=("-tp",))
+    distributed: bool = setting(
+        False, "run through torch.distributed and the rank step channel even at tensor "
+               "parallel size 1 (benchmarks measure that path)", flag=False)
+    async_scheduling: bool | None = setting(
+        None, "read each step's tokens while the next step runs (default: on CUDA only; on the "
+              "CPU a step is synchronous, so it would only delay every token by a step)")
+
+    host: str = host_setting(group=SERVER)
+    port: int | None = setting(
+        None, f"gRPC port (default: {DEFAULT_PORT}, or the next free one; 0 = any)",
+        low=0, high=PORT_MAX, group=SERVER)
+    metrics_port: int | None = setting(
+        None, f"/metrics port (default: {DEFAULT_METRICS_PORT}, or the next free one; -1 = off)",
+        low=-1, high=PORT_MAX, group=SERVER)
+    health_port: int = setting(
+        -1, "also serve gRPC health alone, plaintext, on this port (for probes; -1 = off)",
+        low=-1, high=PORT_MAX, group=SERVER)
+    kv_events: bool = setting(
+        True, "publish prefix-cache changes on WatchKvEvents (routers without them fall back to "
+              "their own routing history)", group=SERVER)
+    tls_cert: Path | None = setting(None, "server certificate (PEM); none = plaintext",
+                                    group=SERVER)
+    tls_key: Path | None = setting(None, "private key of --tls-cert", group=SERVER)
+    tls_client_ca: Path | None = setting(
+        None, "demand client certificates signed by this CA (mutual TLS)", group=SERVER)
+    drain_timeout_s: float = setting(
+        30.0, "on SIGTERM, how long requests in flight may take to finish", low=0, high=3600,
+        group=SERVER)
+    log_format: str = log_format_setting(group=SERVER)
+    log_level: str = log_level_setting(group=SERVER)
+
+    def __post_init__(self) -> None:
+        check(self)
+
+    @property
+    def kv_cache_memory_bytes(self) -> int:
+        return int(self.kv_cache_memory_gb * (1 << 30))
+
+    def resolved(self, max_position_embeddings: int) -> "EngineConfig":
+        """This config with max_model_len resolved from the checkpoint's: its length unless
+        asked for less. (Start-up caps it again once the KV pool is sized.)"""
+        return replace(self, max_model_len=min(self.max_model_len or max_position_embeddings,
+                                               max_position_embeddings))

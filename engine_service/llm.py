@@ -5,24 +5,16 @@ prefill and decode throughput.
 """
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from llmserve.engine_service.config import EngineConfig
 from llmserve.engine_service.core.engine_builder import build_engine
+from llmserve.engine_service.core.engine_core import Generation
 from llmserve.engine_service.frontend.validation import check_prompt
-from llmserve.engine_service.seam import EngineInfo, EngineRequest, FinishReason, SamplingOptions
-
-
-@dataclass
-class Generation:
-    """One prompt's result."""
-
-    token_ids: list[int]
-    finish_reason: FinishReason | None
-    cached_prompt_tokens: int
+from llmserve.engine_service.seam import EngineInfo, EngineRequest, RequestOutput, SamplingOptions
 
 
 class LLM:
@@ -39,29 +31,27 @@ class LLM:
         options = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
         if len(options) != len(prompts):
             raise ValueError(f"sampling: {len(options)} entries for {len(prompts)} prompts")
-        results: dict[str, Generation] = {}
+        requests = []
         for i, (prompt, opts) in enumerate(zip(prompts, options, strict=True)):
             check_prompt(prompt, self.info, field=f"prompts[{i}]")
             opts = _capped(opts, self.info, len(prompt))
-            self.core.add_request(EngineRequest(f"offline-{i}", prompt, opts))
-            results[f"offline-{i}"] = Generation([], None, 0)
+            requests.append(EngineRequest(f"offline-{i}", prompt, opts))
         bar = tqdm(total=len(prompts), desc="Generating", disable=not use_tqdm, dynamic_ncols=True)
-        while self.core.has_work:
-            started, computed = time.perf_counter(), self.core.num_computed_tokens_total
-            outputs = self.core.step()
-            elapsed = max(time.perf_counter() - started, 1e-9)
-            num_tokens = self.core.num_computed_tokens_total - computed
+        last_time, last_computed = time.perf_counter(), self.core.num_computed_tokens_total
+
+        def progress(outputs: list[RequestOutput]) -> None:
+            nonlocal last_time, last_computed
+            now, computed = time.perf_counter(), self.core.num_computed_tokens_total
+            num_tokens = computed - last_computed
             phase = "decode" if num_tokens == len(outputs) else "prefill"
-            bar.set_postfix_str(f"{phase} {num_tokens / elapsed:,.0f} tok/s", refresh=False)
-            for out in outputs:
-                result = results[out.request_id]
-                result.token_ids.extend(out.new_token_ids)
-                if out.finish_reason is not None:
-                    result.finish_reason = out.finish_reason
-                    result.cached_prompt_tokens = out.cached_prompt_tokens
-                    bar.update(1)
+            rate = num_tokens / max(now - last_time, 1e-9)
+            bar.set_postfix_str(f"{phase} {rate:,.0f} tok/s", refresh=False)
+            bar.update(sum(out.finish_reason is not None for out in outputs))
+            last_time, last_computed = now, computed
+
+        results = self.core.run_to_completion(requests, progress if use_tqdm else None)
         bar.close()
-        return [results[f"offline-{i}"] for i in range(len(prompts))]
+        return [results[request.request_id] for request in requests]
 
     def close(self) -> None:
         """Stops the other tensor-parallel ranks, if any (their processes end with this one

@@ -10,6 +10,9 @@ that changed something and a `RejectedRequest` for a request it refused.
 from dataclasses import dataclass, field
 from enum import Enum
 
+from llmserve.common.block_hash import ALGORITHM
+from llmserve.engine_service.config import EngineConfig
+
 
 class FinishReason(Enum):
     LENGTH = "length"
@@ -97,6 +100,32 @@ class EngineInfo:
     tensor_parallel_size: int
     device: str
     max_tokens_default: int
+
+    @classmethod
+    def describe(cls, config: EngineConfig, *, architecture: str, vocab_size: int,
+                 eos_token_ids: tuple[int, ...], attention_backend: str, dtype: str,
+                 device: str) -> "EngineInfo":
+        """What an engine reports: its resolved config (max_model_len and num_kv_blocks set),
+        with what the checkpoint and the device decided."""
+        assert config.max_model_len is not None and config.num_kv_blocks is not None
+        return cls(
+            model=config.model.name,
+            architecture=architecture,
+            vocab_size=vocab_size,
+            max_model_len=config.max_model_len,
+            block_size=config.block_size,
+            num_blocks=config.num_kv_blocks,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            block_hash_algorithm=ALGORITHM,
+            block_hash_seed=config.block_hash_seed,
+            eos_token_ids=eos_token_ids,
+            attention_backend=attention_backend,
+            dtype=dtype,
+            tensor_parallel_size=config.tensor_parallel_size,
+            device=device,
+            max_tokens_default=config.max_tokens_default,
+        )
 
 
 @dataclass(frozen=True)

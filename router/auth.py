@@ -23,7 +23,9 @@ import grpc
 import structlog
 from google.protobuf.message import Message
 
+from llmserve.common.call_outcome import status_outcome
 from llmserve.common.request_limits import MAX_TENANT_CHARS
+from llmserve.router import metrics
 
 log = structlog.get_logger(__name__)
 
@@ -162,7 +164,16 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
         tenant = None if token is None else self.keys.tenant_for(token)
         if tenant is None:
             return _wrap(handler, _refuse(method, missing=token is None))
-        return _wrap(handler, _bind_tenant(tenant))
+        return _wrap(handler, _bind_tenant(tenant, method))
+
+
+def _abort(
+    context: grpc.aio.ServicerContext, method: str, code: grpc.StatusCode, details: str
+) -> Awaitable[None]:
+    """Refuses the call; a refused Generate is counted like every other Generate call."""
+    if method.endswith("/Generate"):
+        metrics.REQUESTS.labels(status_outcome(code)).inc()
+    return context.abort(code, details)
 
 
 def _refuse(method: str, missing: bool) -> Check:
@@ -174,7 +185,9 @@ def _refuse(method: str, missing: bool) -> Check:
             peer=context.peer(),
             reason="missing token" if missing else "unknown key",
         )
-        await context.abort(
+        await _abort(
+            context,
+            method,
             grpc.StatusCode.UNAUTHENTICATED,
             "missing bearer token: send the metadata 'authorization: Bearer <key>'"
             if missing
@@ -184,13 +197,15 @@ def _refuse(method: str, missing: bool) -> Check:
     return refuse
 
 
-def _bind_tenant(tenant: str) -> Check:
+def _bind_tenant(tenant: str, method: str) -> Check:
     async def bind(request: Any, context: grpc.aio.ServicerContext) -> None:
         # A request that failed to parse has no tenant field; the handler reports it.
         if not isinstance(request, Message) or "tenant" not in request.DESCRIPTOR.fields_by_name:
             return
         if request.tenant and request.tenant != tenant:
-            await context.abort(
+            await _abort(
+                context,
+                method,
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"the request names tenant '{request.tenant}' but the key belongs to '{tenant}'",
             )

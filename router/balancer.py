@@ -9,19 +9,12 @@ elsewhere, and that engine caches the prefix too.
 
 import random
 from dataclasses import dataclass
-from enum import Enum
 
+from llmserve.router.config import Policy
 from llmserve.router.engine_pool import Engine
 
 # Prefill-token equivalent of one running sequence's share of each step.
 RUNNING_SEQUENCE_COST = 16
-
-
-class Policy(Enum):
-    PREFIX = "prefix"
-    ROUND_ROBIN = "round_robin"
-    LEAST_LOAD = "least_load"
-    RANDOM = "random"
 
 
 @dataclass(frozen=True)

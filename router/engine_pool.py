@@ -17,6 +17,7 @@ import grpc
 import structlog
 
 from llmserve.router import metrics
+from llmserve.router.config import RouterConfig
 from llmserve.router.engine_channel import LINK_STREAM_WINDOW_BYTES, open_engine_channel
 from llmserve.router.engine_link import EngineLink
 from llmserve.router.hash_check import HashSelfCheck
@@ -30,10 +31,6 @@ RETRY_MIN_S = 0.1
 RETRY_MAX_S = 0.5
 # How long GetInfo waits for a connection before the attempt starts over.
 GET_INFO_TIMEOUT_S = 5.0
-SILENCE_TIMEOUT_S = 3.0
-# Above the engines' one-second load heartbeat with room for a late one; below a minute, past
-# which frozen engines' streams would stall longer than clients wait.
-SILENCE_TIMEOUT_BOUNDS_S = (2.0, 60.0)
 
 
 class EngineStreamError(RuntimeError):
@@ -76,23 +73,18 @@ class EnginePool:
 
     def __init__(
         self,
-        targets: list[str],
+        config: RouterConfig,
         index: PrefixIndex,
         hash_check: HashSelfCheck,
         refresh_s: float = 5.0,
         credentials: grpc.ChannelCredentials | None = None,
-        silence_timeout_s: float = SILENCE_TIMEOUT_S,
     ) -> None:
-        if not targets:
-            raise ValueError("--engines: give at least one host:port or dns:NAME:PORT")
-        low, high = SILENCE_TIMEOUT_BOUNDS_S
-        if not low <= silence_timeout_s <= high:
-            raise ValueError(f"--engine-silence-timeout-s must be within {low:g}..{high:g} s")
-        self.targets = targets
+        """Follows `config`'s engines; an engine silent for its engine_silence_timeout_s
+        leaves the pool."""
+        self.config = config
         self.index = index
         self.hash_check = hash_check
         self.refresh_s = refresh_s
-        self.silence_timeout_s = silence_timeout_s
         # None = plaintext; otherwise mutual TLS to every engine.
         self.credentials = credentials
         # The DNS name each resolved address came from: what its TLS certificate names.
@@ -140,7 +132,7 @@ class EnginePool:
                 server_name = self._server_names.get(address)
                 # HTTP/2 pings at the silence timeout: the request connection to a frozen engine
                 # fails even while its load stream's timer has not run out yet.
-                keepalive_s = self.silence_timeout_s
+                keepalive_s = self.config.engine_silence_timeout_s
                 channel = open_engine_channel(
                     address, self.credentials, server_name, keepalive_s=keepalive_s
                 )
@@ -220,11 +212,11 @@ class EnginePool:
         loads = engine.stub.WatchLoad(engine_service_pb2.WatchLoadRequest())
         while True:
             try:
-                async with asyncio.timeout(self.silence_timeout_s):
+                async with asyncio.timeout(self.config.engine_silence_timeout_s):
                     load = await loads.read()  # a cancelled read cancels the call
             except TimeoutError:
                 error = EngineStreamError(
-                    f"engine silent: no load message for {self.silence_timeout_s:g} s"
+                    f"engine silent: no load message for {self.config.engine_silence_timeout_s:g} s"
                 )
                 # Out of routing first, so no request (nor a failed-over one) goes there; then
                 # its streams fail over at once instead of hanging on a frozen engine.
@@ -276,7 +268,7 @@ class EnginePool:
     def _resolve(self) -> set[str]:
         addresses: set[str] = set()
         server_names: dict[str, str] = {}
-        for target in self.targets:
+        for target in self.config.engine_targets:
             if not target.startswith("dns:"):
                 addresses.add(target)
                 continue

@@ -14,7 +14,7 @@ import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from llmserve.common import reflection
+from llmserve.common import reflection, tls
 from llmserve.common.call_outcome import FAILED, FINISHED, ended_from_outside, status_outcome
 from llmserve.common.priority import PRIORITY_CLASS
 from llmserve.common.request_limits import (
@@ -26,15 +26,16 @@ from llmserve.common.request_limits import (
     resolve_max_tokens,
 )
 from llmserve.common.startup_heap import freeze_startup_heap
-from llmserve.common.wire import MalformedRequest, add_lenient_service
+from llmserve.common.wire import MalformedRequest, add_lenient_service, refuse_malformed
 from llmserve.router import metrics
 from llmserve.router.admission import AdmissionController, ShedError
 from llmserve.router.auth import BearerAuthInterceptor, TenantKeys
-from llmserve.router.balancer import Balancer, Policy
+from llmserve.router.balancer import Balancer
 from llmserve.router.busy_poll import BusyPoll
+from llmserve.router.config import RouterConfig
 from llmserve.router.detokenizer import IncrementalDetokenizer
 from llmserve.router.engine_link import StreamError
-from llmserve.router.engine_pool import SILENCE_TIMEOUT_S, EnginePool
+from llmserve.router.engine_pool import EnginePool
 from llmserve.router.forwarding import ForwardedRequest, Forwarder, NoEngineError
 from llmserve.router.hash_check import HashSelfCheck
 from llmserve.router.ops_http import OpsHttpServer
@@ -90,8 +91,7 @@ class GenerateServicer:
         """
         outcome = FAILED
         try:
-            if isinstance(request, MalformedRequest):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            await refuse_malformed(request, context)
             info = await self._require_info(context)
             try:
                 check_shared_fields(request)
@@ -216,8 +216,7 @@ class GenerateServicer:
         context: grpc.aio.ServicerContext,
     ) -> generate_service_pb2.TokenizeResponse:
         """Returns the token ids a Generate call with this input would send to an engine."""
-        if isinstance(request, MalformedRequest):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        await refuse_malformed(request, context)
         info = await self._require_info(context)
         try:
             prompt = await prompt_input(request, self.tokenizer, info.max_model_len)
@@ -231,8 +230,7 @@ class GenerateServicer:
         context: grpc.aio.ServicerContext,
     ) -> generate_service_pb2.GetModelInfoResponse:
         """Describes the served model and its limits."""
-        if isinstance(request, MalformedRequest):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        await refuse_malformed(request, context)
         info = await self._require_info(context)
         return generate_service_pb2.GetModelInfoResponse(
             model=info.model,
@@ -296,54 +294,40 @@ def _metadata_request_id(context: grpc.aio.ServicerContext) -> str | None:
     return request_id
 
 
-async def serve_router(
-    tokenizer: TextTokenizer,
-    engines: list[str],
-    host: str,
-    port: int,
-    policy: Policy = Policy.PREFIX,
-    max_connection_age_s: float = 300.0,
-    max_queue: int = 1024,
-    *,
-    server_credentials: grpc.ServerCredentials | None = None,
-    engine_credentials: grpc.ChannelCredentials | None = None,
-    auth: TenantKeys | None = None,
-    max_message_bytes: int = 16 << 20,
-    max_concurrent_rpcs: int = 4096,
-    metrics_port: int = -1,
-    busy_poll: bool = False,
-    engine_silence_timeout_s: float = SILENCE_TIMEOUT_S,
-) -> None:
+async def serve_router(config: RouterConfig, tokenizer: TextTokenizer) -> None:
     """Serves until cancelled; health is SERVING while an engine is ready (`_follow_readiness`).
 
-    `server_credentials` puts TLS on the public port, `engine_credentials` mutual TLS on the
-    engine channels (None = plaintext). With `auth`, every GenerateService call needs a bearer
-    key and runs as the key's tenant (see `auth`). `metrics_port` >= 0 serves `/metrics` and
-    `/healthz` over HTTP on `host` (0 = any free port). `busy_poll` keeps the event loop polling
-    while requests are in flight (see `busy_poll`). An engine silent for
-    `engine_silence_timeout_s` leaves the pool (see `engine_pool`).
+    `config.metrics_port` is resolved (None is not): >= 0 serves `/metrics` and `/healthz`
+    over HTTP on the config's host (0 = any free port). Its TLS settings put TLS on the public
+    port and mutual TLS on the engine channels (none = plaintext); with an auth keys file,
+    every GenerateService call needs a bearer key and runs as the key's tenant (see `auth`).
+    `busy_poll` keeps the event loop polling while requests are in flight (see `busy_poll`).
     """
+    # Credentials and keys first: a bad path fails start-up before anything is bound.
+    server_credentials = tls.server_credentials(config.tls_cert, config.tls_key)
+    engine_credentials = tls.channel_credentials(
+        config.engine_tls_ca, config.engine_tls_cert, config.engine_tls_key
+    )
+    auth = None if config.auth_keys_file is None else TenantKeys.from_file(config.auth_keys_file)
+    if auth is not None:
+        log.info("auth_enabled", tenants=auth.tenants, keys=auth.num_keys)
     index = PrefixIndex()
     hash_check = HashSelfCheck(index)
-    pool = EnginePool(
-        engines,
-        index,
-        hash_check,
-        credentials=engine_credentials,
-        silence_timeout_s=engine_silence_timeout_s,
-    )
-    forwarder = Forwarder(pool, index, Balancer(policy), hash_check)
+    pool = EnginePool(config, index, hash_check, credentials=engine_credentials)
+    forwarder = Forwarder(pool, index, Balancer(config.policy), hash_check)
     servicer = GenerateServicer(
         tokenizer,
         pool,
         forwarder,
-        AdmissionController(max_queue),
-        BusyPoll(enabled=busy_poll),
+        AdmissionController(config.max_queue),
+        BusyPoll(enabled=config.busy_poll),
     )
     ops = None
-    if metrics_port >= 0:
+    assert config.metrics_port is not None
+    if config.metrics_port >= 0:
         ops = OpsHttpServer(
-            host, metrics_port, asyncio.get_running_loop(), lambda: health_details(pool, hash_check)
+            config.host, config.metrics_port, asyncio.get_running_loop(),
+            lambda: health_details(pool, hash_check),
         )
         log.info("metrics_serving", port=ops.port, path="/metrics", health_path="/healthz")
     interceptors = [] if auth is None else [BearerAuthInterceptor(auth, f"/{SERVICE.full_name}/")]
@@ -352,16 +336,16 @@ async def serve_router(
         options=[
             ("grpc.so_reuseport", 0),
             # Clients reconnect and spread over router replicas added by an autoscaler.
-            ("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
             ("grpc.max_connection_age_grace_ms", 30_000),
             # A request holds one prompt, a response a few tokens: bounded both ways, so one
             # caller cannot make the router buffer an arbitrary amount.
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
         ],
         # Beyond this many calls in flight gRPC answers RESOURCE_EXHAUSTED at once: a memory
         # bound for the process, set above what admission queues and engines run.
-        maximum_concurrent_rpcs=max_concurrent_rpcs,
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
     add_lenient_service(server, SERVICE, servicer)
     health_servicer = health.aio.HealthServicer()
@@ -378,7 +362,7 @@ async def serve_router(
         ),
         server,
     )
-    address = f"{host}:{port}"
+    address = f"{config.host}:{config.port}"
     if server_credentials is None:
         bound_port = server.add_insecure_port(address)
     else:
@@ -387,12 +371,12 @@ async def serve_router(
     log.info(
         "serving",
         service=SERVICE.full_name,
-        host=host,
+        host=config.host,
         port=bound_port,
         tls=server_credentials is not None,
         engine_tls=engine_credentials is not None,
         auth=auth is not None,
-        busy_poll=busy_poll,
+        busy_poll=config.busy_poll,
     )
     await pool.start()
     readiness = asyncio.create_task(_follow_readiness(pool, health_servicer))

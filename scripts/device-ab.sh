@@ -35,15 +35,13 @@ use() {  # use SIDE: install that tree editable; later commands run inside it
 commit_of() { [ "$1" = base ] && echo "$BASE_COMMIT" || echo "$NEW_COMMIT"; }
 
 use new
-timeout 120 python3 -c "
-import sys
-from pathlib import Path
-sys.path[:0] = ['benchmarks', '.']
-try:
-    from bench_checkpoint import main
-except ImportError:
-    from llmserve.engine_service.bench_checkpoint import main
-main(['$MODEL'])" || echo "!! checkpoint FAILED"
+# A tree from before the writer moved to benchmarks/ has it in the engine package.
+if [ -f benchmarks/bench_checkpoint.py ]; then
+  timeout 120 python3 benchmarks/bench_checkpoint.py "$MODEL" || echo "!! checkpoint FAILED"
+else
+  timeout 120 python3 -m llmserve.engine_service.bench_checkpoint "$MODEL" \
+    || echo "!! checkpoint FAILED"
+fi
 
 if wanted gputests; then
   echo "== gpu tests (new) =="

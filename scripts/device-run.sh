@@ -85,7 +85,7 @@ import llmserve.engine_service.core.engine_builder  # noqa: F401
 print("llmserve imports")
 EOF
 
-stage checkpoint 120 python3 -m llmserve.engine_service.bench_checkpoint "$MODEL"
+stage checkpoint 120 python3 benchmarks/bench_checkpoint.py "$MODEL"
 
 W1=(python3 benchmarks/throughput.py --model "$MODEL" --out "$RESULTS" --no-progress)
 wanted tests && stage tests 200 python3 -m pytest -m gpu tests/gpu tests/kernels -q \

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from launcher import ServerProcess
+from launcher import start_engine as launch_engine
+from launcher import start_router as launch_router
 
-from llmserve.common.launcher import ServerProcess, free_port
-from llmserve.common.launcher import start_engine as launch_engine
-from llmserve.common.launcher import start_router as launch_router
+from llmserve.common.ports import ephemeral_port
 from llmserve.engine_service.config import EngineConfig
 from llmserve.engine_service.core.engine_builder import build_engine
 from llmserve.engine_service.core.engine_core import EngineCore
@@ -20,7 +21,7 @@ from llmserve.engine_service.seam import EngineRequest, SamplingOptions
 @pytest.fixture
 def unused_port() -> Callable[[], int]:
     """Returns a function that finds a free loopback port."""
-    return free_port
+    return ephemeral_port
 
 
 @pytest.fixture(scope="session")
@@ -145,13 +146,9 @@ def _greedy(core: EngineCore, prompts: list[list[int]], new_tokens: int,
     """Every prompt's greedy tokens, all run together through the core's step loop (stopping
     at the checkpoint's end-of-sequence tokens, as transformers' generate does, unless told)."""
     options = SamplingOptions(temperature=0.0, max_tokens=new_tokens, ignore_eos=ignore_eos)
-    for i, prompt in enumerate(prompts):
-        core.add_request(EngineRequest(f"g{i}", prompt, options))
-    tokens: dict[str, list[int]] = {f"g{i}": [] for i in range(len(prompts))}
-    while core.has_work:
-        for out in core.step():
-            tokens[out.request_id].extend(out.new_token_ids)
-    return [tokens[f"g{i}"] for i in range(len(prompts))]
+    requests = [EngineRequest(f"g{i}", prompt, options) for i, prompt in enumerate(prompts)]
+    results = core.run_to_completion(requests)
+    return [results[request.request_id].token_ids for request in requests]
 
 
 @pytest.fixture

@@ -11,8 +11,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
-from llmserve.common.launcher import ServerProcess, start_server
+from launcher import ServerProcess, start_server
 
 REPO = Path(__file__).resolve().parents[1]
 # Where each package's files are in the repository, and where the wheel puts them.

@@ -10,7 +10,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from llmserve.common.launcher import STARTUP_TIMEOUT_S, free_port
+from launcher import STARTUP_TIMEOUT_S
+
+from llmserve.common.ports import ephemeral_port
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "serve-demo.sh"
@@ -55,7 +57,7 @@ def stop_with_ctrl_c(process: subprocess.Popen) -> int:
 
 
 def test_second_serve_on_the_same_ports_fails_fast_saying_why(tmp_path) -> None:
-    ports = {name: str(free_port()) for name in PORT_NAMES}
+    ports = {name: str(ephemeral_port()) for name in PORT_NAMES}
     env = {**os.environ, **ports, "VENV": str(VENV), "LOGS": str(tmp_path / "logs")}
     first_out = tmp_path / "first.out"
     with serve_demo(env, first_out) as first:
@@ -69,7 +71,7 @@ def test_second_serve_on_the_same_ports_fails_fast_saying_why(tmp_path) -> None:
             ("ENGINE_METRICS_PORT", {"ENGINE_METRICS_PORT": ports["ENGINE_METRICS_PORT"]}),
         ]
         for taken, clash in clashes:
-            others = {name: str(free_port()) for name in PORT_NAMES}
+            others = {name: str(ephemeral_port()) for name in PORT_NAMES}
             second_out = tmp_path / f"second-{taken}.out"
             started = time.monotonic()
             with serve_demo({**env, **others, **clash}, second_out) as second:

@@ -14,7 +14,6 @@ from llmserve.engine_service.attention.layer import (
     AttentionMetadata,
     BackendUnavailableError,
 )
-from llmserve.kernels.ops import paged_decode_attention_torch
 from llmserve.kernels.paged_attention import paged_attention_torch
 from llmserve.kernels.paged_decode import paged_decode_attention
 from llmserve.kernels.paged_extend import paged_extend_attention
@@ -30,8 +29,10 @@ def _torch_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
 
 def _torch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    return paged_decode_attention_torch(q, k_cache, v_cache, meta.seq_lens, meta.block_tables,
-                                        scale)
+    # One query per row, as the Triton decode path assumes (it takes no query_start_loc).
+    starts = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
+    return paged_attention_torch(q, k_cache, v_cache, starts, meta.seq_lens, meta.block_tables,
+                                 scale)
 
 
 def _triton_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

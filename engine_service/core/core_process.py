@@ -11,7 +11,7 @@ from multiprocessing.connection import Connection
 import structlog
 import torch
 
-from llmserve.common.logs import LogFormat, configure_logging
+from llmserve.common.logs import configure_logging
 from llmserve.engine_service.config import EngineConfig
 from llmserve.engine_service.core.block_pool import KvEvent
 from llmserve.engine_service.core.engine_builder import build_engine
@@ -81,10 +81,9 @@ class CoreLoop:
         return True
 
 
-def core_process_main(config: EngineConfig, conn: Connection, log_format: LogFormat,
-                      log_level: str) -> None:
+def core_process_main(config: EngineConfig, conn: Connection) -> None:
     """Entry point of the core process: build the engine, report its info, run the loop."""
-    configure_logging(log_format, log_level)
+    configure_logging(config.log_format, config.log_level)
     set_cpu_threads(config)
     log.info("core_process_started", pid=os.getpid(), torch_threads=torch.get_num_threads())
     try:

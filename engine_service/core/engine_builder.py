@@ -3,18 +3,18 @@ size the KV cache, warm up (capture the decode graphs); under tensor parallelism
 other ranks first."""
 
 import time
+from dataclasses import replace
 
 import structlog
 import torch
 
-from llmserve.common.block_hash import ALGORITHM
-from llmserve.common.launcher import free_port
+from llmserve.common.ports import ephemeral_port
 from llmserve.common.startup_heap import freeze_startup_heap
 from llmserve.engine_service.config import EngineConfig
 from llmserve.engine_service.core.block_pool import BlockPool
 from llmserve.engine_service.core.engine_core import EngineCore
 from llmserve.engine_service.core.kv_sizing import num_kv_blocks, profile_peak_bytes, snapshot
-from llmserve.engine_service.core.scheduler import Scheduler, SchedulerConfig
+from llmserve.engine_service.core.scheduler import Scheduler
 from llmserve.engine_service.models.checkpoint import ModelSpec, read_model_spec
 from llmserve.engine_service.parallel.group import TensorParallelGroup, join_group
 from llmserve.engine_service.parallel.rank_processes import RankProcesses
@@ -61,10 +61,6 @@ def build_engine(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
     """
     started = time.monotonic()
     spec = read_model_spec(config.model)
-    if not 0 < config.gpu_memory_utilization <= 1:
-        raise ValueError(
-            f"gpu_memory_utilization {config.gpu_memory_utilization} must be in (0, 1]"
-        )
     check_tensor_parallel(spec, config)
     device = rank_device(config, 0)
     dtype = resolve_dtype(config.dtype, spec, device)
@@ -76,11 +72,10 @@ def build_engine(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
     ranks = RankProcesses(config) if config.tensor_parallel_size > 1 else None
     tp = TensorParallelGroup()
     if distributed(config):
-        port = ranks.port if ranks is not None else free_port()
+        port = ranks.port if ranks is not None else ephemeral_port()
         tp = join_group(0, config.tensor_parallel_size, port, device)
     runner = build_runner(config, tp, backends)
     runner.rank_processes = ranks
-    max_model_len = runner.limits.max_model_len
     block_bytes = ModelRunner.kv_bytes_per_block(spec, dtype, config.block_size, tp.size)
     num_blocks = config.num_kv_blocks
     if num_blocks is None and on_cuda:
@@ -89,52 +84,40 @@ def build_engine(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
         num_blocks = num_kv_blocks(memory, config.gpu_memory_utilization, block_bytes)
     elif num_blocks is None:
         num_blocks = max(1, config.kv_cache_memory_bytes // block_bytes)
-    # One sequence of max_model_len must always fit, or it could never be scheduled.
-    max_model_len = min(max_model_len, num_blocks * config.block_size)
+    # The runner's config has the checkpoint's max_model_len; from here on, the one that fits:
+    # one sequence of max_model_len must always fit, or it could never be scheduled.
+    assert runner.config.max_model_len is not None
+    config = replace(
+        runner.config,
+        max_model_len=min(runner.config.max_model_len, num_blocks * config.block_size),
+        num_kv_blocks=num_blocks,
+        async_scheduling=on_cuda if config.async_scheduling is None else config.async_scheduling,
+    )
     runner.allocate_kv_cache(num_blocks)
     log.info(
         "kv_cache_ready",
         num_blocks=num_blocks,
         block_size=config.block_size,
         bytes=num_blocks * block_bytes,
-        max_model_len=max_model_len,
+        max_model_len=config.max_model_len,
         seconds=round(time.monotonic() - started, 2),
     )
     _warm_up(runner, config, use_graphs)
     pool = BlockPool(num_blocks)
-    scheduler = Scheduler(
-        SchedulerConfig(
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            block_size=config.block_size,
-            max_model_len=max_model_len,
-            block_hash_seed=config.block_hash_seed,
-        ),
-        pool,
-    )
-    overlap = on_cuda if config.async_scheduling is None else config.async_scheduling
-    core = EngineCore(runner, scheduler, pool, spec.eos_token_ids, max_model_len, overlap)
-    info = EngineInfo(
-        model=config.model.name,
+    core = EngineCore(config, runner, Scheduler(config, pool), pool, spec.eos_token_ids)
+    info = EngineInfo.describe(
+        config,
         architecture=spec.architecture,
         vocab_size=spec.vocab_size,
-        max_model_len=max_model_len,
-        block_size=config.block_size,
-        num_blocks=num_blocks,
-        max_num_seqs=config.max_num_seqs,
-        max_num_batched_tokens=config.max_num_batched_tokens,
-        block_hash_algorithm=ALGORITHM,
-        block_hash_seed=config.block_hash_seed,
         eos_token_ids=spec.eos_token_ids,
         attention_backend=runner.attention.name,
         dtype=str(dtype).removeprefix("torch."),
-        tensor_parallel_size=tp.size,
         device=str(device),
-        max_tokens_default=config.max_tokens_default,
     )
     log.info("engine_built", attention_backend=info.attention_backend,
              cuda_graphs=runner.graphs is not None,
-             varlen_graphs=runner.varlen_graphs is not None, async_scheduling=overlap,
+             varlen_graphs=runner.varlen_graphs is not None,
+             async_scheduling=config.async_scheduling,
              seconds=round(time.monotonic() - started, 2))
     freeze_startup_heap()
     return core, info

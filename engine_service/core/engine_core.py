@@ -2,11 +2,13 @@
 
 import itertools
 import random
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import structlog
 import torch
 
+from llmserve.engine_service.config import EngineConfig
 from llmserve.engine_service.core.block_pool import BlockPool
 from llmserve.engine_service.core.scheduler import ScheduledChunk, Scheduler
 from llmserve.engine_service.core.sequence import Sequence
@@ -22,6 +24,16 @@ from llmserve.engine_service.seam import (
 )
 
 log = structlog.get_logger(__name__)
+
+
+@dataclass
+class Generation:
+    """One request's result when run to its end in this process (`run_to_completion`)."""
+
+    token_ids: list[int]
+    finish_reason: FinishReason | None
+    cached_prompt_tokens: int
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # if the request asked for them
 
 
 @dataclass
@@ -58,20 +70,19 @@ class EngineCore:
 
     def __init__(
         self,
+        config: EngineConfig,
         runner: ModelRunner,
         scheduler: Scheduler,
         pool: BlockPool,
         eos_token_ids: tuple[int, ...],
-        max_model_len: int,
-        async_scheduling: bool = False,
     ) -> None:
-        self.runner, self.scheduler, self.pool = runner, scheduler, pool
-        self.async_scheduling = async_scheduling
+        """`config` is resolved: max_model_len and async_scheduling are set."""
+        assert config.max_model_len is not None and config.async_scheduling is not None
+        self.config, self.runner, self.scheduler, self.pool = config, runner, scheduler, pool
         self._in_flight: StepInFlight | None = None
         # The last step planned beside one in flight stopped where it would have preempted.
         self._stalled = False
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.max_model_len = max_model_len
         self.sampler = Sampler()
         self.sequences: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
@@ -96,6 +107,35 @@ class EngineCore:
         seq = self.sequences.pop(request_id, None)
         if seq is not None:
             self.scheduler.abort(seq)
+
+    def run_to_completion(
+        self,
+        requests: Iterable[EngineRequest],
+        on_step: Callable[[list[RequestOutput]], None] | None = None,
+    ) -> dict[str, Generation]:
+        """Adds the requests and steps until every one has finished; their results by id.
+
+        The offline loop (`LLM.generate`, tests), for a core that holds no other request; the
+        server's core process steps between the frontend's commands instead. `on_step` gets each
+        step's outputs once they are counted.
+        """
+        results: dict[str, Generation] = {}
+        for request in requests:
+            self.add_request(request)
+            results[request.request_id] = Generation([], None, 0)
+        while self.has_work:
+            outputs = self.step()
+            for out in outputs:
+                result = results[out.request_id]
+                result.token_ids += out.new_token_ids
+                if out.new_logprobs:
+                    result.logprobs += out.new_logprobs
+                if out.finish_reason is not None:
+                    result.finish_reason = out.finish_reason
+                    result.cached_prompt_tokens = out.cached_prompt_tokens
+            if on_step is not None:
+                on_step(outputs)
+        return results
 
     def step(self) -> list[RequestOutput]:
         """Runs one scheduled step and returns one output per request that produced a token.
@@ -126,7 +166,7 @@ class EngineCore:
         if previous is not None:
             outputs += self._complete(previous)
         if launched is not None:
-            if self.async_scheduling and launched.deferrable:
+            if self.config.async_scheduling and launched.deferrable:
                 self._in_flight = launched
             else:
                 outputs += self._complete(launched)
@@ -215,7 +255,7 @@ class EngineCore:
     def _length_reached(self, seq: Sequence, length: int) -> bool:
         """Whether `length` tokens end the sequence: its max_tokens or the model's length."""
         return length - seq.num_prompt_tokens >= seq.sampling.max_tokens or (
-            length >= self.max_model_len
+            length >= self.config.max_model_len
         )
 
     @staticmethod

@@ -49,13 +49,13 @@ def dummy_chunks(num_tokens: int, num_seqs: int, block_size: int) -> list[Schedu
 
 def profile_peak_bytes(runner: ModelRunner) -> int:
     """Peak bytes allocated by the weights plus the largest step and its sampling."""
-    limits, device = runner.limits, runner.device
+    config, device = runner.config, runner.device
     runner.allocate_kv_cache(1)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     # The largest step the scheduler can plan: no sequence holds more than max_model_len.
-    num_tokens = min(limits.max_num_batched_tokens, limits.max_num_seqs * limits.max_model_len)
-    chunks = dummy_chunks(num_tokens, limits.max_num_seqs, limits.block_size)
+    num_tokens = min(config.max_num_batched_tokens, config.max_num_seqs * config.max_model_len)
+    chunks = dummy_chunks(num_tokens, config.max_num_seqs, config.block_size)
     logits = runner.execute(chunks)
     rows = logits.shape[0]
 

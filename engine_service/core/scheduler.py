@@ -3,20 +3,10 @@
 import bisect
 from dataclasses import dataclass, field
 
+from llmserve.engine_service.config import EngineConfig
 from llmserve.engine_service.core.block_pool import BlockPool
 from llmserve.engine_service.core.kv_cache_manager import KVCacheManager
 from llmserve.engine_service.core.sequence import Sequence, SequenceStatus
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    """Per-step limits and the KV-block geometry."""
-
-    max_num_seqs: int
-    max_num_batched_tokens: int
-    block_size: int
-    max_model_len: int
-    block_hash_seed: int = 0
 
 
 @dataclass
@@ -56,7 +46,8 @@ class Scheduler:
     blocks themselves are the KV cache manager's business.
     """
 
-    def __init__(self, config: SchedulerConfig, pool: BlockPool) -> None:
+    def __init__(self, config: EngineConfig, pool: BlockPool) -> None:
+        """Plans steps under `config`'s per-step limits, in blocks of its block size."""
         self.config = config
         self.kv_cache = KVCacheManager(pool, config.block_size, config.block_hash_seed)
         self.waiting: list[Sequence] = []

@@ -9,13 +9,14 @@ later) without ever holding up the core.
 import asyncio
 import importlib
 import multiprocessing
+import operator
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 
 import structlog
 
-from llmserve.common.logs import LogFormat
+from llmserve.common.stream_order import first_tokens_first
 from llmserve.engine_service.config import EngineConfig
 from llmserve.engine_service.frontend.kv_event_feed import KvEventFeed
 from llmserve.engine_service.seam import (
@@ -31,19 +32,7 @@ from llmserve.engine_service.seam import (
 
 log = structlog.get_logger(__name__)
 
-
-def first_tokens_first(outputs: list[RequestOutput]) -> list[RequestOutput]:
-    """A step's outputs with the requests' first tokens in front, otherwise in step order.
-
-    Readers wake in the order their outputs are handed over and each sends its response before
-    the next one runs: a new request's first token would wait behind every running request's
-    next one (on the H200 in W2 at 4 requests/s, the router's reader of a first token woke a
-    median 0.19 ms after it arrived until the router put first tokens first).
-    """
-    first = [o for o in outputs if o.completion_tokens == len(o.new_token_ids)]
-    if not first or len(first) == len(outputs):
-        return outputs
-    return [*first, *(o for o in outputs if o.completion_tokens != len(o.new_token_ids))]
+_REQUEST_ID = operator.attrgetter("request_id")
 
 
 # The core process's entry point, named rather than imported: only that process loads the core
@@ -68,16 +57,15 @@ Sink = Callable[[RequestOutput | Exception], None]
 class AsyncEngine:
     """Starts the core process and serves many concurrent streams from its step results."""
 
-    def __init__(self, config: EngineConfig, log_format: LogFormat = "auto",
-                 log_level: str = "info") -> None:
+    def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.log_format, self.log_level = log_format, log_level
         self.info: EngineInfo | None = None
         self.kv_events = KvEventFeed()
         self.on_step: Callable[[StepResult], None] | None = None
         self.dead = asyncio.Event()
         self.error: str | None = None
         self._streams: dict[str, Sink] = {}
+        self._unanswered: set[str] = set()  # streams the core has sent nothing for yet
         self._load_watchers: set[asyncio.Queue[LoadSnapshot]] = set()
         self._last_load: LoadSnapshot | None = None
         self._stopping = False
@@ -90,7 +78,7 @@ class AsyncEngine:
         self._conn, child = context.Pipe()
         self._process = context.Process(
             target=_run_core_process, name="llmserve-engine-core", daemon=True,
-            args=(self.config, child, self.log_format, self.log_level))
+            args=(self.config, child))
         self._process.start()
         child.close()
         try:
@@ -126,10 +114,12 @@ class AsyncEngine:
         if self.error is not None:
             raise EngineDeadError(self.error)
         self._streams[request.request_id] = sink
+        self._unanswered.add(request.request_id)
         self._send(AddRequest(request))
 
     def close_stream(self, request_id: str) -> None:
         """Stops a stream that has not ended: its sink gets nothing more and the core aborts it."""
+        self._unanswered.discard(request_id)
         if self._streams.pop(request_id, None) is not None and self.error is None:
             self._send(AbortRequest(request_id))
 
@@ -173,13 +163,14 @@ class AsyncEngine:
 
     def _dispatch(self, message: StepResult | RejectedRequest) -> None:
         if isinstance(message, RejectedRequest):
+            self._unanswered.discard(message.request_id)
             sink = self._streams.pop(message.request_id, None)
             if sink is not None:
                 sink(ValueError(message.reason))
             return
         now = time.monotonic()
         streams = self._streams
-        for output in first_tokens_first(message.outputs):
+        for output in first_tokens_first(message.outputs, self._unanswered, _REQUEST_ID):
             sink = streams.get(output.request_id)
             if sink is not None:
                 output.arrival = now
@@ -203,6 +194,7 @@ class AsyncEngine:
         self.error = f"engine core process exited (code {self._process.exitcode})"
         log.error("engine_core_died", exitcode=self._process.exitcode)
         streams, self._streams = self._streams, {}
+        self._unanswered.clear()
         for sink in streams.values():
             sink(EngineDeadError(self.error))
         self.kv_events.close()

@@ -1,17 +1,28 @@
 """Conversions between the engine's gRPC messages and its internal requests and outputs."""
 
 import uuid
+from typing import TypeVar
+
+from google.protobuf.message import Message
 
 from llmserve.common.priority import PRIORITY_CLASS
 from llmserve.common.request_limits import check_prompt_tokens, check_shared_fields
 from llmserve.engine_service.frontend.validation import check_vocabulary, sampling_options
-from llmserve.engine_service.seam import EngineInfo, EngineRequest, FinishReason, RequestOutput
+from llmserve.engine_service.seam import (
+    EngineInfo,
+    EngineRequest,
+    FinishReason,
+    LoadSnapshot,
+    RequestOutput,
+)
 from llmserve.v1 import common_pb2, engine_service_pb2
 
 FINISH_REASON = {
     FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
     FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
 }
+
+_Message = TypeVar("_Message", bound=Message)
 
 
 def request_from_proto(
@@ -37,7 +48,12 @@ def request_from_proto(
 def response_from_outputs(
     outputs: list[RequestOutput],
 ) -> engine_service_pb2.EngineServiceGenerateResponse:
-    """Merges one or more step outputs of a request into one streamed response."""
+    """Merges one or more step outputs of a request into one streamed response.
+
+    Built straight from the outputs, not as one response each merged afterwards: a lagging
+    reader would cost a message per output. The router's merge of responses that queue there
+    (`engine_link.merge_responses`) gives the same message.
+    """
     last = outputs[-1]
     # Called once per message of every stream: one output (a reader keeping up) is the rule.
     token_ids = (
@@ -60,3 +76,20 @@ def response_from_outputs(
     usage.completion_tokens = last.completion_tokens
     usage.cached_prompt_tokens = last.cached_prompt_tokens
     return response
+
+
+def info_to_proto(info: EngineInfo) -> engine_service_pb2.GetInfoResponse:
+    """`GetInfo`'s answer (EngineInfo's tensor_parallel_size is not in it)."""
+    return _by_field_name(engine_service_pb2.GetInfoResponse, info)
+
+
+def load_to_proto(load: LoadSnapshot) -> engine_service_pb2.WatchLoadResponse:
+    """One `WatchLoad` message."""
+    return _by_field_name(engine_service_pb2.WatchLoadResponse, load)
+
+
+def _by_field_name(message_type: type[_Message], source: object) -> _Message:
+    """A message whose every field is `source`'s attribute of the same name: the message lists
+    the fields, so one added to it and to the seam's dataclass needs no code here."""
+    fields = message_type.DESCRIPTOR.fields_by_name
+    return message_type(**{name: getattr(source, name) for name in fields})

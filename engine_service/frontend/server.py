@@ -10,11 +10,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from llmserve.common import reflection
 from llmserve.common.call_outcome import FAILED, ended_from_outside
-from llmserve.common.wire import MalformedRequest, add_lenient_service
+from llmserve.common.wire import MalformedRequest, add_lenient_service, refuse_malformed
+from llmserve.engine_service.config import EngineConfig
 from llmserve.engine_service.frontend import metrics
 from llmserve.engine_service.frontend.async_engine import AsyncEngine
 from llmserve.engine_service.frontend.health_port import start_health_server
-from llmserve.engine_service.frontend.messages import response_from_outputs
+from llmserve.engine_service.frontend.messages import (
+    info_to_proto,
+    load_to_proto,
+    response_from_outputs,
+)
 from llmserve.engine_service.frontend.request_stream import Deliver, RequestStream, StreamFailure
 from llmserve.engine_service.frontend.stream_mux import StreamMux
 from llmserve.engine_service.seam import EngineInfo, RequestOutput
@@ -32,33 +37,13 @@ LOAD_HEARTBEAT_S = 1.0
 MIN_PING_INTERVAL_MS = 500
 
 
-def info_to_proto(info: EngineInfo) -> engine_service_pb2.GetInfoResponse:
-    return engine_service_pb2.GetInfoResponse(
-        model=info.model,
-        architecture=info.architecture,
-        vocab_size=info.vocab_size,
-        max_model_len=info.max_model_len,
-        block_size=info.block_size,
-        num_blocks=info.num_blocks,
-        max_num_seqs=info.max_num_seqs,
-        max_num_batched_tokens=info.max_num_batched_tokens,
-        block_hash_algorithm=info.block_hash_algorithm,
-        block_hash_seed=info.block_hash_seed,
-        eos_token_ids=list(info.eos_token_ids),
-        attention_backend=info.attention_backend,
-        dtype=info.dtype,
-        device=info.device,
-        max_tokens_default=info.max_tokens_default,
-    )
-
-
 class EngineServicer(engine_service_pb2_grpc.EngineServiceServicer):
     """Serves token-id generation from one engine core to many concurrent streams."""
 
-    def __init__(self, engine: AsyncEngine, info: EngineInfo, kv_events: bool = True) -> None:
+    def __init__(self, engine: AsyncEngine, info: EngineInfo, config: EngineConfig) -> None:
         self.engine = engine
         self.info = info
-        self.kv_events = kv_events
+        self.config = config
         self.draining = False
 
     def start(
@@ -123,7 +108,7 @@ class EngineServicer(engine_service_pb2_grpc.EngineServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> engine_service_pb2.GetInfoResponse:
         """Describes the model, KV-cache geometry and block-hash scheme."""
-        await _refuse_malformed(request, context)
+        await refuse_malformed(request, context)
         return info_to_proto(self.info)
 
     async def WatchLoad(
@@ -133,24 +118,17 @@ class EngineServicer(engine_service_pb2_grpc.EngineServiceServicer):
     ) -> AsyncIterator[engine_service_pb2.WatchLoadResponse]:
         """Streams the engine's load: the current value at once, then every change, and the
         current value again each LOAD_HEARTBEAT_S without one (a sign of life)."""
-        await _refuse_malformed(request, context)
+        await refuse_malformed(request, context)
         async for load in self.engine.watch_load(LOAD_HEARTBEAT_S):
-            yield engine_service_pb2.WatchLoadResponse(
-                num_running=load.num_running,
-                num_waiting=load.num_waiting,
-                num_free_blocks=load.num_free_blocks,
-                num_total_blocks=load.num_total_blocks,
-                queued_prefill_tokens=load.queued_prefill_tokens,
-                requests_per_priority=list(load.requests_per_priority),
-            )
+            yield load_to_proto(load)
 
     async def WatchKvEvents(self,
                             request: engine_service_pb2.WatchKvEventsRequest | MalformedRequest,
                             context: grpc.aio.ServicerContext
                             ) -> AsyncIterator[engine_service_pb2.WatchKvEventsResponse]:
         """Streams the cached block hashes: a snapshot, then numbered batches of changes."""
-        await _refuse_malformed(request, context)
-        if not self.kv_events:
+        await refuse_malformed(request, context)
+        if not self.config.kv_events:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED,
                                 "this engine publishes no KV events (started with --no-kv-events)")
         async for change in self.engine.kv_events.subscribe():
@@ -159,28 +137,24 @@ class EngineServicer(engine_service_pb2_grpc.EngineServiceServicer):
                 block_hashes_stored=change.stored, block_hashes_removed=change.removed)
 
 
-async def _refuse_malformed(request: object, context: grpc.aio.ServicerContext) -> None:
-    if isinstance(request, MalformedRequest):
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-
-
-async def serve_engine(engine: AsyncEngine, info: EngineInfo, host: str, port: int,
-                       drain_timeout_s: float = 30.0,
-                       credentials: grpc.ServerCredentials | None = None,
-                       health_port: int = -1, kv_events: bool = True) -> bool:
-    """Serves until cancelled (a graceful drain) or until the core dies; False on the latter.
+async def serve_engine(engine: AsyncEngine, info: EngineInfo, config: EngineConfig,
+                       credentials: grpc.ServerCredentials | None = None) -> bool:
+    """Serves on `config.port` until cancelled (a graceful drain) or until the core dies;
+    False on the latter.
 
     Draining: health turns NOT_SERVING and new requests are refused at once, while requests in
-    flight run to completion for up to `drain_timeout_s`. `credentials` secure the port (None =
-    plaintext); `health_port` >= 0 also serves health alone, plaintext (see `health_port`).
+    flight run to completion for up to `config.drain_timeout_s`. `credentials` secure the port
+    (None = plaintext); `config.health_port` >= 0 also serves health alone, plaintext (see
+    `health_port`).
     """
+    host, port = config.host, config.port
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0),
                                       ("grpc.max_receive_message_length", 64 << 20),
                                       # Routers' keepalive pings, on idle connections too.
                                       ("grpc.keepalive_permit_without_calls", 1),
                                       ("grpc.http2.min_ping_interval_without_data_ms",
                                        MIN_PING_INTERVAL_MS)])
-    servicer = EngineServicer(engine, info, kv_events)
+    servicer = EngineServicer(engine, info, config)
     # Lenient parsing: garbage gets INVALID_ARGUMENT, as at the router, not UNKNOWN.
     add_lenient_service(server, SERVICE, servicer)
     health_servicer = health.aio.HealthServicer()
@@ -197,7 +171,8 @@ async def serve_engine(engine: AsyncEngine, info: EngineInfo, host: str, port: i
     engine.on_step = metrics.record_step
     await server.start()
     health_server = (
-        await start_health_server(health_servicer, host, health_port) if health_port >= 0 else None
+        await start_health_server(health_servicer, host, config.health_port)
+        if config.health_port >= 0 else None
     )
 
     async def set_health(status: int) -> None:
@@ -215,8 +190,8 @@ async def serve_engine(engine: AsyncEngine, info: EngineInfo, host: str, port: i
     except asyncio.CancelledError:
         servicer.draining = True
         await set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        log.info("draining", in_flight=engine.num_streams, timeout_s=drain_timeout_s)
-        deadline = time.monotonic() + drain_timeout_s
+        log.info("draining", in_flight=engine.num_streams, timeout_s=config.drain_timeout_s)
+        deadline = time.monotonic() + config.drain_timeout_s
         while engine.num_streams and time.monotonic() < deadline and not engine.dead.is_set():
             await asyncio.sleep(0.05)
         await server.stop(grace=1)

@@ -1,8 +1,9 @@
 """The Qwen3 / Qwen2 / Llama decoder: one module, switched by bias and q/k-norm flags.
 
-Every non-matmul operation goes through a `KernelOps` chosen once at start-up: the torch twins
-on the CPU, the Triton kernels on CUDA. Under tensor parallelism each rank builds the same
-module with its share of the heads, the MLP columns and the vocabulary.
+Every pointwise operation goes through a `KernelOps` chosen once at start-up: the torch twins
+on the CPU, the Triton kernels on CUDA (attention goes through its backend, `PagedAttention`).
+Under tensor parallelism each rank builds the same module with its share of the heads, the MLP
+columns and the vocabulary.
 """
 
 from collections.abc import Iterable

@@ -14,7 +14,7 @@ from dataclasses import asdict
 
 import structlog
 
-from llmserve.common.launcher import free_port
+from llmserve.common.ports import ephemeral_port
 from llmserve.engine_service.config import EngineConfig
 
 log = structlog.get_logger(__name__)
@@ -27,7 +27,7 @@ class RankProcesses:
 
     def __init__(self, config: EngineConfig) -> None:
         self.size = config.tensor_parallel_size
-        self.port = free_port()
+        self.port = ephemeral_port()
         self.stopping = False
         payload = json.dumps(asdict(config), default=str)
         self.processes = [

@@ -8,11 +8,11 @@ import json
 import os
 import sys
 import threading
-from pathlib import Path
 
 import structlog
 import torch
 
+from llmserve.common.config_flags import from_json_fields
 from llmserve.common.logs import configure_logging
 from llmserve.engine_service.config import EngineConfig
 from llmserve.engine_service.parallel.group import join_group
@@ -37,8 +37,7 @@ def main() -> None:
     configure_logging()
     structlog.contextvars.bind_contextvars(tp_rank=args.rank)
     threading.Thread(target=_exit_when_rank0_exits, daemon=True, name="rank0-watch").start()
-    fields = json.loads(args.config)
-    config = EngineConfig(**{**fields, "model": Path(fields["model"])})
+    config = from_json_fields(EngineConfig, json.loads(args.config))
     set_cpu_threads(config)
     log.info("tensor_parallel_rank_joining", pid=os.getpid(), torch_threads=torch.get_num_threads())
     tp = join_group(args.rank, args.size, args.port, rank_device(config, args.rank))

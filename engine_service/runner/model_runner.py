@@ -12,12 +12,12 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import structlog
 import torch
 
 from llmserve.engine_service.attention.layer import AttentionKernels, PagedAttention
+from llmserve.engine_service.config import EngineConfig
 from llmserve.engine_service.models.checkpoint import ModelSpec, iter_safetensors
 from llmserve.engine_service.models.decoder import DecoderModel
 from llmserve.engine_service.parallel.group import TensorParallelGroup
@@ -69,36 +69,29 @@ class PendingTokens:
     sources: list[int]
 
 
-@dataclass(frozen=True)
-class RunnerLimits:
-    """The largest step the runner's buffers hold, and the KV geometry."""
-
-    max_num_seqs: int
-    max_num_batched_tokens: int
-    max_model_len: int
-    block_size: int
-
-
 class ModelRunner:
     """Owns the weights, the KV cache and the decode graphs on one device; computes logits."""
 
-    def __init__(self, model_dir: Path, spec: ModelSpec, device: torch.device,
-                 dtype: torch.dtype, limits: RunnerLimits, prefill: AttentionKernels,
-                 decode: AttentionKernels, tp: TensorParallelGroup | None = None) -> None:
-        self.spec, self.device, self.dtype, self.limits = spec, device, dtype, limits
+    def __init__(self, config: EngineConfig, spec: ModelSpec, device: torch.device,
+                 dtype: torch.dtype, prefill: AttentionKernels, decode: AttentionKernels,
+                 tp: TensorParallelGroup | None = None) -> None:
+        """`config` has its max_model_len resolved: it sizes the buffers, with the step
+        limits."""
+        assert config.max_model_len is not None
+        self.spec, self.device, self.dtype, self.config = spec, device, dtype, config
         self.tp = tp or TensorParallelGroup()
-        self.block_size = limits.block_size
+        self.block_size = config.block_size
         self.num_kv_heads = spec.num_kv_heads // self.tp.size
         self.ops = kernel_ops(device)
         with torch.device(device), default_dtype(dtype):
             self.model = DecoderModel(spec, self.ops, self.tp)
-        self.model.load_weights(iter_safetensors(model_dir))
+        self.model.load_weights(iter_safetensors(config.model))
         self.model.eval()
         self.attention = PagedAttention(prefill, decode, self.ops.qkv_rope_store,
                                         1.0 / math.sqrt(spec.head_dim))
-        max_pages = -(-limits.max_model_len // limits.block_size)
-        self.inputs = StepInputs(max(limits.max_num_batched_tokens, limits.max_num_seqs),
-                                 limits.max_num_seqs, max_pages, limits.block_size, device)
+        max_pages = -(-config.max_model_len // config.block_size)
+        self.inputs = StepInputs(max(config.max_num_batched_tokens, config.max_num_seqs),
+                                 config.max_num_seqs, max_pages, config.block_size, device)
         self.channel = StepChannel(self.tp, self.inputs)
         # Rank 0 owns the other ranks' processes (set by the engine builder).
         self.rank_processes: RankProcesses | None = None
@@ -190,9 +183,9 @@ class ModelRunner:
         """
         if self.device.type != "cuda":
             return
-        hidden = torch.zeros(self.limits.max_num_seqs, self.spec.hidden_size, dtype=self.dtype,
+        hidden = torch.zeros(self.config.max_num_seqs, self.spec.hidden_size, dtype=self.dtype,
                              device=self.device)
-        for rows in range(1, self.limits.max_num_seqs + 1):
+        for rows in range(1, self.config.max_num_seqs + 1):
             self.model.lm_head.shard_logits(hidden[:rows])
 
     def _decode_pass(self, num_seqs: int) -> Callable[[], torch.Tensor]:
@@ -204,7 +197,7 @@ class ModelRunner:
 
     def _varlen_rows(self, num_tokens: int) -> int:
         """Sequences a varlen graph of `num_tokens` holds: every step of that many tokens."""
-        return min(num_tokens, self.limits.max_num_seqs)
+        return min(num_tokens, self.config.max_num_seqs)
 
     def _pass(self, batch: StepBatch) -> Callable[[], torch.Tensor]:
         def run() -> torch.Tensor:

@@ -12,7 +12,7 @@ from llmserve.engine_service.attention.layer import AttentionKernels, BackendUna
 from llmserve.engine_service.config import EngineConfig
 from llmserve.engine_service.models.checkpoint import read_model_spec
 from llmserve.engine_service.parallel.group import TensorParallelGroup
-from llmserve.engine_service.runner.model_runner import ModelRunner, RunnerLimits, resolve_dtype
+from llmserve.engine_service.runner.model_runner import ModelRunner, resolve_dtype
 
 log = structlog.get_logger(__name__)
 
@@ -66,9 +66,6 @@ def build_runner(config: EngineConfig, tp: TensorParallelGroup,
     device = rank_device(config, tp.rank)
     dtype = resolve_dtype(config.dtype, spec, device)
     prefill, decode = backends or load_backends(config, device, dtype)
-    max_model_len = min(
-        config.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings
-    )
     log.info(
         "loading_weights",
         model=str(config.model),
@@ -80,7 +77,5 @@ def build_runner(config: EngineConfig, tp: TensorParallelGroup,
         tensor_parallel_rank=tp.rank,
         tensor_parallel_size=tp.size,
     )
-    limits = RunnerLimits(
-        config.max_num_seqs, config.max_num_batched_tokens, max_model_len, config.block_size
-    )
-    return ModelRunner(config.model, spec, device, dtype, limits, prefill, decode, tp)
+    return ModelRunner(config.resolved(spec.max_position_embeddings), spec, device, dtype,
+                       prefill, decode, tp)

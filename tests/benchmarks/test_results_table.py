@@ -1,28 +1,16 @@
 """docs/benchmarks.md's results table matches benchmarks/results/, and the latest-per-key rule."""
 
-import importlib.util
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_script
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "benchmarks" / "results_table.py"
 GPU = "NVIDIA H100 80GB HBM3"
 
-
-def _load_module():
-    spec = importlib.util.spec_from_file_location("results_table", SCRIPT)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-rt = _load_module()
+rt = load_script("results_table")
 
 
 def test_docs_table_matches_the_results(capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,6 +9,7 @@ objects (router -> engine headless Service, probes, GPUs, NetworkPolicy, securit
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import os
@@ -23,6 +24,9 @@ import kubernetes_validate as kv
 import pytest
 import yaml
 
+from llmserve.common.config_flags import INT32_MAX
+from llmserve.engine_service.config import EngineConfig
+from llmserve.router.config import RouterConfig
 from llmserve.router.server import LIVENESS_NAME
 
 REPO = Path(__file__).resolve().parents[2]
@@ -313,6 +317,36 @@ def test_values_schema_is_strict() -> None:
         assert schema["properties"][key]["additionalProperties"] is False, key
     for key in ("autoscaling", "service", "auth", "tokenizer"):
         assert schema["properties"]["router"]["properties"][key]["additionalProperties"] is False
+
+
+# Chart values passed straight to a flag: the schema must refuse what the server would.
+SCHEMA_FLAGS = {
+    ("engine", "dtype"): (EngineConfig, "dtype"),
+    ("engine", "device"): (EngineConfig, "device"),
+    ("engine", "tensorParallelSize"): (EngineConfig, "tensor_parallel_size"),
+    ("engine", "maxModelLen"): (EngineConfig, "max_model_len"),
+    ("engine", "maxNumSeqs"): (EngineConfig, "max_num_seqs"),
+    ("engine", "maxNumBatchedTokens"): (EngineConfig, "max_num_batched_tokens"),
+    ("engine", "blockSize"): (EngineConfig, "block_size"),
+    ("engine", "gpuMemoryUtilization"): (EngineConfig, "gpu_memory_utilization"),
+    ("router", "routingPolicy"): (RouterConfig, "routing_policy"),
+    ("router", "maxConnectionAgeSeconds"): (RouterConfig, "max_connection_age_s"),
+}
+
+
+@pytest.mark.parametrize("key", list(SCHEMA_FLAGS), ids="/".join)
+def test_values_schema_bounds_are_the_configs(key: tuple[str, str]) -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    prop = schema["properties"][key[0]]["properties"][key[1]]
+    config, name = SCHEMA_FLAGS[key]
+    setting = {f.name: f for f in dataclasses.fields(config)}[name].metadata["setting"]
+    if setting.choices is not None:
+        assert set(prop["enum"]) == set(setting.choices)
+        return
+    low = "exclusiveMinimum" if setting.exclusive_low else "minimum"
+    assert prop.get(low) == setting.low
+    # Counts have no maximum in the chart short of the int32 the config allows.
+    assert prop.get("maximum", INT32_MAX) == setting.high
 
 
 BAD_VALUES = {

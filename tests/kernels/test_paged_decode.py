@@ -1,10 +1,13 @@
-"""paged_decode_attention (Triton) against its twin paged_attention_torch, one query per row."""
+"""paged_decode_attention (Triton) against its twin paged_attention_torch, one query per row,
+and the torch attention backend's decode path against its varlen one."""
 
 import os
 
 import pytest
 import torch
 
+from llmserve.engine_service.attention.backends import TORCH_ATTENTION
+from llmserve.engine_service.attention.layer import AttentionMetadata
 from llmserve.kernels.paged_attention import paged_attention_torch
 from llmserve.kernels.paged_common import sm_count
 from llmserve.kernels.paged_decode import choose_num_splits, paged_decode_attention
@@ -191,3 +194,13 @@ def test_choose_num_splits() -> None:
     assert choose_num_splits(1, 8, 32768, 132) == (64, 64)
     assert choose_num_splits(1, 8, 300, 132) == (4, 64)
     assert choose_num_splits(1, 8, 50, 132) == (1, 64)
+
+
+def test_torch_backend_decodes_as_its_varlen_path(paged) -> None:
+    """The torch backend's decode path is its varlen path with one query per sequence."""
+    kv = paged.pool([5, 20], 16, 2, 16, torch.float32, "cpu")
+    q = torch.randn(2, 4, 16)
+    meta = AttentionMetadata(paged.starts([1, 1], "cpu"), kv.seq_lens, kv.block_tables,
+                             torch.zeros(2, dtype=torch.int32), decode_only=True, max_query_len=1)
+    out = TORCH_ATTENTION.decode(q, kv.k_cache, kv.v_cache, meta, 0.25)
+    assert torch.equal(out, TORCH_ATTENTION.prefill(q, kv.k_cache, kv.v_cache, meta, 0.25))

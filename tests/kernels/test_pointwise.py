@@ -109,13 +109,3 @@ def test_kernel_ops_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLMSERVE_TRITON_ON_CPU", "1")
     assert kernel_ops(torch.device("cpu")) is TRITON_OPS
 
-
-def test_torch_decode_twin_is_paged_attention(paged) -> None:
-    """TORCH_OPS.decode is paged_attention_torch with one query per sequence."""
-    kv = paged.pool([5, 20], 16, 2, 16, torch.float32, "cpu")
-    q = torch.randn(2, 4, 16)
-    out = TORCH_OPS.decode(q, kv.k_cache, kv.v_cache, kv.seq_lens, kv.block_tables, 0.25)
-    ref = TORCH_OPS.attention(
-        q, kv.k_cache, kv.v_cache, paged.starts([1, 1], "cpu"), kv.seq_lens, kv.block_tables, 0.25
-    )
-    assert torch.equal(out, ref)

@@ -7,13 +7,7 @@ import asyncio
 import grpc
 import uvloop
 
-from llmserve.router.engine_link import (
-    WAKE_BATCH,
-    StreamError,
-    StreamInbox,
-    first_tokens_first,
-    hand_out,
-)
+from llmserve.router.engine_link import WAKE_BATCH, StreamError, StreamInbox, hand_out
 from llmserve.v1 import engine_service_pb2 as pb
 
 
@@ -24,28 +18,12 @@ def _message(*stream_ids: int) -> pb.GenerateStreamsResponse:
     return message
 
 
-def test_unanswered_streams_go_first_in_their_own_order() -> None:
-    unanswered = {4, 2, 9}
-    updates = first_tokens_first(_message(1, 2, 3, 4, 5).updates, unanswered)
-    assert [u.stream_id for u in updates] == [2, 4, 1, 3, 5]
-    assert [u.response.token_ids[0] for u in updates] == [102, 104, 101, 103, 105]
-    assert unanswered == {9}  # answered streams leave the set; 9 is still waiting
-
-
-def test_nothing_moves_once_every_stream_was_answered() -> None:
-    message = _message(3, 1, 2)
-    unanswered = {1}
-    assert [u.stream_id for u in first_tokens_first(message.updates, unanswered)] == [1, 3, 2]
-    assert [u.stream_id for u in first_tokens_first(message.updates, unanswered)] == [3, 1, 2]
-    assert unanswered == set()
-
-
 def test_ready_work_runs_after_one_batch_of_readers() -> None:
     async def scenario() -> tuple[list[int], dict[int, list[int]], set[int]]:
         streams = {i: StreamInbox() for i in range(1, 4 * WAKE_BATCH + 1)}
         queued_when_it_ran: list[int] = []
         asyncio.get_running_loop().call_soon(
-            lambda: queued_when_it_ran.append(sum(len(inbox.items) for inbox in streams.values()))
+            lambda: queued_when_it_ran.extend(i for i, inbox in streams.items() if inbox.items)
         )
         unanswered = {5, 30}
         message = _message(*streams, 99)  # 99: a stream that already ended here
@@ -58,7 +36,9 @@ def test_ready_work_runs_after_one_batch_of_readers() -> None:
         return queued_when_it_ran, tokens, unanswered
 
     queued_when_it_ran, tokens, unanswered = uvloop.run(scenario())
-    assert queued_when_it_ran == [WAKE_BATCH]
+    # The first batch: the two unanswered streams, then the others in message order.
+    others = [i for i in range(1, 4 * WAKE_BATCH + 1) if i not in (5, 30)]
+    assert queued_when_it_ran == sorted([5, 30, *others[: WAKE_BATCH - 2]])
     assert tokens == {i: [100 + i] for i in range(1, 4 * WAKE_BATCH + 1)}
     assert unanswered == set()
 

@@ -6,14 +6,16 @@ router forwarded.
 
 import json
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
 import grpc
 import pytest
+from launcher import ServerProcess
+from prometheus_client.parser import text_string_to_metric_families
 
 from llmserve.clients import LLMClient
-from llmserve.common.launcher import ServerProcess
 
 KEYS = {"team-a": ["a-key-0123456789abcdef", "a-key-rotated-fedcba9876"], "team-b": ["b-key-42"]}
 
@@ -141,3 +143,34 @@ def test_no_key_reaches_the_logs(system) -> None:
     assert "auth_refused" in log_text
     for key in [*(k for keys in KEYS.values() for k in keys), "a-wrong-key-for-the-log"]:
         assert key not in log_text
+
+
+def test_refused_generate_calls_are_counted_by_outcome(
+    tiny_checkpoint, start_engine, start_router, tmp_path, unused_port
+) -> None:
+    """Calls the auth check refuses end before the handler, yet count like every other call."""
+    keys_file = tmp_path / "auth-keys.json"
+    keys_file.write_text(json.dumps({"tenants": KEYS}))
+    model_dir = tiny_checkpoint("qwen3")
+    metrics_port = unused_port()
+    router = start_router(
+        model_dir,
+        [start_engine(model_dir)],
+        "--auth-keys-file",
+        str(keys_file),
+        "--metrics-port",
+        str(metrics_port),
+    )
+    calls = [(None, ""), ("wrong-key", ""), (KEYS["team-a"][0], "team-b")]
+    for token, tenant in calls:
+        with pytest.raises(grpc.RpcError):
+            generate(router, token, tenant)
+    generate(router, KEYS["team-b"][0])
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read()
+    counts = {
+        sample.labels["outcome"]: sample.value
+        for family in text_string_to_metric_families(text.decode())
+        for sample in family.samples
+        if sample.name == "llmserve_router_requests_total"
+    }
+    assert counts == {"unauthenticated": 2, "permission_denied": 1, "finished": 1}

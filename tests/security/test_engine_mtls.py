@@ -8,9 +8,10 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from launcher import ServerProcess
 
 from llmserve.clients import LLMClient
-from llmserve.common.launcher import ServerProcess, free_port
+from llmserve.common.ports import ephemeral_port
 from llmserve.router.engine_channel import open_engine_channel
 from llmserve.v1 import common_pb2, engine_service_pb2, engine_service_pb2_grpc
 
@@ -40,7 +41,7 @@ def router_tls_args(pki) -> list[str]:
 def mtls_system(pki, tiny_checkpoint, start_engine, start_router):
     """An mTLS engine and a router that finds it as the chart does: through a DNS name."""
     model_dir = tiny_checkpoint("qwen3")
-    health_port = free_port()
+    health_port = ephemeral_port()
     engine = start_engine(model_dir, *engine_tls_args(pki, health_port))
     # argparse keeps the last --engines: the DNS target replaces the launcher's 127.0.0.1 one.
     router = start_router(

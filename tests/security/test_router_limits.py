@@ -2,9 +2,9 @@
 
 import grpc
 import pytest
+from launcher import ServerProcess
 
 from llmserve.clients import LLMClient
-from llmserve.common.launcher import ServerProcess
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from launcher import ServerProcess
 
 from llmserve.clients import LLMClient
 from llmserve.clients import cli as client_cli
-from llmserve.common.launcher import ServerProcess
 
 
 @pytest.fixture(scope="module")

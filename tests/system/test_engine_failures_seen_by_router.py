@@ -20,9 +20,9 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from launcher import ServerProcess
 
 from llmserve.clients import LLMClient
-from llmserve.common.launcher import ServerProcess
 from llmserve.router.engine_channel import open_engine_channel
 from llmserve.router.server import LIVENESS_NAME
 from llmserve.v1 import common_pb2, engine_service_pb2, engine_service_pb2_grpc

@@ -16,10 +16,10 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from launcher import ServerProcess
 from tokenizers import normalizers
 
 from llmserve.clients import LLMClient
-from llmserve.common.launcher import ServerProcess
 from llmserve.engine_service.demo_model import build_tokenizer, write_tokenizer
 
 STALL_LIMIT_S = 0.25

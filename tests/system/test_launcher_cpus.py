@@ -5,7 +5,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from llmserve.common.launcher import start_engine
+from launcher import start_engine
 
 
 def _allowed_cpus(pid: int) -> dict[int, str]:

@@ -14,8 +14,8 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from launcher import STARTUP_TIMEOUT_S
 
-from llmserve.common.launcher import STARTUP_TIMEOUT_S
 from llmserve.v1 import common_pb2, engine_service_pb2, engine_service_pb2_grpc
 
 

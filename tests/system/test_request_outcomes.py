@@ -11,12 +11,12 @@ from collections.abc import Callable
 
 import grpc
 import pytest
+from launcher import ServerProcess
 from prometheus_client.parser import text_string_to_metric_families
 from tokenizers import Tokenizer
 
 from llmserve.clients import LLMClient
 from llmserve.common import request_limits as limits
-from llmserve.common.launcher import ServerProcess
 from llmserve.router.tokenizer import max_chars_per_token
 from llmserve.v1 import (
     common_pb2,

@@ -9,21 +9,16 @@ from llmserve.engine_service.seam import EngineRequest, SamplingOptions
 GREEDY = SamplingOptions(temperature=0.0, max_tokens=8, ignore_eos=True)
 
 
-def tokens_of(outputs) -> list[int]:
-    return [t for out in outputs for t in out.new_token_ids]
-
-
-def test_shared_1024_token_prefix_computes_only_the_suffix(demo_core, run_all) -> None:
+def test_shared_1024_token_prefix_computes_only_the_suffix(demo_core) -> None:
     core = demo_core(num_kv_blocks=512, max_num_batched_tokens=2048)
     prefix = [random.Random(0).randrange(3, 600) for _ in range(1024)]
-    first = run_all(core, [EngineRequest("a", [*prefix, 7, 8, 9], GREEDY)])["a"]
-    assert first[-1].cached_prompt_tokens == 0
+    first = core.run_to_completion([EngineRequest("a", [*prefix, 7, 8, 9], GREEDY)])["a"]
+    assert first.cached_prompt_tokens == 0
     computed_before = core.num_computed_tokens_total
-    second = run_all(core, [EngineRequest("b", [*prefix, 11, 12, 13, 14, 15], GREEDY)])["b"]
+    second = core.run_to_completion([EngineRequest("b", [*prefix, 11, 12, 13, 14, 15], GREEDY)])
     # Only the 5 new prompt tokens plus the 7 decode steps after the first token are computed.
     assert core.num_computed_tokens_total - computed_before == 5 + (GREEDY.max_tokens - 1)
-    assert second[-1].cached_prompt_tokens == 1024
-    assert second[-1].prompt_tokens == 1029
+    assert second["b"].cached_prompt_tokens == 1024
 
 
 def test_long_prompt_never_starves_running_decodes(demo_core) -> None:
@@ -46,22 +41,18 @@ def test_long_prompt_never_starves_running_decodes(demo_core) -> None:
     assert prefill_steps >= 4096 // budget
 
 
-def test_critical_request_preempts_batch_work_which_still_finishes_exactly(
-    demo_core, run_all
-) -> None:
+def test_critical_request_preempts_batch_work_which_still_finishes_exactly(demo_core) -> None:
     options = SamplingOptions(temperature=0.0, max_tokens=48, ignore_eos=True)
     prompts = {f"batch{i}": [20 + i] * 60 for i in range(3)}
     alone = {}
     for name, prompt in prompts.items():
         core = demo_core(num_kv_blocks=64)
-        alone[name] = tokens_of(run_all(core, [EngineRequest(name, prompt, options)])[name])
+        alone[name] = core.run_to_completion([EngineRequest(name, prompt, options)])[name].token_ids
     critical_prompt = [300] * 100
     core = demo_core(num_kv_blocks=20)  # 320 tokens: the three batch requests fill it
-    alone["critical"] = tokens_of(
-        run_all(demo_core(num_kv_blocks=64), [EngineRequest("critical", critical_prompt, options)])[
-            "critical"
-        ]
-    )
+    alone["critical"] = demo_core(num_kv_blocks=64).run_to_completion(
+        [EngineRequest("critical", critical_prompt, options)]
+    )["critical"].token_ids
     outputs: dict[str, list[int]] = {name: [] for name in [*prompts, "critical"]}
     for name, prompt in prompts.items():
         core.add_request(EngineRequest(name, prompt, options, priority=2))
@@ -84,12 +75,12 @@ def test_critical_request_preempts_batch_work_which_still_finishes_exactly(
         assert tokens == alone[name], name
 
 
-def test_seeded_request_gives_same_tokens_alone_or_in_a_batch_of_32(demo_core, run_all) -> None:
+def test_seeded_request_gives_same_tokens_alone_or_in_a_batch_of_32(demo_core) -> None:
     seeded = SamplingOptions(
         temperature=0.9, top_p=0.95, top_k=40, seed=1234, max_tokens=16, ignore_eos=True
     )
     prompt = [40, 41, 42, 43, 44]
-    alone = tokens_of(run_all(demo_core(), [EngineRequest("s", prompt, seeded)])["s"])
+    alone = demo_core().run_to_completion([EngineRequest("s", prompt, seeded)])["s"].token_ids
     others = [
         EngineRequest(
             f"o{i}",
@@ -98,11 +89,10 @@ def test_seeded_request_gives_same_tokens_alone_or_in_a_batch_of_32(demo_core, r
         )
         for i in range(31)
     ]
-    batch = run_all(
-        demo_core(max_num_batched_tokens=64),
-        [*others[:16], EngineRequest("s", prompt, seeded), *others[16:]],
+    batch = demo_core(max_num_batched_tokens=64).run_to_completion(
+        [*others[:16], EngineRequest("s", prompt, seeded), *others[16:]]
     )
-    assert tokens_of(batch["s"]) == alone
+    assert batch["s"].token_ids == alone
 
 
 def test_kv_event_replay_equals_the_pool(demo_core) -> None:
@@ -136,9 +126,10 @@ def test_kv_event_replay_equals_the_pool(demo_core) -> None:
     assert core.pool.num_free == core.pool.num_blocks
 
 
-def test_block_hashes_follow_the_published_formula(demo_core, run_all) -> None:
+def test_block_hashes_follow_the_published_formula(demo_core) -> None:
     core = demo_core(num_kv_blocks=64)
     prompt = list(range(100, 150))
-    run_all(core, [EngineRequest("h", prompt, SamplingOptions(temperature=0, max_tokens=1))])
+    one_token = SamplingOptions(temperature=0, max_tokens=1)
+    core.run_to_completion([EngineRequest("h", prompt, one_token)])
     expected = hash_full_blocks(prompt, 16, seed=0)
     assert set(expected) <= set(core.pool.cached)

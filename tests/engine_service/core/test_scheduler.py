@@ -3,8 +3,9 @@
 import hypothesis.strategies as st
 from hypothesis import given, settings
 
+from llmserve.engine_service.config import EngineConfig
 from llmserve.engine_service.core.block_pool import BlockPool
-from llmserve.engine_service.core.scheduler import Scheduler, SchedulerConfig
+from llmserve.engine_service.core.scheduler import Scheduler
 from llmserve.engine_service.core.sequence import Sequence
 from llmserve.engine_service.seam import EngineRequest, SamplingOptions
 
@@ -13,9 +14,7 @@ BS = 4
 
 def make(num_blocks: int = 64, budget: int = 16, max_seqs: int = 8) -> Scheduler:
     return Scheduler(
-        SchedulerConfig(
-            max_num_seqs=max_seqs, max_num_batched_tokens=budget, block_size=BS, max_model_len=256
-        ),
+        EngineConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, block_size=BS),
         BlockPool(num_blocks),
     )
 

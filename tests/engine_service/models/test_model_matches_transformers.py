@@ -14,16 +14,6 @@ from llmserve.engine_service.seam import EngineRequest, SamplingOptions
 PROMPTS = [[5, 17, 99, 230, 7], [400, 12], list(range(40, 77)), [3] * 20]
 
 
-def run_to_completion(core, requests: list[EngineRequest]) -> dict[str, list[int]]:
-    for request in requests:
-        core.add_request(request)
-    tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
-    while core.has_work:
-        for out in core.step():
-            tokens[out.request_id].extend(out.new_token_ids)
-    return tokens
-
-
 @pytest.mark.parametrize("architecture", ["qwen3", "qwen2", "llama"])
 def test_logits_and_greedy_tokens_match(
     architecture: str, tiny_checkpoint: Callable[[str], Path]
@@ -37,15 +27,15 @@ def test_logits_and_greedy_tokens_match(
     assert info.dtype == "float32"
     new_tokens = 12
     greedy = SamplingOptions(temperature=0.0, max_tokens=new_tokens)
-    ours = run_to_completion(
-        core, [EngineRequest(f"r{i}", p, greedy) for i, p in enumerate(PROMPTS)]
+    ours = core.run_to_completion(
+        [EngineRequest(f"r{i}", p, greedy) for i, p in enumerate(PROMPTS)]
     )
     for i, prompt in enumerate(PROMPTS):
         with torch.no_grad():
             expected = hf.generate(
                 torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False
             )[0, len(prompt) :].tolist()
-        assert ours[f"r{i}"] == expected, f"prompt {i}"
+        assert ours[f"r{i}"].token_ids == expected, f"prompt {i}"
 
 
 @pytest.mark.parametrize("architecture", ["qwen3", "llama"])
@@ -76,11 +66,7 @@ def test_logprobs_equal_log_softmax_of_transformers_logits(
     core, _ = build_engine(EngineConfig(model=model_dir, device="cpu", num_kv_blocks=64))
     prompt = [11, 22, 33, 44, 55, 66]
     options = SamplingOptions(temperature=0.0, max_tokens=6, logprobs=5, ignore_eos=True)
-    core.add_request(EngineRequest("lp", prompt, options))
-    entries = []
-    while core.has_work:
-        for out in core.step():
-            entries.extend(out.new_logprobs or [])
+    entries = core.run_to_completion([EngineRequest("lp", prompt, options)])["lp"].logprobs
     sequence = prompt + [e.token_id for e in entries]
     with torch.no_grad():
         reference = torch.log_softmax(hf(torch.tensor([sequence])).logits[0].float(), dim=-1)

