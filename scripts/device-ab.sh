@@ -7,7 +7,8 @@
 #   git archive --prefix=new/ HEAD | tar -x -C .devrun
 #
 # then run `bash scripts/device-ab.sh` carrying .devrun and .whl (wheels the device image lacks).
-# STAGES picks among: gputests w1 w3 (default: all). Each tree is installed editable in turn and
+# STAGES picks among: gputests w1 w3 (default: all); pytest runs with -P, since the tree's
+# kernels/ on sys.path would hide the `kernels` package transformers imports. Each tree is installed editable in turn and
 # runs its own benchmark scripts; results are tagged BASE_COMMIT / NEW_COMMIT and land in $OUT.
 set -uo pipefail
 OUT="${OUT:-/tmp/device-out}"
@@ -45,19 +46,22 @@ fi
 
 if wanted gputests; then
   echo "== gpu tests (new) =="
-  timeout 240 python3 -m pytest -m gpu tests -q -p no:cacheprovider -x 2>&1 | tail -25
+  timeout 150 python3 -P -m pytest -m gpu tests -q -p no:cacheprovider -x 2>&1 | tail -25
 fi
+# W1 in A B B A order; W3 (slower to start) once per side, A B.
+round=0
 for side in base new new base; do
+  round=$((round + 1))
   use "$side"
   export LLMSERVE_COMMIT; LLMSERVE_COMMIT=$(commit_of "$side")
   if wanted w1; then
     echo "== W1 $side ($LLMSERVE_COMMIT) =="
-    timeout 150 python3 benchmarks/throughput.py --model "$MODEL" --out "$OUT/w1-$side" \
+    timeout 150 python3 benchmarks/throughput.py --model "$MODEL" --out "$OUT/w1-$side-$round" \
       --no-progress 2>&1 | tail -4
   fi
-  if wanted w3; then
+  if wanted w3 && [ $round -le 2 ]; then
     echo "== W3 $side ($LLMSERVE_COMMIT) =="
-    timeout 150 python3 benchmarks/single.py --model "$MODEL" --out-dir "$OUT/w3-$side" \
+    timeout 150 python3 benchmarks/single.py --model "$MODEL" --out-dir "$OUT/w3-$side-$round" \
       --no-breakdown 2>&1 | tail -4
   fi
 done
@@ -67,7 +71,7 @@ import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
 for workload, key in (("w1", "tok_per_s"), ("w3", None)):
     for side in ("base", "new"):
-        for path in sorted((out / f"{workload}-{side}").glob("*.json")):
+        for path in sorted(out.glob(f"{workload}-{side}-*/*.json")):
             r = json.loads(path.read_text())
             f = r["figures"]
             if key:

@@ -88,13 +88,13 @@ EOF
 stage checkpoint 120 python3 benchmarks/bench_checkpoint.py "$MODEL"
 
 W1=(python3 benchmarks/throughput.py --model "$MODEL" --out "$RESULTS" --no-progress)
-wanted tests && stage tests 200 python3 -m pytest -m gpu tests/gpu tests/kernels -q \
+wanted tests && stage tests 200 python3 -P -m pytest -m gpu tests/gpu tests/kernels -q \
   -p no:cacheprovider
 wanted w1 && stage w1-graphs 150 "${W1[@]}"
 wanted w1tp2 && stage w1-tp2 200 "${W1[@]}" --tensor-parallel-size 2
 wanted w1sync && stage w1-sync 150 "${W1[@]}" --no-async-scheduling
 wanted w1dist && stage w1-distributed 150 "${W1[@]}" --distributed
-wanted tptests && stage tptests 200 python3 -m pytest -m gpu tests/gpu/test_tensor_parallel_gpu.py \
+wanted tptests && stage tptests 200 python3 -P -m pytest -m gpu tests/gpu/test_tensor_parallel_gpu.py \
   -q -p no:cacheprovider -rs
 wanted w1eager && stage w1-eager 150 "${W1[@]}" --enforce-eager
 wanted k1 && stage k1 170 python3 benchmarks/kernels.py --out "$RESULTS"
