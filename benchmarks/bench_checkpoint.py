@@ -1,4 +1,4 @@
-"""The `qwen3-0.6b-shape` benchmark checkpoint (WORKLOADS.md), written as a real HF directory.
+"""The `qwen3-0.6b-shape` benchmark checkpoint (docs/benchmarks.md), written as a real HF directory.
 
 Qwen3-0.6B's exact shape with random bf16 weights (std 0.02): random weights cost what real ones
 cost, since every benchmark request runs with ignore_eos to its max_tokens. The tokenizer is

@@ -1,4 +1,4 @@
-"""W5 `failover` from WORKLOADS.md: an engine dies mid-load; streams must carry on exactly.
+"""W5 `failover` in docs/benchmarks.md: an engine dies mid-load; streams must carry on exactly.
 
 Three demo engines behind one router; 300 greedy streaming requests (W1's prompts cut to 256
 tokens, 128 output tokens), 24 in flight. An undisturbed run first gives each request's tokens;

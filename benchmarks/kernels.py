@@ -1,4 +1,4 @@
-"""K1 `decode-step` (benchmarks in ../shared/WORKLOADS.md): the decode attention kernel alone.
+"""K1 `decode-step` (docs/benchmarks.md): the decode attention kernel alone.
 
 One layer of W1 at mid-decode: 256 sequences, context len(prompt) + max_tokens // 2 from W1's
 draws, one query token each, Qwen3-0.6B shape (16 query heads, 8 KV heads, head_dim 128, bf16),

@@ -1,4 +1,4 @@
-"""W4 `prefix` and W4h `hot-prefix` from WORKLOADS.md: prefix-aware routing over four engines.
+"""W4 `prefix` and W4h `hot-prefix` in docs/benchmarks.md: prefix-aware routing over four engines.
 
 Four demo engines (KV cache capped at 16,384 tokens each) behind one router; each policy gets
 fresh engines. Reports per policy: prefix-cache hit rate, TTFT mean/p90, total time, the share

@@ -1,4 +1,4 @@
-"""W2 `serving` (../shared/WORKLOADS.md): online latency of streaming Generate calls over gRPC.
+"""W2 `serving` (docs/benchmarks.md): online latency of streaming Generate calls over gRPC.
 
 W1's prompts and lengths (temperature 0.6, ignore_eos, per-request max_tokens), Poisson arrivals
 at 4, 16 and 64 requests/s and all at once, (a) straight to one engine's EngineService.Generate

@@ -1,4 +1,4 @@
-"""W3 `single` (../shared/WORKLOADS.md): one stream alone, and where its time goes per token.
+"""W3 `single` (docs/benchmarks.md): one stream alone, and where its time goes per token.
 
 One request at a time, 512 random prompt tokens, 256 output tokens, greedy with ignore_eos (so
 it always runs to max_tokens), nothing else running; one untimed warm-up per target, then 10

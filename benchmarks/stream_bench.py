@@ -3,7 +3,7 @@
 - The two targets: `engine` (one engine's EngineService.Generate, prompt token ids) and `router`
   (GenerateService.Generate with `prompt_token_ids` through a router in front of the same
   engine, which detokenizes what it streams).
-- Client-side measurement, as WORKLOADS.md's "Measuring a stream" defines it: TTFT = sent ->
+- Client-side measurement, as docs/benchmarks.md defines stream measurement: TTFT = sent ->
   first response carrying a token; a response carrying k tokens is k arrivals at one instant;
   ITL = gaps between consecutive arrivals; TPOT = (last - first arrival) / (tokens - 1).
 - The servers both scripts start (fresh processes, engine /metrics on a free port) and the

@@ -1,4 +1,4 @@
-"""W1 `throughput` (../shared/WORKLOADS.md): offline throughput, nano-vllm's bench reproduced.
+"""W1 `throughput` (docs/benchmarks.md): offline throughput, nano-vllm's bench reproduced.
 
 256 random prompts (100-1024 tokens) and lengths (100-1024 tokens, 133,966 in all), temperature
 0.6, ignore_eos, max_model_len 4096; one short untimed warm-up generation, then one timed
@@ -204,8 +204,8 @@ def main() -> None:
             tag += f"-tp{args.tensor_parallel_size}"
     figures["copy_bandwidth_tb_per_s"] = round(bandwidth / 1e12, 4)
     if "error" not in figures:
-        # KV bytes per token in bf16, as WORKLOADS.md counts them (28 layers x K,V x 8 x 128 x 2
-        # for the benchmark model); weights as loaded (bf16 on the GPU).
+        # KV bytes per token in bf16, as docs/benchmarks.md counts them (28 layers x K,V x 8 x
+        # 128 x 2 for the benchmark model); weights as loaded (bf16 on the GPU).
         kv_per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * 2
         weight_bytes = figures.pop("weight_bytes", None) or _bf16_weight_bytes(args.model)
         kv_bytes, w_bytes = floor_bytes(prompts, max_tokens, kv_per_token, weight_bytes)

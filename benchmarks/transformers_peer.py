@@ -1,6 +1,6 @@
 """W1's peer baseline: Hugging Face transformers' own continuous batching on the same checkpoint.
 
-As WORKLOADS.md describes it: `model.continuous_batching_context_manager(...)`,
+As docs/benchmarks.md describes it: `model.continuous_batching_context_manager(...)`,
 `add_request(ids, max_new_tokens=m, eos_token_id=-1)`, `attn_implementation="paged|sdpa"`,
 do_sample with temperature 0.6. Requests stream, so with a deadline the tokens generated so far
 are counted (the run is then partial, and says so). Any failure is returned as an error string.

@@ -1,4 +1,4 @@
-"""W1's prompt and length draws (WORKLOADS.md), shared by W1, W2 and W5 without importing torch."""
+"""W1's prompt and length draws (docs/benchmarks.md), shared by W1, W2 and W5; no torch."""
 
 from random import randint, seed
 
@@ -6,7 +6,7 @@ TOTAL_MAX_TOKENS = 133966
 
 
 def w1_requests() -> tuple[list[list[int]], list[int]]:
-    """W1's prompts and max_tokens, drawn exactly as WORKLOADS.md does."""
+    """W1's prompts and max_tokens, drawn exactly as docs/benchmarks.md defines them."""
     seed(0)
     prompts = [[randint(0, 10000) for _ in range(randint(100, 1024))] for _ in range(256)]
     max_tokens = [randint(100, 1024) for _ in range(256)]  # drawn after all prompts
