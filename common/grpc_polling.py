@@ -6,15 +6,13 @@ before the loop sees it. The classic poller reads the socket on that completion-
 wake-up fewer. A routed request crosses two more message hops than a direct one (router to engine
 and back), so most of what the router adds to a first token is these wake-ups.
 
-The trade, measured on the H200 host (`benchmarks/grpc_poller.py`, `router_throughput.py`, W2):
-- a message round trip on an open stream: 198 -> 88 us back to back, 809 -> 582 us idle;
-- what the router adds to W2's TTFT p50 at 4 req/s: +1.21 and +1.25 ms -> +0.95 to +1.23 ms
-  over four runs (the path outside the engine, router minus direct of the mean client TTFT
-  less the engine's own: 1.08-1.13 -> 0.80-1.02 ms);
-- one router's most tokens/s to 256 streams: 24-33k -> 19-24k; its event-loop thread spends
-  more per message (4.7-5.0 s against 3.5-4.3 s for the same 131k tokens). Routers scale out;
-  a deployment bound by router CPU rather than latency can set GRPC_EXPERIMENTS="" to get the
-  EventEngine back.
+The trade (`benchmarks/grpc_poller.py`, `router_throughput.py`, W2; figures in
+docs/benchmarks.md):
+- a message round trip on an open stream is shorter, back to back and idle alike;
+- the router adds less to W2's first-token latency at 4 req/s;
+- one router streams fewer tokens/s at most: its event-loop thread spends more per message.
+  Routers scale out; a deployment bound by router CPU rather than latency can set
+  GRPC_EXPERIMENTS="" to get the EventEngine back.
 
 gRPC reads the choice once, from GRPC_EXPERIMENTS, when it starts; an operator's setting wins.
 """

@@ -1,10 +1,10 @@
 """The heap a process builds at start-up, taken out of the garbage collector's view.
 
 Python's full collections walk every tracked object. After loading torch, the model, the
-tokenizer and Triton's kernels that is ~200k objects, and one full collection stalls the process
-for 50-150 ms: measured on the H100 during W1 as 43 engine steps 5-150 ms late (0.5 s of the
-run). Objects made at start-up live as long as the process, so they are frozen (as vLLM does):
-later collections only walk what requests allocate.
+tokenizer and Triton's kernels that is hundreds of thousands of objects, and one full collection
+stalls the process long enough to make engine steps late. Objects made at start-up live as long
+as the process, so they are frozen (as vLLM does): later collections only walk what requests
+allocate.
 """
 
 import atexit

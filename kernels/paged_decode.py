@@ -37,9 +37,8 @@ class DecodeTiles:
 
 
 # Batches large enough not to split stream long runs of keys per program; wider, deeper tiles
-# read K1's step 1-2% faster on an H100 (page 128: 291.5 us against 296.7 us with the default
-# tiles, page 16: 297.8 against 300.9). Split batches keep the default, which their split
-# lengths were measured with.
+# read K1's step faster. Split batches keep the default, which their split lengths were
+# measured with.
 UNSPLIT_TILES = DecodeTiles(block_n=128, num_warps=4, num_stages=3)
 
 
@@ -51,12 +50,11 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, sms: int,
     Two reasons to split: too few (sequence, KV head) programs to fill every SM a few times
     over, and long contexts, whose programs would otherwise run on alone in the last wave
     (SPLIT_TOKENS caps one program's share). A batch with four programs per SM or more does
-    not split at all: on K1 (batch 256, W1's contexts) no split reads at 95% of the copy
-    bandwidth, three splits at 91%. The fewest keys per split grow with the batch:
-    one tile of `block_n` keys for up to 32 (sequence, KV head) pairs, whose step is bound by
-    latency, up to MIN_SPLIT_TOKENS for a batch that fills the SMs on its own (measured on an
-    H100: at batch 1 splits of one tile are fastest, at batch 32 splits of 64 keys are 1.3x
-    slower than none).
+    not split at all: on K1 (batch 256, W1's contexts) no split reads faster than three. The
+    fewest keys per split grow with the batch: one tile of `block_n` keys for up to 32
+    (sequence, KV head) pairs, whose step is bound by latency, up to MIN_SPLIT_TOKENS for a
+    batch that fills the SMs on its own (at batch 1 splits of one tile are fastest, at batch 32
+    splits of 64 keys are slower than none).
     """
     fill = triton.cdiv(4 * sms, batch * num_kv_heads)
     pairs = triton.next_power_of_2(triton.cdiv(batch * num_kv_heads, 32))

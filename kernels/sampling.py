@@ -9,9 +9,9 @@ kernels read the logits once, hashing the noise in registers with the sampler's 
 temperature > 0.
 
 The twin scores in fp64 and the kernel draws exactly its tokens, but scoring every entry in fp64
-(two accurate logs each) is what made the race cost ~0.4 ms for 256 rows of 151,936 on an H100.
-So the kernel scores every entry once in fp32 with hardware logs, keeping each lane's best two,
-and computes the fp64 score only for the few entries within fp32's error of the best.
+(two accurate logs each) is what made the race slow. So the kernel scores every entry once in
+fp32 with hardware logs, keeping each lane's best two, and computes the fp64 score only for the
+few entries within fp32's error of the best.
 """
 
 import os

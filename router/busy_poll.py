@@ -1,11 +1,10 @@
 """Keeps the router's event loop polling, instead of sleeping, while requests are in flight.
 
 Every message the router relays wakes two threads: gRPC's completion-queue thread, which then
-pokes the event loop through a socket. A thread woken from sleep starts late and cold; on the
-H200 host's VM a 40-byte round trip on an open stream, messages 1.5 ms apart (a decode step),
-takes 294 us p50 and 167 us when both event loops poll instead of sleeping
-(`benchmarks/grpc_poller.py`). Polling saves the event loop's wake-up on each message the
-router receives: a request's arrival and every engine response.
+pokes the event loop through a socket. A thread woken from sleep starts late and cold: a round
+trip on an open stream at a decode step's pace is much faster when both event loops poll instead
+of sleeping (`benchmarks/grpc_poller.py`). Polling saves the event loop's wake-up on each message
+the router receives: a request's arrival and every engine response.
 
 The price is one core, the event loop's, busy while any request is in flight; an idle router
 sleeps as before. Under a CPU limit the polling spends the quota the rest of the process needs,

@@ -12,7 +12,7 @@ ENGINE_MAX_MESSAGE_BYTES = 64 << 20
 # fan out, instead of an auto-tuned window buffering every step for it to handle one by one.
 LINK_STREAM_WINDOW_BYTES = 64 << 10
 # gRPC's own reconnect backoff grows 1.6-fold to 120 s: an engine restarted after a few failed
-# dials was found 8-14 s after it served. Capped at 1 s, a dial is never more than ~1.2 s away.
+# dials was found long after it served. Capped at 1 s, a dial is never more than ~1.2 s away.
 RECONNECT_INITIAL_BACKOFF_MS = 100
 RECONNECT_MAX_BACKOFF_MS = 1000
 

@@ -37,9 +37,9 @@ class StreamError(Exception):
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 _STREAM_ID = operator.attrgetter("stream_id")
-# Readers woken per pass of the event loop: at about 60 us of router CPU per relayed response
-# (router_throughput.py on the H200) a pass stays near half a millisecond, so calls arriving while
-# many streams run are accepted promptly (see hand_out).
+# Readers woken per pass of the event loop: few enough, at the router's CPU cost per relayed
+# response, that a pass stays short, so calls arriving while many streams run are accepted
+# promptly (see hand_out).
 WAKE_BATCH = 8
 
 
@@ -218,9 +218,8 @@ async def hand_out(
     loop after every WAKE_BATCH readers woken.
 
     The readers woken by one message all run in the loop's next pass, and gRPC accepts one new
-    call per pass. A message for 256 streams made a pass of tens of milliseconds, so while a
-    burst's first streams ran, the rest waited to be accepted: on the H200, W2 all at once took
-    1.5 s to route its 256 requests in one run of three (0.14 s in another).
+    call per pass. A message for hundreds of streams made one long pass, so while a burst's
+    first streams ran, the rest waited to be accepted (W2's all-at-once burst showed it).
     """
     woken = 0
     for update in first_tokens_first(updates, unanswered, _STREAM_ID):

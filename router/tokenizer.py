@@ -1,9 +1,9 @@
 """The model's tokenizer and chat template, loaded from its checkpoint directory.
 
 Large inputs are tokenized, rendered and decoded on worker threads: `tokenizers` releases the
-GIL in its batch calls, so the event loop keeps relaying every other stream meanwhile (a 15 MB
-prompt tokenized in place stalled them all for 18 s). Small ones stay in place, where they cost
-less than the hop to a thread.
+GIL in its batch calls, so the event loop keeps relaying every other stream meanwhile (a huge
+prompt tokenized in place stalls them all until it is done). Small ones stay in place, where they
+cost less than the hop to a thread.
 """
 
 import asyncio
@@ -24,8 +24,8 @@ log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
-# Inputs up to these sizes are handled on the event loop: under a millisecond each on this
-# 2-core CPU (4096 characters encode in ~0.8 ms, 4096 tokens decode in ~0.7 ms).
+# Inputs up to these sizes are handled on the event loop, which each holds only briefly
+# (docs/benchmarks.md has the times).
 INLINE_CHARS = 4096
 INLINE_TOKENS = 4096
 

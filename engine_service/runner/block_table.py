@@ -1,8 +1,8 @@
 """A host-side mirror of the running sequences' block tables, updated by what changed.
 
-Converting every sequence's block list to an array every step costs about a microsecond per
-sequence plus one per page; in a decode step a sequence gains a page only every block_size
-tokens, so the mirror keeps one row per sequence and writes only the new pages.
+Converting every sequence's block list to an array every step costs host time per sequence and
+per page; in a decode step a sequence gains a page only every block_size tokens, so the mirror
+keeps one row per sequence and writes only the new pages.
 
 It relies on how the scheduler changes a sequence's `block_ids`: the list only grows in place
 (new pages appended) or is replaced by a new list (admission, preemption). A replaced or

@@ -4,7 +4,7 @@ A decode step of n sequences is padded to the smallest captured batch size >= n;
 mixed step of t tokens to the smallest captured token count >= t (the varlen graphs, which
 hold up to min(t, max_num_seqs) sequences). Padding rows store nothing and attend to nothing,
 and the graph replays on the runner's fixed-address inputs. Eagerly, a short prefill is bound
-by kernel launches on the host (a 512-token prompt: ~16 ms of launches for ~3 ms of GPU work).
+by kernel launches on the host: the GPU spends most of the step waiting for the next one.
 Capturing is behind a small interface, so the padding and static-buffer logic also runs (and
 is tested) on the CPU, where `eager_capture` re-runs the pass instead of replaying a graph.
 """
@@ -62,9 +62,9 @@ class CudaGraphCapture:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             out = run()
-        # The first replay of a graph uploads it to the device: ~10 ms for a decode pass. Done
-        # here, on the padding batch it was captured on, and not in the middle of serving (W1
-        # on the H100 had 33 steps ~10 ms late, each the first at a new padded batch size).
+        # The first replay of a graph uploads it to the device, which is slow: done here, on
+        # the padding batch it was captured on, not in the middle of serving, where the first
+        # step at each new padded batch size would be late.
         graph.replay()
 
         def replay() -> torch.Tensor:

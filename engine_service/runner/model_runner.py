@@ -177,9 +177,9 @@ class ModelRunner:
         """Runs the LM head's matmul once per row count a step can sample.
 
         It runs outside the graphs on the step's own row count, and cuBLAS picks a kernel per
-        shape: the first launch of each kernel loads its module, which W1 on the H100 paid
-        mid-run (18 steps each 5-12 ms late, at the first 249, 233, ... rows). No collective:
-        each rank warms its own shard. The CPU has no such first-launch cost.
+        shape: the first launch of each kernel loads its module, which would otherwise make the
+        first step at each new row count late mid-run. No collective: each rank warms its own
+        shard. The CPU has no such first-launch cost.
         """
         if self.device.type != "cuda":
             return
