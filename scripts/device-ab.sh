@@ -13,6 +13,8 @@
 set -uo pipefail
 OUT="${OUT:-/tmp/device-out}"
 STAGES="${STAGES:-gputests w1 w3}"
+BUDGET_S="${BUDGET_S:-540}"  # the GPU tests, last, get what is left of it
+START=$(date +%s)
 BASE_COMMIT="${BASE_COMMIT:-base}"
 NEW_COMMIT="${NEW_COMMIT:-new}"
 MODEL=/tmp/qwen3-0.6b-shape
@@ -44,10 +46,6 @@ else
     || echo "!! checkpoint FAILED"
 fi
 
-if wanted gputests; then
-  echo "== gpu tests (new) =="
-  timeout 150 python3 -P -m pytest -m gpu tests -q -p no:cacheprovider -x 2>&1 | tail -25
-fi
 # W1 in A B B A order; W3 (slower to start) once per side, A B.
 round=0
 for side in base new new base; do
@@ -65,6 +63,12 @@ for side in base new new base; do
       --no-breakdown 2>&1 | tail -4
   fi
 done
+left=$((BUDGET_S - ($(date +%s) - START)))
+if wanted gputests && [ "$left" -gt 30 ]; then
+  use new
+  echo "== gpu tests (new), ${left}s left =="
+  timeout "$left" python3 -P -m pytest -m gpu tests -q -p no:cacheprovider -x 2>&1 | tail -25
+fi
 cd "$ROOT"
 python3 - "$OUT" <<'PY'
 import json, pathlib, sys
