@@ -46,9 +46,9 @@ else
     || echo "!! checkpoint FAILED"
 fi
 
-# W1 in A B B A order; W3 (slower to start) once per side, A B.
+# W1 in ORDER (default A B B A); W3 (slower to start) in its first two runs, A B.
 round=0
-for side in base new new base; do
+for side in ${ORDER:-base new new base}; do
   round=$((round + 1))
   use "$side"
   export LLMSERVE_COMMIT; LLMSERVE_COMMIT=$(commit_of "$side")
