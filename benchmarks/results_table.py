@@ -57,6 +57,7 @@ WORKLOAD_ORDER = [
     "grpc-overhead",
     "grpc-hop",
     "grpc-poller",
+    "structured-libs",
 ]
 BENCH_MODEL = "qwen3-0.6b-shape"  # W1, W2, W3's standard model
 DEMO_MODEL = "llmserve-demo-qwen3-v1"  # the CPU demo model the other benchmarks default to
@@ -130,7 +131,9 @@ class History:
             full, subject, body = [*entry.split("\x1f", 2), "", ""][:3]
             order.append(full.strip())
             if subject.startswith("Revert"):
-                undone.update(_OTHER_HASH.findall(subject))
+                # Any hex word may be an abbreviated hash (all letters, too): `git show` below
+                # keeps only those that name a commit.
+                undone.update(re.findall(r"\b[0-9a-f]{7,40}\b", subject))
             undone.update(re.findall(r"This reverts commit ([0-9a-f]{7,40})", body))
         reverted = set()
         for short in undone:
@@ -488,6 +491,22 @@ def _grpc_poller(r: dict, _part: str) -> str:
     return f"round trip p50 ({' / '.join(first)}): " + "; ".join(rows)
 
 
+def _structured_libs(r: dict, _part: str) -> str:
+    f = r.get("figures") or {}
+    rows = []
+    for library in ("llguidance", "xgrammar"):
+        lib = f.get(library) or {}
+        if not lib:
+            continue
+        masks = " / ".join(
+            f"{(lib.get(f'batch_{b}') or {}).get('mask_parallel', {}).get('median_ms')}"
+            for b in (64, 256))
+        rows.append(f"{library}: schema compile + first mask "
+                    f"{lib.get('schema_compile_and_first_mask_median_ms')} ms, masks at batch "
+                    f"64 / 256 {masks} ms")
+    return "; ".join(rows) + " (medians)"
+
+
 def _generic(r: dict, _part: str) -> str:
     f = r.get("figures") or {}
     scalars = [f"{k} {v}" for k, v in f.items() if isinstance(v, int | float | str)]
@@ -507,6 +526,7 @@ FIGURES: dict[str, Callable[[dict, str], str]] = {
     "grpc-overhead": _grpc_overhead,
     "grpc-hop": _grpc_hop,
     "grpc-poller": _grpc_poller,
+    "structured-libs": _structured_libs,
 }
 
 

@@ -115,10 +115,43 @@ _GENERATE_OPTIONS = (
     "stop",
     "ignore_eos",
     "logprobs",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "min_tokens",
     "priority",
     "tenant",
     "request_id",
 )
+
+
+def _logit_bias(text: str) -> tuple[int, float]:
+    """`ID=BIAS`, e.g. `50256=-100`."""
+    token_id, sep, bias = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return int(token_id), float(bias)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected ID=BIAS, e.g. 50256=-100, got {text!r}"
+        ) from None
+
+
+def _structured_output(args: argparse.Namespace) -> dict[str, Any]:
+    """--json-schema FILE, --json-object, --regex, --grammar FILE, --choice (repeatable)."""
+    given: dict[str, Any] = {}
+    if args.json_schema is not None:
+        given["json_schema"] = args.json_schema.read_text()
+    if args.json_object:
+        given["json_object"] = True
+    if args.regex is not None:
+        given["regex"] = args.regex
+    if args.grammar is not None:
+        given["grammar"] = args.grammar.read_text()
+    if args.choice:
+        given["choice"] = args.choice
+    return given
 
 
 def _prompt_or_messages(args: argparse.Namespace) -> dict[str, Any]:
@@ -130,6 +163,8 @@ def _prompt_or_messages(args: argparse.Namespace) -> dict[str, Any]:
 def _generate(client: LLMClient, args: argparse.Namespace) -> int:
     last = None
     params = {name: getattr(args, name) for name in _GENERATE_OPTIONS}
+    params["logit_bias"] = dict(args.logit_bias or [])
+    params.update(_structured_output(args))
     chunks = _off_main_thread(
         lambda: client.generate(timeout=args.timeout, **_prompt_or_messages(args), **params)
     )
@@ -208,6 +243,28 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--logprobs", type=int, help="alternatives per token (shown with --json)")
+    gen.add_argument("--presence-penalty", type=float, default=0.0,
+                     help="in [-2, 2]: minus this once for each token the output holds")
+    gen.add_argument("--frequency-penalty", type=float, default=0.0,
+                     help="in [-2, 2]: minus this per time the output holds a token")
+    gen.add_argument("--repetition-penalty", type=float,
+                     help="in (0, 2]: scales down tokens of the prompt and output (1 = off)")
+    gen.add_argument("--logit-bias", type=_logit_bias, action="append", metavar="ID=BIAS",
+                     help="add BIAS in [-100, 100] to token ID's logit (repeatable; the last "
+                     "one for an ID wins)")
+    gen.add_argument("--min-tokens", type=int, default=0,
+                     help="no end-of-sequence or stop before this many tokens")
+    structured = gen.add_argument_group(
+        "structured output", "constrain the output (at most one; docs/structured-output.md)")
+    only_one = structured.add_mutually_exclusive_group()
+    only_one.add_argument("--json-schema", type=Path, metavar="FILE",
+                          help="one JSON value valid under the JSON schema in FILE")
+    only_one.add_argument("--json-object", action="store_true", help="any one JSON object")
+    only_one.add_argument("--regex", help="text that fully matches this regular expression")
+    only_one.add_argument("--grammar", type=Path, metavar="FILE",
+                          help="a sentence of the Lark grammar in FILE (start rule `start`)")
+    only_one.add_argument("--choice", action="append", metavar="TEXT",
+                          help="exactly one of these strings (repeatable)")
     gen.add_argument("--priority", choices=list(PRIORITIES), default="standard")
     gen.add_argument("--tenant", default="")
     gen.add_argument("--request-id", default="")

@@ -6,7 +6,8 @@ and the limit, so a caller sees the server's rule rather than a stale copy of it
 
 from __future__ import annotations
 
-from typing import TypedDict
+import json
+from typing import Any, TypedDict
 
 from llmserve.v1 import common_pb2, generate_service_pb2
 
@@ -35,6 +36,16 @@ class GenerateParams(TypedDict, total=False):
     stop_token_ids: list[int] | None
     ignore_eos: bool
     logprobs: int | None
+    presence_penalty: float
+    frequency_penalty: float
+    repetition_penalty: float | None
+    logit_bias: dict[int, float] | None
+    min_tokens: int
+    json_schema: dict[str, Any] | str | None
+    json_object: bool
+    regex: str | None
+    grammar: str | None
+    choice: list[str] | None
     priority: str
     tenant: str
     request_id: str
@@ -55,6 +66,16 @@ def build_generate_request(
     stop_token_ids: list[int] | None = None,
     ignore_eos: bool = False,
     logprobs: int | None = None,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    repetition_penalty: float | None = None,
+    logit_bias: dict[int, float] | None = None,
+    min_tokens: int = 0,
+    json_schema: dict[str, Any] | str | None = None,
+    json_object: bool = False,
+    regex: str | None = None,
+    grammar: str | None = None,
+    choice: list[str] | None = None,
     priority: str = "standard",
     tenant: str = "",
     request_id: str = "",
@@ -67,9 +88,21 @@ def build_generate_request(
     256). `logprobs=N` asks for each token's log-probability and N alternatives. `priority` is
     "critical", "standard" or "batch".
 
+    `presence_penalty` and `frequency_penalty` (OpenAI's, over the generated tokens),
+    `repetition_penalty` (Hugging Face's, over prompt and generated tokens; None = 1.0, off),
+    `logit_bias` ({token id: bias} added to the logits) and `min_tokens` (no end-of-sequence or
+    stop before that many tokens) follow the `SamplingParams` and `StoppingCriteria` comments in
+    proto/llmserve/v1/common.proto, which give their bounds.
+
+    Structured output (at most one; docs/structured-output.md): `json_schema` (a dict, or its
+    JSON text) makes the output one JSON value of that schema, `json_object=True` any JSON
+    object, `regex` a full match of the regular expression, `grammar` a sentence of the Lark
+    grammar, `choice` exactly one of the strings.
+
     Raises:
-        ValueError: `priority` is not one of the three names, or a value does not fit its
-            protobuf field (e.g. a negative `seed`).
+        ValueError: `priority` is not one of the three names, more than one structured output
+            argument is given, or a value does not fit its protobuf field (e.g. a negative
+            `seed`).
     """
     try:
         priority_value = PRIORITIES[priority.lower()]
@@ -89,17 +122,49 @@ def build_generate_request(
             min_p=min_p,
             seed=seed,
             logprobs=logprobs,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
+            repetition_penalty=repetition_penalty,
+            logit_bias=[
+                common_pb2.LogitBias(token_id=token_id, bias=bias)
+                for token_id, bias in (logit_bias or {}).items()
+            ],
+            structured_output=_structured_output(json_schema, json_object, regex, grammar,
+                                                 choice),
         ),
         stopping=common_pb2.StoppingCriteria(
             max_tokens=max_tokens,
             stop_token_ids=stop_token_ids or [],
             ignore_eos=ignore_eos,
+            min_tokens=min_tokens,
         ),
         stop=stop or [],
         priority=priority_value,
         tenant=tenant,
         request_id=request_id,
     )
+
+
+def _structured_output(
+    json_schema: dict[str, Any] | str | None,
+    json_object: bool,
+    regex: str | None,
+    grammar: str | None,
+    choice: list[str] | None,
+) -> common_pb2.StructuredOutput | None:
+    given = {
+        "json_schema": json_schema if json_schema is None or isinstance(json_schema, str)
+        else json.dumps(json_schema),
+        "json_object": json_object or None,
+        "regex": regex,
+        "grammar": grammar,
+        "choice": None if choice is None else common_pb2.ChoiceList(choices=choice),
+    }
+    given = {name: value for name, value in given.items() if value is not None}
+    if len(given) > 1:
+        raise ValueError(f"give at most one of json_schema, json_object, regex, grammar and "
+                         f"choice, got {', '.join(given)}")
+    return common_pb2.StructuredOutput(**given) if given else None
 
 
 def build_tokenize_request(

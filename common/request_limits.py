@@ -31,6 +31,18 @@ MAX_MESSAGES = 2048
 MAX_ROLE_CHARS = 64
 # Alternatives returned per generated token.
 MAX_LOGPROBS = 20
+# OpenAI's bounds (and vLLM's): presence and frequency penalties in [-2, 2], a repetition
+# penalty in (0, 2], at most 300 logit_bias entries, each in [-100, 100].
+MAX_ABS_PENALTY = 2.0
+MAX_REPETITION_PENALTY = 2.0
+MAX_LOGIT_BIAS = 300
+MAX_ABS_LOGIT_BIAS = 100.0
+# Structured output: a JSON schema, regex or grammar is compiled by the engine (off its step
+# loop, under a time limit); these bound the text it is asked to compile. A choice becomes a
+# grammar of its strings.
+MAX_STRUCTURED_SPEC_CHARS = 65536
+MAX_CHOICES = 256
+MAX_CHOICE_CHARS = 1024
 
 
 class InvalidRequestError(ValueError):
@@ -52,6 +64,10 @@ def check_shared_fields(
     check_length(
         "stopping.stop_token_ids", request.stopping.stop_token_ids, MAX_STOP_TOKEN_IDS, "ids"
     )
+    if request.stopping.min_tokens < 0:
+        raise InvalidRequestError(
+            f"stopping.min_tokens: {request.stopping.min_tokens} must be >= 0"
+        )
     if request.priority not in PRIORITY_CLASS:
         raise InvalidRequestError(f"priority: unknown value {request.priority}")
 
@@ -69,6 +85,74 @@ def check_sampling(sampling: common_pb2.SamplingParams) -> None:
         raise InvalidRequestError(
             f"sampling.logprobs: {sampling.logprobs} must be in [0, {MAX_LOGPROBS}]"
         )
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(sampling, name)
+        if not -MAX_ABS_PENALTY <= value <= MAX_ABS_PENALTY:
+            raise InvalidRequestError(
+                f"sampling.{name}: {value} must be in [-{MAX_ABS_PENALTY:g}, {MAX_ABS_PENALTY:g}]"
+            )
+    if sampling.HasField("repetition_penalty") and not (
+        0 < sampling.repetition_penalty <= MAX_REPETITION_PENALTY
+    ):
+        raise InvalidRequestError(
+            f"sampling.repetition_penalty: {sampling.repetition_penalty} must be in "
+            f"(0, {MAX_REPETITION_PENALTY:g}]"
+        )
+    check_logit_bias(sampling.logit_bias)
+    if sampling.HasField("structured_output"):
+        check_structured_output(sampling.structured_output)
+
+
+def check_logit_bias(entries: Sequence[common_pb2.LogitBias]) -> None:
+    """At most MAX_LOGIT_BIAS entries, each token once and >= 0 (the engine checks the top of
+    the vocabulary), each bias in [-MAX_ABS_LOGIT_BIAS, MAX_ABS_LOGIT_BIAS]."""
+    check_length("sampling.logit_bias", entries, MAX_LOGIT_BIAS, "entries")
+    seen: set[int] = set()
+    for i, entry in enumerate(entries):
+        if entry.token_id < 0:
+            raise InvalidRequestError(
+                f"sampling.logit_bias[{i}].token_id: {entry.token_id} must be >= 0"
+            )
+        if entry.token_id in seen:
+            raise InvalidRequestError(
+                f"sampling.logit_bias[{i}].token_id: {entry.token_id} appears more than once"
+            )
+        seen.add(entry.token_id)
+        if not -MAX_ABS_LOGIT_BIAS <= entry.bias <= MAX_ABS_LOGIT_BIAS:
+            raise InvalidRequestError(
+                f"sampling.logit_bias[{i}].bias: {entry.bias} must be in "
+                f"[-{MAX_ABS_LOGIT_BIAS:g}, {MAX_ABS_LOGIT_BIAS:g}]"
+            )
+
+
+def check_structured_output(spec: common_pb2.StructuredOutput) -> None:
+    """Exactly one kind, and its text within bounds (its contents are the engine's to judge)."""
+    field = "sampling.structured_output"
+    kind = spec.WhichOneof("kind")
+    if kind is None:
+        raise InvalidRequestError(
+            f"{field}: set one of json_schema, json_object, regex, grammar or choice (or leave "
+            "structured_output unset)"
+        )
+    if kind == "json_object":
+        if not spec.json_object:
+            raise InvalidRequestError(f"{field}.json_object: must be true when set")
+    elif kind == "choice":
+        choices = spec.choice.choices
+        if not choices:
+            raise InvalidRequestError(f"{field}.choice.choices: must not be empty")
+        check_length(f"{field}.choice.choices", choices, MAX_CHOICES, "strings")
+        for i, choice in enumerate(choices):
+            if not choice or len(choice) > MAX_CHOICE_CHARS:
+                raise InvalidRequestError(
+                    f"{field}.choice.choices[{i}]: length {len(choice)}; must be "
+                    f"1..{MAX_CHOICE_CHARS}"
+                )
+    else:
+        text = getattr(spec, kind)
+        if not text:
+            raise InvalidRequestError(f"{field}.{kind}: must not be empty")
+        check_length(f"{field}.{kind}", text, MAX_STRUCTURED_SPEC_CHARS, "characters")
 
 
 def check_stop_strings(stop: Sequence[str]) -> None:
@@ -122,16 +206,24 @@ def check_prompt_tokens(field: str, num_tokens: int, max_model_len: int) -> None
 def resolve_max_tokens(
     stopping: common_pb2.StoppingCriteria, max_model_len: int, prompt_tokens: int, default: int
 ) -> int:
-    """The request's max_tokens, or the default capped by the room left in max_model_len."""
+    """The request's max_tokens, or the default capped by the room left in max_model_len; and
+    min_tokens (already >= 0, `check_shared_fields`) checked against it."""
     room = max_model_len - prompt_tokens
     if not stopping.HasField("max_tokens"):
-        return min(default, room)
-    max_tokens = stopping.max_tokens
-    if max_tokens <= 0:
-        raise InvalidRequestError(f"stopping.max_tokens: {max_tokens} must be >= 1")
-    if max_tokens > room:
+        max_tokens = min(default, room)
+    else:
+        max_tokens = stopping.max_tokens
+        if max_tokens <= 0:
+            raise InvalidRequestError(f"stopping.max_tokens: {max_tokens} must be >= 1")
+        if max_tokens > room:
+            raise InvalidRequestError(
+                f"stopping.max_tokens: {max_tokens} exceeds the limit {room} "
+                f"(max_model_len {max_model_len} minus {prompt_tokens} prompt tokens)"
+            )
+    if stopping.min_tokens > max_tokens:
         raise InvalidRequestError(
-            f"stopping.max_tokens: {max_tokens} exceeds the limit {room} "
-            f"(max_model_len {max_model_len} minus {prompt_tokens} prompt tokens)"
+            f"stopping.min_tokens: {stopping.min_tokens} exceeds max_tokens {max_tokens}"
+            + ("" if stopping.HasField("max_tokens") else " (the default, capped by the room "
+               f"max_model_len {max_model_len} leaves after {prompt_tokens} prompt tokens)")
         )
     return max_tokens

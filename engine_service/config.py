@@ -85,6 +85,10 @@ class EngineConfig:
     async_scheduling: bool | None = setting(
         None, "read each step's tokens while the next step runs (default: on CUDA only; on the "
               "CPU a step is synchronous, so it would only delay every token by a step)")
+    structured_output_compile_timeout_s: float = setting(
+        10.0, "a request's structured output constraint still compiling after this long fails "
+              "with DEADLINE_EXCEEDED (compiling never holds up the step loop)",
+        low=0, exclusive_low=True, high=3600)
 
     host: str = host_setting(group=SERVER)
     port: int | None = setting(

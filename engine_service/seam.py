@@ -26,6 +26,19 @@ MIN_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
+class StructuredOutputSpec:
+    """What a request's output must be (already within the shared bounds): `kind` is one of
+    STRUCTURED_OUTPUT_KINDS and `spec` its text (a JSON schema, a regex, a Lark grammar; "" for
+    json_object) or, for "choice", the strings. The engine core compiles it."""
+
+    kind: str
+    spec: str | tuple[str, ...]
+
+
+STRUCTURED_OUTPUT_KINDS = ("json_schema", "json_object", "regex", "grammar", "choice")
+
+
+@dataclass(frozen=True)
 class SamplingOptions:
     """How one request's tokens are drawn and when it stops (already validated)."""
 
@@ -38,11 +51,29 @@ class SamplingOptions:
     max_tokens: int = 256
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # 1 = off
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), each id once
+    min_tokens: int = 0
+    # None: no constraint. Otherwise a grammar masks every drawn token (core/structured_output).
+    structured_output: StructuredOutputSpec | None = None
+    # Whether the sampler changes this request's logits before drawing (any of the five above);
+    # set from them, so a batch where no row does can tell at the cost of one test per row.
+    processes_logits: bool = field(init=False, repr=False, compare=False, default=False)
 
     def __post_init__(self) -> None:
         # Here, where every path builds its options, so the torch and Triton samplers both see 0.
         if self.temperature < MIN_TEMPERATURE:
             object.__setattr__(self, "temperature", 0.0)
+        object.__setattr__(self, "processes_logits", self.keeps_token_state or self.min_tokens > 0)
+
+    @property
+    def keeps_token_state(self) -> bool:
+        """A penalty or a logit bias: the engine keeps this request's token counts and bias on
+        the device while it runs."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias
+                    or self.repetition_penalty != 1.0)
 
 
 @dataclass(frozen=True)
@@ -54,6 +85,9 @@ class EngineRequest:
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     priority: int = 1
     tenant: str = ""
+    # The last this-many prompt ids are output another engine already streamed (a router's
+    # failover): a structured output constraint resumes after them instead of starting over.
+    resumed_output_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -152,10 +186,13 @@ class AbortRequest:
 
 @dataclass(frozen=True)
 class RejectedRequest:
-    """The core refused a request it was sent (e.g. a duplicate id)."""
+    """The core refused a request it was sent (e.g. a duplicate id, or a structured output
+    constraint that does not compile), or failed one it was serving; `status` names the gRPC
+    status code the stream ends with."""
 
     request_id: str
     reason: str
+    status: str = "INVALID_ARGUMENT"
 
 
 @dataclass(frozen=True)

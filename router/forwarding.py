@@ -1,9 +1,13 @@
 """One request's engine stream, moved to another engine when its engine fails.
 
 Before the first token a failed engine is simply retried elsewhere. After it, the prompt plus the
-tokens already streamed is resubmitted with the remaining `max_tokens` and the same seed, so the
-client's stream continues with no token duplicated or lost (greedy and seeded sampling give the
-same tokens on any engine: sampling randomness is keyed on seed and position).
+tokens already streamed is resubmitted with the remaining `max_tokens` (and `min_tokens`) and the
+same seed, so the client's stream continues with no token duplicated or lost (greedy and seeded
+sampling give the same tokens on any engine: sampling randomness is keyed on seed and position).
+The engine is told how many of the prompt's tokens are that output (`resumed_output_tokens`), so a
+structured output constraint carries on from where it was instead of starting over.
+One exception: the presence and frequency penalties count the output only, and the new engine
+sees the tokens streamed so far as prompt, so a penalized stream may continue differently.
 """
 
 import asyncio
@@ -172,6 +176,7 @@ class Forwarder:
             stopping = common_pb2.StoppingCriteria()
             stopping.CopyFrom(request.stopping)
             stopping.max_tokens = request.max_tokens - len(generated)
+            stopping.min_tokens = max(0, request.stopping.min_tokens - len(generated))
             engine_request = {
                 "request_id": request.request_id,
                 "prompt_token_ids": tokens,
@@ -179,6 +184,8 @@ class Forwarder:
                 "stopping": stopping,
                 "priority": request.priority,
                 "tenant": request.tenant,
+                # The tokens already streamed: a structured output constraint resumes after them.
+                "resumed_output_tokens": len(generated),
             }
             responses = engine.link.stream(engine_request, loop_deadline)
             engine.inflight += 1

@@ -123,7 +123,9 @@ class GenerateServicer:
                 priority=request.priority,
                 tenant=request.tenant,
             )
-            detokenizer = IncrementalDetokenizer(self.tokenizer, request.stop)
+            detokenizer = IncrementalDetokenizer(
+                self.tokenizer, request.stop, request.stopping.min_tokens
+            )
             with self.busy_poll.in_flight():
                 try:
                     # The per-message path: one response per engine response, whatever it holds

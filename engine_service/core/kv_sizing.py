@@ -1,8 +1,10 @@
 """How many KV blocks fit on the GPU: a profiling pass at the largest step, then the budget.
 
 The profiling pass runs the largest step the scheduler can plan (max_num_batched_tokens tokens
-over as many sequences as may run) and the sampler on the largest batch of logits, against a
-one-block KV pool (every token stores into and reads from that block: the values do not matter,
+over as many sequences as may run) and the sampler on the largest batch of logits, with every row
+penalized and biased and the penalties' count table at its largest (one row per sequence that may
+run; allocated only once a request asks, so until then it is spare room), against a one-block KV
+pool (every token stores into and reads from that block: the values do not matter,
 the memory does). Its peak is what the weights and activations need; the KV cache gets the rest
 of `gpu_memory_utilization`.
 """
@@ -12,9 +14,10 @@ from dataclasses import dataclass
 import structlog
 import torch
 
-from llmserve.common.request_limits import MAX_LOGPROBS
+from llmserve.common.request_limits import MAX_LOGIT_BIAS, MAX_LOGPROBS
 from llmserve.engine_service.core.scheduler import ScheduledChunk
 from llmserve.engine_service.core.sequence import Sequence
+from llmserve.engine_service.runner.logits_processors import LogitsProcessing, TokenState
 from llmserve.engine_service.runner.model_runner import ModelRunner
 from llmserve.engine_service.runner.sampler import Sampler, SamplingBatch
 from llmserve.engine_service.seam import EngineRequest, SamplingOptions
@@ -53,11 +56,15 @@ def profile_peak_bytes(runner: ModelRunner) -> int:
     runner.allocate_kv_cache(1)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
+    # Held through the step, as a running engine's would be.
+    token_state = TokenState(runner.spec.vocab_size, device)
+    token_state.reserve(config.max_num_seqs, MAX_LOGIT_BIAS)
     # The largest step the scheduler can plan: no sequence holds more than max_model_len.
     num_tokens = min(config.max_num_batched_tokens, config.max_num_seqs * config.max_model_len)
     chunks = dummy_chunks(num_tokens, config.max_num_seqs, config.block_size)
     logits = runner.execute(chunks)
     rows = logits.shape[0]
+    every_row = torch.arange(rows, device=device)
 
     def column(value: float, dtype: torch.dtype) -> torch.Tensor:
         return torch.full((rows,), value, dtype=dtype, device=device)
@@ -68,8 +75,9 @@ def profile_peak_bytes(runner: ModelRunner) -> int:
         temperature=column(options.temperature, torch.float32),
         top_p=column(options.top_p, torch.float32), top_k=column(0, torch.int64),
         min_p=column(0.0, torch.float32), seeds=column(0, torch.int64),
-        positions=column(0, torch.int64), num_logprobs=[options.logprobs] * rows))
-    del logits
+        positions=column(0, torch.int64), num_logprobs=[options.logprobs] * rows,
+        processing=LogitsProcessing(token_state, None, every_row, every_row, True, True)))
+    del logits, token_state
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
     runner.allocate_kv_cache(0)

@@ -1,8 +1,12 @@
 """A request's life inside the engine: its tokens, its KV blocks and how far it is computed."""
 
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from llmserve.engine_service.seam import EngineRequest, FinishReason, SamplingOptions
+
+if TYPE_CHECKING:
+    from llmserve.engine_service.core.structured_output import Matcher
 
 
 class SequenceStatus(Enum):
@@ -19,7 +23,8 @@ class Sequence:
     value is not in `token_ids` until the step is read. Such tokens are always the last ones.
     """
 
-    def __init__(self, request: EngineRequest, arrival: int, seed: int) -> None:
+    def __init__(self, request: EngineRequest, arrival: int, seed: int,
+                 grammar: "Matcher | None" = None) -> None:
         self.request_id = request.request_id
         self.priority = request.priority
         self.arrival = arrival
@@ -38,6 +43,9 @@ class Sequence:
         self.finish_reason: FinishReason | None = None
         # Its pending token reaches its length limit, so it ends there: nothing more to compute.
         self.final_token_pending = False
+        # Structured output: the matcher that has accepted every token of token_ids past the
+        # prompt (a preempted sequence keeps it, as it keeps its tokens); None = unconstrained.
+        self.grammar = grammar
 
     @property
     def order(self) -> tuple[int, int]:

@@ -49,6 +49,14 @@ class EngineDeadError(RuntimeError):
     """The engine core process is gone; no request can be served."""
 
 
+class RequestRejected(ValueError):
+    """The core refused the request (or failed it); `status` names the gRPC status code."""
+
+    def __init__(self, reason: str, status: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
 # Takes a stream's outputs in order; an exception (the core refused the request, or died) is the
 # last thing it gets, as is an output with a finish reason.
 Sink = Callable[[RequestOutput | Exception], None]
@@ -166,7 +174,7 @@ class AsyncEngine:
             self._unanswered.discard(message.request_id)
             sink = self._streams.pop(message.request_id, None)
             if sink is not None:
-                sink(ValueError(message.reason))
+                sink(RequestRejected(message.reason, message.status))
             return
         now = time.monotonic()
         streams = self._streams

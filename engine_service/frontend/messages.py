@@ -6,7 +6,11 @@ from typing import TypeVar
 from google.protobuf.message import Message
 
 from llmserve.common.priority import PRIORITY_CLASS
-from llmserve.common.request_limits import check_prompt_tokens, check_shared_fields
+from llmserve.common.request_limits import (
+    InvalidRequestError,
+    check_prompt_tokens,
+    check_shared_fields,
+)
 from llmserve.engine_service.frontend.validation import check_vocabulary, sampling_options
 from llmserve.engine_service.seam import (
     EngineInfo,
@@ -35,6 +39,12 @@ def request_from_proto(
     prompt = list(msg.prompt_token_ids)
     check_vocabulary("prompt_token_ids", prompt, info.vocab_size)
     options = sampling_options(info, len(prompt), msg.sampling, msg.stopping)
+    resumed = msg.resumed_output_tokens
+    if not 0 <= resumed < len(prompt):
+        raise InvalidRequestError(
+            f"resumed_output_tokens: {resumed} must be in [0, {len(prompt) - 1}] (the prompt's "
+            "ids but one)"
+        )
     # Internal ids are always unique: two callers may reuse the same request_id.
     return EngineRequest(
         request_id=f"{msg.request_id or 'req'}-{uuid.uuid4().hex[:12]}",
@@ -42,6 +52,7 @@ def request_from_proto(
         sampling=options,
         priority=PRIORITY_CLASS[msg.priority],
         tenant=msg.tenant,
+        resumed_output_tokens=resumed,
     )
 
 

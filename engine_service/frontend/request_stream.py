@@ -16,7 +16,11 @@ from llmserve.common.call_outcome import CANCELLED, FINISHED, status_outcome
 from llmserve.common.request_limits import InvalidRequestError
 from llmserve.common.wire import MalformedRequest
 from llmserve.engine_service.frontend import metrics
-from llmserve.engine_service.frontend.async_engine import AsyncEngine, EngineDeadError
+from llmserve.engine_service.frontend.async_engine import (
+    AsyncEngine,
+    EngineDeadError,
+    RequestRejected,
+)
 from llmserve.engine_service.frontend.messages import request_from_proto
 from llmserve.engine_service.seam import EngineInfo, RequestOutput
 from llmserve.v1 import engine_service_pb2
@@ -97,8 +101,12 @@ class RequestStream:
 
     def _on_output(self, item: RequestOutput | Exception) -> None:
         if isinstance(item, Exception):
-            dead = isinstance(item, EngineDeadError)
-            code = grpc.StatusCode.UNAVAILABLE if dead else grpc.StatusCode.INVALID_ARGUMENT
+            if isinstance(item, EngineDeadError):
+                code = grpc.StatusCode.UNAVAILABLE
+            elif isinstance(item, RequestRejected):
+                code = getattr(grpc.StatusCode, item.status, grpc.StatusCode.INTERNAL)
+            else:
+                code = grpc.StatusCode.INVALID_ARGUMENT
             self._end(status_outcome(code))
             self._deliver(StreamFailure(code, str(item)))
             return

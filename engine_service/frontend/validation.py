@@ -8,7 +8,7 @@ from llmserve.common.request_limits import (
     check_prompt_tokens,
     resolve_max_tokens,
 )
-from llmserve.engine_service.seam import EngineInfo, SamplingOptions
+from llmserve.engine_service.seam import EngineInfo, SamplingOptions, StructuredOutputSpec
 from llmserve.v1 import common_pb2
 
 
@@ -36,6 +36,8 @@ def sampling_options(
     bounds (`request_limits.check_shared_fields`)."""
     stop_token_ids = tuple(stopping.stop_token_ids)
     check_vocabulary("stopping.stop_token_ids", stop_token_ids, info.vocab_size)
+    logit_bias = tuple((entry.token_id, entry.bias) for entry in sampling.logit_bias)
+    check_vocabulary("sampling.logit_bias", [token for token, _ in logit_bias], info.vocab_size)
     return SamplingOptions(
         temperature=sampling.temperature if sampling.HasField("temperature") else 1.0,
         top_p=sampling.top_p if sampling.HasField("top_p") else 1.0,
@@ -48,4 +50,24 @@ def sampling_options(
         ),
         stop_token_ids=stop_token_ids,
         ignore_eos=stopping.ignore_eos,
+        presence_penalty=sampling.presence_penalty,
+        frequency_penalty=sampling.frequency_penalty,
+        repetition_penalty=(
+            sampling.repetition_penalty if sampling.HasField("repetition_penalty") else 1.0
+        ),
+        logit_bias=logit_bias,
+        min_tokens=stopping.min_tokens,
+        structured_output=structured_output_spec(sampling),
     )
+
+
+def structured_output_spec(sampling: common_pb2.SamplingParams) -> StructuredOutputSpec | None:
+    """The request's constraint, its bounds already checked (`request_limits`); the core
+    compiles it and refuses what does not compile."""
+    if not sampling.HasField("structured_output"):
+        return None
+    spec = sampling.structured_output
+    kind = spec.WhichOneof("kind")
+    if kind == "choice":
+        return StructuredOutputSpec(kind, tuple(spec.choice.choices))
+    return StructuredOutputSpec(kind, "" if kind == "json_object" else getattr(spec, kind))

@@ -1,4 +1,5 @@
-"""Token selection for a whole batch at once: greedy, temperature, top-k, top-p, min-p, logprobs.
+"""Token selection for a whole batch at once: greedy, temperature, top-k, top-p, min-p, logprobs
+(after min_tokens, logit_bias and the penalties: runner/logits_processors.py).
 
 Randomness is keyed on (request seed, position, token id) through a counter-based hash, so a
 seeded request draws the same tokens in any batch, after preemption, and on another engine.
@@ -8,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from llmserve.engine_service.runner.logits_processors import LogitsProcessing
+from llmserve.engine_service.runner.token_bitmask import GrammarBitmask
 from llmserve.engine_service.seam import TokenLogprobs
 from llmserve.kernels.sampling import gumbel_sample
 
@@ -56,6 +59,10 @@ class SamplingBatch:
     all_greedy: bool = False
     any_greedy: bool = True
     filtered: bool = True  # some row uses top-k, top-p or min-p
+    # min_tokens, logit_bias and penalties of the rows that ask; None = no row does.
+    processing: LogitsProcessing | None = None
+    # Structured output's token masks of the rows that follow a grammar; None = no row does.
+    grammar: GrammarBitmask | None = None
 
 
 class Sampler:
@@ -73,6 +80,11 @@ class Sampler:
         `logits` may be in the model's dtype: the greedy argmax and the one-pass kernel read
         them as they are, the other paths in fp32.
         """
+        if batch.processing is not None:
+            logits = batch.processing.apply(logits)  # an fp32 copy: logprobs read the original
+        if batch.grammar is not None:  # forbidden tokens to -inf, before any filter or draw
+            logits = batch.grammar.apply(logits, copy=batch.processing is None and any(
+                n is not None for n in batch.num_logprobs))
         if batch.all_greedy:
             return logits.argmax(dim=-1)
         # No greedy row, no mask: the common sampled batch launches nothing it does not use.

@@ -44,6 +44,26 @@ def test_generate_streams_text_and_sends_the_options(router, capsys) -> None:
     assert seen.time_remaining is not None and seen.time_remaining < 5.1
 
 
+def test_generate_sends_penalties_logit_bias_and_min_tokens(router, capsys) -> None:
+    argv = ["generate", "Once", "--target", router.target, "--presence-penalty", "0.5"]
+    argv += ["--frequency-penalty", "-1.5", "--repetition-penalty", "1.25", "--min-tokens", "3"]
+    argv += ["--logit-bias", "50=-100", "--logit-bias", "7=2.5"]
+    assert main(argv) == 0
+    request = router.seen[-1].request
+    sampling = request.sampling
+    assert (sampling.presence_penalty, sampling.frequency_penalty) == (0.5, -1.5)
+    assert sampling.repetition_penalty == 1.25
+    assert [(b.token_id, b.bias) for b in sampling.logit_bias] == [(50, -100.0), (7, 2.5)]
+    assert request.stopping.min_tokens == 3
+    # Left out, repetition_penalty stays unset (the server's default, 1 = off).
+    assert main(["generate", "Once", "--target", router.target]) == 0
+    assert not router.seen[-1].request.sampling.HasField("repetition_penalty")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["generate", "Once", "--logit-bias", "50"])
+    assert "expected ID=BIAS" in capsys.readouterr().err
+
+
 def test_generate_chat_json_and_usage(router, capsys) -> None:
     argv = ["generate", "Hi there", "--target", router.target, "--chat", "--json"]
     assert main([*argv, "--show-usage", "--logprobs", "2"]) == 0

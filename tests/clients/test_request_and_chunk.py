@@ -48,6 +48,20 @@ def test_zero_values_given_explicitly_are_sent() -> None:
     assert request.stopping.HasField("max_tokens")
 
 
+def test_penalties_logit_bias_and_min_tokens() -> None:
+    request = build_generate_request(
+        "x", presence_penalty=-0.5, frequency_penalty=1.0, repetition_penalty=1.1,
+        logit_bias={5: 100.0, 9: -2.5}, min_tokens=4,
+    )
+    sampling = request.sampling
+    assert (sampling.presence_penalty, sampling.frequency_penalty) == (-0.5, 1.0)
+    assert sampling.HasField("repetition_penalty")
+    assert {b.token_id: b.bias for b in sampling.logit_bias} == {5: 100.0, 9: -2.5}
+    assert request.stopping.min_tokens == 4
+    plain = build_generate_request("x")
+    assert not plain.sampling.HasField("repetition_penalty") and not plain.sampling.logit_bias
+
+
 def test_tokenize_request() -> None:
     assert build_tokenize_request("hi") == generate_service_pb2.TokenizeRequest(prompt="hi")
     request = build_tokenize_request(messages=[{"role": "user", "content": "yo"}])

@@ -129,3 +129,34 @@ def test_cuda_defaults_to_bf16_and_triton(tiny_checkpoint) -> None:
     _, info = build_engine(EngineConfig(model=tiny_checkpoint("llama"), num_kv_blocks=128,
                                         max_num_seqs=4))
     assert (info.dtype, info.attention_backend) == ("bfloat16", "triton")
+
+
+def test_fp32_penalties_bias_and_min_tokens_equal_the_cpu_engine(
+    tiny_checkpoint, make_core, prompts
+) -> None:
+    """The penalties (the Triton kernel), logit_bias and min_tokens under CUDA graphs and async
+    scheduling draw the CPU engine's greedy tokens (the torch twins, no overlap)."""
+    from llmserve.engine_service.seam import EngineRequest, SamplingOptions
+
+    model_dir = tiny_checkpoint("qwen3")
+    options = [
+        SamplingOptions(temperature=0.0, max_tokens=16, ignore_eos=True, repetition_penalty=1.8),
+        SamplingOptions(temperature=0.0, max_tokens=16, ignore_eos=True, presence_penalty=1.5,
+                        frequency_penalty=0.7),
+        SamplingOptions(temperature=0.0, max_tokens=16, ignore_eos=True,
+                        logit_bias=((11, 6.0), (12, 5.5)), repetition_penalty=0.7),
+        SamplingOptions(temperature=0.0, max_tokens=16),
+        SamplingOptions(temperature=0.0, max_tokens=16, frequency_penalty=-0.5, min_tokens=4,
+                        stop_token_ids=(11,), logit_bias=((11, 30.0),)),
+    ]
+
+    def run(core) -> dict[str, list[int]]:
+        requests = [EngineRequest(f"r{i}", p, o)
+                    for i, (p, o) in enumerate(zip(prompts, options, strict=True))]
+        return {k: r.token_ids for k, r in core.run_to_completion(requests).items()}
+
+    cuda = make_core(model_dir, dtype="float32", attention_backend="triton")
+    assert cuda.config.async_scheduling and cuda.runner.graphs is not None
+    ours = run(cuda)
+    assert cuda.logits_processors.state.counts.is_cuda
+    assert ours == run(make_core(model_dir, device="cpu"))

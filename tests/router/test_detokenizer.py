@@ -84,3 +84,23 @@ def test_several_tokens_per_message_decode_like_one_at_a_time(
     one_at_a_time, _ = stream(tokenizer, text, stop)
     assert "".join(pieces) == "".join(one_at_a_time) == text.split("東京")[0] if stop else text
     assert all("\ufffd" not in p for p in pieces)
+
+
+@pytest.mark.parametrize("per_message", [1, 3])
+def test_stop_strings_do_not_match_in_the_first_min_tokens(
+    tokenizer: TextTokenizer, per_message: int
+) -> None:
+    """The text of the first min_tokens tokens goes out whole; a stop string in the text of a
+    later token still stops the stream."""
+    text = "the cat sat on the mat"
+    ids = encode(tokenizer, text)
+    # The first token whose text ends past the first "the".
+    protected = next(n for n in range(1, len(ids) + 1)
+                     if len(asyncio.run(tokenizer.decode(ids[:n]))) >= len("the cat"))
+    detok = IncrementalDetokenizer(tokenizer, ["the"], min_tokens=protected)
+    chunks = [ids[start : start + per_message] for start in range(0, len(ids), per_message)]
+    pieces = push_chunks(detok, chunks)
+    assert detok.stopped
+    assert "".join(pieces) == "the cat sat on "
+    detok = IncrementalDetokenizer(tokenizer, ["the"], min_tokens=len(ids))
+    assert "".join(push_chunks(detok, chunks)) == text and not detok.stopped

@@ -191,6 +191,8 @@ def test_frozen_engine_is_left_and_its_stream_continues_exactly(
                 temperature=0.0,
                 max_tokens=max_tokens,
                 ignore_eos=True,
+                # Resubmitted with what is left of it (no token to hold off here: ignore_eos).
+                min_tokens=max_tokens,
                 request_id="frozen-victim",
                 timeout=60,
             ):

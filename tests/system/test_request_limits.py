@@ -17,6 +17,32 @@ TOO_LONG_ID = "r" * (limits.MAX_ID_CHARS + 1)
 TOO_LONG_TENANT = "t" * (limits.MAX_TENANT_CHARS + 1)
 TOO_MANY_STOP_IDS = [1] * (limits.MAX_STOP_TOKEN_IDS + 1)
 ID_LIMIT = f"limit is {limits.MAX_ID_CHARS}"
+VOCAB_SIZE = 641  # the tiny checkpoint's tokenizer
+TOO_MANY_BIASES = {token: 1.0 for token in range(limits.MAX_LOGIT_BIAS + 1)}
+
+# Penalties, logit_bias and min_tokens past each bound, as client keyword arguments (with
+# max_tokens=2), and what the error must say: the router and the engine check them alike.
+SAMPLING_CASES: list[tuple[dict, list[str]]] = [
+    ({"presence_penalty": 2.5}, ["sampling.presence_penalty", "[-2, 2]"]),
+    ({"presence_penalty": -2.5}, ["sampling.presence_penalty", "[-2, 2]"]),
+    ({"frequency_penalty": 2.5}, ["sampling.frequency_penalty", "[-2, 2]"]),
+    ({"frequency_penalty": -2.5}, ["sampling.frequency_penalty", "[-2, 2]"]),
+    ({"repetition_penalty": 0.0}, ["sampling.repetition_penalty", "(0, 2]"]),
+    ({"repetition_penalty": 2.5}, ["sampling.repetition_penalty", "(0, 2]"]),
+    ({"logit_bias": TOO_MANY_BIASES}, ["sampling.logit_bias", "limit is 300"]),
+    ({"logit_bias": {5: 100.5}}, ["sampling.logit_bias[0].bias", "[-100, 100]"]),
+    ({"logit_bias": {5: 1.0, 6: -101.0}}, ["sampling.logit_bias[1].bias", "[-100, 100]"]),
+    ({"logit_bias": {-1: 1.0}}, ["sampling.logit_bias[0].token_id", ">= 0"]),
+    # Past the vocabulary: the engine's check, which a router passes on.
+    ({"logit_bias": {VOCAB_SIZE: 1.0}}, ["sampling.logit_bias", f"[0, {VOCAB_SIZE})"]),
+    ({"min_tokens": -1}, ["stopping.min_tokens", ">= 0"]),
+    ({"min_tokens": 3}, ["stopping.min_tokens", "exceeds max_tokens 2"]),
+]
+SAMPLING_IDS = [
+    "presence_high", "presence_low", "frequency_high", "frequency_low", "repetition_zero",
+    "repetition_high", "logit_bias_count", "bias_high", "bias_low", "bias_negative_id",
+    "bias_vocab", "min_tokens_negative", "min_tokens_over_max",
+]
 
 
 def prompt_char_limit(model_dir: Path) -> int:
@@ -43,6 +69,7 @@ ROUTER_CASES: list[tuple[dict, list[str]]] = [
     ({"messages": [user("hi", role="r" * 65)]}, ["messages[0].role", "1..64"]),
     ({"messages": [user("hi"), user("hi", role="")]}, ["messages[1].role", "1..64"]),
     ({"logprobs": limits.MAX_LOGPROBS + 1}, ["sampling.logprobs", "20"]),
+    *SAMPLING_CASES,
 ]
 
 
@@ -92,6 +119,34 @@ def test_router_refuses_text_too_long_to_fit_before_tokenizing(qwen3_system) -> 
         assert "limit is 2048" in refused.value.details()
 
 
+def engine_fields(params: dict) -> dict:
+    """Client keyword arguments of SAMPLING_CASES as an engine request's fields."""
+    params = dict(params)
+    stopping = common_pb2.StoppingCriteria(max_tokens=2, min_tokens=params.pop("min_tokens", 0))
+    bias = params.pop("logit_bias", {})
+    sampling = common_pb2.SamplingParams(
+        logit_bias=[common_pb2.LogitBias(token_id=t, bias=b) for t, b in bias.items()], **params
+    )
+    return {"sampling": sampling, "stopping": stopping}
+
+
+def test_values_at_every_bound_are_served(qwen3_system) -> None:
+    _, engine, router = qwen3_system
+    at_bounds = {
+        "presence_penalty": -2.0, "frequency_penalty": 2.0, "repetition_penalty": 2.0,
+        "logit_bias": {token: (100.0 if token % 2 else -100.0)
+                       for token in range(VOCAB_SIZE - limits.MAX_LOGIT_BIAS, VOCAB_SIZE)},
+        "min_tokens": 2,
+    }
+    with LLMClient(router.address) as client:
+        completion = client.generate_text(prompt_token_ids=[5, 6, 7], max_tokens=2, **at_bounds)
+    assert completion.usage is not None and completion.usage.completion_tokens == 2
+    with grpc.insecure_channel(engine.address) as channel:
+        stub = engine_service_pb2_grpc.EngineServiceStub(channel)
+        responses = list(stub.Generate(engine_request(**engine_fields(at_bounds)), timeout=30))
+    assert responses[-1].usage.completion_tokens == 2
+
+
 def engine_request(**fields: object) -> engine_service_pb2.EngineServiceGenerateRequest:
     return engine_service_pb2.EngineServiceGenerateRequest(
         prompt_token_ids=fields.pop("prompt_token_ids", [5, 6, 7]),
@@ -117,6 +172,18 @@ ENGINE_CASES: list[tuple[engine_service_pb2.EngineServiceGenerateRequest, list[s
         ["sampling.logprobs", "20"],
     ),
     (engine_request(priority=9), ["priority", "9"]),
+    *[(engine_request(**engine_fields(params)), expected) for params, expected in SAMPLING_CASES],
+    (
+        engine_request(sampling=common_pb2.SamplingParams(logit_bias=[
+            common_pb2.LogitBias(token_id=5, bias=1.0), common_pb2.LogitBias(token_id=5, bias=2.0)
+        ])),
+        ["sampling.logit_bias[1].token_id", "5 appears more than once"],
+    ),
+    (
+        # With max_tokens unset, min_tokens is bounded by the default max_tokens that applies.
+        engine_request(stopping=common_pb2.StoppingCriteria(min_tokens=MAX_MODEL_LEN)),
+        ["stopping.min_tokens", "exceeds max_tokens", "default"],
+    ),
 ]
 ENGINE_IDS = [
     "request_id",
@@ -126,6 +193,9 @@ ENGINE_IDS = [
     "empty",
     "logprobs",
     "priority",
+    *SAMPLING_IDS,
+    "bias_duplicate",
+    "min_tokens_over_default",
 ]
 
 

@@ -1,7 +1,43 @@
-"""GetInfo and WatchLoad messages carry the seam's values, field by field."""
+"""GetInfo and WatchLoad messages carry the seam's values, field by field; a Generate request's
+sampling and stopping fields reach the seam's SamplingOptions."""
 
-from llmserve.engine_service.frontend.messages import info_to_proto, load_to_proto
+from llmserve.engine_service.frontend.messages import (
+    info_to_proto,
+    load_to_proto,
+    request_from_proto,
+)
 from llmserve.engine_service.seam import EngineInfo, LoadSnapshot
+from llmserve.v1 import common_pb2, engine_service_pb2
+
+INFO = EngineInfo(
+    model="qwen3", architecture="Qwen3ForCausalLM", vocab_size=151936, max_model_len=4096,
+    block_size=16, num_blocks=900, max_num_seqs=64, max_num_batched_tokens=2048,
+    block_hash_algorithm="xxh3_64", block_hash_seed=2**63 + 5, eos_token_ids=(1, 2),
+    attention_backend="triton", dtype="bfloat16", tensor_parallel_size=2, device="cuda:0",
+    max_tokens_default=256,
+)
+
+
+def test_generate_request_carries_penalties_logit_bias_and_min_tokens() -> None:
+    message = engine_service_pb2.EngineServiceGenerateRequest(
+        prompt_token_ids=[5, 6, 7],
+        sampling=common_pb2.SamplingParams(
+            presence_penalty=0.5, frequency_penalty=-1.0, repetition_penalty=1.25,
+            logit_bias=[common_pb2.LogitBias(token_id=9, bias=-100.0),
+                        common_pb2.LogitBias(token_id=151935, bias=2.5)],
+        ),
+        stopping=common_pb2.StoppingCriteria(min_tokens=7, stop_token_ids=[4]),
+    )
+    options = request_from_proto(message, INFO).sampling
+    assert (options.presence_penalty, options.frequency_penalty) == (0.5, -1.0)
+    assert options.repetition_penalty == 1.25
+    assert options.logit_bias == ((9, -100.0), (151935, 2.5))
+    assert options.min_tokens == 7 and options.processes_logits
+    plain = request_from_proto(
+        engine_service_pb2.EngineServiceGenerateRequest(prompt_token_ids=[5]), INFO
+    ).sampling
+    assert plain.repetition_penalty == 1.0 and plain.min_tokens == 0
+    assert not plain.processes_logits and not plain.keeps_token_state
 
 
 def test_get_info_is_the_engine_info() -> None:

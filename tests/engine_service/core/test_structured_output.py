@@ -1,0 +1,369 @@
+"""Structured output in the engine core, on the demo model (random weights: whatever it draws
+is only ever what the constraint allows, so every output that ends by `stop` must satisfy it).
+
+Each test samples at temperature 1.0 over several seeds: the mask, not luck, makes the outputs
+valid. Outputs that end by `length` are cut short and not checked.
+"""
+
+import json
+import re
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer
+
+from llmserve.engine_service.core import structured_output
+from llmserve.engine_service.core.structured_output import StructuredOutputs
+from llmserve.engine_service.seam import (
+    EngineRequest,
+    FinishReason,
+    SamplingOptions,
+    StructuredOutputSpec,
+)
+
+# A dev dependency the GPU image lacks (its runs collect every test module).
+jsonschema = pytest.importorskip("jsonschema")
+SEEDS = range(8)
+# A small pool (the default KV budget would allocate 1 GiB for each core).
+KV = {"num_kv_blocks": 256}
+# Compact JSON (llguidance's `x-guidance` options, in the schema): with flexible whitespace a
+# random model mostly draws whitespace and seldom finishes within max_tokens.
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer", "minimum": 0, "maximum": 999},
+        "status": {"enum": ["open", "closed"]},
+        "score": {"type": "number"},
+        "owner": {
+            "type": "object",
+            "properties": {"name": {"type": "string", "maxLength": 8},
+                           "admin": {"type": "boolean"}},
+            "required": ["name", "admin"],
+            "additionalProperties": False,
+        },
+        "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3},
+    },
+    "required": ["id", "status", "owner", "tags"],
+    "additionalProperties": False,
+    "x-guidance": {"whitespace_flexible": False},
+}
+REGEX = r"[a-z]{2,5}-[0-9]{3}"
+CHOICES = ("red apple", 'say "hi"', "new\nline", "Zürich", "back\\slash")
+# Arithmetic: checked below by a parser written by hand, not by the library that constrained it.
+GRAMMAR = """
+start: expr
+expr: term (OP term)*
+term: NUMBER | "(" expr ")"
+OP: "+" | "-" | "*"
+NUMBER: /[0-9]{1,3}/
+"""
+
+
+def spec(kind: str, text: str | tuple[str, ...] = "") -> StructuredOutputSpec:
+    return StructuredOutputSpec(kind, text)
+
+
+def constrained(name: str, seed: int, constraint: StructuredOutputSpec, max_tokens: int = 300,
+                **options: object) -> EngineRequest:
+    return EngineRequest(name, [5, 6, 7, 8 + seed], SamplingOptions(
+        temperature=1.0, seed=seed, max_tokens=max_tokens, structured_output=constraint,
+        **options))
+
+
+@pytest.fixture
+def tokenizer(demo_dir: Path) -> Tokenizer:
+    return Tokenizer.from_file(str(demo_dir / "tokenizer.json"))
+
+
+@pytest.fixture
+def decode(tokenizer: Tokenizer):
+    return lambda ids: tokenizer.decode(ids)  # the end-of-sequence token is special: skipped
+
+
+def finished_texts(results: dict, decode) -> list[str]:
+    return [decode(g.token_ids) for g in results.values() if g.finish_reason is FinishReason.STOP]
+
+
+def parses_as_arithmetic(text: str) -> bool:
+    at = 0
+
+    def term() -> None:
+        nonlocal at
+        if text[at:at + 1] == "(":
+            at += 1
+            expr()
+            assert text[at:at + 1] == ")"
+            at += 1
+            return
+        digits = re.match(r"[0-9]{1,3}(?![0-9])", text[at:])
+        assert digits
+        at += digits.end()
+
+    def expr() -> None:
+        nonlocal at
+        term()
+        while text[at:at + 1] in ("+", "-", "*") and at < len(text):
+            at += 1
+            term()
+
+    try:
+        expr()
+    except AssertionError:
+        return False
+    return at == len(text)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_every_finished_output_meets_its_constraint(demo_core, decode,
+                                                    async_scheduling: bool) -> None:
+    core = demo_core(max_num_seqs=64, async_scheduling=async_scheduling, **KV)
+    # (constraint, max_tokens): enough for most outputs to finish.
+    kinds = {
+        "schema": (spec("json_schema", json.dumps(SCHEMA)), 160),
+        "regex": (spec("regex", REGEX), 20),
+        "choice": (spec("choice", CHOICES), 20),
+        "grammar": (spec("grammar", GRAMMAR), 60),
+        "object": (spec("json_object"), 40),
+    }
+    requests = [constrained(f"{kind}{seed}", seed, c, max_tokens)
+                for kind, (c, max_tokens) in kinds.items() for seed in SEEDS]
+    results = core.run_to_completion(requests)
+    by_kind = {kind: {k: v for k, v in results.items() if k.rstrip("0123456789") == kind}
+               for kind in kinds}
+    schemas = finished_texts(by_kind["schema"], decode)
+    assert len(schemas) >= len(SEEDS) // 2
+    for text in schemas:
+        jsonschema.validate(json.loads(text), SCHEMA)
+    regexes = finished_texts(by_kind["regex"], decode)
+    assert len(regexes) == len(SEEDS) and all(re.fullmatch(REGEX, t) for t in regexes)
+    choices = finished_texts(by_kind["choice"], decode)
+    assert len(choices) == len(SEEDS) and set(choices) <= set(CHOICES)
+    assert len(set(choices)) > 1  # sampled, not forced to one
+    sentences = finished_texts(by_kind["grammar"], decode)
+    assert len(sentences) >= len(SEEDS) // 2
+    assert all(parses_as_arithmetic(t) for t in sentences), sentences
+    objects = finished_texts(by_kind["object"], decode)
+    assert objects and all(isinstance(json.loads(t), dict) for t in objects)
+    assert not core.sequences and not core.compiling
+
+
+def test_async_scheduling_draws_the_same_tokens(demo_core) -> None:
+    """Under async scheduling a constrained row reads the step in flight before its draw: the
+    tokens are those of the plain loop, and unconstrained rows beside it are unaffected."""
+    constraint = spec("json_schema", json.dumps(SCHEMA))
+
+    def run(async_scheduling: bool) -> dict:
+        core = demo_core(max_num_seqs=16, async_scheduling=async_scheduling, **KV)
+        requests = [constrained(f"s{seed}", seed, constraint, max_tokens=40) for seed in range(3)]
+        requests += [EngineRequest(f"p{seed}", [9, 9, seed], SamplingOptions(
+            temperature=1.0, seed=seed, max_tokens=30, ignore_eos=True)) for seed in range(3)]
+        overlapped = 0
+        for request in requests:
+            core.add_request(request)
+        outputs: dict[str, list] = {}
+        while core.has_work or core.compiling:
+            if not core.has_work:
+                core.structured.wait()
+            for out in core.step():
+                outputs.setdefault(out.request_id, []).append(
+                    (out.new_token_ids, out.finish_reason))
+            overlapped += core._in_flight is not None
+        return {"outputs": outputs, "overlapped": overlapped}
+
+    plain, overlapped = run(False), run(True)
+    assert overlapped["outputs"] == plain["outputs"]
+    assert overlapped["overlapped"] > 10  # the unconstrained rows still overlap
+
+
+def test_plain_requests_are_unchanged_beside_constrained_ones(demo_core, monkeypatch) -> None:
+    options = SamplingOptions(temperature=1.0, seed=7, max_tokens=24, ignore_eos=True)
+    alone = demo_core(**KV).run_to_completion([EngineRequest("p", [4, 5, 6], options)])["p"]
+    fills = []
+    original = StructuredOutputs.fill_bitmask
+    monkeypatch.setattr(StructuredOutputs, "fill_bitmask",
+                        lambda self, matchers: fills.append(len(matchers)) or original(self,
+                                                                                       matchers))
+    core = demo_core(**KV)
+    assert core.run_to_completion([EngineRequest("p", [4, 5, 6], options)])["p"] == alone
+    assert fills == []  # a batch where nobody asks fills no mask
+    mixed = core.run_to_completion([
+        EngineRequest("p", [4, 5, 6], options),
+        *(constrained(f"c{seed}", seed, spec("regex", REGEX)) for seed in range(3)),
+    ])
+    assert mixed["p"].token_ids == alone.token_ids
+    assert fills and max(fills) == 3
+
+
+def test_chunked_prefill_and_preemption_keep_the_constraint(demo_core, decode) -> None:
+    """Long prompts prefilled in chunks (only the last chunk's logits are masked), and a KV
+    pool so small that sequences are preempted and recomputed: the matchers keep their state
+    (a preempted sequence keeps its tokens), so the outputs are those of a roomy engine."""
+    constraint = spec("json_schema", json.dumps(SCHEMA))
+    requests = [EngineRequest(f"s{seed}", [20 + seed] * 40, SamplingOptions(
+        temperature=1.0, seed=seed, max_tokens=100, structured_output=constraint))
+        for seed in range(4)]
+    roomy = demo_core(**KV).run_to_completion(requests)
+    # 12 blocks of 16 tokens for 4 sequences growing to ~120 tokens: preemption is certain.
+    tight_core = demo_core(num_kv_blocks=12, max_num_batched_tokens=32, max_num_seqs=4)
+    tight = tight_core.run_to_completion(requests)
+    assert tight_core.scheduler.num_preemptions > 0
+    assert {k: g.token_ids for k, g in tight.items()} == {k: g.token_ids for k, g in roomy.items()}
+    for text in finished_texts(tight, decode):
+        jsonschema.validate(json.loads(text), SCHEMA)
+
+
+def test_max_tokens_and_stop_tokens_still_end_a_constrained_output(demo_core) -> None:
+    core = demo_core(**KV)
+    results = core.run_to_completion([
+        constrained("short", 0, spec("json_object"), max_tokens=3),
+        # `a+` stays open after each a: the end-of-sequence token is allowed there, and ends it.
+        *(constrained(f"open{seed}", seed, spec("regex", "a+"), max_tokens=100)
+          for seed in range(4)),
+    ])
+    assert results["short"].finish_reason is FinishReason.LENGTH
+    assert len(results["short"].token_ids) == 3
+    for seed in range(4):
+        open_ended = results[f"open{seed}"]
+        assert open_ended.finish_reason is FinishReason.STOP
+        assert open_ended.token_ids[-1] in core.eos_token_ids
+
+
+def test_bad_constraints_are_refused_and_the_others_served(demo_core) -> None:
+    core = demo_core(**KV)
+    bad = {
+        "not_json": (spec("json_schema", "{not json"), "json_schema: not valid JSON"),
+        "not_object": (spec("json_schema", "[1, 2]"), "a schema is a JSON object"),
+        "bad_type": (spec("json_schema", '{"type": 5}'), "json_schema: type must be"),
+        "bad_ref": (spec("json_schema", '{"$ref": "#/$defs/none"}'), "json_schema: "),
+        "bad_regex": (spec("regex", "(a"), "structured_output.regex: "),
+        "bad_grammar": (spec("grammar", "start: missing_rule"), "structured_output.grammar: "),
+    }
+    requests = [constrained(name, 0, c) for name, (c, _) in bad.items()]
+    requests.append(EngineRequest("plain", [3, 4], SamplingOptions(max_tokens=5, seed=1)))
+    results = core.run_to_completion(requests)
+    for name, (_, message) in bad.items():
+        error = results[name].error
+        assert error is not None and error.status == "INVALID_ARGUMENT", name
+        assert message in error.reason and error.reason.startswith(
+            "sampling.structured_output."), error.reason
+        assert results[name].token_ids == []
+    assert results["plain"].error is None and len(results["plain"].token_ids) == 5
+
+
+def test_a_compilation_past_its_deadline_fails_and_never_holds_up_the_loop(
+        demo_core, monkeypatch) -> None:
+    release = threading.Event()
+    real = structured_output.grammar_of
+
+    def slow(constraint: StructuredOutputSpec) -> str:
+        if constraint.spec == "slow":
+            release.wait(30)  # a compilation that ends only when the test says so
+        return real(constraint)
+
+    monkeypatch.setattr(structured_output, "grammar_of", slow)
+    core = demo_core(structured_output_compile_timeout_s=1.0, **KV)
+    started = time.monotonic()
+    core.add_request(constrained("slow", 0, spec("regex", "slow")))
+    core.add_request(EngineRequest("plain", [3, 4], SamplingOptions(
+        max_tokens=5, seed=1, ignore_eos=True)))
+    ended: dict[str, float] = {}
+    while core.has_work or core.compiling:
+        if not core.has_work:
+            core.structured.wait()
+        for out in core.step():
+            if out.finish_reason is not None:
+                ended[out.request_id] = time.monotonic() - started
+                # The step loop served the plain request while the compilation was stuck.
+                assert core.compiling
+        for rejected in core.take_rejected():
+            ended[rejected.request_id] = time.monotonic() - started
+            assert rejected.status == "DEADLINE_EXCEEDED"
+            assert "sampling.structured_output.regex: still compiling after 1 s" in (
+                rejected.reason)
+    assert 1.0 <= ended["slow"] < 5.0 and "plain" in ended
+    release.set()
+    # The compilation ends in the end, and its grammar is cached: the next request is served.
+    deadline = time.monotonic() + 10
+    while ("regex", "slow") not in core.structured._cache and time.monotonic() < deadline:
+        time.sleep(0.01)
+    again = core.run_to_completion([constrained("again", 0, spec("regex", "slow"))])["again"]
+    assert again.error is None and again.finish_reason is FinishReason.STOP
+
+
+def test_grammars_are_compiled_once_and_cached(demo_core, monkeypatch) -> None:
+    compiled = []
+    real = structured_output.grammar_of
+    monkeypatch.setattr(structured_output, "grammar_of",
+                        lambda c: compiled.append(c.kind) or real(c))
+    core = demo_core(**KV)
+    burst = [constrained(f"r{seed}", seed, spec("regex", REGEX)) for seed in range(8)]
+    assert all(g.error is None for g in core.run_to_completion(burst).values())
+    later = core.run_to_completion([constrained("later", 9, spec("regex", REGEX)),
+                                    constrained("bad", 0, spec("regex", "(a")),
+                                    constrained("bad2", 1, spec("regex", "(a"))])
+    assert later["later"].error is None
+    assert later["bad"].error is not None and later["bad2"].error is not None
+    assert compiled == ["regex", "regex"]  # the burst's grammar once, the bad one once
+
+
+def test_a_failed_over_stream_resumes_its_constraint(demo_core, decode, tokenizer) -> None:
+    """A router moves a stream to another engine with the output so far appended to the prompt
+    and `resumed_output_tokens` saying so: the constraint carries on after it, and with the same
+    seed the stream continues exactly."""
+    constraint = spec("json_schema", json.dumps(SCHEMA))
+    options = SamplingOptions(temperature=1.0, seed=2, max_tokens=160, structured_output=constraint)
+    prompt = [5, 6, 7]
+    core = demo_core(**KV)
+    whole = core.run_to_completion([EngineRequest("a", prompt, options)])["a"]
+    assert whole.finish_reason is FinishReason.STOP
+    cut = 10
+    resumed = core.run_to_completion([EngineRequest(
+        "b", prompt + whole.token_ids[:cut],
+        SamplingOptions(temperature=1.0, seed=2, max_tokens=160 - cut,
+                        structured_output=constraint),
+        resumed_output_tokens=cut)])["b"]
+    assert whole.token_ids[:cut] + resumed.token_ids == whole.token_ids
+    jsonschema.validate(json.loads(decode(whole.token_ids)), SCHEMA)
+    broken = core.run_to_completion([EngineRequest(
+        "c", [*prompt, *tokenizer.encode("nope").ids], options,
+        resumed_output_tokens=len(tokenizer.encode("nope").ids))])["c"]
+    assert broken.error is not None and "resumed_output_tokens" in broken.error.reason
+
+
+def test_logprobs_stay_the_models_own(demo_core, decode) -> None:
+    """With logprobs the step is read at once; the mask applies to a copy of the logits, so
+    the log-probabilities are the model's (as without a constraint)."""
+    core = demo_core(**KV)
+    constraint = spec("choice", CHOICES)
+    with_constraint = core.run_to_completion(
+        [constrained("c", 0, constraint, logprobs=2)])["c"]
+    assert decode(with_constraint.token_ids) in CHOICES
+    first = with_constraint.token_ids[0]
+    unconstrained = core.run_to_completion([EngineRequest("u", [5, 6, 7, 8], SamplingOptions(
+        temperature=0.0, max_tokens=1, logprobs=2))])["u"]
+    # Same prompt, same position: the alternatives are the model's top tokens, not the allowed.
+    assert with_constraint.logprobs[0].top == unconstrained.logprobs[0].top
+    assert with_constraint.logprobs[0].token_id == first
+
+
+def test_a_constraint_past_the_librarys_limits_mid_stream_fails_the_request(
+        demo_core, monkeypatch) -> None:
+    """llguidance bounds its work per mask; an ambiguous grammar that outgrows the bound while
+    generating (here a low bound, and min_tokens keeping the output going) ends its request
+    with INVALID_ARGUMENT naming the limit; the request beside it is served."""
+    import llguidance
+
+    monkeypatch.setattr(structured_output, "LIMITS",
+                        llguidance.LLParserLimits(verbose_errors=False, step_max_items=300))
+    ambiguous = 'start: s\ns: s s | s s s | "x" | "xx"\n'
+    results = demo_core(**KV).run_to_completion([
+        constrained("r", 0, spec("grammar", ambiguous), max_tokens=60, min_tokens=50),
+        EngineRequest("plain", [5, 6, 7], SamplingOptions(seed=1, max_tokens=10)),
+    ])
+    error = results["r"].error
+    assert error is not None and error.status == "INVALID_ARGUMENT"
+    assert "went past the engine's limits while generating" in error.reason
+    assert "Too many items" in error.reason
+    assert len(results["plain"].token_ids) == 10
