@@ -5,9 +5,10 @@ Also holds the paged-KV helpers the attention tests share (as the `paged` fixtur
 """
 
 import os
+import subprocess
 import sys
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import pytest
@@ -24,6 +25,24 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     ]:
         if not name.startswith("triton._C"):
             del sys.modules[name]
+
+
+def _compile_for_sm90(script: str) -> None:
+    """Runs a script that compiles kernels for Hopper and prints "compiled", in a subprocess:
+    kernels decorated in this process may be interpreted ones. Triton ships ptxas, so no GPU."""
+    pytest.importorskip("triton.backends.nvidia")
+    # "0", not unset: llmserve.kernels turns the interpreter on by default without CUDA torch.
+    env = {**os.environ, "TRITON_INTERPRET": "0", "LLMSERVE_TRITON_ON_CPU": "0"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.fixture
+def compile_for_sm90() -> Callable[[str], None]:
+    return _compile_for_sm90
 
 
 @pytest.fixture(autouse=True)
