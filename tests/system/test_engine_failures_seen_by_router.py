@@ -25,7 +25,7 @@ from launcher import ServerProcess
 from llmserve.clients import LLMClient
 from llmserve.router.engine_channel import open_engine_channel
 from llmserve.router.server import LIVENESS_NAME
-from llmserve.v1 import common_pb2, engine_service_pb2, engine_service_pb2_grpc
+from llmserve.v1 import engine_service_pb2, engine_service_pb2_grpc
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -161,7 +161,7 @@ def test_router_health_follows_its_only_engine_down_and_back(
 
 
 def test_frozen_engine_is_left_and_its_stream_continues_exactly(
-    tiny_checkpoint, start_engine, start_router, unused_port
+    tiny_checkpoint, start_engine, start_router, unused_port, engine_greedy
 ) -> None:
     model = tiny_checkpoint("qwen3")
     engines = [start_engine(model) for _ in range(2)]
@@ -169,19 +169,7 @@ def test_frozen_engine_is_left_and_its_stream_continues_exactly(
     router = start_router(model, engines, "--metrics-port", str(metrics_port))
     prompt = [7, 8, 9, 10, 11]
     max_tokens = 200
-    with grpc.insecure_channel(engines[0].address) as channel:
-        stub = engine_service_pb2_grpc.EngineServiceStub(channel)
-        undisturbed = [
-            t
-            for r in stub.Generate(
-                engine_service_pb2.EngineServiceGenerateRequest(
-                    prompt_token_ids=prompt,
-                    sampling=common_pb2.SamplingParams(temperature=0),
-                    stopping=common_pb2.StoppingCriteria(max_tokens=max_tokens, ignore_eos=True),
-                )
-            )
-            for t in r.token_ids
-        ]
+    undisturbed = engine_greedy(engines[0].address, prompt, max_tokens)
     with LLMClient(router.address) as client:
         received: list[int] = []
         with contextlib.ExitStack() as stack:

@@ -2,11 +2,9 @@
 
 import time
 
-import grpc
 import pytest
 
 from llmserve.clients import LLMClient
-from llmserve.v1 import common_pb2, engine_service_pb2, engine_service_pb2_grpc
 
 
 def routed_engine(router, request_id: str) -> str:
@@ -48,25 +46,13 @@ def test_requests_sharing_a_prefix_follow_it(
 
 
 def test_engine_killed_mid_stream_stream_continues_exactly(
-    tiny_checkpoint, start_engine, start_router
+    tiny_checkpoint, start_engine, start_router, engine_greedy
 ) -> None:
     model = tiny_checkpoint("qwen3")
     engines = [start_engine(model) for _ in range(2)]
     router = start_router(model, engines)
     prompt = [7, 8, 9, 10, 11]
-    with grpc.insecure_channel(engines[1].address) as channel:
-        stub = engine_service_pb2_grpc.EngineServiceStub(channel)
-        undisturbed = [
-            t
-            for r in stub.Generate(
-                engine_service_pb2.EngineServiceGenerateRequest(
-                    prompt_token_ids=prompt,
-                    sampling=common_pb2.SamplingParams(temperature=0),
-                    stopping=common_pb2.StoppingCriteria(max_tokens=300, ignore_eos=True),
-                )
-            )
-            for t in r.token_ids
-        ]
+    undisturbed = engine_greedy(engines[1].address, prompt, 300)
     with LLMClient(router.address) as client:
         received: list[int] = []
         killed = None
