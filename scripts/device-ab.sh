@@ -67,7 +67,7 @@ left=$((BUDGET_S - ($(date +%s) - START)))
 if wanted gputests && [ "$left" -gt 30 ]; then
   use new
   echo "== gpu tests (new), ${left}s left =="
-  timeout "$left" python3 -P -m pytest -m gpu tests -q -p no:cacheprovider -x 2>&1 | tail -25
+  timeout "$left" python3 -P -m pytest -m gpu tests -q -p no:cacheprovider --continue-on-collection-errors -rfE 2>&1 | tail -40
 fi
 cd "$ROOT"
 python3 - "$OUT" <<'PY'

@@ -21,7 +21,9 @@ ALIGN = 32  # int32 elements: 128 bytes
 def upload(values: list | np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small host list on `device` without waiting: a pageable copy would wait for the step
     in flight, a pinned non-blocking one does not."""
-    host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
+    host = torch.as_tensor(np.asarray(values), dtype=dtype)
+    if device.type == "cuda":
+        host = host.pin_memory()
     return host.to(device, non_blocking=True)
 
 
