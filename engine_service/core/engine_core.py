@@ -41,6 +41,7 @@ class Generation:
 
     token_ids: list[int]
     finish_reason: FinishReason | None
+    prompt_tokens: int
     cached_prompt_tokens: int
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # if the request asked for them
     error: RejectedRequest | None = None  # refused (a constraint that did not compile) or failed
@@ -171,7 +172,7 @@ class EngineCore:
         results: dict[str, Generation] = {}
         for request in requests:
             self.add_request(request)
-            results[request.request_id] = Generation([], None, 0)
+            results[request.request_id] = Generation([], None, 0, 0)
         while self.has_work or self.compiling:
             if not self.has_work:
                 self.structured.wait()
@@ -185,6 +186,7 @@ class EngineCore:
                     result.logprobs += out.new_logprobs
                 if out.finish_reason is not None:
                     result.finish_reason = out.finish_reason
+                    result.prompt_tokens = out.prompt_tokens
                     result.cached_prompt_tokens = out.cached_prompt_tokens
             if on_step is not None:
                 on_step(outputs)

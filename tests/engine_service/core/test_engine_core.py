@@ -19,6 +19,7 @@ def test_shared_1024_token_prefix_computes_only_the_suffix(demo_core) -> None:
     # Only the 5 new prompt tokens plus the 7 decode steps after the first token are computed.
     assert core.num_computed_tokens_total - computed_before == 5 + (GREEDY.max_tokens - 1)
     assert second["b"].cached_prompt_tokens == 1024
+    assert second["b"].prompt_tokens == 1029
 
 
 def test_long_prompt_never_starves_running_decodes(demo_core) -> None:
