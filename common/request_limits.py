@@ -43,6 +43,15 @@ MAX_ABS_LOGIT_BIAS = 100.0
 MAX_STRUCTURED_SPEC_CHARS = 65536
 MAX_CHOICES = 256
 MAX_CHOICE_CHARS = 1024
+# Samples of one prompt: each holds its own sequence slot and KV for its output, so one request
+# may not take a large share of the batch.
+MAX_N = 16
+# Alternatives per prompt token with prompt_logprobs (each prompt position costs a vocabulary
+# row of logits while it is prefilled).
+MAX_PROMPT_LOGPROBS = 20
+# A prompt given as text to be truncated may exceed max_model_len tokens; it is still bounded
+# before tokenizing (gRPC's default largest message).
+MAX_TRUNCATED_PROMPT_CHARS = 4 * 1024 * 1024
 
 
 class InvalidRequestError(ValueError):
@@ -70,6 +79,19 @@ def check_shared_fields(
         )
     if request.priority not in PRIORITY_CLASS:
         raise InvalidRequestError(f"priority: unknown value {request.priority}")
+    if request.HasField("truncate_prompt_tokens") and request.truncate_prompt_tokens < 1:
+        raise InvalidRequestError(
+            f"truncate_prompt_tokens: {request.truncate_prompt_tokens} must be >= 1"
+        )
+
+
+def check_truncate_prompt_tokens(value: int, max_model_len: int) -> None:
+    """The upper bound of truncate_prompt_tokens, which follows the model."""
+    if value >= max_model_len:
+        raise InvalidRequestError(
+            f"truncate_prompt_tokens: {value}; the limit is {max_model_len - 1} "
+            f"(max_model_len {max_model_len} minus at least one generated token)"
+        )
 
 
 def check_sampling(sampling: common_pb2.SamplingParams) -> None:
@@ -97,6 +119,15 @@ def check_sampling(sampling: common_pb2.SamplingParams) -> None:
         raise InvalidRequestError(
             f"sampling.repetition_penalty: {sampling.repetition_penalty} must be in "
             f"(0, {MAX_REPETITION_PENALTY:g}]"
+        )
+    if sampling.HasField("n") and not 1 <= sampling.n <= MAX_N:
+        raise InvalidRequestError(f"sampling.n: {sampling.n} must be in [1, {MAX_N}]")
+    if sampling.HasField("prompt_logprobs") and not (
+        0 <= sampling.prompt_logprobs <= MAX_PROMPT_LOGPROBS
+    ):
+        raise InvalidRequestError(
+            f"sampling.prompt_logprobs: {sampling.prompt_logprobs} must be in "
+            f"[0, {MAX_PROMPT_LOGPROBS}]"
         )
     check_logit_bias(sampling.logit_bias)
     if sampling.HasField("structured_output"):

@@ -58,6 +58,8 @@ class SamplingOptions:
     min_tokens: int = 0
     # None: no constraint. Otherwise a grammar masks every drawn token (core/structured_output).
     structured_output: StructuredOutputSpec | None = None
+    n: int = 1  # samples of the prompt; sample i is seeded seed + i
+    prompt_logprobs: int | None = None  # alternatives per prompt token; None = none
     # Whether the sampler changes this request's logits before drawing (any of the five above);
     # set from them, so a batch where no row does can tell at the cost of one test per row.
     processes_logits: bool = field(init=False, repr=False, compare=False, default=False)
@@ -110,6 +112,9 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0
+    index: int = 0  # the sample (0 to n - 1)
+    # The prompt's tokens after the first, on a request's first output, if it asked for them.
+    prompt_logprobs: list[TokenLogprobs] | None = None
     # When the frontend received it (its own monotonic clock), for latency metrics.
     arrival: float = 0.0
 

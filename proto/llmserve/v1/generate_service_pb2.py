@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from llmserve.v1 import common_pb2 as llmserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"llmserve/v1/generate_service.proto\x12\x0bllmserve.v1\x1a\x18llmserve/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xa2\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12*\n\x08messages\x18\x02 \x03(\x0b\x32\x18.llmserve.v1.ChatMessage\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.llmserve.v1.SamplingParams\x12/\n\x08stopping\x18\x05 \x01(\x0b\x32\x1d.llmserve.v1.StoppingCriteria\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\'\n\x08priority\x18\x07 \x01(\x0e\x32\x15.llmserve.v1.Priority\x12\x0e\n\x06tenant\x18\x08 \x01(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\"\xc9\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.llmserve.v1.TokenLogprob\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.llmserve.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.llmserve.v1.Usage\"M\n\x0fTokenizeRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12*\n\x08messages\x18\x02 \x03(\x0b\x32\x18.llmserve.v1.ChatMessage\"3\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\x81\x01\n\x14GetModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x13\n\x0bnum_engines\x18\x04 \x01(\x05\x12\x1a\n\x12max_tokens_default\x18\x05 \x01(\x05\x32\xfa\x01\n\x0fGenerateService\x12I\n\x08Generate\x12\x1c.llmserve.v1.GenerateRequest\x1a\x1d.llmserve.v1.GenerateResponse0\x01\x12G\n\x08Tokenize\x12\x1c.llmserve.v1.TokenizeRequest\x1a\x1d.llmserve.v1.TokenizeResponse\x12S\n\x0cGetModelInfo\x12 .llmserve.v1.GetModelInfoRequest\x1a!.llmserve.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"llmserve/v1/generate_service.proto\x12\x0bllmserve.v1\x1a\x18llmserve/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xc0\x03\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12*\n\x08messages\x18\x02 \x03(\x0b\x32\x18.llmserve.v1.ChatMessage\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.llmserve.v1.SamplingParams\x12/\n\x08stopping\x18\x05 \x01(\x0b\x32\x1d.llmserve.v1.StoppingCriteria\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\'\n\x08priority\x18\x07 \x01(\x0e\x32\x15.llmserve.v1.Priority\x12\x0e\n\x06tenant\x18\x08 \x01(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\"\n\x1ainclude_stop_str_in_output\x18\n \x01(\x08\x12 \n\x13skip_special_tokens\x18\x0b \x01(\x08H\x00\x88\x01\x01\x12#\n\x16truncate_prompt_tokens\x18\x0c \x01(\x05H\x01\x88\x01\x01\x42\x16\n\x14_skip_special_tokensB\x19\n\x17_truncate_prompt_tokens\"\x8c\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.llmserve.v1.TokenLogprob\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.llmserve.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.llmserve.v1.Usage\x12\r\n\x05index\x18\x07 \x01(\x05\x12\x32\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x19.llmserve.v1.TokenLogprob\"M\n\x0fTokenizeRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12*\n\x08messages\x18\x02 \x03(\x0b\x32\x18.llmserve.v1.ChatMessage\"3\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\x81\x01\n\x14GetModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x13\n\x0bnum_engines\x18\x04 \x01(\x05\x12\x1a\n\x12max_tokens_default\x18\x05 \x01(\x05\x32\xfa\x01\n\x0fGenerateService\x12I\n\x08Generate\x12\x1c.llmserve.v1.GenerateRequest\x1a\x1d.llmserve.v1.GenerateResponse0\x01\x12G\n\x08Tokenize\x12\x1c.llmserve.v1.TokenizeRequest\x1a\x1d.llmserve.v1.TokenizeResponse\x12S\n\x0cGetModelInfo\x12 .llmserve.v1.GetModelInfoRequest\x1a!.llmserve.v1.GetModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,17 +35,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGE']._serialized_start=77
   _globals['_CHATMESSAGE']._serialized_end=121
   _globals['_GENERATEREQUEST']._serialized_start=124
-  _globals['_GENERATEREQUEST']._serialized_end=414
-  _globals['_GENERATERESPONSE']._serialized_start=417
-  _globals['_GENERATERESPONSE']._serialized_end=618
-  _globals['_TOKENIZEREQUEST']._serialized_start=620
-  _globals['_TOKENIZEREQUEST']._serialized_end=697
-  _globals['_TOKENIZERESPONSE']._serialized_start=699
-  _globals['_TOKENIZERESPONSE']._serialized_end=750
-  _globals['_GETMODELINFOREQUEST']._serialized_start=752
-  _globals['_GETMODELINFOREQUEST']._serialized_end=773
-  _globals['_GETMODELINFORESPONSE']._serialized_start=776
-  _globals['_GETMODELINFORESPONSE']._serialized_end=905
-  _globals['_GENERATESERVICE']._serialized_start=908
-  _globals['_GENERATESERVICE']._serialized_end=1158
+  _globals['_GENERATEREQUEST']._serialized_end=572
+  _globals['_GENERATERESPONSE']._serialized_start=575
+  _globals['_GENERATERESPONSE']._serialized_end=843
+  _globals['_TOKENIZEREQUEST']._serialized_start=845
+  _globals['_TOKENIZEREQUEST']._serialized_end=922
+  _globals['_TOKENIZERESPONSE']._serialized_start=924
+  _globals['_TOKENIZERESPONSE']._serialized_end=975
+  _globals['_GETMODELINFOREQUEST']._serialized_start=977
+  _globals['_GETMODELINFOREQUEST']._serialized_end=998
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1001
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1130
+  _globals['_GENERATESERVICE']._serialized_start=1133
+  _globals['_GENERATESERVICE']._serialized_end=1383
 # @@protoc_insertion_point(module_scope)
