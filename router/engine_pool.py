@@ -11,6 +11,7 @@ its requests fail over as if it had died.
 
 import asyncio
 import socket
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -31,6 +32,10 @@ RETRY_MIN_S = 0.1
 RETRY_MAX_S = 0.5
 # How long GetInfo waits for a connection before the attempt starts over.
 GET_INFO_TIMEOUT_S = 5.0
+# After its first engine is ready, a starting router waits up to this long for the other engines
+# it has found before it reports SERVING: a replica that joins a running fleet then routes its
+# first requests with every engine's cached prefixes in its index, not only the first one's.
+STARTUP_SYNC_S = 3.0
 
 
 class EngineStreamError(RuntimeError):
@@ -93,9 +98,26 @@ class EnginePool:
         self._task: asyncio.Task[None] | None = None
         # Set whenever an engine becomes ready or stops being ready (router health follows it).
         self.changed = asyncio.Event()
+        self._first_ready_at: float | None = None
+        self._started = False  # SERVING once: from then on, while any engine is ready
 
     def ready_engines(self) -> list[Engine]:
         return [e for e in self.engines.values() if e.ready]
+
+    def serving(self) -> bool:
+        """Whether the router can serve: some engine is ready and, the first time, every engine
+        found is, or STARTUP_SYNC_S has passed since the first was."""
+        num_ready = len(self.ready_engines())
+        if not self._started and self._first_ready_at is not None:
+            self._started = (num_ready == len(self.engines)
+                             or self.startup_sync_left_s() == 0)
+        return self._started and num_ready > 0
+
+    def startup_sync_left_s(self) -> float | None:
+        """Seconds the start-up still waits for engines; None before any is ready or after."""
+        if self._started or self._first_ready_at is None:
+            return None
+        return max(0.0, self._first_ready_at + STARTUP_SYNC_S - time.monotonic())
 
     @property
     def info(self) -> engine_service_pb2.GetInfoResponse | None:
@@ -200,6 +222,8 @@ class EnginePool:
 
     def _joined(self, engine: Engine) -> None:
         if engine.ready:
+            if self._first_ready_at is None:
+                self._first_ready_at = time.monotonic()
             log.info(
                 "engine_joined",
                 engine=engine.address,

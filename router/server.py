@@ -124,7 +124,15 @@ class GenerateServicer:
                 tenant=request.tenant,
             )
             detokenizer = IncrementalDetokenizer(
-                self.tokenizer, request.stop, request.stopping.min_tokens
+                self.tokenizer,
+                request.stop,
+                request.stopping.min_tokens,
+                include_stop_str=request.include_stop_str_in_output,
+                skip_special_tokens=(
+                    request.skip_special_tokens
+                    if request.HasField("skip_special_tokens")
+                    else True
+                ),
             )
             with self.busy_poll.in_flight():
                 try:
@@ -247,7 +255,7 @@ def health_details(pool: EnginePool, hash_check: HashSelfCheck) -> dict[str, Any
     """The router's health, engine by engine: the body of `/healthz`."""
     engines = sorted(pool.engines.values(), key=lambda e: e.address)
     return {
-        "status": "SERVING" if any(e.ready for e in engines) else "NOT_SERVING",
+        "status": "SERVING" if pool.serving() else "NOT_SERVING",
         "engines": [
             {
                 "address": e.address,
@@ -260,15 +268,15 @@ def health_details(pool: EnginePool, hash_check: HashSelfCheck) -> dict[str, Any
 
 
 async def _follow_readiness(pool: EnginePool, health_servicer: health.aio.HealthServicer) -> None:
-    """Keeps the readiness health names in step with `health_details`: SERVING while some
-    engine is ready, NOT_SERVING while none is. Logs `ready` when it first turns SERVING."""
+    """Keeps the readiness health names in step with `health_details` (`EnginePool.serving`).
+    Logs `ready` when it first turns SERVING."""
     serving = False
     first = True
     while True:
         pool.changed.clear()
         ready = [e.address for e in pool.ready_engines()]
-        if bool(ready) != serving:
-            serving = bool(ready)
+        if pool.serving() != serving:
+            serving = not serving
             status = (
                 health_pb2.HealthCheckResponse.SERVING
                 if serving
@@ -286,7 +294,11 @@ async def _follow_readiness(pool: EnginePool, health_servicer: health.aio.Health
                     status=health_pb2.HealthCheckResponse.ServingStatus.Name(status),
                     engines=ready,
                 )
-        await pool.changed.wait()
+        try:  # during the start-up sync, wake when it runs out too
+            async with asyncio.timeout(pool.startup_sync_left_s()):
+                await pool.changed.wait()
+        except TimeoutError:
+            pass
 
 
 def _metadata_request_id(context: grpc.aio.ServicerContext) -> str | None:

@@ -1,10 +1,12 @@
 """Router tier over several real engines: prefix-aware placement and mid-stream failover."""
 
 import time
+from types import SimpleNamespace
 
 import pytest
 
 from llmserve.clients import LLMClient
+from llmserve.common.ports import ephemeral_port
 
 
 def routed_engine(router, request_id: str) -> str:
@@ -104,3 +106,18 @@ def test_fresh_router_replica_routes_with_the_full_index_at_once(
             assert routed_engine(second_router, f"b{i}") == homes[i]
             assert result.usage.cached_prompt_tokens == len(prefix)
     assert time.monotonic() - started < 15
+
+
+def test_router_with_an_engine_that_never_answers_serves_after_the_start_up_sync(
+    tiny_checkpoint, start_engine, start_router
+) -> None:
+    # The router waits for every engine it was given before SERVING, but not for ever.
+    model = tiny_checkpoint("qwen3")
+    silent = SimpleNamespace(address=f"127.0.0.1:{ephemeral_port()}")
+    started = time.monotonic()
+    router = start_router(model, [start_engine(model), silent])
+    assert time.monotonic() - started < 30
+    ready = next(e for e in router.log_events() if e.get("event") == "ready")
+    assert len(ready["engines"]) == 1
+    with LLMClient(router.address) as client:
+        assert client.generate_text(prompt_token_ids=[5, 6, 7], max_tokens=2).token_ids
