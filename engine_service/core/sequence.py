@@ -31,6 +31,9 @@ class Sequence:
         self.sampling: SamplingOptions = request.sampling
         self.seed = seed
         self.num_prompt_tokens = len(request.prompt_token_ids)
+        # The prompt's last this-many tokens are output another engine streamed (failover): the
+        # penalties count them as output.
+        self.num_resumed_output_tokens = request.resumed_output_tokens
         self.token_ids: list[int] = list(request.prompt_token_ids)  # the tokens with known values
         self.num_pending_tokens = 0  # sampled in a step still in flight; values come later
         self.status = SequenceStatus.WAITING

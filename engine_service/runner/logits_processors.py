@@ -12,7 +12,8 @@ Where the counts live: a request with a penalty or a logit bias holds a slot of 
 the device while it runs: a row of a packed int32 count table [slots, vocab] (output count, and
 a bit for "in the prompt"), its three penalties, and its bias as (id, value) rows. The slot is
 filled once from the sequence's tokens when it is first sampled (after a preemption too, since
-its recompute rebuilds the same counts from the same tokens), then each step's drawn tokens are
+its recompute rebuilds the same counts from the same tokens; a failed-over request's resumed
+output counts as output), then each step's drawn tokens are
 added by one scatter on the device: a token still pending under async scheduling counts before
 the host has read it. So a step costs the host a list of slots, not the sequences' tokens, and
 the device one pass over the penalized rows. Slots are given back when the request finishes, is
@@ -42,6 +43,7 @@ class TokenSequence(Hashable, Protocol):
     sampling: SamplingOptions
     token_ids: list[int]  # prompt + the output tokens the host has read
     num_prompt_tokens: int
+    num_resumed_output_tokens: int  # the prompt's last ones, output before a failover
     num_pending_tokens: int
 
     @property
@@ -121,7 +123,8 @@ class TokenState:
             self.reserve(capacity, width)
         slot = self._free.pop()
         self._slots[seq] = slot
-        tokens, num_prompt = seq.token_ids, seq.num_prompt_tokens
+        tokens = seq.token_ids
+        num_prompt = seq.num_prompt_tokens - seq.num_resumed_output_tokens
         num_output, num_bias = len(tokens) - num_prompt, len(bias)
         # One upload of the ids (tokens, then bias ids), one of the values.
         ids = np.empty(len(tokens) + num_bias, dtype=np.int64)

@@ -160,3 +160,20 @@ def test_a_batch_that_asks_for_nothing_builds_nothing(demo_core, monkeypatch) ->
         EngineRequest("b", [8, 9], SamplingOptions(temperature=0.7, top_k=5, max_tokens=4)),
     ])
     assert core.logits_processors.state.capacity == 0  # no table allocated either
+
+
+def test_a_failed_over_stream_keeps_its_penalty_counts(demo_core) -> None:
+    """A router resumes a stream elsewhere with the output so far appended to the prompt and
+    `resumed_output_tokens` saying so: the penalties still count that output as output."""
+    options = SamplingOptions(temperature=0.0, max_tokens=24, ignore_eos=True,
+                              presence_penalty=1.5, frequency_penalty=2.0)
+    prompt = [5, 17, 99, 230, 7]
+    core = demo_core()
+    whole = core.run_to_completion([EngineRequest("a", prompt, options)])["a"].token_ids
+    cut = 8
+    resumed = core.run_to_completion([EngineRequest(
+        "b", prompt + whole[:cut],
+        SamplingOptions(temperature=0.0, max_tokens=24 - cut, ignore_eos=True,
+                        presence_penalty=1.5, frequency_penalty=2.0),
+        resumed_output_tokens=cut)])["b"].token_ids
+    assert whole[:cut] + resumed == whole

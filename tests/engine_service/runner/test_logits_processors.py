@@ -24,6 +24,7 @@ class Seq:
     token_ids: list[int]
     num_prompt_tokens: int
     pending: list[int] = field(default_factory=list)  # drawn, not read by the host yet
+    num_resumed_output_tokens: int = 0
 
     @property
     def num_pending_tokens(self) -> int:
