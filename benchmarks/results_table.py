@@ -52,6 +52,7 @@ WORKLOAD_ORDER = [
     "W4",
     "W4h",
     "W5",
+    "W7",
     "priority-overload",
     "router-throughput",
     "grpc-overhead",
@@ -59,7 +60,7 @@ WORKLOAD_ORDER = [
     "grpc-poller",
     "structured-libs",
 ]
-BENCH_MODEL = "qwen3-0.6b-shape"  # W1, W2, W3's standard model
+BENCH_MODEL = "qwen3-0.6b-shape"  # W1, W2, W3 and W7's standard model
 DEMO_MODEL = "llmserve-demo-qwen3-v1"  # the CPU demo model the other benchmarks default to
 W2_ENGINE_FLAGS = ["--max-model-len", "4096", "--max-num-seqs", "256"]
 
@@ -169,6 +170,10 @@ def _w1_configuration(record: dict) -> str:
         impl += "-sync"
     if p.get("tensor_parallel_size", 1) > 1 or p.get("distributed"):
         impl += f"-tp{p.get('tensor_parallel_size', 1)}"
+    if p.get("quantization", "none") != "none":
+        impl += f"-w{p['quantization']}"
+    if p.get("kv_cache_dtype", "auto") != "auto":
+        impl += "-kv" + str(p["kv_cache_dtype"]).split("_")[0]
     parts = [impl, f"block {p.get('block_size')}"]
     if p.get("max_num_batched_tokens", 16384) != 16384:
         parts.append(f"max-num-batched-tokens {p['max_num_batched_tokens']}")
@@ -214,6 +219,10 @@ def configuration(workload: str, record: dict) -> tuple[str, tuple[str, ...]]:
     parts: tuple[str, ...] = ("",)
     if workload == "W1":
         label = _w1_configuration(record)
+    elif workload == "W7":
+        label = _w1_configuration(record)  # W7 runs W1's engine configuration
+        if p.get("max_tokens_cap"):
+            label += f", max_tokens capped at {p['max_tokens_cap']}"
     elif workload == "W2":
         label = _serving_configuration(p, W2_ENGINE_FLAGS)
         if p.get("requests", 256) != 256:
@@ -231,7 +240,7 @@ def configuration(workload: str, record: dict) -> tuple[str, tuple[str, ...]]:
     else:
         label = "default"
     model = p.get("model")
-    standard = BENCH_MODEL if workload in ("W1", "W2", "W3") else DEMO_MODEL
+    standard = BENCH_MODEL if workload in ("W1", "W2", "W3", "W7") else DEMO_MODEL
     if model and model != standard:
         label += f", model {model}"
     return label, parts
@@ -437,6 +446,15 @@ def _w5(r: dict, _part: str) -> str:
     )
 
 
+def _w7(r: dict, _part: str) -> str:
+    f = r.get("figures") or {}
+    return (
+        f"{f.get('tok_per_s', 0):,.0f} tok/s with schemas, "
+        f"{f.get('unconstrained_tok_per_s', 0):,.0f} without (x{f.get('ratio', 0):.3f}); "
+        f"valid {f.get('valid')}/{f.get('stop')} stop outputs, {f.get('length')} cut by length"
+    )
+
+
 def _priority(r: dict, _part: str) -> str:
     f = r.get("figures") or {}
     outcomes = ", ".join(f"{k} {v}" for k, v in (f.get("batch_outcomes") or {}).items())
@@ -521,6 +539,7 @@ FIGURES: dict[str, Callable[[dict, str], str]] = {
     "W4": _w4,
     "W4h": _w4,
     "W5": _w5,
+    "W7": _w7,
     "priority-overload": _priority,
     "router-throughput": _router_throughput,
     "grpc-overhead": _grpc_overhead,

@@ -71,7 +71,7 @@ from stream_bench import (
     targets_of,
     vocab_size,
 )
-from w1_draws import fold_into_vocab, w1_requests, warmup_prompts
+from w1_draws import fold_into_vocab, salted, w1_requests, warmup_prompts
 
 DEFAULT_RATES = ("4", "16", "64", "all")
 DEFAULT_ENGINE_FLAGS = ["--max-model-len", "4096", "--max-num-seqs", "256"]
@@ -93,11 +93,6 @@ def arrival_offsets(count: int, rate: float) -> list[float]:
         now += gap / rate
         offsets.append(now)
     return offsets
-
-
-def salted(prompts: list[list[int]], run: int, vocab: int) -> list[list[int]]:
-    """Run `run`'s prompts: the first token shifted by `run`, so no earlier run's cache hits."""
-    return [[(p[0] + run) % vocab, *p[1:]] for p in prompts]
 
 
 async def _send_shard(

@@ -27,6 +27,7 @@ from result_file import RESULTS_DIR, device_name, write_result
 from step_breakdown import sampler_versus_kernel, step_breakdown
 from transformers_peer import run_transformers_peer
 from w1_draws import fold_into_vocab, w1_requests, warmup_prompts
+from w1_engine import add_engine_arguments, build_llm, engine_parameters, implementation_tag
 
 from llmserve.engine_service.llm import LLM
 from llmserve.engine_service.models.checkpoint import read_model_spec
@@ -73,21 +74,7 @@ def run_ours(
     args: argparse.Namespace, prompts: list[list[int]], max_tokens: list[int]
 ) -> tuple[dict, LLM]:
     started = time.perf_counter()
-    llm = LLM(
-        args.model,
-        device=args.device,
-        dtype=args.dtype,
-        max_model_len=4096,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        block_size=args.block_size,
-        attention_backend=args.attention_backend,
-        enforce_eager=args.enforce_eager,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        tensor_parallel_size=args.tensor_parallel_size,
-        distributed=args.distributed,
-        async_scheduling=args.async_scheduling,
-    )
+    llm = build_llm(args)
     start_s = time.perf_counter() - started
     warm = time.perf_counter()
     llm.generate(
@@ -130,16 +117,7 @@ def run_ours(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument(
-        "--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu"
-    )
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--attention-backend", default="auto")
-    parser.add_argument("--enforce-eager", action="store_true")
-    parser.add_argument("--block-size", type=int, default=128)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    add_engine_arguments(parser)
     parser.add_argument("--limit", type=int, default=None, help="only the first N requests")
     parser.add_argument(
         "--peer",
@@ -159,18 +137,6 @@ def main() -> None:
         default=None,
         help="after the timed run, time decode steps' parts over this many "
         "tokens per request (default 64 on CUDA, 8 on the CPU; 0 = off)",
-    )
-    parser.add_argument("--tensor-parallel-size", type=int, default=1)
-    parser.add_argument(
-        "--distributed",
-        action="store_true",
-        help="through torch.distributed and the rank step channel even at TP=1",
-    )
-    parser.add_argument(
-        "--async-scheduling",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="read each step's tokens while the next runs (default: the engine's, on CUDA)",
     )
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
@@ -196,12 +162,7 @@ def main() -> None:
         tag = "transformers"
     else:
         figures, llm = run_ours(args, prompts, max_tokens)
-        tag = "llmserve-" + figures["attention_backend"].replace(",", "-").replace("=", "-")
-        tag += "-eager" if args.enforce_eager or args.device != "cuda" else "-graphs"
-        if args.async_scheduling is False:
-            tag += "-sync"
-        if args.tensor_parallel_size > 1 or args.distributed:
-            tag += f"-tp{args.tensor_parallel_size}"
+        tag = implementation_tag(args, figures["attention_backend"])
     figures["copy_bandwidth_tb_per_s"] = round(bandwidth / 1e12, 4)
     if "error" not in figures:
         # KV bytes per token in bf16, as docs/benchmarks.md counts them (28 layers x K,V x 8 x
@@ -225,17 +186,7 @@ def main() -> None:
         "max_tokens_total": sum(max_tokens),
         "temperature": 0.6,
         "ignore_eos": True,
-        "max_model_len": 4096,
-        "max_num_seqs": args.max_num_seqs,
-        "max_num_batched_tokens": args.max_num_batched_tokens,
-        "block_size": args.block_size,
-        "attention_backend": args.attention_backend,
-        "enforce_eager": args.enforce_eager,
-        "gpu_memory_utilization": args.gpu_memory_utilization,
-        "tensor_parallel_size": args.tensor_parallel_size,
-        "distributed": args.distributed or args.tensor_parallel_size > 1,
-        "async_scheduling": args.async_scheduling,
-        "dtype": args.dtype,
+        **engine_parameters(args),
         "peer_deadline_s": args.peer_deadline_s,
         "prompt_ids_folded_into_vocab": folded,
         "torch": torch.__version__,

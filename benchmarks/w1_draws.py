@@ -1,4 +1,4 @@
-"""W1's prompt and length draws (docs/benchmarks.md), shared by W1, W2 and W5; no torch."""
+"""W1's prompt and length draws (docs/benchmarks.md), shared by W1, W2, W5 and W7; no torch."""
 
 from random import randint, seed
 
@@ -26,3 +26,8 @@ def fold_into_vocab(prompts: list[list[int]], vocab_size: int) -> list[list[int]
     if vocab_size > 10000:
         return prompts
     return [[t % vocab_size for t in p] for p in prompts]
+
+
+def salted(prompts: list[list[int]], run: int, vocab: int) -> list[list[int]]:
+    """Run `run`'s prompts: the first token shifted by `run`, so no earlier run's cache hits."""
+    return [[(p[0] + run) % vocab, *p[1:]] for p in prompts]

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import grpc
 
 from llmserve.clients._base import DEFAULT_TARGET
+from llmserve.clients.chunk import Completion
 from llmserve.clients.client import LLMClient
 from llmserve.clients.request import PRIORITIES
 
@@ -112,13 +113,18 @@ _GENERATE_OPTIONS = (
     "top_k",
     "min_p",
     "seed",
+    "n",
     "stop",
     "ignore_eos",
     "logprobs",
+    "prompt_logprobs",
     "presence_penalty",
     "frequency_penalty",
     "repetition_penalty",
     "min_tokens",
+    "include_stop_str_in_output",
+    "skip_special_tokens",
+    "truncate_prompt_tokens",
     "priority",
     "tenant",
     "request_id",
@@ -168,14 +174,21 @@ def _generate(client: LLMClient, args: argparse.Namespace) -> int:
     chunks = _off_main_thread(
         lambda: client.generate(timeout=args.timeout, **_prompt_or_messages(args), **params)
     )
-    for chunk in chunks:
-        if args.json:
+    if args.json:
+        for chunk in chunks:
             print(json.dumps(dataclasses.asdict(chunk)), flush=True)
-        else:
+            last = chunk
+    elif (args.n or 1) > 1:
+        # The samples' chunks arrive interleaved: each sample is printed whole, labelled.
+        collected = list(chunks)
+        for sample in Completion.from_chunks(collected).samples:
+            print(f"--- sample {sample.index} ({sample.finish_reason}) ---\n{sample.text}")
+        last = collected[-1] if collected else None
+    else:
+        for chunk in chunks:
             sys.stdout.write(chunk.text)
             sys.stdout.flush()
-        last = chunk
-    if not args.json:
+            last = chunk
         print()
     if args.show_usage and last is not None and last.usage is not None:
         u = last.usage
@@ -240,9 +253,22 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--min-p", type=float, default=0.0)
     gen.add_argument("--seed", type=int)
+    gen.add_argument("--n", type=int, metavar="N",
+                     help="N samples of the prompt, each printed once complete, labelled")
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--include-stop-str-in-output", action="store_true",
+                     help="end the text with the stop string that ended it")
+    # Unset unless given, so the server's default (skip them) applies.
+    gen.add_argument("--keep-special-tokens", dest="skip_special_tokens",
+                     action="store_false", default=None,
+                     help="show special tokens (end-of-sequence, chat markers) in the text")
+    gen.add_argument("--truncate-prompt-tokens", type=int, metavar="N",
+                     help="keep only the prompt's last N tokens (a longer prompt is not refused)")
     gen.add_argument("--logprobs", type=int, help="alternatives per token (shown with --json)")
+    gen.add_argument("--prompt-logprobs", type=int, metavar="K",
+                     help="each prompt token's log-probability and K alternatives, on the first "
+                          "chunk (shown with --json)")
     gen.add_argument("--presence-penalty", type=float, default=0.0,
                      help="in [-2, 2]: minus this once for each token the output holds")
     gen.add_argument("--frequency-penalty", type=float, default=0.0,

@@ -32,10 +32,12 @@ class GenerateParams(TypedDict, total=False):
     top_k: int
     min_p: float
     seed: int | None
+    n: int | None
     stop: list[str] | None
     stop_token_ids: list[int] | None
     ignore_eos: bool
     logprobs: int | None
+    prompt_logprobs: int | None
     presence_penalty: float
     frequency_penalty: float
     repetition_penalty: float | None
@@ -46,6 +48,9 @@ class GenerateParams(TypedDict, total=False):
     regex: str | None
     grammar: str | None
     choice: list[str] | None
+    include_stop_str_in_output: bool
+    skip_special_tokens: bool | None
+    truncate_prompt_tokens: int | None
     priority: str
     tenant: str
     request_id: str
@@ -62,10 +67,12 @@ def build_generate_request(
     top_k: int = 0,
     min_p: float = 0.0,
     seed: int | None = None,
+    n: int | None = None,
     stop: list[str] | None = None,
     stop_token_ids: list[int] | None = None,
     ignore_eos: bool = False,
     logprobs: int | None = None,
+    prompt_logprobs: int | None = None,
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
     repetition_penalty: float | None = None,
@@ -76,6 +83,9 @@ def build_generate_request(
     regex: str | None = None,
     grammar: str | None = None,
     choice: list[str] | None = None,
+    include_stop_str_in_output: bool = False,
+    skip_special_tokens: bool | None = None,
+    truncate_prompt_tokens: int | None = None,
     priority: str = "standard",
     tenant: str = "",
     request_id: str = "",
@@ -85,8 +95,11 @@ def build_generate_request(
     Give one of `prompt` (plain text), `messages` (chat turns, `{"role": ..., "content": ...}`,
     rendered with the model's chat template) or `prompt_token_ids`. Arguments left at `None` stay
     unset on the wire so the server applies its defaults (temperature 1.0, top_p 1.0, max_tokens
-    256). `logprobs=N` asks for each token's log-probability and N alternatives. `priority` is
-    "critical", "standard" or "batch".
+    256). `logprobs=N` asks for each token's log-probability and N alternatives;
+    `prompt_logprobs=N` the same for every prompt token after the first (on the first chunk;
+    the prompt is then not served from the prefix cache). `priority` is "critical", "standard"
+    or "batch". `n=K` asks for K samples of the prompt (chunks name theirs in `index`; sample
+    i is seeded `seed + i`).
 
     `presence_penalty` and `frequency_penalty` (OpenAI's, over the generated tokens),
     `repetition_penalty` (Hugging Face's, over prompt and generated tokens; None = 1.0, off),
@@ -98,6 +111,11 @@ def build_generate_request(
     JSON text) makes the output one JSON value of that schema, `json_object=True` any JSON
     object, `regex` a full match of the regular expression, `grammar` a sentence of the Lark
     grammar, `choice` exactly one of the strings.
+
+    `include_stop_str_in_output=True` ends the text with the stop string that ended it;
+    `skip_special_tokens=False` keeps special tokens (end-of-sequence, chat markers) in the text
+    (None = the server's default, True); `truncate_prompt_tokens=K` keeps only the prompt's last
+    K tokens, so a longer prompt is served instead of refused.
 
     Raises:
         ValueError: `priority` is not one of the three names, more than one structured output
@@ -121,7 +139,9 @@ def build_generate_request(
             top_k=top_k,
             min_p=min_p,
             seed=seed,
+            n=n,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             presence_penalty=presence_penalty,
             frequency_penalty=frequency_penalty,
             repetition_penalty=repetition_penalty,
@@ -139,6 +159,9 @@ def build_generate_request(
             min_tokens=min_tokens,
         ),
         stop=stop or [],
+        include_stop_str_in_output=include_stop_str_in_output,
+        skip_special_tokens=skip_special_tokens,
+        truncate_prompt_tokens=truncate_prompt_tokens,
         priority=priority_value,
         tenant=tenant,
         request_id=request_id,

@@ -20,6 +20,7 @@ from llmserve.common.config_flags import (
 DEFAULT_PORT = 50052
 DEFAULT_METRICS_PORT = 9401
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
 # Triton's paged kernels index a block's rows with power-of-two masks.
 BLOCK_SIZES = tuple(2**i for i in range(11))
 SERVER = "server process"
@@ -38,6 +39,11 @@ class EngineConfig:
     dtype: str = setting("auto", "weights' and activations' dtype (auto: bfloat16 on a GPU, "
                                  "float16 for a float16 checkpoint, float32 on the CPU)",
                          choices=("auto", "float32", "bfloat16", "float16"))
+    quantization: str = setting(
+        "none", "quantize an unquantized checkpoint's linear layers as they load (fp8: e4m3 "
+                "weights with per-output-channel scales, activations quantized per token; on a "
+                "GPU, compute capability 8.9+). A quantized checkpoint (compressed-tensors "
+                "FP8) is served as it is either way", choices=("none", "fp8"))
     device: str = setting("auto", "auto: cuda when a GPU is visible, else cpu",
                           choices=("auto", "cpu", "cuda"))
     max_model_len: int | None = setting(
@@ -54,8 +60,15 @@ class EngineConfig:
     kv_cache_memory_gb: float = setting(
         1.0, "GiB the KV pool takes on the CPU (on a GPU, --gpu-memory-utilization sizes it)",
         low=0, exclusive_low=True, high=4096)
+    kv_cache_dtype: str = setting(
+        "auto", "KV cache storage (auto: the weights' dtype; fp8_e4m3: e4m3 with a scale per "
+                "token and KV head, about twice the tokens per GiB; not with flash_attn)",
+        choices=KV_CACHE_DTYPES)
     max_tokens_default: int = setting(256, "output tokens of a request that sets no max_tokens",
                                       low=1, high=INT32_MAX)
+    prefix_caching: bool = setting(
+        True, "reuse the KV blocks of prompt prefixes computed before (off: every request "
+              "computes its whole prompt; the samples of an n > 1 request still share theirs)")
     block_hash_seed: int = setting(0, "seed of the prefix-cache block hashes (GetInfo reports "
                                       "it to routers)", low=0, high=2**64 - 1, flag=False)
     attention_backend: str = setting(
@@ -116,6 +129,14 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         check(self)
+        backends = (self.attention_backend, self.prefill_backend, self.decode_backend)
+        if self.kv_cache_dtype == "fp8_e4m3" and "flash_attn" in backends:
+            # flash-attn 4 reads bf16/fp16 pages only, without per-row scales.
+            raise ValueError(
+                "--kv-cache-dtype fp8_e4m3 cannot run with --attention-backend flash_attn "
+                "(nor --prefill-backend/--decode-backend flash_attn): flash-attn 4 reads only a "
+                "bfloat16/float16 KV cache; choose --attention-backend triton or keep "
+                "--kv-cache-dtype auto")
 
     @property
     def kv_cache_memory_bytes(self) -> int:

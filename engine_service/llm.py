@@ -26,7 +26,8 @@ class LLM:
     def generate(self, prompts: list[list[int]],
                  sampling: SamplingOptions | list[SamplingOptions] | None = None,
                  use_tqdm: bool = True) -> list[Generation]:
-        """Generates for every prompt (token ids) and returns the results in prompt order."""
+        """Generates for every prompt (token ids) and returns the results in prompt order;
+        with `n > 1`, a result's `samples` holds every sample's."""
         sampling = SamplingOptions() if sampling is None else sampling
         options = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
         if len(options) != len(prompts):
@@ -46,7 +47,7 @@ class LLM:
             phase = "decode" if num_tokens == len(outputs) else "prefill"
             rate = num_tokens / max(now - last_time, 1e-9)
             bar.set_postfix_str(f"{phase} {rate:,.0f} tok/s", refresh=False)
-            bar.update(sum(out.finish_reason is not None for out in outputs))
+            bar.update(sum(out.request_finished for out in outputs))
             last_time, last_computed = now, computed
 
         results = self.core.run_to_completion(requests, progress if use_tqdm else None)

@@ -58,7 +58,7 @@ class SamplingOptions:
     min_tokens: int = 0
     # None: no constraint. Otherwise a grammar masks every drawn token (core/structured_output).
     structured_output: StructuredOutputSpec | None = None
-    n: int = 1  # samples of the prompt; sample i is seeded seed + i
+    n: int = 1  # samples of the prompt; sample i is seeded seed + i (mod 2**64)
     prompt_logprobs: int | None = None  # alternatives per prompt token; None = none
     # Whether the sampler changes this request's logits before drawing (any of the five above);
     # set from them, so a batch where no row does can tell at the cost of one test per row.
@@ -112,7 +112,10 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0
-    index: int = 0  # the sample (0 to n - 1)
+    index: int = 0  # the sample (0 to n - 1); finish_reason ends that sample
+    # Every sample of the request has finished: the request's last output (with n = 1, the one
+    # with a finish reason).
+    request_finished: bool = False
     # The prompt's tokens after the first, on a request's first output, if it asked for them.
     prompt_logprobs: list[TokenLogprobs] | None = None
     # When the frontend received it (its own monotonic clock), for latency metrics.

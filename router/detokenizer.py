@@ -1,9 +1,10 @@
 """Incremental detokenization with stop strings: text goes out as soon as it cannot change.
 
 Text that might be the start of a stop string is held back until it is clearly not one, so a
-stop string never reaches the client, and a UTF-8 character is never split (DecodeStream waits
-for its last byte). The text of a request's first `min_tokens` tokens is never searched for stop
-strings (vLLM's rule: no stop before min_tokens, as the engine holds off its stop tokens).
+stop string never reaches the client (unless asked for: `include_stop_str` ends the text with
+it), and a UTF-8 character is never split (DecodeStream waits for its last byte). The text of a
+request's first `min_tokens` tokens is never searched for stop strings (vLLM's rule: no stop
+before min_tokens, as the engine holds off its stop tokens).
 """
 
 from collections.abc import Sequence
@@ -16,12 +17,21 @@ from llmserve.router.tokenizer import TextTokenizer
 class IncrementalDetokenizer:
     """Turns a stream of token ids into text chunks, stopping at the first stop string."""
 
-    def __init__(self, tokenizer: TextTokenizer, stop: Sequence[str], min_tokens: int = 0
-                 ) -> None:
+    def __init__(
+        self,
+        tokenizer: TextTokenizer,
+        stop: Sequence[str],
+        min_tokens: int = 0,
+        *,
+        include_stop_str: bool = False,
+        skip_special_tokens: bool = True,
+    ) -> None:
         self._text_tokenizer = tokenizer
         self._tokenizer: Tokenizer = tokenizer.tokenizer
-        self._stream = tokenizer.decode_stream()
+        self._stream = tokenizer.decode_stream(skip_special_tokens)
+        self._skip_special_tokens = skip_special_tokens
         self._stop = [s for s in stop if s]
+        self._include_stop_str = include_stop_str
         self._pending = ""
         self._token_ids: list[int] = []
         self._decoded_len = 0
@@ -37,7 +47,7 @@ class IncrementalDetokenizer:
         protected, text = self._step(token_ids)
         # Bytes of an unfinished character stay in the stream: the full decode shows them (as
         # U+FFFD), exactly as a one-shot decode of the whole output would.
-        full = await self._text_tokenizer.decode(self._token_ids)
+        full = await self._text_tokenizer.decode(self._token_ids, self._skip_special_tokens)
         tail = full[self._decoded_len :]
         if len(self._token_ids) <= self._min_tokens:
             protected += tail
@@ -69,10 +79,16 @@ class IncrementalDetokenizer:
         if protected:
             return protected + self._emit("", text, final)
         self._pending += text
-        match = min(((i, s) for s in self._stop if (i := self._pending.find(s)) >= 0), default=None)
+        # The stop string completed first (then the longest of those): the same one however the
+        # text was split into pushes.
+        match = min(
+            ((i + len(s), i) for s in self._stop if (i := self._pending.find(s)) >= 0),
+            default=None,
+        )
         if match is not None:
             self.stopped = True
-            text, self._pending = self._pending[: match[0]], ""
+            end, start = match
+            text, self._pending = self._pending[: end if self._include_stop_str else start], ""
             return text
         cut = len(self._pending) if final else len(self._pending) - self._partial_match()
         text, self._pending = self._pending[:cut], self._pending[cut:]

@@ -165,12 +165,13 @@ class EngineLink:
         return self._current
 
     async def stream(
-        self, request: _Request, deadline: float | None
+        self, request: _Request, deadline: float | None, num_samples: int = 1
     ) -> AsyncIterator[engine_service_pb2.EngineServiceGenerateResponse]:
         """Yields the request's responses; raises StreamError if it ends otherwise.
 
         `deadline` is on the event loop's clock (None = none): past it the stream ends with
-        DEADLINE_EXCEEDED, as a call with that deadline would.
+        DEADLINE_EXCEEDED, as a call with that deadline would. The stream ends once each of the
+        request's `num_samples` samples (its n) has sent its last response.
         """
         link = self._open()
         stream_id = next(self._ids)
@@ -184,14 +185,16 @@ class EngineLink:
                 inbox.put,
                 StreamError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"),
             )
+        unfinished = num_samples
         finished = False
         try:
             await link.start(stream_id, request)
             while not finished:
                 responses, failure = _split(await inbox.take())
-                if responses:
-                    response = merge_responses(responses)
-                    finished = response.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+                for response in merge_per_sample(responses):
+                    if response.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+                        unfinished -= 1
+                        finished = unfinished == 0
                     yield response
                 if failure is not None:
                     raise failure
@@ -243,6 +246,22 @@ def _split(
             return responses, StreamError(_CODES[update.error_code], update.error_message)
         responses.append(update.response)
     return responses, None
+
+
+def merge_per_sample(
+    responses: list[engine_service_pb2.EngineServiceGenerateResponse],
+) -> list[engine_service_pb2.EngineServiceGenerateResponse]:
+    """`merge_responses` of each sample's responses, in the order each sample first appears:
+    the tokens of two samples are never merged."""
+    if len(responses) <= 1:
+        return responses
+    first = responses[0].index
+    if all(response.index == first for response in responses):
+        return [merge_responses(responses)]
+    samples: dict[int, list[engine_service_pb2.EngineServiceGenerateResponse]] = {}
+    for response in responses:
+        samples.setdefault(response.index, []).append(response)
+    return [merge_responses(group) for group in samples.values()]
 
 
 def merge_responses(

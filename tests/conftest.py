@@ -151,6 +151,32 @@ def _greedy(core: EngineCore, prompts: list[list[int]], new_tokens: int,
     return [results[request.request_id].token_ids for request in requests]
 
 
+def _teacher_forced(core: EngineCore, prompts: list[list[int]],
+                    forced: list[list[int]]) -> list[torch.Tensor]:
+    """Our logits [n, vocab] at every position of prompt + forced tokens, computed through the
+    scheduler and runner exactly as generation does, but appending the given tokens."""
+    options = SamplingOptions(temperature=0.0, max_tokens=max(map(len, forced)), ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        core.add_request(EngineRequest(f"t{i}", prompt, options))
+    rows: dict[str, list[torch.Tensor]] = {f"t{i}": [] for i in range(len(prompts))}
+    while core.has_work:
+        plan = core.scheduler.schedule()
+        logits, _ = core.runner.execute(plan.chunks)
+        for chunk in plan.chunks:
+            core.scheduler.commit(chunk)
+        for chunk, row in zip([c for c in plan.chunks if c.samples], logits, strict=True):
+            seq = chunk.seq
+            index = int(seq.request_id[1:])
+            done = rows[seq.request_id]
+            done.append(row.float().cpu())
+            if len(done) < len(forced[index]):
+                seq.token_ids.append(forced[index][len(done) - 1])
+            else:
+                core.scheduler.finish(seq)
+                del core.sequences[seq.request_id]
+    return [torch.stack(rows[f"t{i}"]) for i in range(len(prompts))]
+
+
 @pytest.fixture
 def make_core() -> Callable[..., EngineCore]:
     """Builds an engine core on a checkpoint with the given EngineConfig settings."""
@@ -160,6 +186,11 @@ def make_core() -> Callable[..., EngineCore]:
 @pytest.fixture
 def greedy() -> Callable[..., list[list[int]]]:
     return _greedy
+
+
+@pytest.fixture
+def teacher_forced() -> Callable[..., list[torch.Tensor]]:
+    return _teacher_forced
 
 
 @pytest.fixture

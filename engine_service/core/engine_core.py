@@ -20,6 +20,7 @@ from llmserve.engine_service.core.structured_output import (
 )
 from llmserve.engine_service.runner.logits_processors import LogitsProcessors
 from llmserve.engine_service.runner.model_runner import ModelRunner, PendingTokens
+from llmserve.engine_service.runner.prompt_logprobs import PromptScores, prompt_scoring
 from llmserve.engine_service.runner.sampler import Sampler, SamplingBatch
 from llmserve.engine_service.runner.step_inputs import upload
 from llmserve.engine_service.runner.token_bitmask import GrammarBitmask
@@ -37,14 +38,18 @@ log = structlog.get_logger(__name__)
 
 @dataclass
 class Generation:
-    """One request's result when run to its end in this process (`run_to_completion`)."""
+    """One sample's result when run to its end in this process (`run_to_completion`)."""
 
     token_ids: list[int]
     finish_reason: FinishReason | None
     prompt_tokens: int
     cached_prompt_tokens: int
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # if the request asked for them
+    prompt_logprobs: list[TokenLogprobs] | None = None  # if the request asked for them
     error: RejectedRequest | None = None  # refused (a constraint that did not compile) or failed
+    index: int = 0  # the sample (0 to n - 1)
+    # Every sample of the request by index, this one included (one entry when n = 1).
+    samples: "list[Generation]" = field(default_factory=list, compare=False, repr=False)
 
 
 @dataclass
@@ -57,6 +62,7 @@ class StepInFlight:
     logits: torch.Tensor | None  # kept only when logprobs are wanted
     batch: SamplingBatch
     deferrable: bool
+    prompt: PromptScores | None = None  # the prompt logprobs it scored
     host: torch.Tensor | None = None
     copied: torch.cuda.Event | None = None
     outputs: "list[RequestOutput] | None" = None  # once read (`EngineCore._complete`)
@@ -98,7 +104,8 @@ class EngineCore:
         self.sampler = Sampler()
         self.logits_processors = LogitsProcessors(runner.spec.vocab_size, eos_token_ids,
                                                   runner.device, config.max_num_seqs)
-        self.sequences: dict[str, Sequence] = {}
+        # Each running request's unfinished samples (one sequence each).
+        self.sequences: dict[str, list[Sequence]] = {}
         self._arrivals = itertools.count()
         self.num_computed_tokens_total = 0
         self.structured = StructuredOutputs(
@@ -128,13 +135,23 @@ class EngineCore:
             self._add_sequence(request)
 
     def _add_sequence(self, request: EngineRequest, grammar: Matcher | None = None) -> None:
+        """Queues a sequence per sample; the scheduler admits the later ones once the first has
+        computed the prompt, whose blocks they share."""
         seed = request.sampling.seed
-        seq = Sequence(
-            request, next(self._arrivals), seed if seed is not None else random.getrandbits(64),
-            grammar,
-        )
-        self.sequences[request.request_id] = seq
-        self.scheduler.add(seq)
+        samples = []
+        for index in range(request.sampling.n):
+            seq = Sequence(
+                request, next(self._arrivals),
+                (seed + index) % (1 << 64) if seed is not None else random.getrandbits(64),
+                grammar if index == 0 or grammar is None else grammar.deep_copy(), index,
+            )
+            if index:
+                seq.prompt_logprobs = None  # the first sample scores the prompt, once
+            seq.samples = samples
+            samples.append(seq)
+        self.sequences[request.request_id] = list(samples)
+        for seq in samples:
+            self.scheduler.add(seq)
 
     def _admit_compiled(self) -> None:
         """Schedules the requests whose constraint compiled; refuses the others."""
@@ -151,10 +168,10 @@ class EngineCore:
         return rejected
 
     def abort_request(self, request_id: str) -> None:
-        """Frees the request's sequence and KV blocks; unknown or finished ids are ignored."""
+        """Frees the sequences of every sample of the request and their KV blocks; unknown or
+        finished ids are ignored."""
         self.structured.cancel(request_id)
-        seq = self.sequences.pop(request_id, None)
-        if seq is not None:
+        for seq in self.sequences.pop(request_id, ()):
             self.scheduler.abort(seq)
             self.logits_processors.release(seq)
 
@@ -163,7 +180,8 @@ class EngineCore:
         requests: Iterable[EngineRequest],
         on_step: Callable[[list[RequestOutput]], None] | None = None,
     ) -> dict[str, Generation]:
-        """Adds the requests and steps until every one has finished; their results by id.
+        """Adds the requests and steps until every one has finished; their results by id
+        (sample 0's, whose `samples` lists them all).
 
         The offline loop (`LLM.generate`, tests), for a core that holds no other request; the
         server's core process steps between the frontend's commands instead. `on_step` gets each
@@ -172,18 +190,24 @@ class EngineCore:
         results: dict[str, Generation] = {}
         for request in requests:
             self.add_request(request)
-            results[request.request_id] = Generation([], None, 0, 0)
+            samples = [Generation([], None, 0, 0, index=i) for i in range(request.sampling.n)]
+            for sample in samples:
+                sample.samples = samples
+            results[request.request_id] = samples[0]
         while self.has_work or self.compiling:
             if not self.has_work:
                 self.structured.wait()
             outputs = self.step()
             for rejected in self.take_rejected():
-                results[rejected.request_id].error = rejected
+                for sample in results[rejected.request_id].samples:
+                    sample.error = rejected
             for out in outputs:
-                result = results[out.request_id]
+                result = results[out.request_id].samples[out.index]
                 result.token_ids += out.new_token_ids
                 if out.new_logprobs:
                     result.logprobs += out.new_logprobs
+                if out.prompt_logprobs is not None:
+                    result.prompt_logprobs = out.prompt_logprobs
                 if out.finish_reason is not None:
                     result.finish_reason = out.finish_reason
                     result.prompt_tokens = out.prompt_tokens
@@ -242,7 +266,10 @@ class EngineCore:
             rows = [r for r, c in enumerate(chunks) if c.seq.num_pending_tokens]
             pending = PendingTokens(previous.tokens, rows,
                                     [source[id(chunks[r].seq)] for r in rows])
-        logits = self.runner.execute(chunks, pending)
+        # A plain attribute test per chunk: a step where nobody asks costs no more.
+        scoring = (prompt_scoring(chunks)
+                   if any(c.seq.prompt_logprobs is not None for c in chunks) else None)
+        logits, prompt = self.runner.execute(chunks, pending, scoring)
         self.num_computed_tokens_total += sum(c.num_tokens for c in chunks)
         for chunk in chunks:
             self.scheduler.advance(chunk)
@@ -263,9 +290,11 @@ class EngineCore:
         tokens = self.sampler.sample(logits, batch)
         if batch.processing is not None:
             batch.processing.record(tokens)
-        deferrable = not any(n is not None for n in batch.num_logprobs)
+        # Logprobs are read with the tokens, at once (prompt logprobs too: a later read of
+        # them would queue behind the next step on the device).
+        deferrable = prompt is None and not any(n is not None for n in batch.num_logprobs)
         step = StepInFlight(chunks, sampling, tokens, logits if not deferrable else None, batch,
-                            deferrable)
+                            deferrable, prompt)
         if deferrable:
             step.copy_to_host()
             for chunk in sampling:
@@ -289,6 +318,8 @@ class EngineCore:
             if self._live(chunk.seq):
                 self.scheduler.kv_cache.publish(chunk.seq, chunk.start,
                                                 chunk.start + chunk.num_tokens)
+        if step.prompt is not None:
+            self._add_prompt_logprobs(step.chunks, step.prompt)
         outputs = []
         for chunk, token, token_logprobs in zip(step.sampling, token_list, logprobs, strict=True):
             seq = chunk.seq
@@ -302,8 +333,9 @@ class EngineCore:
                 self._fail(seq, str(error), error.status)
                 continue
             seq.finish_reason = self._finish_reason(seq, token, length)
-            if seq.finish_reason is not None:
-                self._end(seq)
+            request_finished = seq.finish_reason is not None and self._end(seq)
+            # The first output carries the prompt's logprobs, once.
+            prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None
             outputs.append(
                 RequestOutput(
                     request_id=seq.request_id,
@@ -313,28 +345,49 @@ class EngineCore:
                     prompt_tokens=seq.num_prompt_tokens,
                     completion_tokens=length - seq.num_prompt_tokens,
                     cached_prompt_tokens=seq.num_cached_prompt_tokens,
+                    index=seq.index,
+                    request_finished=request_finished,
+                    prompt_logprobs=prompt_logprobs,
                 )
             )
         step.outputs = outputs
         return outputs
 
-    def _end(self, seq: Sequence) -> None:
+    def _add_prompt_logprobs(self, chunks: list[ScheduledChunk], scores: PromptScores) -> None:
+        """Files each chunk's scored prompt tokens by position: a sequence preempted before its
+        first output computes its prompt again from the start and scores it again."""
+        for index, scored in scores.read():
+            chunk = chunks[index]
+            held = chunk.seq.prompt_logprobs
+            if self._live(chunk.seq) and held is not None:
+                held[chunk.start :] = scored
+
+    def _end(self, seq: Sequence) -> bool:
+        """Finishes one sample; says whether it was its request's last."""
         # A step launched after this one may be sampling a token past the end.
         seq.num_pending_tokens = 0
         seq.final_token_pending = False
         self.scheduler.finish(seq)
         self.logits_processors.release(seq)
+        samples = self.sequences[seq.request_id]
+        samples.remove(seq)
+        if samples:
+            return False
         del self.sequences[seq.request_id]
+        return True
 
     def _fail(self, seq: Sequence, reason: str, status: str) -> None:
-        """Ends a sequence with an error (a gRPC status code's name) instead of a last token."""
+        """Ends a request with an error (a gRPC status code's name) instead of a last token:
+        every sample of it, as its stream ends."""
         log.warning("request_failed", request_id=seq.request_id, status=status, reason=reason)
         seq.finish_reason = FinishReason.STOP  # no more tokens; the stream ends with the error
         self._end(seq)
+        self.abort_request(seq.request_id)
         self.rejected.append(RejectedRequest(seq.request_id, reason, status))
 
     def _live(self, seq: Sequence) -> bool:
-        return self.sequences.get(seq.request_id) is seq
+        # `in` compares by identity: a Sequence has no __eq__.
+        return seq in self.sequences.get(seq.request_id, ())
 
     def _finish_reason(self, seq: Sequence, token: int, length: int) -> FinishReason | None:
         options = seq.sampling

@@ -28,18 +28,32 @@ class KVCacheManager:
     runner's block-table mirror relies on).
     """
 
-    def __init__(self, pool: BlockPool, block_size: int, hash_seed: int = 0) -> None:
+    def __init__(self, pool: BlockPool, block_size: int, hash_seed: int = 0,
+                 caching: bool = True) -> None:
+        """`caching=False`: no prefix cache; blocks are shared only between the samples of a
+        request (`shared_prompt`)."""
         self.pool = pool
         self.block_size = block_size
         self.hash_seed = hash_seed
+        self.caching = caching
 
     def cached_prefix(self, seq: Sequence) -> CachedPrefix:
         """The longest run of `seq`'s leading full blocks in the cache, short of its last token:
-        at least one token is always computed, as its logits choose the next token."""
+        at least one token is always computed, as its logits choose the next token. Empty for a
+        sequence that still wants its prompt logprobs: they need every position computed."""
+        if seq.prompt_logprobs is not None or not self.caching:
+            return CachedPrefix([], 0)
         bs = self.block_size
         seq.block_hashes = hash_full_blocks(seq.token_ids, bs, self.hash_seed, seq.block_hashes)
         hits = self.pool.lookup(seq.block_hashes[: (seq.num_tokens - 1) // bs])
         return CachedPrefix(hits, len(hits) * bs)
+
+    def shared_prompt(self, source: Sequence) -> CachedPrefix:
+        """The blocks of `source`'s computed prompt that another sample of the same prompt
+        shares (`allocate` takes a reference on each): its full blocks short of the last token,
+        so the sample still computes one token or more, whose logits draw its first token."""
+        num_blocks = (source.num_prompt_tokens - 1) // self.block_size
+        return CachedPrefix(source.block_ids[:num_blocks], num_blocks * self.block_size)
 
     def can_allocate(self, prefix: CachedPrefix, num_tokens: int) -> bool:
         """Whether a sequence reusing `prefix` can hold `num_tokens` tokens (the prefix's
@@ -77,6 +91,8 @@ class KVCacheManager:
         """Registers the full blocks that computing tokens [start, end) of `seq` completed (call
         once those tokens' values are all known): later sequences with the same prefix reuse
         them, and the pool reports them as KV events."""
+        if not self.caching:
+            return
         bs = self.block_size
         num_full = end // bs
         if num_full > len(seq.block_hashes):

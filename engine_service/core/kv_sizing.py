@@ -62,7 +62,7 @@ def profile_peak_bytes(runner: ModelRunner) -> int:
     # The largest step the scheduler can plan: no sequence holds more than max_model_len.
     num_tokens = min(config.max_num_batched_tokens, config.max_num_seqs * config.max_model_len)
     chunks = dummy_chunks(num_tokens, config.max_num_seqs, config.block_size)
-    logits = runner.execute(chunks)
+    logits, _ = runner.execute(chunks)
     rows = logits.shape[0]
     every_row = torch.arange(rows, device=device)
 

@@ -23,6 +23,14 @@ class ScheduledChunk:
         seq = self.seq  # num_tokens inlined: this runs for every chunk, several times a step
         return self.start + self.num_tokens == len(seq.token_ids) + seq.num_pending_tokens
 
+    @property
+    def prompt_logprobs(self) -> int | None:
+        """Alternatives per prompt token this chunk scores; None when it scores none."""
+        seq = self.seq
+        if seq.prompt_logprobs is None or self.start >= seq.num_prompt_tokens - 1:
+            return None
+        return seq.sampling.prompt_logprobs
+
 
 @dataclass
 class SchedulerOutput:
@@ -49,7 +57,8 @@ class Scheduler:
     def __init__(self, config: EngineConfig, pool: BlockPool) -> None:
         """Plans steps under `config`'s per-step limits, in blocks of its block size."""
         self.config = config
-        self.kv_cache = KVCacheManager(pool, config.block_size, config.block_hash_seed)
+        self.kv_cache = KVCacheManager(pool, config.block_size, config.block_hash_seed,
+                                       config.prefix_caching)
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -84,6 +93,8 @@ class Scheduler:
             if seq.status is SequenceStatus.RUNNING:
                 chunk = self._schedule_running(seq, budget, out, step_in_flight)
             elif admitting:
+                if self._awaits_prompt(seq):
+                    continue
                 chunk = self._admit(seq, budget, out, step_in_flight)
                 admitting = chunk is not None
             else:
@@ -107,7 +118,9 @@ class Scheduler:
 
     def _admit(self, seq: Sequence, budget: int, out: SchedulerOutput,
                step_in_flight: bool) -> ScheduledChunk | None:
-        prefix = self.kv_cache.cached_prefix(seq)
+        source = self._prompt_source(seq)
+        prefix = (self.kv_cache.cached_prefix(seq) if source is None
+                  else self.kv_cache.shared_prompt(source))
         num_tokens = min(seq.num_tokens - prefix.num_tokens, budget)
         total = prefix.num_tokens + num_tokens
         while not (len(self.running) < self.config.max_num_seqs
@@ -122,6 +135,23 @@ class Scheduler:
         self.running.append(seq)
         seq.status = SequenceStatus.RUNNING
         return ScheduledChunk(seq, prefix.num_tokens, num_tokens)
+
+    @staticmethod
+    def _prompt_source(seq: Sequence) -> Sequence | None:
+        """Another sample of `seq`'s request that holds the computed prompt's blocks, if any."""
+        for other in seq.samples:
+            if (other is not seq and other.status is SequenceStatus.RUNNING
+                    and other.num_computed_tokens >= other.num_prompt_tokens):
+                return other
+        return None
+
+    def _awaits_prompt(self, seq: Sequence) -> bool:
+        """A later sample of a request is not admitted while the first computes the prompt it
+        will share (unless another sample holds it already). Once the first has ended, it is
+        admitted as any sequence."""
+        first = seq.samples[0]
+        return (first is not seq and first.status is not SequenceStatus.FINISHED
+                and self._prompt_source(seq) is None)
 
     def _preempt_for(self, seq: Sequence, out: SchedulerOutput, step_in_flight: bool) -> bool:
         """The preemption rule: makes room for `seq` by preempting one running sequence, and

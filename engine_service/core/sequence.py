@@ -3,7 +3,12 @@
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from llmserve.engine_service.seam import EngineRequest, FinishReason, SamplingOptions
+from llmserve.engine_service.seam import (
+    EngineRequest,
+    FinishReason,
+    SamplingOptions,
+    TokenLogprobs,
+)
 
 if TYPE_CHECKING:
     from llmserve.engine_service.core.structured_output import Matcher
@@ -24,8 +29,12 @@ class Sequence:
     """
 
     def __init__(self, request: EngineRequest, arrival: int, seed: int,
-                 grammar: "Matcher | None" = None) -> None:
+                 grammar: "Matcher | None" = None, index: int = 0) -> None:
         self.request_id = request.request_id
+        self.index = index  # which sample of the request (0 to n - 1)
+        # Every sample of the request, by index (the core links them): later samples share the
+        # prompt blocks of one that has computed the prompt.
+        self.samples: list[Sequence] = [self]
         self.priority = request.priority
         self.arrival = arrival
         self.sampling: SamplingOptions = request.sampling
@@ -46,6 +55,10 @@ class Sequence:
         self.finish_reason: FinishReason | None = None
         # Its pending token reaches its length limit, so it ends there: nothing more to compute.
         self.final_token_pending = False
+        # The prompt's logprobs, scored as its chunks are computed, while they are wanted: None
+        # if the request asked for none, or once its first output carried them.
+        self.prompt_logprobs: list[TokenLogprobs] | None = (
+            None if request.sampling.prompt_logprobs is None else [])
         # Structured output: the matcher that has accepted every token of token_ids past the
         # prompt (a preempted sequence keeps it, as it keeps its tokens); None = unconstrained.
         self.grammar = grammar

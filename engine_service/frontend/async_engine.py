@@ -58,7 +58,7 @@ class RequestRejected(ValueError):
 
 
 # Takes a stream's outputs in order; an exception (the core refused the request, or died) is the
-# last thing it gets, as is an output with a finish reason.
+# last thing it gets, as is an output that finishes the request (its last sample's last).
 Sink = Callable[[RequestOutput | Exception], None]
 
 
@@ -182,7 +182,7 @@ class AsyncEngine:
             sink = streams.get(output.request_id)
             if sink is not None:
                 output.arrival = now
-                if output.finish_reason is not None:
+                if output.request_finished:
                     del streams[output.request_id]
                 sink(output)
         self.kv_events.publish(message.stored_hashes, message.removed_hashes)

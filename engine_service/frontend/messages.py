@@ -3,6 +3,7 @@
 import uuid
 from typing import TypeVar
 
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from google.protobuf.message import Message
 
 from llmserve.common.priority import PRIORITY_CLASS
@@ -10,6 +11,7 @@ from llmserve.common.request_limits import (
     InvalidRequestError,
     check_prompt_tokens,
     check_shared_fields,
+    check_truncate_prompt_tokens,
 )
 from llmserve.engine_service.frontend.validation import check_vocabulary, sampling_options
 from llmserve.engine_service.seam import (
@@ -18,6 +20,7 @@ from llmserve.engine_service.seam import (
     FinishReason,
     LoadSnapshot,
     RequestOutput,
+    TokenLogprobs,
 )
 from llmserve.v1 import common_pb2, engine_service_pb2
 
@@ -34,9 +37,13 @@ def request_from_proto(
 ) -> EngineRequest:
     """Converts and validates a Generate request (raises InvalidRequestError)."""
     check_shared_fields(msg)
+    token_ids = msg.prompt_token_ids
+    if msg.HasField("truncate_prompt_tokens"):
+        check_truncate_prompt_tokens(msg.truncate_prompt_tokens, info.max_model_len)
+        token_ids = token_ids[-msg.truncate_prompt_tokens :]  # the last ones (vLLM's rule)
     # Counted before the copy: a 64 MiB message holds 16 million ids.
-    check_prompt_tokens("prompt_token_ids", len(msg.prompt_token_ids), info.max_model_len)
-    prompt = list(msg.prompt_token_ids)
+    check_prompt_tokens("prompt_token_ids", len(token_ids), info.max_model_len)
+    prompt = list(token_ids)
     check_vocabulary("prompt_token_ids", prompt, info.vocab_size)
     options = sampling_options(info, len(prompt), msg.sampling, msg.stopping)
     resumed = msg.resumed_output_tokens
@@ -56,10 +63,21 @@ def request_from_proto(
     )
 
 
+def per_sample(outputs: list[RequestOutput]) -> list[list[RequestOutput]]:
+    """A stream's outputs split by sample, in the order each sample first appears: a response
+    holds the tokens of one sample only."""
+    if len(outputs) == 1:
+        return [outputs]
+    samples: dict[int, list[RequestOutput]] = {}
+    for out in outputs:
+        samples.setdefault(out.index, []).append(out)
+    return list(samples.values())
+
+
 def response_from_outputs(
     outputs: list[RequestOutput],
 ) -> engine_service_pb2.EngineServiceGenerateResponse:
-    """Merges one or more step outputs of a request into one streamed response.
+    """Merges one or more step outputs of one sample of a request into one streamed response.
 
     Built straight from the outputs, not as one response each merged afterwards: a lagging
     reader would cost a message per output. The router's merge of responses that queue there
@@ -72,14 +90,13 @@ def response_from_outputs(
         if len(outputs) == 1
         else [token_id for out in outputs for token_id in out.new_token_ids]
     )
-    response = engine_service_pb2.EngineServiceGenerateResponse(token_ids=token_ids)
+    response = engine_service_pb2.EngineServiceGenerateResponse(token_ids=token_ids,
+                                                                index=last.index)
     for out in outputs:
-        for lp in out.new_logprobs or ():
-            response.logprobs.add(
-                token_id=lp.token_id,
-                logprob=lp.logprob,
-                top_logprobs=[common_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
-            )
+        if out.new_logprobs:
+            _add_logprobs(response.logprobs, out.new_logprobs)
+        if out.prompt_logprobs:
+            _add_logprobs(response.prompt_logprobs, out.prompt_logprobs)
     if last.finish_reason is not None:
         response.finish_reason = FINISH_REASON[last.finish_reason]
     usage = response.usage
@@ -87,6 +104,16 @@ def response_from_outputs(
     usage.completion_tokens = last.completion_tokens
     usage.cached_prompt_tokens = last.cached_prompt_tokens
     return response
+
+
+def _add_logprobs(field: RepeatedCompositeFieldContainer[common_pb2.TokenLogprob],
+                  entries: list[TokenLogprobs]) -> None:
+    for lp in entries:
+        field.add(
+            token_id=lp.token_id,
+            logprob=lp.logprob,
+            top_logprobs=[common_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
+        )
 
 
 def info_to_proto(info: EngineInfo) -> engine_service_pb2.GetInfoResponse:

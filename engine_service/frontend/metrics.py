@@ -34,7 +34,7 @@ def record_step(step: StepResult) -> None:
     COMPUTED_TOKENS.inc(step.num_computed_tokens)
     for output in step.outputs:
         GENERATED_TOKENS.inc(len(output.new_token_ids))
-        if output.finish_reason is not None:
+        if output.finish_reason is not None and output.index == 0:  # a prompt counts once
             PROMPT_TOKENS.inc(output.prompt_tokens)
             CACHED_PROMPT_TOKENS.inc(output.cached_prompt_tokens)
 

@@ -37,7 +37,8 @@ class StreamFailure(Exception):
         self.details = details
 
 
-# Gets each output in order; a StreamFailure, or an output with a finish reason, is the last.
+# Gets each output in order; a StreamFailure, or the output that finishes the request (every
+# sample has), is the last.
 Deliver = Callable[[RequestOutput | StreamFailure], None]
 
 
@@ -111,7 +112,7 @@ class RequestStream:
             self._deliver(StreamFailure(code, str(item)))
             return
         self._latency.record(item)
-        if item.finish_reason is not None:
+        if item.request_finished:
             self._end(FINISHED)
         self._deliver(item)
 

@@ -18,6 +18,7 @@ from llmserve.engine_service.frontend.health_port import start_health_server
 from llmserve.engine_service.frontend.messages import (
     info_to_proto,
     load_to_proto,
+    per_sample,
     response_from_outputs,
 )
 from llmserve.engine_service.frontend.request_stream import Deliver, RequestStream, StreamFailure
@@ -73,11 +74,12 @@ class EngineServicer(engine_service_pb2_grpc.EngineServiceServicer):
                     batch.append(items.get_nowait())
                 if isinstance(batch[-1], StreamFailure):
                     failure = batch.pop()
-                    if batch:
-                        yield response_from_outputs(batch)
+                    for sample in per_sample(batch):
+                        yield response_from_outputs(sample)
                     await context.abort(failure.code, failure.details)
-                finished = batch[-1].finish_reason is not None
-                yield response_from_outputs(batch)
+                finished = batch[-1].request_finished
+                for sample in per_sample(batch):
+                    yield response_from_outputs(sample)
         except Exception:
             stream.cancel(FAILED)  # a no-op after a StreamFailure: the stream ended
             raise

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 
 from llmserve.common.wire import MalformedRequest
-from llmserve.engine_service.frontend.messages import response_from_outputs
+from llmserve.engine_service.frontend.messages import per_sample, response_from_outputs
 from llmserve.engine_service.frontend.request_stream import Deliver, RequestStream, StreamFailure
 from llmserve.engine_service.seam import RequestOutput
 from llmserve.v1 import engine_service_pb2
@@ -88,7 +88,7 @@ class StreamMux:
             self._streams.pop(stream_id, None)
         else:
             self._outputs.setdefault(stream_id, []).append(item)
-            if item.finish_reason is not None:
+            if item.request_finished:
                 self._streams.pop(stream_id, None)
         self._ready.set()
 
@@ -111,7 +111,8 @@ class StreamMux:
     def _take(self) -> engine_service_pb2.GenerateStreamsResponse:
         message = engine_service_pb2.GenerateStreamsResponse()
         for stream_id, outputs in self._outputs.items():
-            message.updates.add(stream_id=stream_id, response=response_from_outputs(outputs))
+            for sample in per_sample(outputs):
+                message.updates.add(stream_id=stream_id, response=response_from_outputs(sample))
         for stream_id, failure in self._failures.items():
             message.updates.add(
                 stream_id=stream_id,

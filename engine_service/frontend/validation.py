@@ -58,6 +58,10 @@ def sampling_options(
         logit_bias=logit_bias,
         min_tokens=stopping.min_tokens,
         structured_output=structured_output_spec(sampling),
+        n=sampling.n if sampling.HasField("n") else 1,
+        prompt_logprobs=(
+            sampling.prompt_logprobs if sampling.HasField("prompt_logprobs") else None
+        ),
     )
 
 

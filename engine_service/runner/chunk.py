@@ -8,6 +8,7 @@ class ChunkSequence(Protocol):
     """A sequence being computed: its tokens and the KV pages that hold them."""
 
     token_ids: list[int]  # the tokens whose values the host knows
+    num_prompt_tokens: int
     num_pending_tokens: int  # sampled on the device and not read yet: always the last ones
     block_ids: list[int]
 
@@ -24,3 +25,8 @@ class Chunk(Protocol):
     @property
     def samples(self) -> bool:
         """Whether the chunk reaches the sequence's end, so its last logits pick a token."""
+
+    @property
+    def prompt_logprobs(self) -> int | None:
+        """Alternatives wanted per prompt token the chunk scores (each of its positions before
+        the prompt's last scores the token after it); None: it scores none."""

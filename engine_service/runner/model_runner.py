@@ -16,10 +16,15 @@ from dataclasses import dataclass
 import structlog
 import torch
 
+from llmserve.engine_service.attention import kv_cache
 from llmserve.engine_service.attention.layer import AttentionKernels, PagedAttention
 from llmserve.engine_service.config import EngineConfig
 from llmserve.engine_service.models.checkpoint import ModelSpec, iter_safetensors
 from llmserve.engine_service.models.decoder import DecoderModel
+from llmserve.engine_service.models.quantization import (
+    check_fp8_device,
+    read_weight_quantization,
+)
 from llmserve.engine_service.parallel.group import TensorParallelGroup
 from llmserve.engine_service.parallel.rank_processes import RankProcesses
 from llmserve.engine_service.runner.chunk import Chunk
@@ -29,6 +34,7 @@ from llmserve.engine_service.runner.cuda_graphs import (
     StepGraphs,
     eager_capture,
 )
+from llmserve.engine_service.runner.prompt_logprobs import PromptScores, PromptScoring, score_prompt
 from llmserve.engine_service.runner.step_channel import Op, StepChannel, step_args, step_layout
 from llmserve.engine_service.runner.step_inputs import StepBatch, StepInputs, upload
 from llmserve.kernels.ops import kernel_ops
@@ -83,8 +89,10 @@ class ModelRunner:
         self.block_size = config.block_size
         self.num_kv_heads = spec.num_kv_heads // self.tp.size
         self.ops = kernel_ops(device)
+        quant = read_weight_quantization(config.model, config.quantization)
+        check_fp8_device(quant, device, dtype)
         with torch.device(device), default_dtype(dtype):
-            self.model = DecoderModel(spec, self.ops, self.tp)
+            self.model = DecoderModel(spec, self.ops, self.tp, quant)
         self.model.load_weights(iter_safetensors(config.model))
         self.model.eval()
         self.attention = PagedAttention(prefill, decode, self.ops.qkv_rope_store,
@@ -101,32 +109,29 @@ class ModelRunner:
 
     @staticmethod
     def kv_bytes_per_block(spec: ModelSpec, dtype: torch.dtype, block_size: int,
-                           tp_size: int = 1) -> int:
-        """One rank's bytes for one block: it holds num_kv_heads / tp_size of the heads."""
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        kv_heads = spec.num_kv_heads // tp_size
-        return 2 * spec.num_layers * block_size * kv_heads * spec.head_dim * itemsize
+                           tp_size: int = 1, kv_cache_dtype: str = "auto") -> int:
+        """One rank's bytes for one block: it holds num_kv_heads / tp_size of the heads (an
+        e4m3 cache: a byte per element plus its rows' scales)."""
+        return kv_cache.bytes_per_block(spec.num_layers, block_size,
+                                        spec.num_kv_heads // tp_size, spec.head_dim, dtype,
+                                        kv_cache_dtype)
 
     @property
     def weight_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        """(Re)allocates the pool as one zeroed tensor; drops graphs, which hold its address.
-
-        Zeroed, not empty: kernels that load whole pages multiply masked-out rows by zero, and
-        0 * NaN from uninitialized memory would still be NaN.
-        """
+        """(Re)allocates the zeroed pool (with an e4m3 cache's scales); drops graphs, which
+        hold its address."""
         self.channel.publish(Op.ALLOCATE_KV_CACHE, [num_blocks])
         self.graphs = self.varlen_graphs = None
         self.attention.kv_caches = []
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         spec = self.spec
-        pool = torch.zeros(spec.num_layers, 2, num_blocks, self.block_size, self.num_kv_heads,
-                           spec.head_dim, dtype=self.dtype, device=self.device)
-        self.attention.kv_caches = [(pool[layer, 0], pool[layer, 1])
-                                    for layer in range(spec.num_layers)]
+        self.attention.kv_caches = kv_cache.allocate(
+            spec.num_layers, num_blocks, self.block_size, self.num_kv_heads, spec.head_dim,
+            self.dtype, self.config.kv_cache_dtype, self.device)
         self.num_blocks = num_blocks
 
     def capture_graphs(self, decode_sizes: list[int], varlen_sizes: list[int],
@@ -207,10 +212,11 @@ class ModelRunner:
         return run
 
     @torch.inference_mode()
-    def execute(self, chunks: list[Chunk],
-                pending: PendingTokens | None = None) -> torch.Tensor:
+    def execute(self, chunks: list[Chunk], pending: PendingTokens | None = None,
+                scoring: PromptScoring | None = None
+                ) -> tuple[torch.Tensor, PromptScores | None]:
         """Runs the step and returns logits [S, vocab] (the weights' dtype) for the chunks that
-        sample.
+        sample, and the prompt logprobs that `scoring` (`prompt_scoring(chunks)`) asks for.
 
         Never waits for the device: the caller's one read of the sampled tokens is the sync.
         `pending` supplies input tokens that the previous step sampled and the host has not
@@ -224,18 +230,22 @@ class ModelRunner:
             pad_tokens = self.varlen_graphs.padded_size(sum(c.num_tokens for c in chunks))
             if pad_tokens is not None:
                 pad_rows = self._varlen_rows(pad_tokens)
-        batch = self.inputs.build(chunks, pad_rows, pad_tokens)
+        batch = self.inputs.build(chunks, pad_rows, pad_tokens,
+                                  None if scoring is None else scoring.scored)
         graphed = pad_rows is not None
         if pending is not None and pending.rows:
             rows = upload(self.inputs.chunk_starts(pending.rows), torch.int64, self.device)
             sources = upload(pending.sources, torch.int64, self.device)
             batch.input_ids.index_copy_(0, rows, pending.tokens[sources].to(torch.int32))
         self.channel.publish(Op.STEP, step_args(batch.layout, graphed), batch.layout)
-        logits = self._forward(batch, graphed)
+        logits, scores = self._forward(batch, graphed, scoring)
         assert logits is not None, "only rank 0 executes scheduled chunks"
-        return logits
+        return logits, scores
 
-    def _forward(self, batch: StepBatch, graphed: bool) -> torch.Tensor | None:
+    def _forward(self, batch: StepBatch, graphed: bool, scoring: PromptScoring | None = None
+                 ) -> tuple[torch.Tensor | None, PromptScores | None]:
+        """The sampling rows' logits and, where the step scores the prompt, its scores (rank
+        0 passes `scoring`; the other ranks run the same LM head passes without it)."""
         layout = batch.layout
         graphs = self.graphs if layout.decode else self.varlen_graphs
         if graphed:
@@ -244,7 +254,13 @@ class ModelRunner:
         else:
             self.attention.metadata = batch.attention
             hidden = self.model(batch.input_ids, batch.positions, self.attention)
-        return self.model.compute_logits(hidden[batch.logits_indices])
+        logits = self.model.compute_logits(hidden[batch.logits_indices])
+        scores = None
+        if layout.num_prompt_rows:
+            # Read from the hidden states before anything replays over a graph's output.
+            scores = score_prompt(hidden[batch.prompt_rows], self.model.compute_logits,
+                                  self.config.max_num_seqs, scoring)
+        return logits, scores
 
     @torch.inference_mode()
     def follow(self) -> None:

@@ -123,15 +123,34 @@ class Sampler:
         wanted = [n for n in counts if n is not None]
         if not wanted:
             return [None] * len(tokens)
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        chosen = logprobs.gather(-1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0]
-        top_values, top_ids = logprobs.topk(max(max(wanted), 1), dim=-1)
-        chosen_l, top_v, top_i = chosen.tolist(), top_values.tolist(), top_ids.tolist()
-        return [
-            None
-            if n is None
-            else TokenLogprobs(
-                tokens[r], chosen_l[r], list(zip(top_i[r][:n], top_v[r][:n], strict=True))
-            )
-            for r, n in enumerate(counts)
-        ]
+        chosen, top_values, top_ids = logprob_tensors(
+            logits, torch.tensor(tokens, device=logits.device), max(wanted))
+        return token_logprobs(tokens, chosen, top_values, top_ids, counts)
+
+
+def logprob_tensors(
+    logits: torch.Tensor, tokens: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The raw log-softmax of each row read at its token [N], and its top max(k, 1) values and
+    ids [N, k], on the logits' device without waiting."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(-1, tokens.to(torch.int64)[:, None])[:, 0]
+    top_values, top_ids = logprobs.topk(max(k, 1), dim=-1)
+    return chosen, top_values, top_ids
+
+
+def token_logprobs(
+    tokens: list[int], chosen: torch.Tensor, top_values: torch.Tensor, top_ids: torch.Tensor,
+    counts: list[int | None]
+) -> list[TokenLogprobs | None]:
+    """`logprob_tensors`' rows on the host, with each row's first `counts[r]` alternatives
+    (None: the row asked for none)."""
+    chosen_l, top_v, top_i = chosen.tolist(), top_values.tolist(), top_ids.tolist()
+    return [
+        None
+        if n is None
+        else TokenLogprobs(
+            tokens[r], chosen_l[r], list(zip(top_i[r][:n], top_v[r][:n], strict=True))
+        )
+        for r, n in enumerate(counts)
+    ]

@@ -70,6 +70,6 @@ def step_args(layout: BatchLayout, graphed: bool) -> list[int]:
 
 
 def step_layout(args: list[int]) -> BatchLayout:
-    fields = list(args[:7])
+    fields = list(args[:8])
     fields[4] = bool(fields[4])
     return BatchLayout(*fields)

@@ -39,6 +39,7 @@ class BatchLayout:
     decode: bool
     max_query_len: int
     end: int  # int32 elements of the buffer in use
+    num_prompt_rows: int = 0  # rows whose logits score a prompt token (prompt logprobs)
 
 
 @dataclass
@@ -49,6 +50,7 @@ class StepBatch:
     positions: torch.Tensor  # [T] int32
     attention: AttentionMetadata
     logits_indices: torch.Tensor  # [S] int32: rows of the flat batch whose logits pick a token
+    prompt_rows: torch.Tensor  # [R] int32: rows of the flat batch whose logits score the prompt
     num_seqs: int  # sequences before padding (rows past it are padding)
     layout: BatchLayout
 
@@ -62,9 +64,11 @@ class StepInputs:
         self.block_size, self.device = block_size, device
         sizes = {"input_ids": max_tokens, "positions": max_tokens, "slots": max_tokens,
                  "seq_lens": max_seqs, "query_start_loc": max_seqs + 1,
-                 "logits_indices": max_seqs, "block_tables": max_seqs * max_pages}
-        # Block tables last: a step copies the buffer up to its last used table row. Each
-        # section starts 128-byte aligned, so kernels see aligned pointers whatever the sizes.
+                 "logits_indices": max_seqs, "block_tables": max_seqs * max_pages,
+                 "prompt_rows": max_tokens}
+        # Block tables, then prompt rows last: a step copies the buffer up to its last used
+        # table row, or its last prompt row if it scores the prompt. Each section starts
+        # 128-byte aligned, so kernels see aligned pointers whatever the sizes.
         self.offsets: dict[str, int] = {}
         total = 0
         for name, size in sizes.items():
@@ -83,7 +87,8 @@ class StepInputs:
         self._copied = torch.cuda.Event() if on_cuda else None
 
     def build(self, chunks: list[Chunk], pad_rows: int | None = None,
-              pad_tokens: int | None = None) -> StepBatch:
+              pad_tokens: int | None = None,
+              scored: list[tuple[int, int]] | None = None) -> StepBatch:
         """Fills the buffers for `chunks` and copies them to the device (without a sync).
 
         Padding (for a graph replay) appends rows up to `pad_rows` sequences and, in a varlen
@@ -93,6 +98,9 @@ class StepInputs:
 
         A token still pending (sampled by the step in flight, so only on the device) is written
         as the token before it, a stand-in that the runner overwrites on the device.
+
+        `scored` lists (chunk index, n) for the chunks whose first n tokens' logits score the
+        prompt (prompt logprobs).
         """
         num_seqs = len(chunks)
         starts = np.fromiter((c.start for c in chunks), np.int64, num_seqs)
@@ -142,9 +150,15 @@ class StepInputs:
         self._write_padding(num_tokens, tokens, num_seqs, rows)
         # Padding rows read no block table: only the real rows' tables are copied.
         end = self.offsets["block_tables"] + num_seqs * self.max_pages
+        num_prompt_rows = 0
+        if scored:
+            prompt_rows = np.concatenate([qsl[i] + np.arange(n) for i, n in scored])
+            num_prompt_rows = len(prompt_rows)
+            h["prompt_rows"][:num_prompt_rows] = prompt_rows
+            end = self.offsets["prompt_rows"] + num_prompt_rows
         self._upload(end)
         return self.view(BatchLayout(tokens, rows, num_sampling, num_seqs, decode,
-                                     int(counts.max(initial=0)), end))
+                                     int(counts.max(initial=0)), end, num_prompt_rows))
 
     def chunk_starts(self, rows: list[int]) -> np.ndarray:
         """Where chunks `rows` of the step last built start in its flat batch."""
@@ -202,6 +216,7 @@ class StepInputs:
                 max_query_len=layout.max_query_len,
             ),
             logits_indices=view("logits_indices", layout.num_sampling),
+            prompt_rows=view("prompt_rows", layout.num_prompt_rows),
             num_seqs=layout.num_seqs,
             layout=layout,
         )

@@ -160,3 +160,27 @@ def test_latest_per_key(tmp_path: Path) -> None:
     assert rt.main([*args, "--check"]) == 1
     docs.write_text(table + "\nAlso benchmarks/results/gone.json.\n")
     assert rt.main([*args, "--check"]) == 1
+
+
+def test_w7_renders_speed_ratio_and_validity(tmp_path: Path) -> None:
+    record = _w1("abcdef1")
+    record["workload"] = "W7"
+    record["parameters"] |= {"max_tokens_cap": 300, "limit": 4}
+    record["figures"] |= {
+        "tok_per_s": 18950.4,
+        "unconstrained_tok_per_s": 20010.0,
+        "ratio": 0.947,
+        "valid": 231,
+        "stop": 231,
+        "length": 25,
+    }
+    path = tmp_path / "W7-h100-abcdef1.json"
+    path.write_text(json.dumps(record))
+    result = rt.read_result(path)
+    assert result.configuration == (
+        "llmserve-triton-graphs, block 16, first 4 requests, max_tokens capped at 300"
+    )
+    assert rt.headline(result, "") == (
+        "18,950 tok/s with schemas, 20,010 without (x0.947); valid 231/231 stop outputs, "
+        "25 cut by length"
+    )

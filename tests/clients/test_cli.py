@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from llmserve.clients.cli import main
-from llmserve.v1 import common_pb2
+from llmserve.v1 import common_pb2, generate_service_pb2
 
 # The console script sits beside the interpreter running the tests (the venv's bin/).
 LLMSERVE = Path(sys.executable).parent / "llmserve"
@@ -37,6 +37,7 @@ def test_generate_streams_text_and_sends_the_options(router, capsys) -> None:
         0.25,
     )
     assert request.sampling.seed == 9 and not request.sampling.HasField("logprobs")
+    assert not request.sampling.HasField("prompt_logprobs")
     assert list(request.stop) == ["a", "b"]
     assert request.priority == common_pb2.PRIORITY_BATCH
     assert (request.tenant, request.request_id) == ("t1", "rq")
@@ -64,9 +65,26 @@ def test_generate_sends_penalties_logit_bias_and_min_tokens(router, capsys) -> N
     assert "expected ID=BIAS" in capsys.readouterr().err
 
 
+def test_generate_sends_text_and_truncation_options(router, capsys) -> None:
+    argv = ["generate", "Once", "--target", router.target]
+    assert main([*argv, "--include-stop-str-in-output", "--keep-special-tokens",
+                 "--truncate-prompt-tokens", "12"]) == 0
+    request = router.seen[-1].request
+    assert request.include_stop_str_in_output
+    assert request.HasField("skip_special_tokens") and not request.skip_special_tokens
+    assert request.truncate_prompt_tokens == 12
+    # Left out, both optional fields stay unset (the server's defaults).
+    assert main(argv) == 0
+    request = router.seen[-1].request
+    assert not request.include_stop_str_in_output
+    assert not request.HasField("skip_special_tokens")
+    assert not request.HasField("truncate_prompt_tokens")
+    capsys.readouterr()
+
+
 def test_generate_chat_json_and_usage(router, capsys) -> None:
     argv = ["generate", "Hi there", "--target", router.target, "--chat", "--json"]
-    assert main([*argv, "--show-usage", "--logprobs", "2"]) == 0
+    assert main([*argv, "--show-usage", "--logprobs", "2", "--prompt-logprobs", "0"]) == 0
     out, err = capsys.readouterr()
     lines = [json.loads(line) for line in out.splitlines()]
     assert [line["text"] for line in lines] == ["Hello", ", world", "!"]
@@ -81,6 +99,24 @@ def test_generate_chat_json_and_usage(router, capsys) -> None:
     request = router.seen[-1].request
     assert [(m.role, m.content) for m in request.messages] == [("user", "Hi there")]
     assert request.prompt == "" and request.sampling.logprobs == 2
+    assert request.sampling.HasField("prompt_logprobs") and request.sampling.prompt_logprobs == 0
+
+
+def test_generate_prints_each_of_n_samples_whole_and_labelled(router, capsys) -> None:
+    pb = generate_service_pb2
+    router.responses = [
+        pb.GenerateResponse(text="Hel", token_ids=[1]),
+        pb.GenerateResponse(text="Bye", token_ids=[2], index=1),
+        pb.GenerateResponse(text="lo", token_ids=[3], finish_reason=common_pb2.FINISH_REASON_STOP),
+        pb.GenerateResponse(text="!", token_ids=[4], index=1,
+                            finish_reason=common_pb2.FINISH_REASON_LENGTH,
+                            usage=common_pb2.Usage(prompt_tokens=2, completion_tokens=4)),
+    ]
+    assert main(["generate", "Hi", "--target", router.target, "--n", "2", "--show-usage"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "--- sample 0 (stop) ---\nHello\n--- sample 1 (length) ---\nBye!\n"
+    assert "completion_tokens=4" in err
+    assert router.seen[-1].request.sampling.n == 2
 
 
 def test_target_and_token_from_the_environment(router, capsys, monkeypatch) -> None:

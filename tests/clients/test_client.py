@@ -66,6 +66,21 @@ def test_unset_arguments_stay_unset_so_the_server_applies_its_defaults(router, c
     assert (request.tenant, request.request_id) == ("", "")
 
 
+def test_text_and_truncation_options_arrive(router, connect) -> None:
+    client = connect(router.target)
+    client.stream("hi", include_stop_str_in_output=True, skip_special_tokens=False,
+                  truncate_prompt_tokens=3)
+    client.call("generate_text", "hi", skip_special_tokens=True, truncate_prompt_tokens=1)
+    streamed, joined = router.seen[-2].request, router.seen[-1].request
+    assert streamed.include_stop_str_in_output and not joined.include_stop_str_in_output
+    assert streamed.HasField("skip_special_tokens") and not streamed.skip_special_tokens
+    assert joined.HasField("skip_special_tokens") and joined.skip_special_tokens
+    assert (streamed.truncate_prompt_tokens, joined.truncate_prompt_tokens) == (3, 1)
+    client.stream("hi")
+    for name in ("skip_special_tokens", "truncate_prompt_tokens"):
+        assert not router.seen[-1].request.HasField(name), name
+
+
 def test_out_of_range_values_reach_the_server_unchanged(router, connect) -> None:
     router.error = (grpc.StatusCode.INVALID_ARGUMENT, "temperature must be >= 0, got -1")
     chunks, err = connect(router.target).stream("hi", temperature=-1, top_p=2.0, max_tokens=0)

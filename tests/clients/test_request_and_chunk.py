@@ -7,7 +7,7 @@ import json
 import pytest
 from grpc_health.v1 import health_pb2
 
-from llmserve.clients import Chunk, Completion, TokenLogprob, Usage
+from llmserve.clients import Chunk, Completion, TokenLogprob, TopLogprob, Usage
 from llmserve.clients._base import (
     channel_options,
     health_status_name,
@@ -83,6 +83,21 @@ def test_usage_with_all_zero_counts_is_still_usage() -> None:
     assert chunk_from_proto(response).usage == Usage(0, 0, 0)
 
 
+def test_prompt_logprobs_are_asked_for_and_read_from_the_first_chunk() -> None:
+    assert build_generate_request("x", prompt_logprobs=3).sampling.prompt_logprobs == 3
+    assert not build_generate_request("x").sampling.HasField("prompt_logprobs")
+    first = generate_service_pb2.GenerateResponse(
+        text="a", token_ids=[7],
+        prompt_logprobs=[common_pb2.TokenLogprob(
+            token_id=5, logprob=-1.5,
+            top_logprobs=[common_pb2.TopLogprob(token_id=9, logprob=-0.5, text="nine")])])
+    chunks = [chunk_from_proto(first),
+              chunk_from_proto(generate_service_pb2.GenerateResponse(text="b", token_ids=[8]))]
+    expected = [TokenLogprob(5, -1.5, [TopLogprob(9, -0.5, "nine")])]
+    assert chunks[0].prompt_logprobs == expected and chunks[1].prompt_logprobs == []
+    assert Completion.from_chunks(chunks).prompt_logprobs == expected
+
+
 def test_completion_from_no_chunks() -> None:
     assert Completion.from_chunks([]) == Completion("", [], None, None, [], "")
 
@@ -96,6 +111,28 @@ def test_completion_takes_finish_and_usage_from_the_last_chunk_that_has_them() -
     assert Completion.from_chunks(chunks) == Completion(
         "ab", [1, 2], "length", Usage(1, 2, 0), [lp], "id"
     )
+
+
+def test_n_is_sent_only_when_given_and_each_chunk_names_its_sample() -> None:
+    assert build_generate_request("x", n=3).sampling.n == 3
+    assert not build_generate_request("x").sampling.HasField("n")
+    response = generate_service_pb2.GenerateResponse(text="a", token_ids=[1], index=2)
+    assert chunk_from_proto(response).index == 2
+
+
+def test_completion_joins_each_sample_on_its_own() -> None:
+    usage = Usage(3, 5, 0)
+    chunks = [
+        Chunk("a", [1], [], None, None, "id"),
+        Chunk("x", [7], [], None, None, "id", index=1),
+        Chunk("b", [2], [], "length", None, "id"),
+        Chunk("yz", [8, 9], [], "stop", usage, "id", index=1),
+    ]
+    first = Completion.from_chunks(chunks)
+    assert [(s.index, s.text, s.token_ids, s.finish_reason) for s in first.samples] == [
+        (0, "ab", [1, 2], "length"), (1, "xyz", [7, 8, 9], "stop")]
+    assert first is first.samples[0] and all(s.usage == usage for s in first.samples)
+    assert len(Completion.from_chunks(chunks[::2]).samples) == 1
 
 
 def test_channel_options_add_a_round_robin_service_config() -> None:

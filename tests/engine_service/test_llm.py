@@ -1,5 +1,6 @@
 """The offline API: every prompt's result, in prompt order, from the core's own offline loop."""
 
+from dataclasses import replace
 from pathlib import Path
 
 from llmserve.engine_service.llm import LLM
@@ -17,3 +18,12 @@ def test_generate_returns_each_prompt_result_in_order(demo_dir: Path) -> None:
     assert [len(r.logprobs) for r in results] == [3, 0, 0]
     alone = llm.generate([prompts[1]], options[1], use_tqdm=False)[0]
     assert alone.token_ids == results[1].token_ids
+
+
+def test_generate_returns_every_sample_of_an_n_request(demo_dir: Path) -> None:
+    llm = LLM(demo_dir, device="cpu")
+    greedy = SamplingOptions(temperature=0.0, max_tokens=4, ignore_eos=True)
+    (one,) = llm.generate([[5, 6, 7]], greedy, use_tqdm=False)
+    (three,) = llm.generate([[5, 6, 7]], replace(greedy, n=3), use_tqdm=False)
+    assert [s.index for s in three.samples] == [0, 1, 2] and three is three.samples[0]
+    assert [s.token_ids for s in three.samples] == [one.token_ids] * 3

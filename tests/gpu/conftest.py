@@ -1,43 +1,14 @@
 """Helpers for the CUDA engine tests (as fixtures: with --import-mode=importlib test modules
-cannot import one another). The tiny checkpoints, `make_core`, `greedy` and `prompts` come from
-tests/conftest.py, which the CPU tests of the graph path share.
+cannot import one another). The tiny checkpoints, `make_core`, `greedy`, `teacher_forced` and
+`prompts` come from tests/conftest.py, which the CPU tests of the graph path share.
 """
 
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
-from llmserve.engine_service.core.engine_core import EngineCore
 from llmserve.engine_service.demo_model import build_tokenizer, write_tokenizer
-from llmserve.engine_service.seam import EngineRequest, SamplingOptions
-
-
-def _teacher_forced(core: EngineCore, prompts: list[list[int]],
-                    forced: list[list[int]]) -> list[torch.Tensor]:
-    """Our logits [n, vocab] at every position of prompt + forced tokens, computed through the
-    scheduler and runner exactly as generation does, but appending the given tokens."""
-    options = SamplingOptions(temperature=0.0, max_tokens=max(map(len, forced)), ignore_eos=True)
-    for i, prompt in enumerate(prompts):
-        core.add_request(EngineRequest(f"t{i}", prompt, options))
-    rows: dict[str, list[torch.Tensor]] = {f"t{i}": [] for i in range(len(prompts))}
-    while core.has_work:
-        plan = core.scheduler.schedule()
-        logits = core.runner.execute(plan.chunks)
-        for chunk in plan.chunks:
-            core.scheduler.commit(chunk)
-        for chunk, row in zip([c for c in plan.chunks if c.samples], logits, strict=True):
-            seq = chunk.seq
-            index = int(seq.request_id[1:])
-            done = rows[seq.request_id]
-            done.append(row.float().cpu())
-            if len(done) < len(forced[index]):
-                seq.token_ids.append(forced[index][len(done) - 1])
-            else:
-                core.scheduler.finish(seq)
-                del core.sequences[seq.request_id]
-    return [torch.stack(rows[f"t{i}"]) for i in range(len(prompts))]
 
 
 @pytest.fixture(scope="session")
@@ -58,8 +29,3 @@ def qwen3_hd128(tmp_path_factory: pytest.TempPathFactory) -> Path:
     transformers.Qwen3ForCausalLM(config).eval().save_pretrained(out_dir)
     write_tokenizer(tokenizer, out_dir, 512)
     return out_dir
-
-
-@pytest.fixture
-def teacher_forced() -> Callable[..., list[torch.Tensor]]:
-    return _teacher_forced

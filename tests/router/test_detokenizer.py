@@ -104,3 +104,33 @@ def test_stop_strings_do_not_match_in_the_first_min_tokens(
     assert "".join(pieces) == "the cat sat on "
     detok = IncrementalDetokenizer(tokenizer, ["the"], min_tokens=len(ids))
     assert "".join(push_chunks(detok, chunks)) == text and not detok.stopped
+
+
+@pytest.mark.parametrize("per_message", [1, 2, 100])
+@pytest.mark.parametrize("include", [False, True])
+def test_include_stop_str_ends_the_text_with_the_stop_string(
+    tokenizer: TextTokenizer, per_message: int, include: bool
+) -> None:
+    """A stop string split across tokens is held back until complete, then kept if asked; of
+    overlapping stop strings the one completed first wins, however the tokens were chunked."""
+    text = "The quick brown fox jumps over the lazy dog"
+    ids = encode(tokenizer, text)
+    assert not any("fox jumps" in asyncio.run(tokenizer.decode([t])) for t in ids)
+    chunks = [ids[start : start + per_message] for start in range(0, len(ids), per_message)]
+    for stop, expected_end in (["fox jumps"], "fox jumps"), (["lazy dog", "azy"], "azy"):
+        detok = IncrementalDetokenizer(tokenizer, stop, include_stop_str=include)
+        pieces = push_chunks(detok, chunks)
+        assert detok.stopped
+        start = text.index(expected_end)
+        assert "".join(pieces) == text[: start + len(expected_end) if include else start]
+
+
+def test_special_tokens_show_in_the_text_unless_skipped(tokenizer: TextTokenizer) -> None:
+    ids = encode(tokenizer, "Hi<|im_end|>there<|im_end|>")
+    assert ids.count(tokenizer.tokenizer.token_to_id("<|im_end|>")) == 2
+    for per_message in (1, 3):
+        chunks = [ids[start : start + per_message] for start in range(0, len(ids), per_message)]
+        kept = push_chunks(IncrementalDetokenizer(tokenizer, [], skip_special_tokens=False),
+                           chunks)
+        assert "".join(kept) == "Hi<|im_end|>there<|im_end|>"
+        assert "".join(push_chunks(IncrementalDetokenizer(tokenizer, []), chunks)) == "Hithere"

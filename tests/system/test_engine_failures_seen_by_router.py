@@ -172,6 +172,7 @@ def test_frozen_engine_is_left_and_its_stream_continues_exactly(
     undisturbed = engine_greedy(engines[0].address, prompt, max_tokens)
     with LLMClient(router.address) as client:
         received: list[int] = []
+        prompt_logprobs = []
         with contextlib.ExitStack() as stack:
             victim = None
             for chunk in client.generate(
@@ -181,10 +182,14 @@ def test_frozen_engine_is_left_and_its_stream_continues_exactly(
                 ignore_eos=True,
                 # Resubmitted with what is left of it (no token to hold off here: ignore_eos).
                 min_tokens=max_tokens,
+                # Delivered on the first response: not asked of the second engine again.
+                prompt_logprobs=1,
                 request_id="frozen-victim",
                 timeout=60,
             ):
                 received.extend(chunk.token_ids)
+                if chunk.prompt_logprobs:
+                    prompt_logprobs.append([lp.token_id for lp in chunk.prompt_logprobs])
                 if victim is None and len(received) >= 20:
                     victim = next(
                         e for e in engines if e.address == routed_engine(router, "frozen-victim")
@@ -195,6 +200,7 @@ def test_frozen_engine_is_left_and_its_stream_continues_exactly(
             finished_in = time.monotonic() - frozen_at
             print(f"stream finished {finished_in:.2f} s after the freeze")
             assert received == undisturbed  # nothing duplicated, nothing lost
+            assert prompt_logprobs == [prompt[1:]]
             assert chunk.finish_reason == "length"
             assert chunk.usage.completion_tokens == max_tokens
             assert finished_in < 10

@@ -83,6 +83,35 @@ def test_engine_killed_mid_stream_stream_continues_exactly(
         time.sleep(0.05)
 
 
+def test_engine_killed_mid_stream_each_sample_continues_exactly(
+    tiny_checkpoint, start_engine, start_router
+) -> None:
+    # n = 3: each unfinished sample resumes on the other engine as a request of its own.
+    model = tiny_checkpoint("qwen3")
+    engines = [start_engine(model) for _ in range(2)]
+    router = start_router(model, engines)
+    prompt = [7, 8, 9, 10, 11]
+    options = {"temperature": 1.0, "seed": 99, "max_tokens": 200, "ignore_eos": True, "n": 3}
+    with LLMClient(router.address) as client:
+        undisturbed = client.generate_text(prompt_token_ids=prompt, **options)
+        received: dict[int, list[int]] = {0: [], 1: [], 2: []}
+        killed = None
+        for chunk in client.generate(prompt_token_ids=prompt, request_id="samples", **options):
+            received[chunk.index].extend(chunk.token_ids)
+            if killed is None and min(map(len, received.values())) >= 10:
+                address = routed_engine(router, "samples")
+                killed = next(e for e in engines if e.address == address)
+                killed.process.kill()
+            final = chunk
+    assert killed is not None
+    assert received == {s.index: s.token_ids for s in undisturbed.samples}
+    assert len({tuple(tokens) for tokens in received.values()}) == 3
+    assert final.usage.prompt_tokens == len(prompt)
+    assert final.usage.completion_tokens == 3 * 200
+    failovers = [e for e in router.log_events() if e.get("event") == "engine_failed_over"]
+    assert failovers and failovers[0]["stage"] == "mid_stream"
+
+
 def test_fresh_router_replica_routes_with_the_full_index_at_once(
     tiny_checkpoint, start_engine, start_router
 ) -> None:

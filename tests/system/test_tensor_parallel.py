@@ -40,6 +40,34 @@ def test_two_ranks_give_the_tokens_of_one(tiny_checkpoint, start_engine, archite
     assert [e["tp_rank"] for e in joined] == [1]
 
 
+def test_two_ranks_score_the_prompt_as_one(tiny_checkpoint, start_engine) -> None:
+    model = tiny_checkpoint("qwen3")
+    # 16-token steps and LM head passes of 4 rows: prompts scored over chunks and slices, each
+    # slice a gather over both ranks, beside requests that do not ask.
+    flags = ("--max-num-batched-tokens", "16", "--max-num-seqs", "4")
+    engines = [start_engine(model, *flags), start_engine(model, *flags, "-tp", "2")]
+    answers = []
+    for engine in engines:
+        requests = [greedy(p, 4) for p in PROMPTS]
+        for request in requests[::2]:
+            request.sampling.prompt_logprobs = 3
+        with grpc.insecure_channel(engine.address) as channel:
+            stub = engine_service_pb2_grpc.EngineServiceStub(channel)
+            # All sent before any is read: batched together.
+            streams = [stub.Generate(request, timeout=120) for request in requests]
+            calls = [list(stream) for stream in streams]
+        answers.append([
+            ([t for r in call for t in r.token_ids],
+             [(lp.token_id, lp.logprob, [t.token_id for t in lp.top_logprobs])
+              for r in call for lp in r.prompt_logprobs])
+            for call in calls])
+    for prompt, one, two in zip(PROMPTS, *answers, strict=True):
+        assert one[0] == two[0]
+        assert len(one[1]) == (len(prompt) - 1 if prompt in PROMPTS[::2] else 0)
+        for (token, logprob, top), (token2, logprob2, top2) in zip(one[1], two[1], strict=True):
+            assert (token, top) == (token2, top2) and logprob2 == pytest.approx(logprob, abs=1e-4)
+
+
 def test_a_size_that_does_not_divide_the_kv_heads_is_refused(tiny_checkpoint) -> None:
     config = EngineConfig(model=tiny_checkpoint("qwen3"), tensor_parallel_size=3)
     refusal = r"does not divide .* 2 KV heads.*supported sizes: \[1, 2\]"

@@ -34,7 +34,7 @@ def test_long_prompt_never_starves_running_decodes(demo_core) -> None:
         EngineRequest("long", [9] * 4096, SamplingOptions(temperature=0, max_tokens=2))
     )
     prefill_steps = 0
-    while "long" in core.sequences and core.sequences["long"].num_output_tokens == 0:
+    while "long" in core.sequences and core.sequences["long"][0].num_output_tokens == 0:
         produced = {out.request_id for out in core.step()}
         prefill_steps += 1
         # Every decoding sequence gets its token in every step the long prompt is prefilled.

@@ -106,3 +106,34 @@ def test_idle_cached_blocks_are_evicted_least_recently_freed_first() -> None:
                                   KvEvent(False, b.block_hashes[1])]
     assert manager.cached_prefix(seq([*range(50, 58), 0], "b2")).block_ids == b_blocks[:1]
     assert manager.cached_prefix(seq([*range(8), 0], "a2")).num_tokens == 0
+
+
+def test_samples_share_the_computed_prompt_blocks_by_reference_count() -> None:
+    pool = BlockPool(8)
+    manager = KVCacheManager(pool, BS, caching=False)  # sharing needs no prefix cache
+    first = computed(manager, list(range(10)), "first")  # 2 full blocks, then a partial one
+    assert manager.cached_prefix(seq(list(range(10)), "stranger")).num_tokens == 0
+    others = []
+    for name in ("second", "third"):
+        sample = seq(list(range(10)), name)
+        prefix = manager.shared_prompt(first)
+        assert prefix.block_ids == first.block_ids[:2] and prefix.num_tokens == 8
+        assert manager.can_allocate(prefix, sample.num_tokens)
+        manager.allocate(sample, prefix, sample.num_tokens)
+        others.append(sample)
+    shared = first.block_ids[:2]
+    assert [pool.ref_counts[b] for b in shared] == [3, 3]
+    # Each sample has its own last block, for the tokens it computes and draws itself.
+    tails = {s.block_ids[2] for s in [first, *others]}
+    assert len(tails) == 3 and pool.num_free == 8 - 5
+    manager.free(first)  # the first sample preempted or done: the others keep the prompt
+    assert [pool.ref_counts[b] for b in shared] == [2, 2]
+    for sample in others:
+        manager.free(sample)
+    assert all(count == 0 for count in pool.ref_counts) and pool.num_free == 8
+
+
+def test_a_prompt_within_one_block_shares_nothing() -> None:
+    manager = KVCacheManager(BlockPool(4), BS)
+    first = computed(manager, [1, 2, 3, 4])  # one full block, but its last token is computed
+    assert manager.shared_prompt(first).block_ids == []

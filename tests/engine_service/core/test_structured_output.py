@@ -9,6 +9,7 @@ import json
 import re
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -367,3 +368,16 @@ def test_a_constraint_past_the_librarys_limits_mid_stream_fails_the_request(
     assert "went past the engine's limits while generating" in error.reason
     assert "Too many items" in error.reason
     assert len(results["plain"].token_ids) == 10
+
+
+def test_each_sample_follows_the_constraint_with_a_matcher_of_its_own(demo_core, decode) -> None:
+    core = demo_core(**KV)
+    samples = core.run_to_completion(
+        [constrained("n", 3, spec("choice", CHOICES), n=4)])["n"].samples
+    texts = [decode(s.token_ids) for s in samples]
+    assert all(s.finish_reason is FinishReason.STOP for s in samples)
+    assert set(texts) <= set(CHOICES) and len(set(texts)) > 1
+    three = constrained("one", 3, spec("choice", CHOICES))
+    as_seed_5 = replace(three, sampling=replace(three.sampling, seed=5))
+    alone = core.run_to_completion([as_seed_5])["one"]
+    assert samples[2].token_ids == alone.token_ids  # sample 2 of seed 3 draws as seed 5

@@ -1,6 +1,9 @@
 """GetInfo and WatchLoad messages carry the seam's values, field by field; a Generate request's
 sampling and stopping fields reach the seam's SamplingOptions."""
 
+import pytest
+
+from llmserve.common.request_limits import InvalidRequestError
 from llmserve.engine_service.frontend.messages import (
     info_to_proto,
     load_to_proto,
@@ -38,6 +41,43 @@ def test_generate_request_carries_penalties_logit_bias_and_min_tokens() -> None:
     ).sampling
     assert plain.repetition_penalty == 1.0 and plain.min_tokens == 0
     assert not plain.processes_logits and not plain.keeps_token_state
+
+
+@pytest.mark.parametrize("asked", [None, 0, 20])
+def test_generate_request_carries_prompt_logprobs_set_or_not(asked: int | None) -> None:
+    message = engine_service_pb2.EngineServiceGenerateRequest(
+        prompt_token_ids=[5, 6], sampling=common_pb2.SamplingParams(prompt_logprobs=asked))
+    assert request_from_proto(message, INFO).sampling.prompt_logprobs == asked
+
+
+@pytest.mark.parametrize(("asked", "samples"), [(None, 1), (1, 1), (16, 16)])
+def test_generate_request_carries_n(asked: int | None, samples: int) -> None:
+    message = engine_service_pb2.EngineServiceGenerateRequest(
+        prompt_token_ids=[5, 6], sampling=common_pb2.SamplingParams(n=asked))
+    assert request_from_proto(message, INFO).sampling.n == samples
+
+
+@pytest.mark.parametrize("asked", [0, 17])
+def test_n_out_of_bounds_is_refused_naming_the_field(asked: int) -> None:
+    message = engine_service_pb2.EngineServiceGenerateRequest(
+        prompt_token_ids=[5, 6], sampling=common_pb2.SamplingParams(n=asked))
+    with pytest.raises(InvalidRequestError, match=r"^sampling\.n: \d+ must be in \[1, 16\]"):
+        request_from_proto(message, INFO)
+
+
+def test_truncate_prompt_tokens_keeps_the_last_ids_before_the_length_check() -> None:
+    too_long = list(range(10, 10 + INFO.max_model_len + 3))
+    message = engine_service_pb2.EngineServiceGenerateRequest(
+        prompt_token_ids=too_long, truncate_prompt_tokens=4,
+        stopping=common_pb2.StoppingCriteria(max_tokens=INFO.max_model_len - 4),
+    )
+    request = request_from_proto(message, INFO)
+    assert request.prompt_token_ids == too_long[-4:]
+    assert request.sampling.max_tokens == INFO.max_model_len - 4  # the room the kept ids leave
+    message.truncate_prompt_tokens = len(too_long)
+    expected = "truncate_prompt_tokens: 4099; the limit is 4095"
+    with pytest.raises(InvalidRequestError, match=expected):
+        request_from_proto(message, INFO)
 
 
 def test_get_info_is_the_engine_info() -> None:

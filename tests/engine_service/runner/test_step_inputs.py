@@ -69,3 +69,19 @@ def test_mixed_step_flat_batch() -> None:
     assert meta.query_start_loc.tolist() == [0, 6, 8, 9]
     assert meta.seq_lens.tolist() == [6, 6, 3]
     assert batch.logits_indices.tolist() == [7, 8]
+
+
+def test_prompt_rows_follow_the_block_tables_only_in_a_step_that_scores() -> None:
+    inputs = StepInputs(max_tokens=32, max_seqs=8, max_pages=4, block_size=4,
+                        device=torch.device("cpu"))
+    chunks = [chunk(list(range(100, 110)), [2, 0, 3], 0, 6),
+              chunk([1, 2, 3, 4, 5, 6], [1, 4], 4, 2), chunk([7, 7, 7], [5], 2, 1)]
+    plain = inputs.build(chunks)
+    assert plain.layout.num_prompt_rows == 0 and plain.prompt_rows.numel() == 0
+    assert plain.layout.end == inputs.offsets["block_tables"] + 3 * 4  # nothing more to copy
+    # The first chunk scores all 6 of its tokens, the second its first (its last is the
+    # prompt's last).
+    scoring = inputs.build(chunks, pad_rows=5, pad_tokens=16, scored=[(0, 6), (1, 1)])
+    assert scoring.prompt_rows.tolist() == [0, 1, 2, 3, 4, 5, 6]
+    assert scoring.layout.end == inputs.offsets["prompt_rows"] + 7
+    assert inputs.view(scoring.layout).prompt_rows.tolist() == [0, 1, 2, 3, 4, 5, 6]
