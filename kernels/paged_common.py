@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from llmserve.kernels.fp8_kv import check_kv_scales
+
 LOG2E = math.log2(math.e)
 
 
@@ -42,8 +44,11 @@ def sm_count(device: torch.device) -> int:
 
 
 def check_paged_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                       block_tables: torch.Tensor) -> None:
-    """The layout both kernels rely on: unit stride in head_dim, int32 tables, GQA-divisible."""
+                       block_tables: torch.Tensor,
+                       kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """The layout both kernels rely on: unit stride in head_dim, int32 tables, GQA-divisible,
+    scales beside an e4m3 cache."""
+    check_kv_scales(k_cache, v_cache, kv_scales)
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("q, k_cache and v_cache need unit stride in head_dim")
     if k_cache.shape != v_cache.shape or q.shape[-1] != k_cache.shape[-1]:
@@ -79,10 +84,13 @@ def tile_pages(table_row, start, tok, tok_mask, PAGE_SIZE: tl.constexpr, BLOCK_N
 
 
 @triton.jit
-def load_kv_tile(k_ptr, v_ptr, table_row, start, kv_head, tok_end, offs_n, offs_d, d_mask,
-                 stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
-                 PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """K and V [BLOCK_N, BLOCK_D] for tokens start.. (zeros at and past tok_end)."""
+def load_kv_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, table_row, start, kv_head, tok_end, offs_n,
+                 offs_d, d_mask, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt,
+                 stride_vh, stride_sp, stride_sh,
+                 PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr):
+    """K and V [BLOCK_N, BLOCK_D] for tokens start.. (zeros at and past tok_end), as stored,
+    and with FP8 their tokens' scales [BLOCK_N] (zeros past tok_end; 1.0 without FP8, unused).
+    """
     tok = start + offs_n
     tok_mask = tok < tok_end
     page, slot = tile_pages(table_row, start, tok, tok_mask, PAGE_SIZE, BLOCK_N)
@@ -91,23 +99,41 @@ def load_kv_tile(k_ptr, v_ptr, table_row, start, kv_head, tok_end, offs_n, offs_
                 + offs_d[None, :], mask=mask, other=0.0)
     v = tl.load(v_ptr + (page * stride_vp + slot * stride_vt + kv_head * stride_vh)[:, None]
                 + offs_d[None, :], mask=mask, other=0.0)
-    return k, v, tok
+    if FP8:
+        scale_at = page * stride_sp + kv_head * stride_sh + slot
+        ks = tl.load(ks_ptr + scale_at, mask=tok_mask, other=0.0)
+        vs = tl.load(vs_ptr + scale_at, mask=tok_mask, other=0.0)
+    else:
+        ks = 1.0
+        vs = 1.0
+    return k, v, ks, vs, tok
 
 
 @triton.jit
-def softmax_step(q, k, v, visible, m_i, l_i, acc, qk_scale,
-                 MASKED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def softmax_step(q, k, v, ks, vs, visible, m_i, l_i, acc, qk_scale,
+                 MASKED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                 FP8: tl.constexpr):
     """Folds one K/V tile ([BLOCK_N, BLOCK_D] each) into the rows' running softmax state.
 
     `visible` [rows, BLOCK_N] is read only when MASKED; every row must see at least one key of
-    its first tile (true for all callers), so the running max is finite from then on.
+    its first tile (true for all callers), so the running max is finite from then on. With FP8,
+    k and v are e4m3 (exact in q's dtype) and their per-token scales ks/vs dequantize the
+    scores and the probabilities: a multiply per score rather than per element.
     """
+    if FP8:
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
     s = mma(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+    if FP8:
+        s = s * ks[None, :]
     if MASKED:
         s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, PRECISION, UPCAST)
+    pv = p
+    if FP8:
+        pv = p * vs[None, :]
+    acc = acc * alpha[:, None] + mma(pv.to(v.dtype), v, PRECISION, UPCAST)
     return m_new, l_i, acc

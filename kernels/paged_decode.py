@@ -77,13 +77,14 @@ def _split_len(seq_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, seq_lens_ptr, tables_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-    qk_scale,
+    q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, seq_lens_ptr, tables_ptr, out_ptr, part_out_ptr,
+    part_lse_ptr, qk_scale,
     stride_qb, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
-    stride_table, stride_ob, stride_oh,
+    stride_sp, stride_sh, stride_table, stride_ob, stride_oh,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    MIN_SPLIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
+    MIN_SPLIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, FP8: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     await_previous_kernel(PDL)
     # KV heads vary fastest over the grid: the programs reading the neighbouring heads of the
@@ -113,11 +114,12 @@ def _decode_split_kernel(
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     for start in range(lo, hi, BLOCK_N):
-        k, v, tok = load_kv_tile(k_ptr, v_ptr, table_row, start, kv_head, hi, offs_n, offs_d,
-                                 d_mask, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt,
-                                 stride_vh, PAGE_SIZE, BLOCK_N)
-        m_i, l_i, acc = softmax_step(q, k, v, tok[None, :] < hi, m_i, l_i, acc, qk_scale,
-                                     True, PRECISION, UPCAST)
+        k, v, ks, vs, tok = load_kv_tile(
+            k_ptr, v_ptr, ks_ptr, vs_ptr, table_row, start, kv_head, hi, offs_n, offs_d, d_mask,
+            stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, stride_sp,
+            stride_sh, PAGE_SIZE, BLOCK_N, FP8)
+        m_i, l_i, acc = softmax_step(q, k, v, ks, vs, tok[None, :] < hi, m_i, l_i, acc,
+                                     qk_scale, True, PRECISION, UPCAST, FP8)
 
     # An empty sequence (a padded batch slot) gets zeros rather than 0/0.
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -168,6 +170,7 @@ def paged_decode_attention(
     scale: float,
     num_splits: int | None = None,
     tiles: DecodeTiles | None = None,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Decode attention over a paged KV cache: q [B, Hq, D] -> [B, Hq, D] in q's dtype.
 
@@ -177,9 +180,10 @@ def paged_decode_attention(
     None picks a count with choose_num_splits from the batch, the KV heads, the SM count and the
     longest context the block table can hold (no device sync, so CUDA-graph capture is safe).
     With both the split count and the tiles left to it, a batch that does not split runs
-    UNSPLIT_TILES.
+    UNSPLIT_TILES. `kv_scales` ([num_blocks, Hkv, block_size] fp32, K's and V's) come with an
+    e4m3 cache (see fp8_kv).
     """
-    check_paged_inputs(q, k_cache, v_cache, block_tables)
+    check_paged_inputs(q, k_cache, v_cache, block_tables, kv_scales)
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
@@ -204,16 +208,17 @@ def paged_decode_attention(
         part_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # never touched with one split
+    k_scales, v_scales = kv_scales if kv_scales is not None else (k_cache, v_cache)  # unread
     _decode_split_kernel[(num_kv_heads, batch, num_splits)](
-        q, k_cache, v_cache, seq_lens, block_tables, out, part_out, part_lse,
-        scale * LOG2E,
+        q, k_cache, v_cache, k_scales, v_scales, seq_lens, block_tables, out, part_out,
+        part_lse, scale * LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_tables.stride(0), out.stride(0), out.stride(1),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), k_scales.stride(0),
+        k_scales.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_D=block_d, BLOCK_N=tiles.block_n, PAGE_SIZE=block_size, NUM_SPLITS=num_splits,
-        MIN_SPLIT=min_split, PRECISION=precision, UPCAST=upcast, PDL=pdl, launch_pdl=pdl,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        MIN_SPLIT=min_split, PRECISION=precision, UPCAST=upcast, FP8=kv_scales is not None,
+        PDL=pdl, launch_pdl=pdl, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_heads, batch)](

@@ -31,13 +31,13 @@ BLOCK_N = 64  # keys per tile
 
 @triton.jit(do_not_specialize=["num_seqs"])
 def _extend_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, starts_ptr, seq_lens_ptr, tables_ptr,
+    q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, out_ptr, starts_ptr, seq_lens_ptr, tables_ptr,
     qk_scale, num_seqs,
     stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
-    stride_table, stride_ot, stride_oh,
+    stride_sp, stride_sh, stride_table, stride_ot, stride_oh,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr,
 ):
     await_previous_kernel(PDL)
     kv_head = tl.program_id(0)  # fastest over the grid: neighbouring heads share DRAM pages
@@ -79,19 +79,21 @@ def _extend_kernel(
     # Keys below first_pos + 1 are visible to every row: those whole tiles need no mask.
     open_end = (first_pos + 1) // BLOCK_N * BLOCK_N
     for start in range(0, open_end, BLOCK_N):
-        k, v, _ = load_kv_tile(k_ptr, v_ptr, table_row, start, kv_head, open_end, offs_n, offs_d,
-                             d_mask, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt,
-                             stride_vh, PAGE_SIZE, BLOCK_N)
-        m_i, l_i, acc = softmax_step(q, k, v, None, m_i, l_i, acc, qk_scale,
-                                     False, PRECISION, UPCAST)
+        k, v, ks, vs, _ = load_kv_tile(
+            k_ptr, v_ptr, ks_ptr, vs_ptr, table_row, start, kv_head, open_end, offs_n, offs_d,
+            d_mask, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
+            stride_sp, stride_sh, PAGE_SIZE, BLOCK_N, FP8)
+        m_i, l_i, acc = softmax_step(q, k, v, ks, vs, None, m_i, l_i, acc, qk_scale,
+                                     False, PRECISION, UPCAST, FP8)
     for start in range(open_end, last_pos + 1, BLOCK_N):
-        k, v, tok = load_kv_tile(k_ptr, v_ptr, table_row, start, kv_head, last_pos + 1, offs_n,
-                             offs_d, d_mask, stride_kp, stride_kt, stride_kh, stride_vp,
-                             stride_vt, stride_vh, PAGE_SIZE, BLOCK_N)
+        k, v, ks, vs, tok = load_kv_tile(
+            k_ptr, v_ptr, ks_ptr, vs_ptr, table_row, start, kv_head, last_pos + 1, offs_n,
+            offs_d, d_mask, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
+            stride_sp, stride_sh, PAGE_SIZE, BLOCK_N, FP8)
         # Rows past our queries (padding) also see the zero keys past last_pos: never stored.
         visible = tok[None, :] <= pos[:, None]
-        m_i, l_i, acc = softmax_step(q, k, v, visible, m_i, l_i, acc, qk_scale,
-                                     True, PRECISION, UPCAST)
+        m_i, l_i, acc = softmax_step(q, k, v, ks, vs, visible, m_i, l_i, acc, qk_scale,
+                                     True, PRECISION, UPCAST, FP8)
 
     out = acc / l_i[:, None]
     tl.store(out_ptr + (q_start + q_idx)[:, None] * stride_ot + heads[:, None] * stride_oh
@@ -106,15 +108,17 @@ def paged_extend_attention(
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Causal varlen attention over a paged KV cache: q [T, Hq, D] -> [T, Hq, D] in q's dtype.
 
     query_start_loc [B+1] and seq_lens [B] int32: sequence b's queries are rows
     query_start_loc[b]:query_start_loc[b+1] of q, at its last positions before seq_lens[b]; its
     keys (prefix and this step's alike) must already be in the cache. Each sequence needs
-    q_len <= seq_len. Reads no tensor on the host, so it never syncs.
+    q_len <= seq_len. Reads no tensor on the host, so it never syncs. `kv_scales`
+    ([num_blocks, Hkv, block_size] fp32, K's and V's) come with an e4m3 cache (see fp8_kv).
     """
-    check_paged_inputs(q, k_cache, v_cache, block_tables)
+    check_paged_inputs(q, k_cache, v_cache, block_tables, kv_scales)
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs = seq_lens.shape[0]
@@ -127,14 +131,16 @@ def paged_extend_attention(
     precision, upcast = dot_modes(q.dtype)
     grid = (num_kv_heads, num_tokens // block_q + num_seqs)
     pdl = dependent_launch(q.device)
+    k_scales, v_scales = kv_scales if kv_scales is not None else (k_cache, v_cache)  # unread
     _extend_kernel[grid](
-        q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables,
+        q, k_cache, v_cache, k_scales, v_scales, out, query_start_loc, seq_lens, block_tables,
         scale * LOG2E, num_seqs,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_tables.stride(0), out.stride(0), out.stride(1),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), k_scales.stride(0),
+        k_scales.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=BLOCK_N, HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim), PAGE_SIZE=block_size,
-        PRECISION=precision, UPCAST=upcast, PDL=pdl, launch_pdl=pdl, num_warps=4, num_stages=2,
+        PRECISION=precision, UPCAST=upcast, FP8=kv_scales is not None, PDL=pdl, launch_pdl=pdl,
+        num_warps=4, num_stages=2,
     )
     return out

@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from llmserve.kernels.dependent_launch import await_previous_kernel, dependent_launch
+from llmserve.kernels.fp8_kv import check_kv_scales, fp8_scale, fp8_values, round_by_hand
 from llmserve.kernels.kv_store import store_kv_torch
 from llmserve.kernels.rms_norm import rms_norm_torch
 from llmserve.kernels.rotary import apply_rotary_torch
@@ -25,10 +26,12 @@ def qkv_rope_store_torch(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """qkv [T, (Hq + 2 Hkv) * D] -> rotated q [T, Hq, D]; k and v go into the caches
     [num_blocks, block_size, Hkv, D] at `slot_mapping` (< 0: nowhere). q_weight/k_weight are
-    the per-head RMSNorm scales, or None for models without q/k norm."""
+    the per-head RMSNorm scales, or None for models without q/k norm. With `kv_scales` the
+    caches are e4m3 and each stored row's scale goes there (see fp8_kv)."""
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     kv_size = num_kv_heads * head_dim
     q, k, v = qkv.split([qkv.shape[-1] - 2 * kv_size, kv_size, kv_size], dim=-1)
@@ -38,7 +41,7 @@ def qkv_rope_store_torch(
     if q_weight is not None and k_weight is not None:
         q, k = rms_norm_torch(q, q_weight, eps), rms_norm_torch(k, k_weight, eps)
     q, k = apply_rotary_torch(positions, q, k, cos_sin)
-    store_kv_torch(k, v, k_cache, v_cache, slot_mapping)
+    store_kv_torch(k, v, k_cache, v_cache, slot_mapping, kv_scales)
     return q
 
 
@@ -90,13 +93,14 @@ def _rotated_heads(row_ptr, first_head, weight_ptr, eps, cos, sin,
 @triton.jit
 def _qkv_rope_store_kernel(
     qkv_ptr, positions_ptr, cos_sin_ptr, q_weight_ptr, k_weight_ptr, eps,
-    q_out_ptr, k_cache_ptr, v_cache_ptr, slots_ptr,
+    q_out_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, k_scales_ptr, v_scales_ptr,
     stride_t, stride_ot, stride_cs,
     stride_kcp, stride_kct, stride_kch, stride_vcp, stride_vct, stride_vch,
+    stride_sp, stride_sh,
     NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     HALF: tl.constexpr, BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr,
     BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    NORM: tl.constexpr, PDL: tl.constexpr,
+    NORM: tl.constexpr, FP8: tl.constexpr, ROUND_BY_HAND: tl.constexpr, PDL: tl.constexpr,
 ):
     await_previous_kernel(PDL)
     token = tl.program_id(0).to(tl.int64)
@@ -119,13 +123,26 @@ def _qkv_rope_store_kernel(
         k1, k2, k_heads, k_cols, k_mask = _rotated_heads(
             row, NUM_Q_HEADS, k_weight_ptr, eps, cos, sin, NUM_KV_HEADS, HEAD_DIM, HALF,
             BLOCK_KH, BLOCK_HALF, NORM)
+        dims = tl.arange(0, BLOCK_D)[None, :]
+        v_mask = (k_heads < NUM_KV_HEADS) & (dims < HEAD_DIM)
+        v = tl.load(row + (NUM_Q_HEADS + NUM_KV_HEADS + k_heads) * HEAD_DIM + dims, mask=v_mask)
+        if FP8:
+            # One scale per (token, KV head) row; masked lanes are 0 and leave the amax alone.
+            scale_at = page * stride_sp + k_heads * stride_sh + offset
+            heads_mask = k_heads < NUM_KV_HEADS
+            k_scale = fp8_scale(tl.maximum(tl.max(tl.abs(k1), 1, keep_dims=True),
+                                           tl.max(tl.abs(k2), 1, keep_dims=True)))
+            k1 = fp8_values(k1, k_scale, ROUND_BY_HAND)
+            k2 = fp8_values(k2, k_scale, ROUND_BY_HAND)
+            v = v.to(tl.float32)
+            v_scale = fp8_scale(tl.max(tl.abs(v), 1, keep_dims=True))
+            v = fp8_values(v, v_scale, ROUND_BY_HAND)
+            tl.store(k_scales_ptr + scale_at, k_scale, mask=heads_mask)
+            tl.store(v_scales_ptr + scale_at, v_scale, mask=heads_mask)
         k_dst = (k_cache_ptr + page * stride_kcp + offset * stride_kct + k_heads * stride_kch
                  + k_cols)
         tl.store(k_dst, k1.to(k_cache_ptr.dtype.element_ty), mask=k_mask)
         tl.store(k_dst + HALF, k2.to(k_cache_ptr.dtype.element_ty), mask=k_mask)
-        dims = tl.arange(0, BLOCK_D)[None, :]
-        v_mask = (k_heads < NUM_KV_HEADS) & (dims < HEAD_DIM)
-        v = tl.load(row + (NUM_Q_HEADS + NUM_KV_HEADS + k_heads) * HEAD_DIM + dims, mask=v_mask)
         tl.store(v_cache_ptr + page * stride_vcp + offset * stride_vct + k_heads * stride_vch
                  + dims, v.to(v_cache_ptr.dtype.element_ty), mask=v_mask)
 
@@ -140,6 +157,7 @@ def qkv_rope_store(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Triton twin of qkv_rope_store_torch: one program per token handles all its heads.
 
@@ -154,23 +172,28 @@ def qkv_rope_store(
             f"cos_sin width {cos_sin.shape[-1]} must equal the even head_dim {head_dim}")
     if qkv.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("qkv and the caches need unit stride in their last dimension")
+    check_kv_scales(k_cache, v_cache, kv_scales)
     q = torch.empty(num_tokens, num_q_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     if num_tokens == 0:
         return q
     norm = q_weight is not None and k_weight is not None
     half = head_dim // 2
     pdl = dependent_launch(qkv.device)
+    # Without an FP8 cache the scale arguments are never read (FP8 is a constexpr).
+    k_scales, v_scales = kv_scales if kv_scales is not None else (k_cache, v_cache)
     _qkv_rope_store_kernel[(num_tokens,)](
         qkv, positions, cos_sin, q_weight if norm else qkv, k_weight if norm else qkv, eps,
-        q, k_cache, v_cache, slot_mapping,
+        q, k_cache, v_cache, slot_mapping, k_scales, v_scales,
         qkv.stride(0), q.stride(0), cos_sin.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        k_scales.stride(0), k_scales.stride(1),
         NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=half,
         BLOCK_QH=triton.next_power_of_2(num_q_heads),
         BLOCK_KH=triton.next_power_of_2(num_kv_heads),
         BLOCK_HALF=triton.next_power_of_2(half), BLOCK_D=triton.next_power_of_2(head_dim),
-        PAGE_SIZE=k_cache.shape[1], NORM=norm, PDL=pdl, launch_pdl=pdl,
+        PAGE_SIZE=k_cache.shape[1], NORM=norm, FP8=kv_scales is not None,
+        ROUND_BY_HAND=kv_scales is not None and round_by_hand(), PDL=pdl, launch_pdl=pdl,
         num_warps=4,
     )
     return q

@@ -2,7 +2,8 @@
 
 Its paged path takes the cache as [num_pages, page_size, Hkv, D] with `page_table` and
 `seqused_k`, the layout the engine already keeps; bottom-right causal alignment matches ours
-(a sequence's queries are its last positions). It runs bf16/fp16 only, on a CUDA device.
+(a sequence's queries are its last positions). It runs bf16/fp16 only, on a CUDA device, and
+reads no e4m3 cache (EngineConfig refuses --kv-cache-dtype fp8_e4m3 with it).
 """
 
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from llmserve.engine_service.attention.layer import (
     AttentionKernels,
     AttentionMetadata,
     BackendUnavailableError,
+    KVScales,
 )
 
 # flash-attn 4 has no split-KV on Hopper (sm_90): "SplitKV not supported on SM 9.0".
@@ -22,7 +24,9 @@ PREFILL_SPLITS = 1
 
 
 def _attend(fa4: Callable, num_splits: int, q: torch.Tensor, k_cache: torch.Tensor,
-            v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+            v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+            kv_scales: KVScales = None) -> torch.Tensor:
+    assert kv_scales is None, "flash-attn 4 reads no e4m3 KV cache"
     out = fa4(q, k_cache, v_cache, cu_seqlens_q=meta.query_start_loc,
               max_seqlen_q=meta.max_query_len, seqused_k=meta.seq_lens,
               page_table=meta.block_tables, softmax_scale=scale, causal=True,

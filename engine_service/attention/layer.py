@@ -5,6 +5,9 @@ from dataclasses import dataclass
 
 import torch
 
+from llmserve.engine_service.attention.kv_cache import LayerCache
+
+KVScales = tuple[torch.Tensor, torch.Tensor] | None
 
 class BackendUnavailableError(ValueError):
     """The attention backend asked for cannot run here; the message says what is missing."""
@@ -26,9 +29,10 @@ class AttentionMetadata:
     max_query_len: int
 
 
-# q [T, Hq, D], k_cache, v_cache [num_blocks, block_size, Hkv, D], metadata, scale -> [T, Hq, D]
-AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float],
-                    torch.Tensor]
+# q [T, Hq, D], k_cache, v_cache [num_blocks, block_size, Hkv, D], metadata, scale, and an
+# e4m3 cache's scales (None otherwise) -> [T, Hq, D]
+AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float,
+                     KVScales], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,7 @@ class PagedAttention:
     ) -> None:
         self.prefill, self.decode, self.scale = prefill, decode, scale
         self.qkv_rope_store = qkv_rope_store
-        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.kv_caches: list[LayerCache] = []
         self.metadata: AttentionMetadata | None = None
 
     @property
@@ -87,9 +91,9 @@ class PagedAttention:
         `qk_norm` is (q scale, k scale, eps) for models with per-head q/k RMSNorm."""
         meta = self.metadata
         assert meta is not None, "set metadata before the forward pass"
-        k_cache, v_cache = self.kv_caches[layer]
+        k_cache, v_cache, kv_scales = self.kv_caches[layer]
         q_weight, k_weight, eps = qk_norm if qk_norm is not None else (None, None, 0.0)
         q = self.qkv_rope_store(qkv, positions, cos_sin, q_weight, k_weight, eps, k_cache,
-                                v_cache, meta.slot_mapping)
+                                v_cache, meta.slot_mapping, kv_scales)
         attend = self.decode.decode if meta.decode_only else self.prefill.prefill
-        return attend(q, k_cache, v_cache, meta, self.scale)
+        return attend(q, k_cache, v_cache, meta, self.scale, kv_scales)

@@ -76,7 +76,8 @@ def build_engine(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
         tp = join_group(0, config.tensor_parallel_size, port, device)
     runner = build_runner(config, tp, backends)
     runner.rank_processes = ranks
-    block_bytes = ModelRunner.kv_bytes_per_block(spec, dtype, config.block_size, tp.size)
+    block_bytes = ModelRunner.kv_bytes_per_block(spec, dtype, config.block_size, tp.size,
+                                                 config.kv_cache_dtype)
     num_blocks = config.num_kv_blocks
     if num_blocks is None and on_cuda:
         peak = profile_peak_bytes(runner)
@@ -99,6 +100,7 @@ def build_engine(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
         num_blocks=num_blocks,
         block_size=config.block_size,
         bytes=num_blocks * block_bytes,
+        kv_cache_dtype=config.kv_cache_dtype,
         max_model_len=config.max_model_len,
         seconds=round(time.monotonic() - started, 2),
     )

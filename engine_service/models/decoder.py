@@ -13,6 +13,8 @@ from torch import nn
 
 from llmserve.engine_service.attention.layer import PagedAttention
 from llmserve.engine_service.models.checkpoint import CheckpointError, ModelSpec
+from llmserve.engine_service.models.fp8_layers import Fp8Weights
+from llmserve.engine_service.models.quantization import NO_QUANTIZATION, WeightQuantization
 from llmserve.engine_service.models.rope import rope_inv_freq
 from llmserve.engine_service.parallel.group import TensorParallelGroup
 from llmserve.engine_service.parallel.layers import (
@@ -50,15 +52,15 @@ class Attention(nn.Module):
     (norm, rotary and the K/V store are one op of `PagedAttention`)."""
 
     def __init__(self, spec: ModelSpec, layer: int, ops: KernelOps,
-                 tp: TensorParallelGroup) -> None:
+                 tp: TensorParallelGroup, quant: WeightQuantization) -> None:
         super().__init__()
         self.layer = layer
         num_heads = split_evenly(spec.num_heads, tp.size, "the number of attention heads")
         self.q_size = num_heads * spec.head_dim
         q_full, kv_full = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-        self.qkv_proj = ColumnParallelLinear(spec.hidden_size, [q_full, kv_full, kv_full],
-                                             spec.attention_bias, tp)
-        self.o_proj = RowParallelLinear(q_full, spec.hidden_size, tp)
+        self.qkv_proj = quant.column(spec.hidden_size, [q_full, kv_full, kv_full],
+                                     spec.attention_bias, tp)
+        self.o_proj = quant.row(q_full, spec.hidden_size, tp)
         self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, ops) if spec.qk_norm else None
         self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, ops) if spec.qk_norm else None
 
@@ -79,12 +81,13 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU feed-forward with a fused gate/up projection."""
 
-    def __init__(self, spec: ModelSpec, ops: KernelOps, tp: TensorParallelGroup) -> None:
+    def __init__(self, spec: ModelSpec, ops: KernelOps, tp: TensorParallelGroup,
+                 quant: WeightQuantization) -> None:
         super().__init__()
         self.ops = ops
         size = spec.intermediate_size
-        self.gate_up_proj = ColumnParallelLinear(spec.hidden_size, [size, size], False, tp)
-        self.down_proj = RowParallelLinear(size, spec.hidden_size, tp)
+        self.gate_up_proj = quant.column(spec.hidden_size, [size, size], False, tp)
+        self.down_proj = quant.row(size, spec.hidden_size, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
@@ -94,10 +97,10 @@ class DecoderLayer(nn.Module):
     """Pre-norm transformer block; the residual add is fused into the following norm."""
 
     def __init__(self, spec: ModelSpec, layer: int, ops: KernelOps,
-                 tp: TensorParallelGroup) -> None:
+                 tp: TensorParallelGroup, quant: WeightQuantization) -> None:
         super().__init__()
-        self.self_attn = Attention(spec, layer, ops, tp)
-        self.mlp = MLP(spec, ops, tp)
+        self.self_attn = Attention(spec, layer, ops, tp, quant)
+        self.mlp = MLP(spec, ops, tp, quant)
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, ops)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, ops)
 
@@ -130,16 +133,19 @@ SHARDED = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)
 
 
 class DecoderModel(nn.Module):
-    """Embedding, decoder layers, final norm and LM head over one flat batch of tokens."""
+    """Embedding, decoder layers, final norm and LM head over one flat batch of tokens; the
+    linear layers hold their weights as `quant` says (the embedding and LM head never
+    quantized)."""
 
     def __init__(self, spec: ModelSpec, ops: KernelOps = TORCH_OPS,
-                 tp: TensorParallelGroup | None = None) -> None:
+                 tp: TensorParallelGroup | None = None,
+                 quant: WeightQuantization = NO_QUANTIZATION) -> None:
         super().__init__()
         tp = tp or TensorParallelGroup()
-        self.spec = spec
+        self.spec, self.quant = spec, quant
         self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size, tp)
         self.layers = nn.ModuleList(
-            DecoderLayer(spec, i, ops, tp) for i in range(spec.num_layers)
+            DecoderLayer(spec, i, ops, tp, quant) for i in range(spec.num_layers)
         )
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, ops)
         self.lm_head = (self.embed_tokens if spec.tie_word_embeddings
@@ -189,18 +195,38 @@ class DecoderModel(nn.Module):
             if module is None or not isinstance(getattr(module, param_name, None), nn.Parameter):
                 raise CheckpointError(f"unexpected tensor {name!r} in checkpoint")
             with torch.no_grad():
-                if isinstance(module, SHARDED):
-                    module.load(param_name, part, source)
-                else:
-                    getattr(module, param_name).copy_(source[:])
+                try:
+                    if isinstance(module, SHARDED):
+                        module.load(param_name, part, source)
+                    else:
+                        getattr(module, param_name).copy_(source[:])
+                except CheckpointError as error:
+                    raise CheckpointError(f"tensor {name!r} {error}") from error
             loaded.add(f"{'.'.join(path)}.{param_name}#{part}")
         missing = self._expected_tensors() - loaded
         if missing:
-            raise CheckpointError(f"checkpoint lacks tensors: {sorted(missing)[:5]}")
+            raise CheckpointError(
+                f"checkpoint lacks tensors: {sorted(map(_checkpoint_name, missing))[:5]}")
+        for module in self.modules():
+            if isinstance(module, Fp8Weights):
+                module.finish_loading()
 
     def _expected_tensors(self) -> set[str]:
         expected: set[str] = set()
         for name, _ in self.named_parameters(remove_duplicate=True):
+            if name.endswith("weight_scale") and self.quant.quantize_at_load:
+                continue
             parts = 3 if "qkv_proj" in name else 2 if "gate_up_proj" in name else 1
             expected.update(f"{name}#{i}" for i in range(parts))
         return expected
+
+
+def _checkpoint_name(expected: str) -> str:
+    """The Hugging Face name of an expected tensor ('layers.0.self_attn.qkv_proj.weight#1' ->
+    'model.layers.0.self_attn.k_proj.weight')."""
+    name, _, part = expected.partition("#")
+    module, _, param = name.rpartition(".")
+    for separate, (fused, index) in FUSED.items():
+        if module.endswith(f".{fused}") and index == int(part):
+            module = module.removesuffix(fused) + separate
+    return name if name == "lm_head.weight" else f"model.{module}.{param}"

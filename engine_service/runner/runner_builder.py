@@ -8,6 +8,7 @@ import structlog
 import torch
 
 from llmserve.engine_service.attention.backends import load_backend, phase_backends
+from llmserve.engine_service.attention.kv_cache import check_kv_cache_dtype
 from llmserve.engine_service.attention.layer import AttentionKernels, BackendUnavailableError
 from llmserve.engine_service.config import EngineConfig
 from llmserve.engine_service.models.checkpoint import read_model_spec
@@ -43,7 +44,8 @@ def set_cpu_threads(config: EngineConfig) -> None:
 def load_backends(config: EngineConfig, device: torch.device,
                   dtype: torch.dtype) -> tuple[AttentionKernels, AttentionKernels]:
     """The (prefill, decode) backends the config names, refusing a decode backend that CUDA
-    graphs cannot run where they would be captured."""
+    graphs cannot run where they would be captured, and a KV cache dtype the device lacks."""
+    check_kv_cache_dtype(config.kv_cache_dtype, device)
     prefill_name, decode_name = phase_backends(
         config.attention_backend, config.prefill_backend, config.decode_backend, device
     )

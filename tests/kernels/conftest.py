@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from llmserve.kernels.fp8_kv import quantize_kv_torch
+
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     # Triton picks interpreter or compiler when a kernel is decorated, its own library's kernels
     # at `import triton`. llmserve.kernels turns the interpreter on before that for CPU builds of
@@ -107,6 +109,14 @@ class Paged:
             dense_v.append(v)
         seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
         return PagedKV(k_cache, v_cache, tables, seq_lens, dense_k, dense_v)
+
+    @staticmethod
+    def fp8(kv: PagedKV) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The pool as an e4m3 cache: K, V and their scales [num_blocks, Hkv, block_size]."""
+        k8, k_scales = quantize_kv_torch(kv.k_cache)
+        v8, v_scales = quantize_kv_torch(kv.v_cache)
+        return k8, v8, (k_scales.transpose(1, 2).contiguous(),
+                        v_scales.transpose(1, 2).contiguous())
 
     @staticmethod
     def starts(q_lens: Sequence[int], device: str) -> torch.Tensor:

@@ -16,10 +16,12 @@ from triton.compiler import ASTSource
 from llmserve.kernels import activation, paged_decode, paged_extend, qkv_rope_store, rms_norm
 
 INT_POINTERS = {"seq_lens_ptr", "tables_ptr", "starts_ptr", "slots_ptr", "positions_ptr"}
-FP32_POINTERS = {"part_out_ptr", "part_lse_ptr", "cos_sin_ptr"}
+FP32_POINTERS = {"part_out_ptr", "part_lse_ptr", "cos_sin_ptr", "ks_ptr", "vs_ptr",
+                 "k_scales_ptr", "v_scales_ptr"}
+CACHE_POINTERS = {"k_ptr", "v_ptr", "k_cache_ptr", "v_cache_ptr"}
 
 
-def compile_sm90(fn, constants, dtype="bf16", num_warps=4, num_stages=2):
+def compile_sm90(fn, constants, dtype="bf16", num_warps=4, num_stages=2, cache="bf16"):
     # Every kernel as the GPU runs it: launched with programmatic dependent launch.
     constants = {**constants, "PDL": True}
 
@@ -30,6 +32,8 @@ def compile_sm90(fn, constants, dtype="bf16", num_warps=4, num_stages=2):
             return "*i32"
         if name in FP32_POINTERS:
             return "*fp32"
+        if name in CACHE_POINTERS:
+            return "*" + cache
         if name.endswith("_ptr"):
             return "*" + dtype
         return "fp32" if name in ("qk_scale", "eps") else "i32"
@@ -45,20 +49,26 @@ def compile_sm90(fn, constants, dtype="bf16", num_warps=4, num_stages=2):
 
 
 attention = dict(GROUP=2, HEAD_DIM=128, BLOCK_D=128, BLOCK_N=64, PRECISION="tf32", UPCAST=False)
-for page, splits in [(16, 1), (64, 4)]:
+# The bf16 cache, and the e4m3 one with its scales.
+for cache, fp8 in [("bf16", False), ("fp8e4nv", True)]:
+    for page, splits in [(16, 1), (64, 4)]:
+        compile_sm90(paged_decode._decode_split_kernel, dict(
+            attention, BLOCK_H=16, PAGE_SIZE=page, NUM_SPLITS=splits, MIN_SPLIT=64, FP8=fp8),
+            cache=cache)
     compile_sm90(paged_decode._decode_split_kernel, dict(
-        attention, BLOCK_H=16, PAGE_SIZE=page, NUM_SPLITS=splits, MIN_SPLIT=64))
-compile_sm90(paged_decode._decode_split_kernel, dict(
-    attention, BLOCK_H=16, PAGE_SIZE=16, NUM_SPLITS=2, MIN_SPLIT=32, BLOCK_N=32), num_stages=5)
+        attention, BLOCK_H=16, PAGE_SIZE=16, NUM_SPLITS=2, MIN_SPLIT=32, BLOCK_N=32, FP8=fp8),
+        num_stages=5, cache=cache)
+    compile_sm90(paged_extend._extend_kernel, dict(
+        attention, BLOCK_M=64, BLOCK_Q=32, PAGE_SIZE=16, FP8=fp8), cache=cache)
+    for norm in (True, False):
+        compile_sm90(qkv_rope_store._qkv_rope_store_kernel, dict(
+            NUM_Q_HEADS=16, NUM_KV_HEADS=8, HEAD_DIM=128, HALF=64, BLOCK_QH=16, BLOCK_KH=8,
+            BLOCK_HALF=64, BLOCK_D=128, PAGE_SIZE=16, NORM=norm, FP8=fp8, ROUND_BY_HAND=False),
+            cache=cache)
 compile_sm90(paged_decode._decode_reduce_kernel, dict(
     HEAD_DIM=128, BLOCK_D=128, BLOCK_N=64, NUM_SPLITS=4, MIN_SPLIT=256, BLOCK_S=4))
-compile_sm90(paged_extend._extend_kernel, dict(attention, BLOCK_M=64, BLOCK_Q=32, PAGE_SIZE=16))
 compile_sm90(rms_norm._rms_norm_kernel, dict(HIDDEN=1024, BLOCK=1024, ADD_RESIDUAL=True),
              num_warps=4)
-for norm in (True, False):
-    compile_sm90(qkv_rope_store._qkv_rope_store_kernel, dict(
-        NUM_Q_HEADS=16, NUM_KV_HEADS=8, HEAD_DIM=128, HALF=64, BLOCK_QH=16, BLOCK_KH=8,
-        BLOCK_HALF=64, BLOCK_D=128, PAGE_SIZE=16, NORM=norm))
 compile_sm90(activation._silu_and_mul_kernel, dict(BLOCK=1024))
 print("compiled")
 """

@@ -18,6 +18,9 @@ ON_CPU = pytest.mark.skipif(
 )
 ON_GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+# With an e4m3 cache both round the probabilities times V's scales to q's dtype, each against
+# its own running maximum: two independent bf16 roundings (2^-9) rather than one.
+FP8_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 
 def cpu(*args, name: str):
@@ -161,6 +164,36 @@ def test_decode_unsplit_batch_runs_wide_tiles(paged, lens, block_size, dtype, de
     kv_heads, heads, dim = (2, 4, 32) if device == "cpu" else (8, 16, 128)
     assert choose_num_splits(len(lens), kv_heads, 4096, sm_count(torch.device(device)))[0] == 1
     check_decode(paged, lens, block_size, heads, kv_heads, dim, dtype, device, None)
+
+
+@pytest.mark.parametrize(
+    ("lens", "block_size", "num_heads", "num_kv_heads", "head_dim", "dtype", "num_splits",
+     "device"),
+    [
+        cpu([1, 15, 16, 17, 70], 16, 4, 2, 32, torch.float32, 2, name="fp8-page16-gqa2-fp32"),
+        cpu([33, 5], 64, 4, 1, 32, torch.bfloat16, 1, name="fp8-page64-mqa-bf16"),
+        gpu(list(range(1, 4097, 64)), 16, 16, 8, 128, torch.bfloat16, None,
+            name="fp8-qwen3-b64-page16"),
+        gpu([4096, 1, 1000], 64, 16, 8, 128, torch.bfloat16, 8, name="fp8-qwen3-split8"),
+        gpu([(37 * i) % 1100 + 1 for i in range(256)], 16, 16, 8, 128, torch.bfloat16, None,
+            name="fp8-qwen3-b256-unsplit"),
+        gpu([2048, 17], 16, 16, 8, 128, torch.float32, 2, name="fp8-qwen3-fp32"),
+    ],
+)
+def test_decode_fp8_cache_matches_twin(
+    paged, lens, block_size, num_heads, num_kv_heads, head_dim, dtype, num_splits, device
+) -> None:
+    """An e4m3 cache with per-row scales: the kernel dequantizes as the twin does."""
+    kv = paged.pool(lens, block_size, num_kv_heads, head_dim, torch.float32, device)
+    k8, v8, kv_scales = paged.fp8(kv)
+    q = torch.randn(len(lens), num_heads, head_dim, device=device).to(dtype)
+    scale = head_dim**-0.5
+    out = paged_decode_attention(q, k8, v8, kv.seq_lens, kv.block_tables, scale,
+                                 num_splits=num_splits, kv_scales=kv_scales)
+    starts = torch.arange(len(lens) + 1, dtype=torch.int32, device=device)
+    ref = paged_attention_torch(q, k8, v8, starts, kv.seq_lens, kv.block_tables, scale,
+                                kv_scales)
+    assert out.dtype == dtype and paged.rel_err(out, ref) < FP8_TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("num_splits", [1, 2])

@@ -14,6 +14,9 @@ ON_CPU = pytest.mark.skipif(
 )
 ON_GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+# With an e4m3 cache both round the probabilities times V's scales to q's dtype, each against
+# its own running maximum: two independent bf16 roundings (2^-9) rather than one.
+FP8_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 
 def cpu(*args, name: str):
@@ -91,6 +94,34 @@ def test_extend_matches_twin(
     )
     assert out.dtype == dtype and out.shape == q.shape
     assert paged.rel_err(out, ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize(
+    ("lens", "q_lens", "block_size", "num_heads", "num_kv_heads", "head_dim", "dtype", "device"),
+    [
+        cpu([40, 33, 7, 65], [8, 33, 1, 40], 16, 4, 2, 32, torch.float32, name="fp8-mixed-fp32"),
+        cpu([50, 16], [20, 2], 32, 6, 2, 32, torch.bfloat16, name="fp8-prefix-group3-bf16"),
+        gpu([3000, 1537, 4096, 600], [512, 512, 1024, 600], 16, 16, 8, 128, torch.bfloat16,
+            name="fp8-qwen3-chunked"),
+        gpu([*range(100, 4000, 61), 2000], [1] * 64 + [1024], 64, 16, 8, 128, torch.bfloat16,
+            name="fp8-qwen3-decode-rows-mixed"),
+        gpu([1500, 33], [700, 1], 16, 16, 8, 128, torch.float32, name="fp8-qwen3-fp32"),
+    ],
+)
+def test_extend_fp8_cache_matches_twin(
+    paged, lens, q_lens, block_size, num_heads, num_kv_heads, head_dim, dtype, device
+) -> None:
+    """An e4m3 cache with per-row scales: the kernel dequantizes as the twin does."""
+    kv = paged.pool(lens, block_size, num_kv_heads, head_dim, torch.float32, device)
+    k8, v8, kv_scales = paged.fp8(kv)
+    starts = paged.starts(q_lens, device)
+    q = torch.randn(sum(q_lens), num_heads, head_dim, device=device).to(dtype)
+    scale = head_dim**-0.5
+    out = paged_extend_attention(q, k8, v8, starts, kv.seq_lens, kv.block_tables, scale,
+                                 kv_scales)
+    ref = paged_attention_torch(q, k8, v8, starts, kv.seq_lens, kv.block_tables, scale,
+                                kv_scales)
+    assert out.dtype == dtype and paged.rel_err(out, ref) < FP8_TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from llmserve.kernels.fp8_kv import dequantize_kv_torch
 from llmserve.kernels.paged_attention import paged_attention_torch
 
 GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -56,4 +57,21 @@ def test_twin_matches_dense_attention(
             for b in range(len(lens))
         ]
     )
+    assert paged.rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("lens", "q_lens"), [([5, 16, 17, 1], [1, 1, 1, 1]), ([40, 7, 65, 12], [8, 1, 33, 1])]
+)
+def test_twin_on_fp8_cache_is_attention_over_the_dequantized_cache(paged, lens, q_lens) -> None:
+    """Scaling the scores and the probabilities is dequantizing K and V, rearranged."""
+    kv = paged.pool(lens, 16, 2, 16, torch.float32, "cpu")
+    k8, v8, kv_scales = paged.fp8(kv)
+    q = torch.randn(sum(q_lens), 6, 16)
+    starts = paged.starts(q_lens, "cpu")
+    out = paged_attention_torch(q, k8, v8, starts, kv.seq_lens, kv.block_tables, 0.25,
+                                kv_scales)
+    k, v = (dequantize_kv_torch(c, s.transpose(1, 2)) for c, s in zip((k8, v8), kv_scales,
+                                                                         strict=True))
+    ref = paged_attention_torch(q, k, v, starts, kv.seq_lens, kv.block_tables, 0.25)
     assert paged.rel_err(out, ref) < 1e-5

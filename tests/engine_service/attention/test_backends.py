@@ -19,12 +19,15 @@ from llmserve.engine_service.runner.cuda_graphs import (
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or torch.cuda.is_available(),
                     reason="the Triton backend runs on the CPU only in Triton's interpreter")
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8_e4m3"])
 def test_triton_backend_in_interpreter_equals_torch(tiny_checkpoint, make_core, greedy,
-                                                    prompts, monkeypatch) -> None:
+                                                    prompts, monkeypatch, kv_cache_dtype) -> None:
     model_dir = tiny_checkpoint("qwen3")
-    reference = greedy(make_core(model_dir, device="cpu"), prompts[:3], 4)
+    reference = greedy(make_core(model_dir, device="cpu", kv_cache_dtype=kv_cache_dtype),
+                       prompts[:3], 4)
     monkeypatch.setenv("LLMSERVE_TRITON_ON_CPU", "1")
-    core = make_core(model_dir, device="cpu", attention_backend="triton")
+    core = make_core(model_dir, device="cpu", attention_backend="triton",
+                     kv_cache_dtype=kv_cache_dtype)
     assert core.runner.attention.name == "triton" and core.runner.ops.name == "triton"
     core.runner.capture_graphs(graph_batch_sizes(4), varlen_graph_sizes(16), eager_capture,
                                progress=False)

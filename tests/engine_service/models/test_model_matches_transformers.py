@@ -51,7 +51,7 @@ def test_last_position_logits_match(
     )
     plan = core.scheduler.schedule()
     assert [c.num_tokens for c in plan.chunks] == [len(sequence)]
-    logits = core.runner.execute(plan.chunks)
+    logits, _ = core.runner.execute(plan.chunks)
     with torch.no_grad():
         reference = hf(torch.tensor([sequence])).logits[0, -1]
     torch.testing.assert_close(logits[0], reference, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,107 @@
+"""The tensor-parallel linear layers with FP8 weights (W8A8): drop-ins for the column- and
+row-parallel layers, sharded the same way.
+
+Each holds e4m3 weights and float32 per-output-channel scales [out, 1] (a fused layer's parts
+each bring their own rows of both). A checkpoint's FP8 tensors are copied as they are; a float
+weight is quantized per output channel as it loads (`--quantization fp8`). On CUDA the matmul
+runs in FP8; on the CPU the weight is dequantized once, after loading, and each matmul rounds
+its input per token as the GPU path does.
+"""
+
+import torch
+from torch import nn
+
+from llmserve.engine_service.models.checkpoint import CheckpointError
+from llmserve.engine_service.parallel.group import TensorParallelGroup
+from llmserve.engine_service.parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    TensorSource,
+)
+from llmserve.kernels.fp8_linear import (
+    FP8,
+    dequantize_rows,
+    fp8_linear,
+    fp8_linear_torch,
+    quantize_rows,
+)
+
+
+class Fp8Weights(nn.Module):
+    """The FP8 weight and its scales, their loading and the matmul, shared by both layers."""
+
+    weight: nn.Parameter
+    weight_scale: nn.Parameter | None
+
+    def init_fp8(self, out_features: int, in_features: int, quantize_at_load: bool) -> None:
+        # Replaces the float weight the parallel layer just made (one layer's worth at a time).
+        self.compute_dtype = torch.get_default_dtype()
+        self.quantize_at_load = quantize_at_load
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8),
+                                   requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.ones(out_features, 1, dtype=torch.float32),
+                                         requires_grad=False)
+
+    def store(self, name: str, rows: slice, tensor: torch.Tensor) -> None:
+        """Copies a checkpoint tensor's share into `rows` of parameter `name`."""
+        assert self.weight_scale is not None, "loaded after finish_loading"
+        if name == "weight_scale":
+            tensor = tensor.reshape(-1, 1)
+        elif name == "weight" and tensor.dtype != FP8:
+            if not self.quantize_at_load:
+                raise CheckpointError(
+                    f"is {str(tensor.dtype).removeprefix('torch.')}, but the checkpoint's "
+                    "quantization_config says its linear weights are float8_e4m3fn"
+                )
+            tensor, scale = quantize_rows(tensor.to(self.weight.device))
+            self.weight_scale.data[rows].copy_(scale)
+        getattr(self, name).data[rows].copy_(tensor)
+
+    def finish_loading(self) -> None:
+        """On the CPU (no FP8 matmul) keeps the weight dequantized to the compute dtype."""
+        if self.weight.device.type == "cpu" and self.weight_scale is not None:
+            weight = dequantize_rows(self.weight, self.weight_scale, self.compute_dtype)
+            self.weight = nn.Parameter(weight, requires_grad=False)
+            self.weight_scale = None
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.weight_scale is None:
+            return fp8_linear_torch(x, self.weight, bias)
+        return fp8_linear(x, self.weight, self.weight_scale, bias)
+
+
+class Fp8ColumnParallelLinear(Fp8Weights, ColumnParallelLinear):
+    """`ColumnParallelLinear` with FP8 weights: this rank's rows of every fused part, and the
+    same rows of the scales."""
+
+    def __init__(self, in_features: int, parts: list[int], bias: bool,
+                 tp: TensorParallelGroup, quantize_at_load: bool) -> None:
+        ColumnParallelLinear.__init__(self, in_features, parts, bias, tp)
+        self.init_fp8(sum(self.local_parts), in_features, quantize_at_load)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x, self.bias)
+
+    def load(self, name: str, part: int, source: TensorSource) -> None:
+        size = self.local_parts[part]
+        offset = sum(self.local_parts[:part])
+        start = self.tp.rank * size
+        self.store(name, slice(offset, offset + size), source[start : start + size])
+
+
+class Fp8RowParallelLinear(Fp8Weights, RowParallelLinear):
+    """`RowParallelLinear` with FP8 weights: this rank's input columns, and every output
+    channel's scale (each rank scales its partial sums before they are all-reduced)."""
+
+    def __init__(self, in_features: int, out_features: int, tp: TensorParallelGroup,
+                 quantize_at_load: bool) -> None:
+        RowParallelLinear.__init__(self, in_features, out_features, tp)
+        self.init_fp8(out_features, self.local_in, quantize_at_load)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tp.all_reduce(self.matmul(x, None))
+
+    def load(self, name: str, part: int, source: TensorSource) -> None:
+        start = self.tp.rank * self.local_in
+        share = source[:] if name == "weight_scale" else source[:, start : start + self.local_in]
+        self.store(name, slice(None), share)

@@ -1,0 +1,140 @@
+"""Which weight quantization the decoder's linear layers use: the checkpoint's own (its
+config.json `quantization_config`), or `--quantization fp8` applied as an unquantized checkpoint
+loads.
+
+Supported: FP8 W8A8 as llm-compressor's FP8_DYNAMIC scheme writes it in the compressed-tensors
+format (e4m3 weights with per-output-channel scales, `weight_scale`; activations quantized per
+token at run time). Any other scheme stops start-up with a message naming it.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llmserve.engine_service.models.checkpoint import CheckpointError
+from llmserve.engine_service.models.fp8_layers import Fp8ColumnParallelLinear, Fp8RowParallelLinear
+from llmserve.engine_service.parallel.group import TensorParallelGroup
+from llmserve.engine_service.parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+SUPPORTED = ("compressed-tensors FP8 with per-channel weight scales and dynamic per-token "
+             "activations (llm-compressor's FP8_DYNAMIC), or an unquantized checkpoint")
+# FP8 matmuls (cuBLASLt row-wise scaling) need Ada or Hopper.
+FP8_MIN_CAPABILITY = (8, 9)
+# What each compressed-tensors argument set must say (the FP8_DYNAMIC scheme).
+WEIGHT_ARGS = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel",
+               "dynamic": False, "group_size": None, "block_structure": None}
+ACTIVATION_ARGS = {**WEIGHT_ARGS, "strategy": "token", "dynamic": True}
+
+
+class Fp8UnavailableError(ValueError):
+    """FP8 weights were asked for on a device that cannot run them."""
+
+
+@dataclass(frozen=True)
+class WeightQuantization:
+    """How the linear layers hold their weights; builds them."""
+
+    fp8: bool = False
+    # The checkpoint's weights are float: quantize them as they load.
+    quantize_at_load: bool = False
+
+    def column(self, in_features: int, parts: list[int], bias: bool,
+               tp: TensorParallelGroup) -> ColumnParallelLinear:
+        if self.fp8:
+            return Fp8ColumnParallelLinear(in_features, parts, bias, tp, self.quantize_at_load)
+        return ColumnParallelLinear(in_features, parts, bias, tp)
+
+    def row(self, in_features: int, out_features: int,
+            tp: TensorParallelGroup) -> RowParallelLinear:
+        if self.fp8:
+            return Fp8RowParallelLinear(in_features, out_features, tp, self.quantize_at_load)
+        return RowParallelLinear(in_features, out_features, tp)
+
+    @property
+    def name(self) -> str:
+        if not self.fp8:
+            return "none"
+        return "fp8 (quantized at load)" if self.quantize_at_load else "fp8 (checkpoint)"
+
+
+NO_QUANTIZATION = WeightQuantization()
+
+
+def read_weight_quantization(model_dir: Path, requested: str) -> WeightQuantization:
+    """The checkpoint's quantization if it has one (whatever `requested` says), else
+    `requested` ('none' or 'fp8') applied at load time."""
+    config = json.loads((model_dir / "config.json").read_text())
+    declared = config.get("quantization_config")
+    if declared is None:
+        return WeightQuantization(True, True) if requested == "fp8" else NO_QUANTIZATION
+    check_compressed_tensors_fp8(declared)
+    return WeightQuantization(fp8=True)
+
+
+def check_compressed_tensors_fp8(declared: dict) -> None:
+    """Raises CheckpointError naming the scheme unless `declared` is FP8_DYNAMIC on every
+    linear layer but the LM head."""
+    method = declared.get("quant_method")
+    if method == "fp8":
+        raise _unsupported(
+            "Hugging Face 'fp8' (block-wise scales, weight_block_size "
+            f"{declared.get('weight_block_size')})")
+    if method != "compressed-tensors":
+        raise _unsupported(f"quant_method {method!r}")
+    groups = list((declared.get("config_groups") or {}).values())
+    if len(groups) != 1 or groups[0].get("targets") != ["Linear"]:
+        raise _unsupported(f"compressed-tensors config_groups {declared.get('config_groups')}")
+    group = groups[0]
+    format_ = group.get("format") or declared.get("format")
+    if format_ != "float-quantized":
+        raise _unsupported(f"compressed-tensors format {format_!r}")
+    _check_args("weights", group.get("weights"), WEIGHT_ARGS)
+    _check_args("input_activations", group.get("input_activations"), ACTIVATION_ARGS)
+    for key in ("output_activations", "kv_cache_scheme", "sparsity_config", "transform_config"):
+        if group.get(key) or declared.get(key):
+            raise _unsupported(f"compressed-tensors {key} {group.get(key) or declared[key]}")
+    # The LM head is never quantized here; any other layer left out would be a mixed model.
+    unquantized = [name for name in declared.get("ignore") or [] if name != "lm_head"]
+    if unquantized:
+        raise _unsupported(f"compressed-tensors FP8 leaving out layers {unquantized}")
+
+
+def _check_args(role: str, args: dict | None, expected: dict) -> None:
+    if args is None:
+        raise _unsupported(f"compressed-tensors without {role} quantization")
+    wrong = {key: args.get(key) for key, value in expected.items() if args.get(key) != value}
+    if wrong:
+        scheme = (f"{args.get('num_bits')}-bit {args.get('type')} {args.get('strategy')} "
+                  f"{'dynamic' if args.get('dynamic') else 'static'}")
+        raise _unsupported(f"compressed-tensors {role} {scheme} ({wrong})")
+
+
+def _unsupported(scheme: str) -> CheckpointError:
+    return CheckpointError(f"quantization scheme not supported: {scheme}; supported: {SUPPORTED}")
+
+
+def check_fp8_device(quantization: WeightQuantization, device: torch.device,
+                     dtype: torch.dtype) -> None:
+    """Refuses FP8 weights on a GPU without FP8 matmuls, or in a dtype they cannot output (the
+    CPU runs them dequantized, in any dtype)."""
+    if not quantization.fp8 or device.type == "cpu":
+        return
+    reason = fp8_unsupported_reason(torch.cuda.get_device_name(device),
+                                    torch.cuda.get_device_capability(device))
+    if reason:
+        raise Fp8UnavailableError(reason)
+    if dtype != torch.bfloat16:
+        raise Fp8UnavailableError(
+            f"FP8 weights compute in bfloat16 on a GPU, not {str(dtype).removeprefix('torch.')}: "
+            "use --dtype bfloat16")
+
+
+def fp8_unsupported_reason(gpu: str, capability: tuple[int, int]) -> str | None:
+    """Why `gpu` cannot run FP8 weights, or None if it can."""
+    if capability >= FP8_MIN_CAPABILITY:
+        return None
+    major, minor = capability
+    return (f"FP8 weights need a GPU of compute capability 8.9 or newer (Ada, Hopper): {gpu} "
+            f"has {major}.{minor}; serve an unquantized checkpoint without --quantization fp8")

@@ -1,0 +1,56 @@
+"""The paged KV cache's dtypes: bytes per block, the pool's layout, the flag's checks, and an
+e4m3 cache under prefix caching and preemption (blocks are blocks, whatever they hold)."""
+
+import pytest
+import torch
+
+from llmserve.engine_service.attention import kv_cache
+from llmserve.engine_service.config import EngineConfig
+from llmserve.engine_service.seam import EngineRequest, SamplingOptions
+
+GREEDY = SamplingOptions(temperature=0.0, max_tokens=24, ignore_eos=True)
+
+
+def test_an_fp8_block_takes_about_half_the_bytes() -> None:
+    bf16 = kv_cache.bytes_per_block(28, 16, 8, 128, torch.bfloat16, "auto")
+    fp8 = kv_cache.bytes_per_block(28, 16, 8, 128, torch.bfloat16, "fp8_e4m3")
+    assert bf16 == 2 * 28 * 16 * 8 * 128 * 2
+    # A byte per element plus a 4-byte scale per 128-element row: 1.94x the blocks per GiB.
+    assert fp8 == 2 * 28 * 16 * 8 * (128 + 4)
+    assert bf16 / fp8 == pytest.approx(256 / 132)
+
+
+def test_fp8_pool_layout() -> None:
+    layers = kv_cache.allocate(2, 5, 16, 2, 32, torch.float32, "fp8_e4m3", torch.device("cpu"))
+    assert len(layers) == 2
+    k, v, scales = layers[1]
+    assert k.dtype == v.dtype == torch.float8_e4m3fn and k.shape == (5, 16, 2, 32)
+    assert scales is not None and all(s.shape == (5, 2, 16) for s in scales)
+    assert scales[0].stride() == scales[1].stride() and scales[0].stride(-1) == 1
+    plain = kv_cache.allocate(2, 5, 16, 2, 32, torch.float32, "auto", torch.device("cpu"))
+    assert plain[0].k.dtype == torch.float32 and plain[0].scales is None
+
+
+def test_the_flag_refuses_flash_attn_naming_both_flags() -> None:
+    with pytest.raises(ValueError, match=r"--kv-cache-dtype fp8_e4m3.*--attention-backend"):
+        EngineConfig(kv_cache_dtype="fp8_e4m3", attention_backend="flash_attn")
+    with pytest.raises(ValueError, match=r"--kv-cache-dtype fp8_e4m3.*--decode-backend"):
+        EngineConfig(kv_cache_dtype="fp8_e4m3", decode_backend="flash_attn")
+    with pytest.raises(ValueError, match="kv-cache-dtype"):
+        EngineConfig(kv_cache_dtype="fp8")
+    EngineConfig(kv_cache_dtype="fp8_e4m3", attention_backend="triton")
+    kv_cache.check_kv_cache_dtype("fp8_e4m3", torch.device("cpu"))  # the CPU has torch's e4m3
+
+
+def test_fp8_cache_reuses_prefixes_and_survives_preemption(demo_core) -> None:
+    core = demo_core(num_kv_blocks=512, kv_cache_dtype="fp8_e4m3")
+    prompt = list(range(3, 67))
+    first = core.run_to_completion([EngineRequest("a", prompt, GREEDY)])["a"]
+    again = core.run_to_completion([EngineRequest("b", prompt, GREEDY)])["b"]
+    assert again.cached_prompt_tokens == 48 and again.token_ids == first.token_ids
+    # 12 blocks of 16 tokens for 4 sequences growing to 60 tokens: preemption is certain.
+    tight = demo_core(num_kv_blocks=12, max_num_seqs=4, kv_cache_dtype="fp8_e4m3")
+    requests = [EngineRequest(f"r{i}", [5 + i] * 36, GREEDY) for i in range(4)]
+    results = tight.run_to_completion(requests)
+    assert tight.scheduler.num_preemptions > 0
+    assert all(len(results[r.request_id].token_ids) == 24 for r in requests)

@@ -1,0 +1,87 @@
+"""FP8 checkpoints made by the real tool (llm-compressor) from the tests' tiny Qwen3, and
+teacher-forced logits through the engine's own scheduler and runner."""
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmserve.engine_service.config import EngineConfig
+from llmserve.engine_service.core.engine_builder import build_engine
+from llmserve.engine_service.seam import EngineRequest, SamplingOptions
+
+# The tiny checkpoint's weights (std 0.2) times this: as if drawn with std 0.5. Its logits then
+# spread over ~4 (not ~1.6) and the top token takes about half the softmax mass, so greedy
+# top-1 is a real choice rather than a coin toss between near-equal logits.
+PEAK = 2.5
+
+
+def _copy_checkpoint(model: torch.nn.Module, src: Path, out: Path, **save: object) -> Path:
+    """Saves `model` into `out` with the tokenizer files of `src`."""
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    model.save_pretrained(out, **save)
+    return out
+
+
+@pytest.fixture(scope="session")
+def peaked_qwen3(tiny_checkpoint: Callable[[str], Path],
+                 tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Qwen3 with every matrix (not the norms) scaled by PEAK, in fp32."""
+    import transformers
+
+    src = tiny_checkpoint("qwen3")
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                param.mul_(PEAK)
+    return _copy_checkpoint(model, src, tmp_path_factory.mktemp("qwen3-peaked") / "model")
+
+
+@pytest.fixture(scope="session")
+def fp8_dynamic_qwen3(peaked_qwen3: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`peaked_qwen3` quantized by llm-compressor's `oneshot` with the FP8_DYNAMIC scheme on
+    every linear layer but the LM head (data-free: weights per channel now, activations per
+    token at run time), saved compressed: the format published FP8 checkpoints use."""
+    import transformers
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(peaked_qwen3, dtype=torch.float32)
+    oneshot(model=model, recipe=QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC",
+                                                     ignore=["lm_head"]))
+    out = tmp_path_factory.mktemp("qwen3-fp8-dynamic") / "model"
+    return _copy_checkpoint(model, peaked_qwen3, out, save_compressed=True)
+
+
+def _teacher_forced_logits(model_dir: Path, sequence: list[int], prompt_len: int,
+                           **settings: object) -> torch.Tensor:
+    """The engine's fp32 logits [len(sequence) - prompt_len + 1, vocab] after the prompt and
+    after each later token of `sequence`, fed in instead of the sampled ones; computed by the
+    scheduler and runner as generation computes them."""
+    core, _ = build_engine(EngineConfig(model=model_dir, device="cpu", num_kv_blocks=64,
+                                        **settings))
+    forced = sequence[prompt_len:]
+    options = SamplingOptions(temperature=0.0, max_tokens=len(forced) + 1, ignore_eos=True)
+    core.add_request(EngineRequest("t", sequence[:prompt_len], options))
+    rows: list[torch.Tensor] = []
+    while core.has_work:
+        plan = core.scheduler.schedule()
+        logits, _ = core.runner.execute(plan.chunks)
+        for chunk in plan.chunks:
+            core.scheduler.commit(chunk)
+        for chunk, row in zip([c for c in plan.chunks if c.samples], logits, strict=True):
+            rows.append(row.float())
+            if len(rows) <= len(forced):
+                chunk.seq.token_ids.append(forced[len(rows) - 1])
+            else:
+                core.scheduler.finish(chunk.seq)
+                del core.sequences[chunk.seq.request_id]
+    return torch.stack(rows)
+
+
+@pytest.fixture
+def teacher_forced() -> Callable[..., torch.Tensor]:
+    return _teacher_forced_logits

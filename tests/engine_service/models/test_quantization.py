@@ -1,0 +1,157 @@
+"""FP8 weights (W8A8) end to end on the CPU: llm-compressor's FP8_DYNAMIC checkpoint and
+`--quantization fp8` through the real loader and engine, against transformers and against the
+unquantized model; unsupported schemes and missing scales stop start-up naming them.
+
+The bound on the logits, from e4m3's precision. Rounding to nearest with 3 mantissa bits moves a
+value by at most u = 2^-4 of itself; with the error spread evenly over that half-step its RMS is
+at most u/sqrt(3) (per-channel and per-token scales keep the values out of the subnormals). A
+GEMM rounds both operands independently, so its outputs carry a relative RMS error of at most
+r = sqrt(2/3) u (the sums are incoherent in a random model). To first order, errors of different
+GEMMs add in quadrature and RMSNorm passes a relative error on unchanged. Per decoder layer the
+attention branch has two GEMMs in series (qkv, o) and the MLP three (gate and up, multiplied,
+then down): 5 r^2 per layer, so the final hidden state, and the unquantized LM head's centred
+logits, carry at most r sqrt(5 L) = 0.161 RMS for L = 2. The test allows 1.5 times that over the
+whole run (0.24), and twice it at any one position; a wrong scale anywhere blows far past both.
+"""
+
+import json
+import math
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from llmserve.engine_service.config import EngineConfig
+from llmserve.engine_service.core.engine_builder import build_engine
+from llmserve.engine_service.llm import LLM
+from llmserve.engine_service.models.checkpoint import CheckpointError
+from llmserve.engine_service.models.quantization import fp8_unsupported_reason
+from llmserve.engine_service.seam import SamplingOptions
+
+R = math.sqrt(2 / 3) * 2.0**-4
+LAYERS = 2
+PREDICTED = R * math.sqrt(5 * LAYERS)
+PROMPT = 8
+SEQUENCE = torch.randint(1, 600, (PROMPT + 63,), generator=torch.Generator().manual_seed(0))
+
+
+def _relative_rms(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per position: RMS of the logit error over RMS of the reference's centred logits."""
+    centred = reference - reference.mean(dim=-1, keepdim=True)
+    return (logits - reference).norm(dim=-1) / centred.norm(dim=-1)
+
+
+def test_llmcompressor_checkpoint_matches_transformers_compressed_tensors(
+    fp8_dynamic_qwen3: Path,
+) -> None:
+    """transformers runs the same W8A8 rounding (compressed-tensors' fake quantization): every
+    layer's output depends only on rounded inputs, so the logits agree to the last bit unless
+    a value sits on a rounding boundary."""
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        fp8_dynamic_qwen3, dtype=torch.float32).eval()
+    llm = LLM(fp8_dynamic_qwen3, device="cpu", num_kv_blocks=64)
+    prompts = [[5, 17, 99, 230, 7], [400, 12], list(range(40, 77))]
+    greedy = SamplingOptions(temperature=0.0, max_tokens=10, ignore_eos=True)
+    for prompt, ours in zip(prompts, llm.generate(prompts, greedy, use_tqdm=False), strict=True):
+        with torch.no_grad():
+            expected = reference.generate(torch.tensor([prompt]), max_new_tokens=10,
+                                          do_sample=False, eos_token_id=None)[0, len(prompt):]
+        assert ours.token_ids == expected.tolist()
+
+
+def test_fp8_logits_stay_within_the_e4m3_bound_of_the_fp32_model(
+    peaked_qwen3: Path, fp8_dynamic_qwen3: Path, teacher_forced: Callable[..., torch.Tensor],
+) -> None:
+    sequence = SEQUENCE.tolist()
+    reference = teacher_forced(peaked_qwen3, sequence, PROMPT)
+    fp8 = teacher_forced(fp8_dynamic_qwen3, sequence, PROMPT)
+    relative = _relative_rms(fp8, reference)
+    overall = ((fp8 - reference).norm()
+               / (reference - reference.mean(dim=-1, keepdim=True)).norm()).item()
+    agreement = (fp8.argmax(dim=-1) == reference.argmax(dim=-1)).float().mean().item()
+    print(f"fp8 vs fp32 over {len(reference)} positions: relative RMS {overall:.3f} "
+          f"(predicted {PREDICTED:.3f}), worst position {relative.max():.3f}, "
+          f"max |error| {(fp8 - reference).abs().max():.2f} on logits of std "
+          f"{reference.std():.2f}, top-1 agreement {agreement:.2f}")
+    assert overall <= 1.5 * PREDICTED
+    assert relative.max() <= 2 * PREDICTED
+    assert agreement >= 0.6
+
+
+def test_quantizing_at_load_reproduces_llmcompressor(
+    peaked_qwen3: Path, fp8_dynamic_qwen3: Path, teacher_forced: Callable[..., torch.Tensor],
+) -> None:
+    """`--quantization fp8` rounds the fp32 weights exactly as llm-compressor did, so the
+    bound above holds for it too."""
+    sequence = SEQUENCE[:24].tolist()
+    at_load = teacher_forced(peaked_qwen3, sequence, PROMPT, quantization="fp8")
+    torch.testing.assert_close(at_load, teacher_forced(fp8_dynamic_qwen3, sequence, PROMPT),
+                               rtol=0, atol=1e-5)
+    assert _relative_rms(at_load, teacher_forced(peaked_qwen3, sequence, PROMPT)).max() > 0.01
+
+
+def _variant(src: Path, out: Path, edit: Callable[[dict], object] | None = None,
+             drop: str | None = None) -> Path:
+    """A copy of checkpoint `src` with its quantization_config edited or one tensor removed."""
+    shutil.copytree(src, out)
+    config = json.loads((out / "config.json").read_text())
+    if edit:
+        edit(config["quantization_config"])
+    (out / "config.json").write_text(json.dumps(config))
+    if drop:
+        (weights,) = out.glob("*.safetensors")
+        tensors = load_file(weights)
+        del tensors[drop]
+        save_file(tensors, weights, metadata={"format": "pt"})
+    return out
+
+
+def _static_activations(q: dict) -> None:
+    q["config_groups"]["group_0"]["input_activations"].update(strategy="tensor", dynamic=False)
+
+
+def _int4_weights(q: dict) -> None:
+    q["format"] = "pack-quantized"
+    q["config_groups"]["group_0"].update(format="pack-quantized")
+
+
+def _hf_block_fp8(q: dict) -> None:
+    q.clear()
+    q.update(quant_method="fp8", weight_block_size=[128, 128], activation_scheme="dynamic")
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (_static_activations,
+     "scheme not supported: compressed-tensors input_activations 8-bit float tensor static"),
+    (_int4_weights, "scheme not supported: compressed-tensors format 'pack-quantized'"),
+    (_hf_block_fp8, r"Hugging Face 'fp8' \(block-wise scales, weight_block_size \[128, 128\]\)"),
+    (lambda q: q.update(quant_method="awq"), "scheme not supported: quant_method 'awq'"),
+    (lambda q: q.update(ignore=["lm_head", "model.layers.0.mlp.down_proj"]),
+     r"leaving out layers \['model.layers.0.mlp.down_proj'\]"),
+])
+def test_unsupported_schemes_stop_start_up_naming_them(
+    fp8_dynamic_qwen3: Path, tmp_path: Path, edit: Callable[[dict], object], message: str,
+) -> None:
+    model_dir = _variant(fp8_dynamic_qwen3, tmp_path / "model", edit=edit)
+    with pytest.raises(CheckpointError, match=message):
+        build_engine(EngineConfig(model=model_dir, device="cpu", num_kv_blocks=16))
+
+
+def test_a_missing_weight_scale_stops_start_up_naming_it(
+    fp8_dynamic_qwen3: Path, tmp_path: Path,
+) -> None:
+    name = "model.layers.1.self_attn.k_proj.weight_scale"
+    model_dir = _variant(fp8_dynamic_qwen3, tmp_path / "model", drop=name)
+    with pytest.raises(CheckpointError, match=f"checkpoint lacks tensors: \\['{name}'\\]"):
+        build_engine(EngineConfig(model=model_dir, device="cpu", num_kv_blocks=16))
+
+
+def test_gpus_without_fp8_matmuls_are_named_in_the_refusal() -> None:
+    reason = fp8_unsupported_reason("NVIDIA A100-SXM4-80GB", (8, 0))
+    assert reason is not None and "NVIDIA A100-SXM4-80GB has 8.0" in reason
+    assert fp8_unsupported_reason("NVIDIA H100 80GB HBM3", (9, 0)) is None
+    assert fp8_unsupported_reason("NVIDIA L4", (8, 9)) is None
