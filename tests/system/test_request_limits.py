@@ -37,11 +37,19 @@ SAMPLING_CASES: list[tuple[dict, list[str]]] = [
     ({"logit_bias": {VOCAB_SIZE: 1.0}}, ["sampling.logit_bias", f"[0, {VOCAB_SIZE})"]),
     ({"min_tokens": -1}, ["stopping.min_tokens", ">= 0"]),
     ({"min_tokens": 3}, ["stopping.min_tokens", "exceeds max_tokens 2"]),
+    ({"logit_bias": {token: 1.0 for token in range(10_000)}},
+     ["sampling.logit_bias", "10000 entries", "limit is 300"]),
+    ({"n": 0}, ["sampling.n", f"[1, {limits.MAX_N}]"]),
+    ({"n": limits.MAX_N + 1}, ["sampling.n", f"[1, {limits.MAX_N}]"]),
+    ({"prompt_logprobs": limits.MAX_PROMPT_LOGPROBS + 1},
+     ["sampling.prompt_logprobs", f"[0, {limits.MAX_PROMPT_LOGPROBS}]"]),
+    ({"prompt_logprobs": -1}, ["sampling.prompt_logprobs", f"[0, {limits.MAX_PROMPT_LOGPROBS}]"]),
 ]
 SAMPLING_IDS = [
     "presence_high", "presence_low", "frequency_high", "frequency_low", "repetition_zero",
     "repetition_high", "logit_bias_count", "bias_high", "bias_low", "bias_negative_id",
-    "bias_vocab", "min_tokens_negative", "min_tokens_over_max",
+    "bias_vocab", "min_tokens_negative", "min_tokens_over_max", "logit_bias_10000", "n_zero",
+    "n_over", "prompt_logprobs_over", "prompt_logprobs_negative",
 ]
 
 
