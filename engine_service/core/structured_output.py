@@ -319,8 +319,10 @@ class StructuredOutputs:
             matchers[0].unsafe_compute_mask_ptr(array.ctypes.data, array.nbytes)
         else:
             if self._executor is None:
+                # The step loop waits for the masks (the forward pass runs meanwhile on the
+                # device): every core but one, the frontend's.
                 self._executor = llguidance.LLExecutor(
-                    num_threads=max(1, min(16, (os.cpu_count() or 2) // 2)))
+                    num_threads=max(1, min(32, (os.cpu_count() or 2) - 1)))
             self._executor.unsafe_compute_mask_ptr(
                 [(m, i) for i, m in enumerate(matchers)], array.ctypes.data, self.words * 4,
                 len(matchers))
