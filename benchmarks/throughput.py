@@ -29,6 +29,7 @@ from transformers_peer import run_transformers_peer
 from w1_draws import fold_into_vocab, w1_requests, warmup_prompts
 from w1_engine import add_engine_arguments, build_llm, engine_parameters, implementation_tag
 
+from llmserve.engine_service.attention.kv_cache import bytes_per_block
 from llmserve.engine_service.llm import LLM
 from llmserve.engine_service.models.checkpoint import read_model_spec
 from llmserve.engine_service.seam import SamplingOptions
@@ -165,9 +166,11 @@ def main() -> None:
         tag = implementation_tag(args, figures["attention_backend"])
     figures["copy_bandwidth_tb_per_s"] = round(bandwidth / 1e12, 4)
     if "error" not in figures:
-        # KV bytes per token in bf16, as docs/benchmarks.md counts them (28 layers x K,V x 8 x
-        # 128 x 2 for the benchmark model); weights as loaded (bf16 on the GPU).
-        kv_per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * 2
+        # KV bytes per token as docs/benchmarks.md counts them (28 layers x K,V x 8 x 128 x 2
+        # for the benchmark model in bf16; e4m3 rows and their scales with an FP8 cache);
+        # weights as loaded (bf16 on the GPU).
+        kv_per_token = bytes_per_block(spec.num_layers, 1, spec.num_kv_heads, spec.head_dim,
+                                       torch.bfloat16, args.kv_cache_dtype)
         weight_bytes = figures.pop("weight_bytes", None) or _bf16_weight_bytes(args.model)
         kv_bytes, w_bytes = floor_bytes(prompts, max_tokens, kv_per_token, weight_bytes)
         floor_s = (kv_bytes + w_bytes) / bandwidth
