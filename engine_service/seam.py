@@ -2,9 +2,9 @@
 
 Plain dataclasses and enums, pickled over the pipe between them (vLLM's `v1/engine/__init__.py`
 plays this part): the frontend imports this module and never the core, so it loads no torch.
-The frontend sends `AddRequest`, `AbortRequest` or None (stop); the core answers once with
-`EngineInfo` (or the exception that stopped its start-up), then with a `StepResult` per step
-that changed something and a `RejectedRequest` for a request it refused.
+The frontend sends `AddRequest`, `AbortRequest` (of a request, or of one sample) or None (stop);
+the core answers once with `EngineInfo` (or the exception that stopped its start-up), then with
+a `StepResult` per step that changed something and a `RejectedRequest` for a request it refused.
 """
 
 from dataclasses import dataclass, field
@@ -190,6 +190,7 @@ class AddRequest:
 @dataclass(frozen=True)
 class AbortRequest:
     request_id: str
+    sample: int | None = None  # one sample (its index) of the request; None: every sample
 
 
 @dataclass(frozen=True)

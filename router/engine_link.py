@@ -12,7 +12,7 @@ it with UNAVAILABLE, which the forwarder treats as an engine failure.
 import asyncio
 import itertools
 import operator
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 
 import grpc
 
@@ -41,6 +41,24 @@ _STREAM_ID = operator.attrgetter("stream_id")
 # response, that a pass stays short, so calls arriving while many streams run are accepted
 # promptly (see hand_out).
 WAKE_BATCH = 8
+
+
+class SampleStops:
+    """The samples of a request its reader has declared done before their end (a stop string
+    ended them): the engine serving them is told to stop each (`StreamAction.cancel_sample`)."""
+
+    __slots__ = ("done", "on_stop")
+
+    def __init__(self) -> None:
+        self.done: set[int] = set()
+        # Set while an engine stream serves the samples under their own indices.
+        self.on_stop: Callable[[int], None] | None = None
+
+    def stop(self, index: int) -> None:
+        if index not in self.done:
+            self.done.add(index)
+            if self.on_stop is not None:
+                self.on_stop(index)
 
 
 class StreamInbox:
@@ -99,6 +117,12 @@ class _LinkCall:
     def cancel_soon(self, stream_id: int) -> None:
         """Queues a stream's cancel without waiting: the write in flight takes it, or one here."""
         self._outbox.actions.add(stream_id=stream_id, cancel=True)
+        if not self._writing:
+            self._flush_in_background()
+
+    def cancel_sample_soon(self, stream_id: int, index: int) -> None:
+        """Queues the cancel of one sample of a stream, as `cancel_soon` does a stream's."""
+        self._outbox.actions.add(stream_id=stream_id, cancel_sample=index)
         if not self._writing:
             self._flush_in_background()
 
@@ -165,13 +189,18 @@ class EngineLink:
         return self._current
 
     async def stream(
-        self, request: _Request, deadline: float | None, num_samples: int = 1
+        self,
+        request: _Request,
+        deadline: float | None,
+        num_samples: int = 1,
+        stops: SampleStops | None = None,
     ) -> AsyncIterator[engine_service_pb2.EngineServiceGenerateResponse]:
         """Yields the request's responses; raises StreamError if it ends otherwise.
 
         `deadline` is on the event loop's clock (None = none): past it the stream ends with
         DEADLINE_EXCEEDED, as a call with that deadline would. The stream ends once each of the
-        request's `num_samples` samples (its n) has sent its last response.
+        request's `num_samples` samples (its n) has sent its last response or is in `stops`:
+        a sample stopped there is cancelled on the engine, and no more of it is yielded.
         """
         link = self._open()
         stream_id = next(self._ids)
@@ -187,18 +216,42 @@ class EngineLink:
             )
         unfinished = num_samples
         finished = False
+        stopped: set[int] = set()  # samples cancelled
+        ended: set[int] = set()  # samples that sent their last response (tracked with `stops`)
+        if stops is not None:
+
+            def stop(index: int) -> None:
+                # Called by the reader between two responses: the loop below sees `finished`.
+                nonlocal unfinished, finished
+                if 0 <= index < num_samples and index not in ended and not finished:
+                    stopped.add(index)
+                    ended.add(index)
+                    unfinished -= 1
+                    finished = unfinished == 0
+                    if finished:
+                        link.cancel_soon(stream_id)  # it was the last: the whole stream ends
+                    else:
+                        link.cancel_sample_soon(stream_id, index)
+
+            stops.on_stop = stop
         try:
             await link.start(stream_id, request)
             while not finished:
                 responses, failure = _split(await inbox.take())
                 for response in merge_per_sample(responses):
+                    if stopped and response.index in stopped:
+                        continue
                     if response.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
                         unfinished -= 1
                         finished = unfinished == 0
+                        if stops is not None:
+                            ended.add(response.index)
                     yield response
                 if failure is not None:
                     raise failure
         finally:
+            if stops is not None:
+                stops.on_stop = None
             if timer is not None:
                 timer.cancel()
             link.unanswered.discard(stream_id)

@@ -8,7 +8,8 @@ The engine is told how many of the prompt's tokens are that output (`resumed_out
 structured output constraint carries on from where it was instead of starting over.
 One exception: the presence and frequency penalties count the output only, and the new engine
 sees the tokens streamed so far as prompt, so a penalized stream may continue differently.
-The samples of an n > 1 request that fails mid-stream each resume so, as a request of their own.
+The samples of an n > 1 request that fails mid-stream each resume so, as a request of their own;
+a sample its caller stopped (`SampleStops`) is cancelled on its engine and never resumed.
 """
 
 import asyncio
@@ -23,7 +24,7 @@ import structlog
 from llmserve.common.block_hash import hash_full_blocks
 from llmserve.router import metrics
 from llmserve.router.balancer import Balancer
-from llmserve.router.engine_link import StreamError
+from llmserve.router.engine_link import SampleStops, StreamError
 from llmserve.router.engine_pool import Engine, EnginePool
 from llmserve.router.hash_check import HashSelfCheck, PendingCheck
 from llmserve.router.prefix_index import PrefixIndex
@@ -146,10 +147,12 @@ class Forwarder:
             self.hash_check.abandoned(attempt.check)
 
     async def stream(
-        self, request: ForwardedRequest, deadline: float | None
+        self, request: ForwardedRequest, deadline: float | None, stops: SampleStops | None = None
     ) -> AsyncIterator[_Response]:
         """Yields engine responses, each naming its sample (`index`); ends once every sample
-        has sent its last one (with a finish reason). Usage counts are the engines' own.
+        has sent its last one (with a finish reason) or is in `stops`: the caller stops a
+        sample there (between two responses) and the engine stops generating it. Usage counts
+        are the engines' own.
 
         An n > 1 request goes to one engine as one request, so its prompt is routed once. If a
         sample has streamed tokens when that engine fails, each unfinished sample carries on as
@@ -164,8 +167,10 @@ class Forwarder:
         loop = asyncio.get_running_loop()
         loop_deadline = None if deadline is None else loop.time() + deadline - time.monotonic()
         samples = [_Sample(index) for index in range(max(sampling.n, 1))]
-        async for response in self._attempts(request, sampling, samples, set(), loop_deadline,
-                                             first=True):
+        if stops is None:
+            stops = SampleStops()
+        async for response in self._attempts(request, sampling, samples, stops, set(),
+                                             loop_deadline, first=True):
             yield response
 
     async def _attempts(
@@ -173,6 +178,7 @@ class Forwarder:
         request: ForwardedRequest,
         sampling: common_pb2.SamplingParams,
         samples: "list[_Sample]",
+        stops: SampleStops,
         excluded: set[str],
         loop_deadline: float | None,
         first: bool,
@@ -182,9 +188,14 @@ class Forwarder:
         prompt_len = len(request.prompt_token_ids)
         loop = asyncio.get_running_loop()
         for attempt_number in range(MAX_ATTEMPTS):
+            for sample in samples:
+                if sample.index in stops.done:
+                    sample.done = True  # stopped by the caller: not resumed
+            if all(s.done for s in samples):
+                return
             if len(samples) > 1 and any(s.generated or s.done for s in samples):
-                async for response in self._each_sample(request, sampling, samples, excluded,
-                                                        loop_deadline):
+                async for response in self._each_sample(request, sampling, samples, stops,
+                                                        excluded, loop_deadline):
                     yield response
                 return
             generated = samples[0].generated if len(samples) == 1 else []
@@ -216,7 +227,10 @@ class Forwarder:
                 # The tokens already streamed: a structured output constraint resumes after them.
                 "resumed_output_tokens": len(generated),
             }
-            responses = engine.link.stream(engine_request, loop_deadline, len(samples))
+            # Several samples: served under their own indices, which the caller stops by.
+            solo = samples[0] if len(samples) == 1 else None
+            responses = engine.link.stream(engine_request, loop_deadline, len(samples),
+                                           None if solo else stops)
             engine.inflight += 1
             # The bookkeeping runs once the request is on its way (the stream's first step
             # writes it), before any response can arrive.
@@ -225,6 +239,8 @@ class Forwarder:
                 loop.call_soon(_count_routed, request, attempt, prompt_len)
             try:
                 async for chunk in responses:
+                    if solo is not None and solo.index in stops.done:
+                        break  # one sample resumed on its own, stopped by the caller
                     sample = samples[chunk.index]
                     if chunk.index != sample.index:
                         chunk.index = sample.index  # one sample served as a request of its own
@@ -242,7 +258,7 @@ class Forwarder:
                     if not attempt.started:
                         self._started(attempt)
                     yield chunk
-                if all(s.done for s in samples):
+                if all(s.done or s.index in stops.done for s in samples):
                     return
                 failure = "stream ended before the request finished"
             except StreamError as exc:
@@ -271,6 +287,7 @@ class Forwarder:
         request: ForwardedRequest,
         sampling: common_pb2.SamplingParams,
         samples: "list[_Sample]",
+        stops: SampleStops,
         excluded: set[str],
         loop_deadline: float | None,
     ) -> AsyncIterator[_Response]:
@@ -283,8 +300,8 @@ class Forwarder:
             own.CopyFrom(sampling)
             own.ClearField("n")
             own.seed = (sampling.seed + sample.index) % (1 << 64)
-            streams.append(self._attempts(request, own, [sample], excluded, loop_deadline,
-                                          first=False))
+            streams.append(self._attempts(request, own, [sample], stops, excluded,
+                                          loop_deadline, first=False))
         return _merged(streams)
 
 

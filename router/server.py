@@ -34,7 +34,7 @@ from llmserve.router.balancer import Balancer
 from llmserve.router.busy_poll import BusyPoll
 from llmserve.router.config import RouterConfig
 from llmserve.router.detokenizer import IncrementalDetokenizer
-from llmserve.router.engine_link import StreamError
+from llmserve.router.engine_link import SampleStops, StreamError
 from llmserve.router.engine_pool import EnginePool
 from llmserve.router.forwarding import ForwardedRequest, Forwarder, NoEngineError
 from llmserve.router.hash_check import HashSelfCheck
@@ -143,16 +143,18 @@ class GenerateServicer:
             usage = common_pb2.Usage(prompt_tokens=len(prompt.token_ids))
             cached = None
             unfinished = num_samples
+            # Samples a stop string ended while others go on: their engine stops them.
+            stops = SampleStops() if num_samples > 1 else None
             with self.busy_poll.in_flight():
                 try:
                     # The per-message path: one response per engine response, whatever it holds
                     # (the engine and the link merge the tokens of a lagging stream), and no
                     # more work.
-                    async for chunk in self.forwarder.stream(forwarded, deadline):
+                    async for chunk in self.forwarder.stream(forwarded, deadline, stops):
                         index = chunk.index
                         detokenizer = detokenizers[index]
                         if detokenizer.stopped:
-                            continue  # a stop string ended this sample; its engine went on
+                            continue  # a stop string ended this sample (a response in flight)
                         if cached is None and index == 0:
                             cached = min(chunk.usage.cached_prompt_tokens, usage.prompt_tokens)
                         token_ids = chunk.token_ids
@@ -182,6 +184,8 @@ class GenerateServicer:
                                 else chunk.finish_reason
                             )
                             unfinished -= 1
+                            if stops is not None and not final and unfinished:
+                                stops.stop(index)
                         if unfinished == 0:
                             usage.cached_prompt_tokens = cached or 0
                             response.usage.CopyFrom(usage)

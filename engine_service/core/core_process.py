@@ -1,8 +1,8 @@
 """The engine core's own process: it owns the model and the KV cache and runs the step loop.
 
-The gRPC frontend talks to it over one pipe: commands in (add, abort, stop), one `StepResult`
-out per step (the messages are `seam`'s). The loop never waits on the frontend except when it
-has nothing to do.
+The gRPC frontend talks to it over one pipe: commands in (add, abort a request or one sample,
+stop), one `StepResult` out per step (the messages are `seam`'s). The loop never waits on the
+frontend except when it has nothing to do.
 """
 
 import os
@@ -55,6 +55,8 @@ class CoreLoop:
             preemptions_before = self.core.scheduler.num_preemptions
             computed_before = self.core.num_computed_tokens_total
             outputs = self.core.step() if self.core.has_work or self.core.compiling else []
+            if self.core.ended:  # requests whose last running sample was aborted
+                outputs = self.core.take_ended() + outputs
             for rejected in self.core.take_rejected():
                 self.conn.send(rejected)
             stored, removed = net_cache_changes(self.core.pool.take_events())
@@ -86,7 +88,7 @@ class CoreLoop:
                 except ValueError as exc:
                     self.conn.send(RejectedRequest(command.request.request_id, str(exc)))
             else:
-                self.core.abort_request(command.request_id)
+                self.core.abort_request(command.request_id, command.sample)
         return True
 
 

@@ -113,6 +113,9 @@ class EngineCore:
             config.structured_output_compile_timeout_s, pin_memory=runner.device.type == "cuda")
         # Requests refused or failed since the owner last took them (`take_rejected`).
         self.rejected: list[RejectedRequest] = []
+        # Requests whose last running sample was aborted, each ended by an output of no tokens
+        # with request_finished set, since the owner last took them (`take_ended`).
+        self.ended: list[RequestOutput] = []
 
     @property
     def has_work(self) -> bool:
@@ -167,13 +170,37 @@ class EngineCore:
         rejected, self.rejected = self.rejected, []
         return rejected
 
-    def abort_request(self, request_id: str) -> None:
-        """Frees the sequences of every sample of the request and their KV blocks; unknown or
-        finished ids are ignored."""
+    def abort_request(self, request_id: str, sample: int | None = None) -> None:
+        """Frees the sequences of every sample of the request (or of the one `sample` names)
+        and their KV blocks; unknown or finished ids and samples are ignored.
+
+        A sample aborted while its request's other samples run just stops: the last of them to
+        finish ends the request. One that was the last running ends the request with an output
+        of its own, no tokens and request_finished set (`take_ended`).
+        """
+        if sample is not None:
+            self._abort_sample(request_id, sample)
+            return
         self.structured.cancel(request_id)
         for seq in self.sequences.pop(request_id, ()):
             self.scheduler.abort(seq)
             self.logits_processors.release(seq)
+
+    def _abort_sample(self, request_id: str, index: int) -> None:
+        samples = self.sequences.get(request_id, [])
+        seq = next((s for s in samples if s.index == index), None)
+        if seq is None:
+            return  # finished already, out of range, or its request is unknown (or compiling)
+        self.scheduler.abort(seq)
+        self.logits_processors.release(seq)
+        samples.remove(seq)
+        if not samples:
+            del self.sequences[request_id]
+            self.ended.append(RequestOutput(request_id, [], index=index, request_finished=True))
+
+    def take_ended(self) -> list[RequestOutput]:
+        ended, self.ended = self.ended, []
+        return ended
 
     def run_to_completion(
         self,

@@ -131,6 +131,13 @@ class AsyncEngine:
         if self._streams.pop(request_id, None) is not None and self.error is None:
             self._send(AbortRequest(request_id))
 
+    def cancel_sample(self, request_id: str, index: int) -> None:
+        """Asks the core to stop one sample of a running stream and free its KV blocks; the
+        stream goes on until its other samples end. If the sample was the last one running, the
+        stream's last output is one of no tokens under that index, with request_finished set."""
+        if request_id in self._streams and self.error is None:
+            self._send(AbortRequest(request_id, index))
+
     async def watch_load(self, heartbeat_s: float) -> AsyncIterator[LoadSnapshot]:
         """Yields the current load, then each new value (intermediate ones may be skipped), and
         the current one again after `heartbeat_s` without a change: a watcher tells an idle

@@ -38,8 +38,9 @@ class StreamFailure(Exception):
 
 
 # Gets each output in order; a StreamFailure, or the output that finishes the request (every
-# sample has), is the last.
-Deliver = Callable[[RequestOutput | StreamFailure], None]
+# sample has), is the last. None is a last item too: the request ended with nothing more to send
+# (its last running sample was cancelled).
+Deliver = Callable[[RequestOutput | StreamFailure | None], None]
 
 
 def _refusal(code: grpc.StatusCode, details: str) -> StreamFailure:
@@ -76,6 +77,7 @@ class RequestStream:
         self._deliver = deliver
         self._latency = metrics.StreamLatency(time.monotonic())
         self.ended = False
+        self._cancelled: set[int] = set()  # samples stopped by `cancel_sample`
         try:
             engine.open_stream(self.request, self._on_output)
         except EngineDeadError as exc:
@@ -100,6 +102,15 @@ class RequestStream:
             self._engine.close_stream(self.request.request_id)
             self._end(outcome)
 
+    def cancel_sample(self, index: int) -> None:
+        """Stops one sample (0 to n - 1): the core frees its sequence and blocks, and nothing
+        more of it is delivered. An index out of range, or a request that ended, is ignored; so
+        is a sample that has finished (the core ignores it too)."""
+        if self.ended or not 0 <= index < self.request.sampling.n or index in self._cancelled:
+            return
+        self._cancelled.add(index)
+        self._engine.cancel_sample(self.request.request_id, index)
+
     def _on_output(self, item: RequestOutput | Exception) -> None:
         if isinstance(item, Exception):
             if isinstance(item, EngineDeadError):
@@ -110,6 +121,13 @@ class RequestStream:
                 code = grpc.StatusCode.INVALID_ARGUMENT
             self._end(status_outcome(code))
             self._deliver(StreamFailure(code, str(item)))
+            return
+        if self._cancelled and item.index in self._cancelled:
+            # Output the core sent before it stopped the sample, or the end of a request whose
+            # last running sample it was: no more of it goes out.
+            if item.request_finished:
+                self._end(FINISHED)
+                self._deliver(None)
             return
         self._latency.record(item)
         if item.request_finished:

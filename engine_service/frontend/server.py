@@ -61,7 +61,8 @@ class EngineServicer(engine_service_pb2_grpc.EngineServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[engine_service_pb2.EngineServiceGenerateResponse]:
         """Streams the request's tokens; several per response when this reader lags behind."""
-        items: asyncio.Queue[RequestOutput | StreamFailure] = asyncio.Queue()
+        # None (an end with nothing to send) never comes: this call cannot cancel a sample.
+        items: asyncio.Queue[RequestOutput | StreamFailure | None] = asyncio.Queue()
         try:
             stream = self.start(request, items.put_nowait)
         except StreamFailure as exc:
@@ -77,7 +78,10 @@ class EngineServicer(engine_service_pb2_grpc.EngineServiceServicer):
                     for sample in per_sample(batch):
                         yield response_from_outputs(sample)
                     await context.abort(failure.code, failure.details)
-                finished = batch[-1].request_finished
+                last = batch[-1]
+                if last is None:
+                    batch.pop()
+                finished = last is None or last.request_finished
                 for sample in per_sample(batch):
                     yield response_from_outputs(sample)
         except Exception:

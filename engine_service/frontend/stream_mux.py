@@ -42,7 +42,8 @@ class StreamMux:
         self,
         requests: AsyncIterator[engine_service_pb2.GenerateStreamsRequest | MalformedRequest],
     ) -> None:
-        """Starts and cancels streams as the caller asks, until it closes its side."""
+        """Starts and cancels streams (or samples of them) as the caller asks, until it closes
+        its side."""
         try:
             async for message in requests:
                 if isinstance(message, MalformedRequest):
@@ -70,6 +71,11 @@ class StreamMux:
             except StreamFailure as exc:
                 self._failures[stream_id] = exc
                 self._ready.set()
+        elif message.HasField("cancel_sample"):
+            # Of a stream unknown here (ended already): ignored, as its cancel would be.
+            running = self._streams.get(stream_id)
+            if running is not None:
+                running.cancel_sample(message.cancel_sample)
         elif not message.cancel:
             raise StreamFailure(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -82,8 +88,10 @@ class StreamMux:
             self._outputs.pop(stream_id, None)
             self._failures.pop(stream_id, None)
 
-    def _deliver(self, stream_id: int, item: RequestOutput | StreamFailure) -> None:
-        if isinstance(item, StreamFailure):
+    def _deliver(self, stream_id: int, item: RequestOutput | StreamFailure | None) -> None:
+        if item is None:  # ended with nothing more to send (its last sample was cancelled)
+            self._streams.pop(stream_id, None)
+        elif isinstance(item, StreamFailure):
             self._failures[stream_id] = item
             self._streams.pop(stream_id, None)
         else:

@@ -1,5 +1,10 @@
 """n > 1 through real servers: the engine streams each sample under its index, the router
-detokenizes each on its own (a stop string ends only its sample) and counts the prompt once."""
+detokenizes each on its own (a stop string ends only its sample, which the engine then stops)
+and counts the prompt once."""
+
+import asyncio
+import time
+import urllib.request
 
 import grpc
 
@@ -73,3 +78,119 @@ def test_router_stop_string_ends_only_its_sample_and_usage_counts_the_prompt_onc
     assert usage.completion_tokens == sum(len(c.token_ids) for c in chunks)
     assert full.usage.completion_tokens == 3 * 24
     assert full.usage.prompt_tokens == len(PROMPT)
+
+
+def _engine_generated_tokens(port: int) -> float:
+    """An engine's llmserve_engine_generated_tokens_total, from its /metrics on `port`."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return next(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line.startswith("llmserve_engine_generated_tokens_total "))
+
+
+def _wait_idle(engine_load, address: str) -> engine_service_pb2.WatchLoadResponse:
+    deadline = time.monotonic() + 10
+    while (load := engine_load(address)).num_running + load.num_waiting:
+        assert time.monotonic() < deadline, "the engine still runs a stream"
+        time.sleep(0.05)
+    return load
+
+
+def test_router_stop_string_stops_its_sample_on_the_engine(
+    tiny_checkpoint, start_engine, start_router, unused_port, engine_load
+) -> None:
+    model_dir = tiny_checkpoint("qwen3")
+    metrics_port = unused_port()
+    engine = start_engine(model_dir, "--metrics-port", str(metrics_port))
+    router = start_router(model_dir, [engine])
+    max_tokens = 200
+    with LLMClient(router.address) as client:
+        full = client.generate_text(prompt_token_ids=PROMPT, max_tokens=max_tokens, n=3,
+                                    **SEEDED)
+        texts = [s.text for s in full.samples]
+        # A stop string early in sample 1's text that samples 0 and 2 never produce.
+        stop = next(texts[1][i : i + 4] for i in range(len(texts[1]) // 5)
+                    if texts[1][i : i + 4] not in texts[0] + "\0" + texts[2])
+        _wait_idle(engine_load, engine.address)
+        before = _engine_generated_tokens(metrics_port)
+        cut = client.generate_text(prompt_token_ids=PROMPT, max_tokens=max_tokens, n=3,
+                                   stop=[stop], **SEEDED)
+        _wait_idle(engine_load, engine.address)
+        generated = _engine_generated_tokens(metrics_port) - before
+    assert cut.samples[1].finish_reason == "stop"
+    assert cut.samples[1].text == texts[1].split(stop)[0]
+    for i in (0, 2):
+        assert cut.samples[i].token_ids == full.samples[i].token_ids
+        assert cut.samples[i].finish_reason == "length"
+    # Sample 1 stopped on the engine a few tokens after its stop string, not at max_tokens.
+    assert generated < 2 * max_tokens + len(cut.samples[1].token_ids) + 20 < 3 * max_tokens
+
+
+def _run_streams(address: str, req, on_update) -> list:
+    """Runs one GenerateStreams stream (id 1) to its end; `on_update(update)` may return actions
+    to send. Every update in order."""
+
+    async def run() -> list:
+        async with grpc.aio.insecure_channel(address) as channel:
+            call = engine_service_pb2_grpc.EngineServiceStub(channel).GenerateStreams()
+            start = engine_service_pb2.StreamAction(stream_id=1, start=req)
+            await call.write(engine_service_pb2.GenerateStreamsRequest(actions=[start]))
+            seen = []
+            sent = False
+            async for message in call:
+                for update in message.updates:
+                    seen.append(update)
+                    actions = None if sent else on_update(update)
+                    if actions:
+                        await call.write(engine_service_pb2.GenerateStreamsRequest(
+                            actions=actions))
+                        await call.done_writing()
+                        sent = True
+            return seen
+
+    return asyncio.run(asyncio.wait_for(run(), 120))
+
+
+def _sampled(n: int, max_tokens: int) -> engine_service_pb2.EngineServiceGenerateRequest:
+    return engine_service_pb2.EngineServiceGenerateRequest(
+        prompt_token_ids=PROMPT,
+        sampling=common_pb2.SamplingParams(temperature=1.0, seed=4242, n=n),
+        stopping=common_pb2.StoppingCriteria(max_tokens=max_tokens, ignore_eos=True),
+    )
+
+
+def test_engine_cancel_sample_stops_it_and_frees_its_blocks(qwen3_system, engine_load) -> None:
+    _, engine, _ = qwen3_system
+    free_before = _wait_idle(engine_load, engine.address).num_free_blocks
+
+    def cancel_one(update):
+        if update.response.index == 1:
+            return [engine_service_pb2.StreamAction(stream_id=1, cancel_sample=1)]
+        return None
+
+    seen = _run_streams(engine.address, _sampled(2, 200), cancel_one)
+    assert not any(u.error_code for u in seen)
+    tokens: dict[int, list[int]] = {0: [], 1: []}
+    for update in seen:
+        tokens[update.response.index].extend(update.response.token_ids)
+    ends = {u.response.index: u.response.finish_reason for u in seen if u.response.finish_reason}
+    assert ends == {0: common_pb2.FINISH_REASON_LENGTH}  # sample 1 never ends: it was stopped
+    assert len(tokens[0]) == 200 and len(tokens[1]) < 200
+    assert seen[-1].response.index == 0  # the stream ended with sample 0's end
+    deadline = time.monotonic() + 10
+    while _wait_idle(engine_load, engine.address).num_free_blocks != free_before:
+        assert time.monotonic() < deadline, "the stopped sample's blocks were not freed"
+        time.sleep(0.05)
+
+
+def test_engine_cancel_sample_out_of_range_is_ignored(qwen3_system) -> None:
+    _, engine, _ = qwen3_system
+
+    def cancel_bad(update):
+        return [engine_service_pb2.StreamAction(stream_id=1, cancel_sample=i) for i in (2, -1)]
+
+    seen = _run_streams(engine.address, _sampled(2, 24), cancel_bad)
+    assert not any(u.error_code for u in seen)
+    ends = {u.response.index: u.response.finish_reason for u in seen if u.response.finish_reason}
+    assert ends == {i: common_pb2.FINISH_REASON_LENGTH for i in range(2)}
+    assert [sum(len(u.response.token_ids) for u in seen if u.response.index == i)
+            for i in range(2)] == [24, 24]

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from llmserve.v1 import common_pb2 as llmserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n llmserve/v1/engine_service.proto\x12\x0bllmserve.v1\x1a\x18llmserve/v1/common.proto\"\xc4\x02\n\x1c\x45ngineServiceGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.llmserve.v1.SamplingParams\x12/\n\x08stopping\x18\x04 \x01(\x0b\x32\x1d.llmserve.v1.StoppingCriteria\x12\'\n\x08priority\x18\x05 \x01(\x0e\x32\x15.llmserve.v1.Priority\x12\x0e\n\x06tenant\x18\x06 \x01(\t\x12\x1d\n\x15resumed_output_tokens\x18\x07 \x01(\x05\x12#\n\x16truncate_prompt_tokens\x18\x08 \x01(\x05H\x00\x88\x01\x01\x42\x19\n\x17_truncate_prompt_tokens\"\xf7\x01\n\x1d\x45ngineServiceGenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12+\n\x08logprobs\x18\x02 \x03(\x0b\x32\x19.llmserve.v1.TokenLogprob\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.llmserve.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.llmserve.v1.Usage\x12\r\n\x05index\x18\x05 \x01(\x05\x12\x32\n\x0fprompt_logprobs\x18\x06 \x03(\x0b\x32\x19.llmserve.v1.TokenLogprob\"D\n\x16GenerateStreamsRequest\x12*\n\x07\x61\x63tions\x18\x01 \x03(\x0b\x32\x19.llmserve.v1.StreamAction\"y\n\x0cStreamAction\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12:\n\x05start\x18\x02 \x01(\x0b\x32).llmserve.v1.EngineServiceGenerateRequestH\x00\x12\x10\n\x06\x63\x61ncel\x18\x03 \x01(\x08H\x00\x42\x08\n\x06\x61\x63tion\"E\n\x17GenerateStreamsResponse\x12*\n\x07updates\x18\x01 \x03(\x0b\x32\x19.llmserve.v1.StreamUpdate\"\x8a\x01\n\x0cStreamUpdate\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12<\n\x08response\x18\x02 \x01(\x0b\x32*.llmserve.v1.EngineServiceGenerateResponse\x12\x12\n\nerror_code\x18\x03 \x01(\x05\x12\x15\n\rerror_message\x18\x04 \x01(\t\"\x10\n\x0eGetInfoRequest\"\xe3\x02\n\x0fGetInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x15\n\rmax_model_len\x18\x04 \x01(\x05\x12\x12\n\nblock_size\x18\x05 \x01(\x05\x12\x12\n\nnum_blocks\x18\x06 \x01(\x05\x12\x14\n\x0cmax_num_seqs\x18\x07 \x01(\x05\x12\x1e\n\x16max_num_batched_tokens\x18\x08 \x01(\x05\x12\x1c\n\x14\x62lock_hash_algorithm\x18\t \x01(\t\x12\x17\n\x0f\x62lock_hash_seed\x18\n \x01(\x04\x12\x15\n\reos_token_ids\x18\x0b \x03(\x05\x12\x19\n\x11\x61ttention_backend\x18\x0c \x01(\t\x12\r\n\x05\x64type\x18\r \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0e \x01(\t\x12\x1a\n\x12max_tokens_default\x18\x0f \x01(\x05\"\x12\n\x10WatchLoadRequest\"\xae\x01\n\x11WatchLoadResponse\x12\x13\n\x0bnum_running\x18\x01 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\x05\x12\x17\n\x0fnum_free_blocks\x18\x03 \x01(\x05\x12\x18\n\x10num_total_blocks\x18\x04 \x01(\x05\x12\x1d\n\x15queued_prefill_tokens\x18\x05 \x01(\x03\x12\x1d\n\x15requests_per_priority\x18\x06 \x03(\x05\"\x16\n\x14WatchKvEventsRequest\"}\n\x15WatchKvEventsResponse\x12\x17\n\x0fsequence_number\x18\x01 \x01(\x04\x12\x10\n\x08snapshot\x18\x02 \x01(\x08\x12\x1b\n\x13\x62lock_hashes_stored\x18\x03 \x03(\x04\x12\x1c\n\x14\x62lock_hashes_removed\x18\x04 \x03(\x04\x32\xc4\x03\n\rEngineService\x12\x63\n\x08Generate\x12).llmserve.v1.EngineServiceGenerateRequest\x1a*.llmserve.v1.EngineServiceGenerateResponse0\x01\x12`\n\x0fGenerateStreams\x12#.llmserve.v1.GenerateStreamsRequest\x1a$.llmserve.v1.GenerateStreamsResponse(\x01\x30\x01\x12\x44\n\x07GetInfo\x12\x1b.llmserve.v1.GetInfoRequest\x1a\x1c.llmserve.v1.GetInfoResponse\x12L\n\tWatchLoad\x12\x1d.llmserve.v1.WatchLoadRequest\x1a\x1e.llmserve.v1.WatchLoadResponse0\x01\x12X\n\rWatchKvEvents\x12!.llmserve.v1.WatchKvEventsRequest\x1a\".llmserve.v1.WatchKvEventsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n llmserve/v1/engine_service.proto\x12\x0bllmserve.v1\x1a\x18llmserve/v1/common.proto\"\xc4\x02\n\x1c\x45ngineServiceGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.llmserve.v1.SamplingParams\x12/\n\x08stopping\x18\x04 \x01(\x0b\x32\x1d.llmserve.v1.StoppingCriteria\x12\'\n\x08priority\x18\x05 \x01(\x0e\x32\x15.llmserve.v1.Priority\x12\x0e\n\x06tenant\x18\x06 \x01(\t\x12\x1d\n\x15resumed_output_tokens\x18\x07 \x01(\x05\x12#\n\x16truncate_prompt_tokens\x18\x08 \x01(\x05H\x00\x88\x01\x01\x42\x19\n\x17_truncate_prompt_tokens\"\xf7\x01\n\x1d\x45ngineServiceGenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12+\n\x08logprobs\x18\x02 \x03(\x0b\x32\x19.llmserve.v1.TokenLogprob\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.llmserve.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.llmserve.v1.Usage\x12\r\n\x05index\x18\x05 \x01(\x05\x12\x32\n\x0fprompt_logprobs\x18\x06 \x03(\x0b\x32\x19.llmserve.v1.TokenLogprob\"D\n\x16GenerateStreamsRequest\x12*\n\x07\x61\x63tions\x18\x01 \x03(\x0b\x32\x19.llmserve.v1.StreamAction\"\x92\x01\n\x0cStreamAction\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12:\n\x05start\x18\x02 \x01(\x0b\x32).llmserve.v1.EngineServiceGenerateRequestH\x00\x12\x10\n\x06\x63\x61ncel\x18\x03 \x01(\x08H\x00\x12\x17\n\rcancel_sample\x18\x04 \x01(\x05H\x00\x42\x08\n\x06\x61\x63tion\"E\n\x17GenerateStreamsResponse\x12*\n\x07updates\x18\x01 \x03(\x0b\x32\x19.llmserve.v1.StreamUpdate\"\x8a\x01\n\x0cStreamUpdate\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12<\n\x08response\x18\x02 \x01(\x0b\x32*.llmserve.v1.EngineServiceGenerateResponse\x12\x12\n\nerror_code\x18\x03 \x01(\x05\x12\x15\n\rerror_message\x18\x04 \x01(\t\"\x10\n\x0eGetInfoRequest\"\xe3\x02\n\x0fGetInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x15\n\rmax_model_len\x18\x04 \x01(\x05\x12\x12\n\nblock_size\x18\x05 \x01(\x05\x12\x12\n\nnum_blocks\x18\x06 \x01(\x05\x12\x14\n\x0cmax_num_seqs\x18\x07 \x01(\x05\x12\x1e\n\x16max_num_batched_tokens\x18\x08 \x01(\x05\x12\x1c\n\x14\x62lock_hash_algorithm\x18\t \x01(\t\x12\x17\n\x0f\x62lock_hash_seed\x18\n \x01(\x04\x12\x15\n\reos_token_ids\x18\x0b \x03(\x05\x12\x19\n\x11\x61ttention_backend\x18\x0c \x01(\t\x12\r\n\x05\x64type\x18\r \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0e \x01(\t\x12\x1a\n\x12max_tokens_default\x18\x0f \x01(\x05\"\x12\n\x10WatchLoadRequest\"\xae\x01\n\x11WatchLoadResponse\x12\x13\n\x0bnum_running\x18\x01 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\x05\x12\x17\n\x0fnum_free_blocks\x18\x03 \x01(\x05\x12\x18\n\x10num_total_blocks\x18\x04 \x01(\x05\x12\x1d\n\x15queued_prefill_tokens\x18\x05 \x01(\x03\x12\x1d\n\x15requests_per_priority\x18\x06 \x03(\x05\"\x16\n\x14WatchKvEventsRequest\"}\n\x15WatchKvEventsResponse\x12\x17\n\x0fsequence_number\x18\x01 \x01(\x04\x12\x10\n\x08snapshot\x18\x02 \x01(\x08\x12\x1b\n\x13\x62lock_hashes_stored\x18\x03 \x03(\x04\x12\x1c\n\x14\x62lock_hashes_removed\x18\x04 \x03(\x04\x32\xc4\x03\n\rEngineService\x12\x63\n\x08Generate\x12).llmserve.v1.EngineServiceGenerateRequest\x1a*.llmserve.v1.EngineServiceGenerateResponse0\x01\x12`\n\x0fGenerateStreams\x12#.llmserve.v1.GenerateStreamsRequest\x1a$.llmserve.v1.GenerateStreamsResponse(\x01\x30\x01\x12\x44\n\x07GetInfo\x12\x1b.llmserve.v1.GetInfoRequest\x1a\x1c.llmserve.v1.GetInfoResponse\x12L\n\tWatchLoad\x12\x1d.llmserve.v1.WatchLoadRequest\x1a\x1e.llmserve.v1.WatchLoadResponse0\x01\x12X\n\rWatchKvEvents\x12!.llmserve.v1.WatchKvEventsRequest\x1a\".llmserve.v1.WatchKvEventsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,24 +38,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENGINESERVICEGENERATERESPONSE']._serialized_end=650
   _globals['_GENERATESTREAMSREQUEST']._serialized_start=652
   _globals['_GENERATESTREAMSREQUEST']._serialized_end=720
-  _globals['_STREAMACTION']._serialized_start=722
-  _globals['_STREAMACTION']._serialized_end=843
-  _globals['_GENERATESTREAMSRESPONSE']._serialized_start=845
-  _globals['_GENERATESTREAMSRESPONSE']._serialized_end=914
-  _globals['_STREAMUPDATE']._serialized_start=917
-  _globals['_STREAMUPDATE']._serialized_end=1055
-  _globals['_GETINFOREQUEST']._serialized_start=1057
-  _globals['_GETINFOREQUEST']._serialized_end=1073
-  _globals['_GETINFORESPONSE']._serialized_start=1076
-  _globals['_GETINFORESPONSE']._serialized_end=1431
-  _globals['_WATCHLOADREQUEST']._serialized_start=1433
-  _globals['_WATCHLOADREQUEST']._serialized_end=1451
-  _globals['_WATCHLOADRESPONSE']._serialized_start=1454
-  _globals['_WATCHLOADRESPONSE']._serialized_end=1628
-  _globals['_WATCHKVEVENTSREQUEST']._serialized_start=1630
-  _globals['_WATCHKVEVENTSREQUEST']._serialized_end=1652
-  _globals['_WATCHKVEVENTSRESPONSE']._serialized_start=1654
-  _globals['_WATCHKVEVENTSRESPONSE']._serialized_end=1779
-  _globals['_ENGINESERVICE']._serialized_start=1782
-  _globals['_ENGINESERVICE']._serialized_end=2234
+  _globals['_STREAMACTION']._serialized_start=723
+  _globals['_STREAMACTION']._serialized_end=869
+  _globals['_GENERATESTREAMSRESPONSE']._serialized_start=871
+  _globals['_GENERATESTREAMSRESPONSE']._serialized_end=940
+  _globals['_STREAMUPDATE']._serialized_start=943
+  _globals['_STREAMUPDATE']._serialized_end=1081
+  _globals['_GETINFOREQUEST']._serialized_start=1083
+  _globals['_GETINFOREQUEST']._serialized_end=1099
+  _globals['_GETINFORESPONSE']._serialized_start=1102
+  _globals['_GETINFORESPONSE']._serialized_end=1457
+  _globals['_WATCHLOADREQUEST']._serialized_start=1459
+  _globals['_WATCHLOADREQUEST']._serialized_end=1477
+  _globals['_WATCHLOADRESPONSE']._serialized_start=1480
+  _globals['_WATCHLOADRESPONSE']._serialized_end=1654
+  _globals['_WATCHKVEVENTSREQUEST']._serialized_start=1656
+  _globals['_WATCHKVEVENTSREQUEST']._serialized_end=1678
+  _globals['_WATCHKVEVENTSRESPONSE']._serialized_start=1680
+  _globals['_WATCHKVEVENTSRESPONSE']._serialized_end=1805
+  _globals['_ENGINESERVICE']._serialized_start=1808
+  _globals['_ENGINESERVICE']._serialized_end=2260
 # @@protoc_insertion_point(module_scope)

@@ -50,14 +50,16 @@ class GenerateStreamsRequest(_message.Message):
     def __init__(self, actions: _Optional[_Iterable[_Union[StreamAction, _Mapping]]] = ...) -> None: ...
 
 class StreamAction(_message.Message):
-    __slots__ = ("stream_id", "start", "cancel")
+    __slots__ = ("stream_id", "start", "cancel", "cancel_sample")
     STREAM_ID_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_SAMPLE_FIELD_NUMBER: _ClassVar[int]
     stream_id: int
     start: EngineServiceGenerateRequest
     cancel: bool
-    def __init__(self, stream_id: _Optional[int] = ..., start: _Optional[_Union[EngineServiceGenerateRequest, _Mapping]] = ..., cancel: _Optional[bool] = ...) -> None: ...
+    cancel_sample: int
+    def __init__(self, stream_id: _Optional[int] = ..., start: _Optional[_Union[EngineServiceGenerateRequest, _Mapping]] = ..., cancel: _Optional[bool] = ..., cancel_sample: _Optional[int] = ...) -> None: ...
 
 class GenerateStreamsResponse(_message.Message):
     __slots__ = ("updates",)
