@@ -33,14 +33,14 @@ from llmserve.router.auth import BearerAuthInterceptor, TenantKeys
 from llmserve.router.balancer import Balancer
 from llmserve.router.busy_poll import BusyPoll
 from llmserve.router.config import RouterConfig
-from llmserve.router.detokenizer import IncrementalDetokenizer
-from llmserve.router.engine_link import SampleStops, StreamError
+from llmserve.router.engine_link import StreamError
 from llmserve.router.engine_pool import EnginePool
 from llmserve.router.forwarding import ForwardedRequest, Forwarder, NoEngineError
 from llmserve.router.hash_check import HashSelfCheck
 from llmserve.router.ops_http import OpsHttpServer
 from llmserve.router.prefix_index import PrefixIndex
 from llmserve.router.request_input import prompt_input
+from llmserve.router.sample_responses import SampleResponses
 from llmserve.router.tokenizer import TextTokenizer
 from llmserve.v1 import common_pb2, engine_service_pb2, generate_service_pb2
 
@@ -123,77 +123,24 @@ class GenerateServicer:
                 priority=request.priority,
                 tenant=request.tenant,
             )
-            # Each sample's text on its own: a stop string ends only its sample.
-            num_samples = max(request.sampling.n, 1)
-            detokenizers = [
-                IncrementalDetokenizer(
-                    self.tokenizer,
-                    request.stop,
-                    request.stopping.min_tokens,
-                    include_stop_str=request.include_stop_str_in_output,
-                    skip_special_tokens=(
-                        request.skip_special_tokens
-                        if request.HasField("skip_special_tokens")
-                        else True
-                    ),
-                )
-                for _ in range(num_samples)
-            ]
-            # The stream's last response carries the usage of every sample, the prompt once.
-            usage = common_pb2.Usage(prompt_tokens=len(prompt.token_ids))
-            cached = None
-            unfinished = num_samples
-            # Samples a stop string ended while others go on: their engine stops them.
-            stops = SampleStops() if num_samples > 1 else None
+            responses = SampleResponses(request, request_id, len(prompt.token_ids),
+                                        self.tokenizer)
             with self.busy_poll.in_flight():
                 try:
                     # The per-message path: one response per engine response, whatever it holds
                     # (the engine and the link merge the tokens of a lagging stream), and no
                     # more work.
-                    async for chunk in self.forwarder.stream(forwarded, deadline, stops):
-                        index = chunk.index
-                        detokenizer = detokenizers[index]
-                        if detokenizer.stopped:
-                            continue  # a stop string ended this sample (a response in flight)
-                        if cached is None and index == 0:
-                            cached = min(chunk.usage.cached_prompt_tokens, usage.prompt_tokens)
-                        token_ids = chunk.token_ids
-                        metrics.GENERATED_TOKENS.inc(len(token_ids))
-                        usage.completion_tokens += len(token_ids)
-                        final = chunk.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
-                        response = generate_service_pb2.GenerateResponse(
-                            request_id=request_id,
-                            text=(
-                                await detokenizer.push_last(token_ids)
-                                if final
-                                else detokenizer.push(token_ids)
-                            ),
-                            token_ids=token_ids,
-                            index=index,
-                        )
-                        if chunk.logprobs:
-                            response.logprobs.extend(self._with_text(chunk.logprobs))
-                        if chunk.prompt_logprobs:
-                            response.prompt_logprobs.extend(
-                                self._with_text(chunk.prompt_logprobs)
-                            )
-                        if detokenizer.stopped or final:
-                            response.finish_reason = (
-                                common_pb2.FINISH_REASON_STOP
-                                if detokenizer.stopped
-                                else chunk.finish_reason
-                            )
-                            unfinished -= 1
-                            if stops is not None and not final and unfinished:
-                                stops.stop(index)
-                        if unfinished == 0:
-                            usage.cached_prompt_tokens = cached or 0
-                            response.usage.CopyFrom(usage)
+                    async for chunk in self.forwarder.stream(forwarded, deadline,
+                                                             responses.stops):
+                        response = await responses.respond(chunk)
+                        if response is None:
+                            continue
+                        if responses.done:
                             outcome = FINISHED
                             log.info(
                                 "request_finished",
                                 request_id=request_id,
-                                completion_tokens=usage.completion_tokens,
+                                completion_tokens=response.usage.completion_tokens,
                                 finish_reason=common_pb2.FinishReason.Name(response.finish_reason),
                             )
                             yield response
@@ -241,12 +188,6 @@ class GenerateServicer:
     def _capacity(self) -> int:
         """Requests the ready engines can run at once (their batches plus as much queued)."""
         return 2 * sum(e.info.max_num_seqs for e in self.pool.ready_engines() if e.info)
-
-    def _with_text(self, logprobs: list[common_pb2.TokenLogprob]) -> list[common_pb2.TokenLogprob]:
-        for entry in logprobs:
-            for alternative in entry.top_logprobs:
-                alternative.text = self.tokenizer.token_text(alternative.token_id)
-        return logprobs
 
     async def Tokenize(
         self,
