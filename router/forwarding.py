@@ -5,9 +5,8 @@ tokens already streamed is resubmitted with the remaining `max_tokens` (and `min
 same seed, so the client's stream continues with no token duplicated or lost (greedy and seeded
 sampling give the same tokens on any engine: sampling randomness is keyed on seed and position).
 The engine is told how many of the prompt's tokens are that output (`resumed_output_tokens`), so a
-structured output constraint carries on from where it was instead of starting over.
-One exception: the presence and frequency penalties count the output only, and the new engine
-sees the tokens streamed so far as prompt, so a penalized stream may continue differently.
+structured output constraint carries on from where it was instead of starting over, and the
+presence and frequency penalties count those tokens as output.
 The samples of an n > 1 request that fails mid-stream each resume so, as a request of their own;
 a sample its caller stopped (`SampleStops`) is cancelled on its engine and never resumed.
 """
