@@ -193,9 +193,7 @@ class EngineCore:
             return  # finished already, out of range, or its request is unknown (or compiling)
         self.scheduler.abort(seq)
         self.logits_processors.release(seq)
-        samples.remove(seq)
-        if not samples:
-            del self.sequences[request_id]
+        if self._remove_sample(seq):
             self.ended.append(RequestOutput(request_id, [], index=index, request_finished=True))
 
     def take_ended(self) -> list[RequestOutput]:
@@ -396,6 +394,11 @@ class EngineCore:
         seq.final_token_pending = False
         self.scheduler.finish(seq)
         self.logits_processors.release(seq)
+        return self._remove_sample(seq)
+
+    def _remove_sample(self, seq: Sequence) -> bool:
+        """Takes an ended sample out of its request's running ones; says whether it was the
+        last."""
         samples = self.sequences[seq.request_id]
         samples.remove(seq)
         if samples:
