@@ -10,7 +10,6 @@ import torch
 
 from llmserve.engine_service.config import EngineConfig
 from llmserve.engine_service.core.engine_builder import build_engine
-from llmserve.engine_service.seam import EngineRequest, SamplingOptions
 
 # The tiny checkpoint's weights (std 0.2) times this: as if drawn with std 0.5. Its logits then
 # spread over ~4 (not ~1.6) and the top token takes about half the softmax mass, so greedy
@@ -56,32 +55,19 @@ def fp8_dynamic_qwen3(peaked_qwen3: Path, tmp_path_factory: pytest.TempPathFacto
     return _copy_checkpoint(model, peaked_qwen3, out, save_compressed=True)
 
 
-def _teacher_forced_logits(model_dir: Path, sequence: list[int], prompt_len: int,
-                           **settings: object) -> torch.Tensor:
-    """The engine's fp32 logits [len(sequence) - prompt_len + 1, vocab] after the prompt and
-    after each later token of `sequence`, fed in instead of the sampled ones; computed by the
-    scheduler and runner as generation computes them."""
-    core, _ = build_engine(EngineConfig(model=model_dir, device="cpu", num_kv_blocks=64,
-                                        **settings))
-    forced = sequence[prompt_len:]
-    options = SamplingOptions(temperature=0.0, max_tokens=len(forced) + 1, ignore_eos=True)
-    core.add_request(EngineRequest("t", sequence[:prompt_len], options))
-    rows: list[torch.Tensor] = []
-    while core.has_work:
-        plan = core.scheduler.schedule()
-        logits, _ = core.runner.execute(plan.chunks)
-        for chunk in plan.chunks:
-            core.scheduler.commit(chunk)
-        for chunk, row in zip([c for c in plan.chunks if c.samples], logits, strict=True):
-            rows.append(row.float())
-            if len(rows) <= len(forced):
-                chunk.seq.token_ids.append(forced[len(rows) - 1])
-            else:
-                core.scheduler.finish(chunk.seq)
-                del core.sequences[chunk.seq.request_id]
-    return torch.stack(rows)
-
-
 @pytest.fixture
-def teacher_forced() -> Callable[..., torch.Tensor]:
-    return _teacher_forced_logits
+def teacher_forced(teacher_forced: Callable[..., list[torch.Tensor]]
+                   ) -> Callable[..., torch.Tensor]:
+    """The shared teacher forcing (tests/conftest.py) on one sequence of a checkpoint: the
+    engine's fp32 logits [len(sequence) - prompt_len + 1, vocab] after the prompt and after each
+    later token of `sequence`, fed in instead of the sampled ones."""
+
+    def logits(model_dir: Path, sequence: list[int], prompt_len: int,
+               **settings: object) -> torch.Tensor:
+        core, _ = build_engine(EngineConfig(model=model_dir, device="cpu", num_kv_blocks=64,
+                                            **settings))
+        # A last forced entry that is never fed: one more row, the logits after the last token.
+        (rows,) = teacher_forced(core, [sequence[:prompt_len]], [[*sequence[prompt_len:], 0]])
+        return rows
+
+    return logits
