@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+from llmserve.kernels.e4m3 import FP8_DTYPE, FP8_MAX
+
 MIN_AMAX = 1e-12  # an all-zero row gets a tiny scale, not 0 (0 / 0 would store NaN)
 _MAX = tl.constexpr(FP8_MAX)  # the kernels' copies (Triton reads only constexpr globals)
 _MIN_AMAX = tl.constexpr(MIN_AMAX)

@@ -9,8 +9,8 @@ an ordinary matmul with the dequantized weight.
 import torch
 import torch.nn.functional as F
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8).max
+from llmserve.kernels.e4m3 import FP8_DTYPE, FP8_MAX
+
 # Zero rows (padding in CUDA graphs) get this scale instead of 0, so they quantize to 0, not NaN.
 MIN_SCALE = torch.finfo(torch.float32).tiny
 
@@ -21,7 +21,7 @@ def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     token), so weights quantized here equal the ones it writes."""
     t = t.float()
     scale = (t.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=MIN_SCALE)
-    return (t / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    return (t / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -10,10 +10,9 @@ from typing import NamedTuple
 
 import torch
 
-from llmserve.kernels.fp8_kv import FP8_DTYPE
+from llmserve.kernels.e4m3 import FP8_DTYPE, FP8_MIN_CAPABILITY
 
 SCALE_DTYPE = torch.float32
-FP8_MIN_CAPABILITY = (8, 9)  # e4m3 conversions in hardware: Ada and Hopper on
 
 
 class LayerCache(NamedTuple):

@@ -19,7 +19,7 @@ from llmserve.engine_service.parallel.layers import (
     TensorSource,
 )
 from llmserve.kernels.fp8_linear import (
-    FP8,
+    FP8_DTYPE,
     dequantize_rows,
     fp8_linear,
     fp8_linear_torch,
@@ -37,7 +37,7 @@ class Fp8Weights(nn.Module):
         # Replaces the float weight the parallel layer just made (one layer's worth at a time).
         self.compute_dtype = torch.get_default_dtype()
         self.quantize_at_load = quantize_at_load
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8),
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8_DTYPE),
                                    requires_grad=False)
         self.weight_scale = nn.Parameter(torch.ones(out_features, 1, dtype=torch.float32),
                                          requires_grad=False)
@@ -47,7 +47,7 @@ class Fp8Weights(nn.Module):
         assert self.weight_scale is not None, "loaded after finish_loading"
         if name == "weight_scale":
             tensor = tensor.reshape(-1, 1)
-        elif name == "weight" and tensor.dtype != FP8:
+        elif name == "weight" and tensor.dtype != FP8_DTYPE:
             if not self.quantize_at_load:
                 raise CheckpointError(
                     f"is {str(tensor.dtype).removeprefix('torch.')}, but the checkpoint's "

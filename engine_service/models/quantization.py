@@ -17,11 +17,10 @@ from llmserve.engine_service.models.checkpoint import CheckpointError
 from llmserve.engine_service.models.fp8_layers import Fp8ColumnParallelLinear, Fp8RowParallelLinear
 from llmserve.engine_service.parallel.group import TensorParallelGroup
 from llmserve.engine_service.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from llmserve.kernels.e4m3 import FP8_MIN_CAPABILITY
 
 SUPPORTED = ("compressed-tensors FP8 with per-channel weight scales and dynamic per-token "
              "activations (llm-compressor's FP8_DYNAMIC), or an unquantized checkpoint")
-# FP8 matmuls (cuBLASLt row-wise scaling) need Ada or Hopper.
-FP8_MIN_CAPABILITY = (8, 9)
 # What each compressed-tensors argument set must say (the FP8_DYNAMIC scheme).
 WEIGHT_ARGS = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel",
                "dynamic": False, "group_size": None, "block_structure": None}
