@@ -1,12 +1,33 @@
 """The order in which a step's outputs reach their streams' readers, the same in both tiers: the
 engine's frontend hands a step's outputs to their streams, the router an engine message's updates
-to its readers."""
+to its readers; and how a stream's queued items split by sample before they are merged."""
 
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 Item = TypeVar("Item")
 Key = TypeVar("Key")
+
+
+class OfSample(Protocol):
+    index: int  # the sample (0 to n - 1) an output or response belongs to
+
+
+Sampled = TypeVar("Sampled", bound=OfSample)
+
+
+def by_sample(items: list[Sampled]) -> list[list[Sampled]]:
+    """A stream's queued items split by sample, in the order each sample first appears: a
+    merged response holds the tokens of one sample only."""
+    if not items:
+        return []
+    first = items[0].index
+    if all(item.index == first for item in items):
+        return [items]  # the rule: one item, or one sample's
+    samples: dict[int, list[Sampled]] = {}
+    for item in items:
+        samples.setdefault(item.index, []).append(item)
+    return list(samples.values())
 
 
 def first_tokens_first(

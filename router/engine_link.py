@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 
 import grpc
 
-from llmserve.common.stream_order import first_tokens_first
+from llmserve.common.stream_order import by_sample, first_tokens_first
 from llmserve.v1 import common_pb2, engine_service_pb2, engine_service_pb2_grpc
 
 _Update = engine_service_pb2.StreamUpdate
@@ -306,15 +306,7 @@ def merge_per_sample(
 ) -> list[engine_service_pb2.EngineServiceGenerateResponse]:
     """`merge_responses` of each sample's responses, in the order each sample first appears:
     the tokens of two samples are never merged."""
-    if len(responses) <= 1:
-        return responses
-    first = responses[0].index
-    if all(response.index == first for response in responses):
-        return [merge_responses(responses)]
-    samples: dict[int, list[engine_service_pb2.EngineServiceGenerateResponse]] = {}
-    for response in responses:
-        samples.setdefault(response.index, []).append(response)
-    return [merge_responses(group) for group in samples.values()]
+    return [merge_responses(group) for group in by_sample(responses)]
 
 
 def merge_responses(

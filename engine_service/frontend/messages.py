@@ -63,17 +63,6 @@ def request_from_proto(
     )
 
 
-def per_sample(outputs: list[RequestOutput]) -> list[list[RequestOutput]]:
-    """A stream's outputs split by sample, in the order each sample first appears: a response
-    holds the tokens of one sample only."""
-    if len(outputs) == 1:
-        return [outputs]
-    samples: dict[int, list[RequestOutput]] = {}
-    for out in outputs:
-        samples.setdefault(out.index, []).append(out)
-    return list(samples.values())
-
-
 def response_from_outputs(
     outputs: list[RequestOutput],
 ) -> engine_service_pb2.EngineServiceGenerateResponse:

@@ -10,6 +10,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from llmserve.common import reflection
 from llmserve.common.call_outcome import FAILED, ended_from_outside
+from llmserve.common.stream_order import by_sample
 from llmserve.common.wire import MalformedRequest, add_lenient_service, refuse_malformed
 from llmserve.engine_service.config import EngineConfig
 from llmserve.engine_service.frontend import metrics
@@ -18,7 +19,6 @@ from llmserve.engine_service.frontend.health_port import start_health_server
 from llmserve.engine_service.frontend.messages import (
     info_to_proto,
     load_to_proto,
-    per_sample,
     response_from_outputs,
 )
 from llmserve.engine_service.frontend.request_stream import Deliver, RequestStream, StreamFailure
@@ -75,14 +75,14 @@ class EngineServicer(engine_service_pb2_grpc.EngineServiceServicer):
                     batch.append(items.get_nowait())
                 if isinstance(batch[-1], StreamFailure):
                     failure = batch.pop()
-                    for sample in per_sample(batch):
+                    for sample in by_sample(batch):
                         yield response_from_outputs(sample)
                     await context.abort(failure.code, failure.details)
                 last = batch[-1]
                 if last is None:
                     batch.pop()
                 finished = last is None or last.request_finished
-                for sample in per_sample(batch):
+                for sample in by_sample(batch):
                     yield response_from_outputs(sample)
         except Exception:
             stream.cancel(FAILED)  # a no-op after a StreamFailure: the stream ended

@@ -15,8 +15,9 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
+from llmserve.common.stream_order import by_sample
 from llmserve.common.wire import MalformedRequest
-from llmserve.engine_service.frontend.messages import per_sample, response_from_outputs
+from llmserve.engine_service.frontend.messages import response_from_outputs
 from llmserve.engine_service.frontend.request_stream import Deliver, RequestStream, StreamFailure
 from llmserve.engine_service.seam import RequestOutput
 from llmserve.v1 import engine_service_pb2
@@ -119,7 +120,7 @@ class StreamMux:
     def _take(self) -> engine_service_pb2.GenerateStreamsResponse:
         message = engine_service_pb2.GenerateStreamsResponse()
         for stream_id, outputs in self._outputs.items():
-            for sample in per_sample(outputs):
+            for sample in by_sample(outputs):
                 message.updates.add(stream_id=stream_id, response=response_from_outputs(sample))
         for stream_id, failure in self._failures.items():
             message.updates.add(

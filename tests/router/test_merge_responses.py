@@ -1,7 +1,8 @@
 """A reader that lags gets its queued responses as one: the router merges them as the engine
 merges the outputs it could not send yet."""
 
-from llmserve.engine_service.frontend.messages import per_sample, response_from_outputs
+from llmserve.common.stream_order import by_sample
+from llmserve.engine_service.frontend.messages import response_from_outputs
 from llmserve.engine_service.seam import FinishReason, RequestOutput, TokenLogprobs
 from llmserve.router.engine_link import merge_per_sample, merge_responses
 
@@ -37,7 +38,7 @@ def test_a_lone_response_passes_through() -> None:
 def test_samples_are_merged_each_on_its_own() -> None:
     outputs = [RequestOutput("r", [t], index=i, completion_tokens=k + 1)
                for k, (t, i) in enumerate([(5, 0), (6, 1), (7, 0), (8, 2), (9, 1)])]
-    engine_side = [response_from_outputs(group) for group in per_sample(outputs)]
+    engine_side = [response_from_outputs(group) for group in by_sample(outputs)]
     router_side = merge_per_sample([response_from_outputs([output]) for output in outputs])
     assert engine_side == router_side
     assert [(r.index, list(r.token_ids)) for r in router_side] == [(0, [5, 7]), (1, [6, 9]),
