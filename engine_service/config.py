@@ -21,6 +21,8 @@ DEFAULT_PORT = 50052
 DEFAULT_METRICS_PORT = 9401
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
 KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
+SPECULATIVE_METHODS = ("none", "ngram", "draft")
+MAX_SPECULATIVE_TOKENS = 16
 # Triton's paged kernels index a block's rows with power-of-two masks.
 BLOCK_SIZES = tuple(2**i for i in range(11))
 SERVER = "server process"
@@ -103,6 +105,26 @@ class EngineConfig:
               "with DEADLINE_EXCEEDED (compiling never holds up the step loop)",
         low=0, exclusive_low=True, high=3600)
 
+    speculative_method: str = setting(
+        "none", "speculative decoding: ngram (prompt lookup over the request's own tokens) or "
+                "draft (a small model of the same vocabulary, --speculative-draft-model); the "
+                "output is the same as without it", choices=SPECULATIVE_METHODS)
+    num_speculative_tokens: int = setting(
+        4, "tokens proposed per sequence and step when speculating (a request may ask for "
+           "fewer)", low=1, high=MAX_SPECULATIVE_TOKENS)
+    speculative_draft_model: Path | None = setting(
+        None, "checkpoint directory of the draft model (--speculative-method draft); it must "
+              "have the served model's vocabulary")
+    ngram_prompt_lookup_min: int = setting(
+        2, "shortest suffix n-gram the ngram proposer looks up", low=1, high=64)
+    ngram_prompt_lookup_max: int = setting(
+        4, "longest suffix n-gram the ngram proposer looks up (it tries the longest first)",
+        low=1, high=64)
+    speculative_disable_batch_size: int = setting(
+        32, "no speculation in a step with more running sequences than this (a large batch is "
+            "compute-bound: verifying rejected tokens costs more than it saves)",
+        low=0, high=INT32_MAX)
+
     host: str = host_setting(group=SERVER)
     port: int | None = setting(
         None, f"gRPC port (default: {DEFAULT_PORT}, or the next free one; 0 = any)",
@@ -137,6 +159,12 @@ class EngineConfig:
                 "(nor --prefill-backend/--decode-backend flash_attn): flash-attn 4 reads only a "
                 "bfloat16/float16 KV cache; choose --attention-backend triton or keep "
                 "--kv-cache-dtype auto")
+        if (self.speculative_method == "draft") != (self.speculative_draft_model is not None):
+            raise ValueError("--speculative-draft-model is needed by --speculative-method draft, "
+                             "and only by it")
+        if self.ngram_prompt_lookup_min > self.ngram_prompt_lookup_max:
+            raise ValueError("--ngram-prompt-lookup-min must not exceed "
+                             "--ngram-prompt-lookup-max")
 
     @property
     def kv_cache_memory_bytes(self) -> int:

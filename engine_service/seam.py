@@ -60,6 +60,9 @@ class SamplingOptions:
     structured_output: StructuredOutputSpec | None = None
     n: int = 1  # samples of the prompt; sample i is seeded seed + i (mod 2**64)
     prompt_logprobs: int | None = None  # alternatives per prompt token; None = none
+    # Tokens proposed per step for this request when the engine speculates (capped at the
+    # engine's --num-speculative-tokens); None: the engine's; 0: no speculation.
+    speculative_tokens: int | None = None
     # Whether the sampler changes this request's logits before drawing (any of the five above);
     # set from them, so a batch where no row does can tell at the cost of one test per row.
     processes_logits: bool = field(init=False, repr=False, compare=False, default=False)
@@ -120,6 +123,9 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprobs] | None = None
     # When the frontend received it (its own monotonic clock), for latency metrics.
     arrival: float = 0.0
+    # Speculative decoding, for this sample so far: draft tokens proposed and accepted.
+    spec_proposed_tokens: int = 0
+    spec_accepted_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -214,3 +220,6 @@ class StepResult:
     removed_hashes: list[int]
     num_preemptions: int
     num_computed_tokens: int
+    # Speculative decoding in this step: draft tokens proposed and accepted, all sequences.
+    spec_proposed_tokens: int = 0
+    spec_accepted_tokens: int = 0
