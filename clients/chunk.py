@@ -42,6 +42,10 @@ class Usage:
     completion_tokens: int
     # Prompt tokens the engine served from its prefix cache.
     cached_prompt_tokens: int
+    # Speculative decoding: draft tokens the engines proposed for the output, and those the
+    # model accepted (accepted / proposed is the acceptance rate); 0 without speculation.
+    speculative_proposed_tokens: int = 0
+    speculative_accepted_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +130,8 @@ def chunk_from_proto(response: generate_service_pb2.GenerateResponse) -> Chunk:
                 prompt_tokens=response.usage.prompt_tokens,
                 completion_tokens=response.usage.completion_tokens,
                 cached_prompt_tokens=response.usage.cached_prompt_tokens,
+                speculative_proposed_tokens=response.usage.speculative_proposed_tokens,
+                speculative_accepted_tokens=response.usage.speculative_accepted_tokens,
             )
             if response.HasField("usage")
             else None

@@ -118,6 +118,7 @@ _GENERATE_OPTIONS = (
     "ignore_eos",
     "logprobs",
     "prompt_logprobs",
+    "speculative_tokens",
     "presence_penalty",
     "frequency_penalty",
     "repetition_penalty",
@@ -195,7 +196,10 @@ def _generate(client: LLMClient, args: argparse.Namespace) -> int:
         print(
             f"finish_reason={last.finish_reason} prompt_tokens={u.prompt_tokens} "
             f"completion_tokens={u.completion_tokens} "
-            f"cached_prompt_tokens={u.cached_prompt_tokens}",
+            f"cached_prompt_tokens={u.cached_prompt_tokens}"
+            + (f" speculative_proposed_tokens={u.speculative_proposed_tokens} "
+               f"speculative_accepted_tokens={u.speculative_accepted_tokens}"
+               if u.speculative_proposed_tokens else ""),
             file=sys.stderr,
         )
     return 0
@@ -269,6 +273,10 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt-logprobs", type=int, metavar="K",
                      help="each prompt token's log-probability and K alternatives, on the first "
                           "chunk (shown with --json)")
+    gen.add_argument("--speculative-tokens", type=int, metavar="N",
+                     help="draft tokens per step an engine running speculative decoding may "
+                          "propose for this request, 0-16 (0 = none; default: the engine's); "
+                          "the output is the same either way")
     gen.add_argument("--presence-penalty", type=float, default=0.0,
                      help="in [-2, 2]: minus this once for each token the output holds")
     gen.add_argument("--frequency-penalty", type=float, default=0.0,
@@ -296,7 +304,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--request-id", default="")
     gen.add_argument("--json", action="store_true", help="print each chunk as a JSON line")
     gen.add_argument(
-        "--show-usage", action="store_true", help="print finish reason and usage to stderr"
+        "--show-usage", action="store_true",
+        help="print finish reason and usage to stderr (with the speculative decoding counts when "
+             "the engine speculated)"
     )
 
     tok = sub.add_parser("tokenize", parents=[common], help="print a prompt's token ids")

@@ -38,6 +38,7 @@ class GenerateParams(TypedDict, total=False):
     ignore_eos: bool
     logprobs: int | None
     prompt_logprobs: int | None
+    speculative_tokens: int | None
     presence_penalty: float
     frequency_penalty: float
     repetition_penalty: float | None
@@ -73,6 +74,7 @@ def build_generate_request(
     ignore_eos: bool = False,
     logprobs: int | None = None,
     prompt_logprobs: int | None = None,
+    speculative_tokens: int | None = None,
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
     repetition_penalty: float | None = None,
@@ -99,7 +101,10 @@ def build_generate_request(
     `prompt_logprobs=N` the same for every prompt token after the first (on the first chunk;
     the prompt is then not served from the prefix cache). `priority` is "critical", "standard"
     or "batch". `n=K` asks for K samples of the prompt (chunks name theirs in `index`; sample
-    i is seeded `seed + i`).
+    i is seeded `seed + i`). `speculative_tokens=K` caps the draft tokens an engine running
+    speculative decoding proposes per step for this request (0 = none; None = the engine's
+    default); the output is the same either way, and `usage` counts the drafts proposed and
+    accepted.
 
     `presence_penalty` and `frequency_penalty` (OpenAI's, over the generated tokens),
     `repetition_penalty` (Hugging Face's, over prompt and generated tokens; None = 1.0, off),
@@ -142,6 +147,7 @@ def build_generate_request(
             n=n,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            speculative_tokens=speculative_tokens,
             presence_penalty=presence_penalty,
             frequency_penalty=frequency_penalty,
             repetition_penalty=repetition_penalty,

@@ -49,6 +49,11 @@ MAX_N = 16
 # Alternatives per prompt token with prompt_logprobs (each prompt position costs a vocabulary
 # row of logits while it is prefilled).
 MAX_PROMPT_LOGPROBS = 20
+# Draft tokens a request may ask an engine to propose per step with speculative decoding: also
+# the ceiling of an engine's --num-speculative-tokens (engine_service/config.py), which caps a
+# request's ask at its own value. Each step verifies them in one forward pass of that many more
+# positions per sequence.
+MAX_SPECULATIVE_TOKENS = 16
 # A prompt given as text to be truncated may exceed max_model_len tokens; it is still bounded
 # before tokenizing (gRPC's default largest message).
 MAX_TRUNCATED_PROMPT_CHARS = 4 * 1024 * 1024
@@ -128,6 +133,13 @@ def check_sampling(sampling: common_pb2.SamplingParams) -> None:
         raise InvalidRequestError(
             f"sampling.prompt_logprobs: {sampling.prompt_logprobs} must be in "
             f"[0, {MAX_PROMPT_LOGPROBS}]"
+        )
+    if sampling.HasField("speculative_tokens") and not (
+        0 <= sampling.speculative_tokens <= MAX_SPECULATIVE_TOKENS
+    ):
+        raise InvalidRequestError(
+            f"sampling.speculative_tokens: {sampling.speculative_tokens} must be in "
+            f"[0, {MAX_SPECULATIVE_TOKENS}] (0 = no speculation)"
         )
     check_logit_bias(sampling.logit_bias)
     if sampling.HasField("structured_output"):

@@ -16,13 +16,15 @@ from llmserve.common.config_flags import (
     log_level_setting,
     setting,
 )
+from llmserve.common.request_limits import MAX_SPECULATIVE_TOKENS
 
 DEFAULT_PORT = 50052
 DEFAULT_METRICS_PORT = 9401
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
 KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
 SPECULATIVE_METHODS = ("none", "ngram", "draft")
-MAX_SPECULATIVE_TOKENS = 16
+# --num-speculative-tokens is bounded by MAX_SPECULATIVE_TOKENS (imported above), the bound of a
+# request's speculative_tokens too: one value for the flag and both tiers' request checks.
 # Triton's paged kernels index a block's rows with power-of-two masks.
 BLOCK_SIZES = tuple(2**i for i in range(11))
 SERVER = "server process"
@@ -165,6 +167,11 @@ class EngineConfig:
         if self.ngram_prompt_lookup_min > self.ngram_prompt_lookup_max:
             raise ValueError("--ngram-prompt-lookup-min must not exceed "
                              "--ngram-prompt-lookup-max")
+
+    @property
+    def max_draft_tokens(self) -> int:
+        """The most tokens a step proposes past one sequence's end (0: no speculation)."""
+        return self.num_speculative_tokens if self.speculative_method != "none" else 0
 
     @property
     def kv_cache_memory_bytes(self) -> int:

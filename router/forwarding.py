@@ -9,6 +9,8 @@ structured output constraint carries on from where it was instead of starting ov
 presence and frequency penalties count those tokens as output.
 The samples of an n > 1 request that fails mid-stream each resume so, as a request of their own;
 a sample its caller stopped (`SampleStops`) is cancelled on its engine and never resumed.
+A resumed sample's speculative decoding counts go on from those of the engines it left: each
+engine counts from zero, and the router adds what the earlier ones had reported.
 """
 
 import asyncio
@@ -151,7 +153,8 @@ class Forwarder:
         """Yields engine responses, each naming its sample (`index`); ends once every sample
         has sent its last one (with a finish reason) or is in `stops`: the caller stops a
         sample there (between two responses) and the engine stops generating it. Usage counts
-        are the engines' own.
+        are the engines' own, but for the speculative decoding counts of a sample that moved:
+        those add the counts of the engines it left (`_Sample.carry`).
 
         An n > 1 request goes to one engine as one request, so its prompt is routed once. If a
         sample has streamed tokens when that engine fails, each unfinished sample carries on as
@@ -244,6 +247,7 @@ class Forwarder:
                     if chunk.index != sample.index:
                         chunk.index = sample.index  # one sample served as a request of its own
                     sample.generated.extend(chunk.token_ids)
+                    sample.carry(chunk.usage)
                     if chunk.prompt_logprobs:
                         # Delivered, once: an engine the request moves to must not score the
                         # prompt (then with the output appended) again.
@@ -268,6 +272,8 @@ class Forwarder:
                 await responses.aclose()
                 self._ended(attempt)
             excluded.add(engine.address)
+            for sample in samples:
+                sample.left_engine()
             tokens_so_far = sum(len(s.generated) for s in samples)
             stage = "mid_stream" if tokens_so_far else "before_first_token"
             metrics.FAILOVERS.labels(stage).inc()
@@ -306,11 +312,32 @@ class Forwarder:
 
 @dataclass
 class _Sample:
-    """One sample of a request: the tokens it has streamed, and whether it has ended."""
+    """One sample of a request: the tokens it has streamed, whether it has ended, and its
+    speculative decoding counts (draft tokens proposed and accepted) on the engines it left and
+    on the one serving it."""
 
     index: int
     generated: list[int] = field(default_factory=list)
     done: bool = False
+    earlier_proposed: int = 0
+    earlier_accepted: int = 0
+    proposed_here: int = 0
+    accepted_here: int = 0
+
+    def carry(self, usage: common_pb2.Usage) -> None:
+        """Notes the serving engine's counts so far (cumulative, like completion_tokens) and
+        adds those of the engines this sample left, so `usage` counts every engine's."""
+        self.proposed_here = usage.speculative_proposed_tokens
+        self.accepted_here = usage.speculative_accepted_tokens
+        if self.earlier_proposed or self.earlier_accepted:
+            usage.speculative_proposed_tokens += self.earlier_proposed
+            usage.speculative_accepted_tokens += self.earlier_accepted
+
+    def left_engine(self) -> None:
+        """Its engine failed: the next one counts from zero, after what this one reported."""
+        self.earlier_proposed += self.proposed_here
+        self.earlier_accepted += self.accepted_here
+        self.proposed_here = self.accepted_here = 0
 
 
 @dataclass

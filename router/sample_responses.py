@@ -2,7 +2,7 @@
 
 Each sample has its own detokenizer, so a stop string ends only its sample (and, with n > 1,
 asks its engine to stop generating it); the stream's last response carries the usage of every
-sample, the prompt counted once.
+sample, the prompt counted once, the speculative decoding counts summed over the samples.
 """
 
 from llmserve.router import metrics
@@ -30,6 +30,9 @@ class SampleResponses:
         ]
         self.usage = common_pb2.Usage(prompt_tokens=prompt_tokens)
         self._cached: int | None = None
+        # Each sample's speculative decoding counts so far (proposed, accepted): cumulative in
+        # every engine response, so the newest relayed one holds the sample's.
+        self._speculative = [(0, 0)] * num_samples
         self.unfinished = num_samples
         # Samples a stop string ended while others go on: their engine stops them.
         self.stops = SampleStops() if num_samples > 1 else None
@@ -46,8 +49,12 @@ class SampleResponses:
         detokenizer = self.detokenizers[index]
         if detokenizer.stopped:
             return None
+        usage = chunk.usage
         if self._cached is None and index == 0:
-            self._cached = min(chunk.usage.cached_prompt_tokens, self.usage.prompt_tokens)
+            self._cached = min(usage.cached_prompt_tokens, self.usage.prompt_tokens)
+        if usage.speculative_proposed_tokens:
+            self._speculative[index] = (usage.speculative_proposed_tokens,
+                                        usage.speculative_accepted_tokens)
         token_ids = chunk.token_ids
         metrics.GENERATED_TOKENS.inc(len(token_ids))
         self.usage.completion_tokens += len(token_ids)
@@ -71,6 +78,8 @@ class SampleResponses:
                 self.stops.stop(index)
         if self.done:
             self.usage.cached_prompt_tokens = self._cached or 0
+            self.usage.speculative_proposed_tokens = sum(p for p, _ in self._speculative)
+            self.usage.speculative_accepted_tokens = sum(a for _, a in self._speculative)
             response.usage.CopyFrom(self.usage)
         return response
 

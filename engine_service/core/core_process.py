@@ -54,6 +54,8 @@ class CoreLoop:
         while self._apply_commands(block=not self.core.has_work):
             preemptions_before = self.core.scheduler.num_preemptions
             computed_before = self.core.num_computed_tokens_total
+            proposed_before = self.core.num_spec_proposed_total
+            accepted_before = self.core.num_spec_accepted_total
             outputs = self.core.step() if self.core.has_work or self.core.compiling else []
             if self.core.ended:  # requests whose last running sample was aborted
                 outputs = self.core.take_ended() + outputs
@@ -66,7 +68,9 @@ class CoreLoop:
                 self.conn.send(StepResult(
                     outputs, load, stored, removed,
                     self.core.scheduler.num_preemptions - preemptions_before,
-                    self.core.num_computed_tokens_total - computed_before))
+                    self.core.num_computed_tokens_total - computed_before,
+                    self.core.num_spec_proposed_total - proposed_before,
+                    self.core.num_spec_accepted_total - accepted_before))
 
     def _apply_commands(self, block: bool) -> bool:
         """Drains the pipe (waiting for the first command if `block`); False on stop."""

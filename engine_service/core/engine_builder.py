@@ -14,6 +14,7 @@ from llmserve.engine_service.config import EngineConfig
 from llmserve.engine_service.core.block_pool import BlockPool
 from llmserve.engine_service.core.engine_core import EngineCore
 from llmserve.engine_service.core.kv_sizing import num_kv_blocks, profile_peak_bytes, snapshot
+from llmserve.engine_service.core.ngram_proposer import NgramProposer
 from llmserve.engine_service.core.scheduler import Scheduler
 from llmserve.engine_service.models.checkpoint import ModelSpec, read_model_spec
 from llmserve.engine_service.parallel.group import TensorParallelGroup, join_group
@@ -106,7 +107,11 @@ def build_engine(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
     )
     _warm_up(runner, config, use_graphs)
     pool = BlockPool(num_blocks)
-    core = EngineCore(config, runner, Scheduler(config, pool), pool, spec.eos_token_ids)
+    proposer = None
+    if config.speculative_method == "ngram":
+        proposer = NgramProposer(config.ngram_prompt_lookup_min, config.ngram_prompt_lookup_max)
+    core = EngineCore(config, runner, Scheduler(config, pool), pool, spec.eos_token_ids,
+                      proposer)
     info = EngineInfo.describe(
         config,
         architecture=spec.architecture,

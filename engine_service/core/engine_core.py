@@ -12,6 +12,7 @@ from llmserve.engine_service.config import EngineConfig
 from llmserve.engine_service.core.block_pool import BlockPool
 from llmserve.engine_service.core.scheduler import ScheduledChunk, Scheduler
 from llmserve.engine_service.core.sequence import Sequence
+from llmserve.engine_service.core.speculator import Proposer, Speculator, num_accepted
 from llmserve.engine_service.core.structured_output import (
     Matcher,
     StructuredOutputs,
@@ -93,8 +94,10 @@ class EngineCore:
         scheduler: Scheduler,
         pool: BlockPool,
         eos_token_ids: tuple[int, ...],
+        proposer: Proposer | None = None,
     ) -> None:
-        """`config` is resolved: max_model_len and async_scheduling are set."""
+        """`config` is resolved: max_model_len and async_scheduling are set. `proposer` drafts
+        tokens for speculative decoding (None: no speculation)."""
         assert config.max_model_len is not None and config.async_scheduling is not None
         self.config, self.runner, self.scheduler, self.pool = config, runner, scheduler, pool
         self._in_flight: StepInFlight | None = None
@@ -108,6 +111,9 @@ class EngineCore:
         self.sequences: dict[str, list[Sequence]] = {}
         self._arrivals = itertools.count()
         self.num_computed_tokens_total = 0
+        self.speculator = None if proposer is None else Speculator(config, proposer)
+        # Speculative decoding, all sequences so far: draft tokens proposed and accepted.
+        self.num_spec_proposed_total = self.num_spec_accepted_total = 0
         self.structured = StructuredOutputs(
             config.model / "tokenizer.json", runner.spec.vocab_size, tuple(eos_token_ids),
             config.structured_output_compile_timeout_s, pin_memory=runner.device.type == "cuda")
@@ -184,7 +190,7 @@ class EngineCore:
         self.structured.cancel(request_id)
         for seq in self.sequences.pop(request_id, ()):
             self.scheduler.abort(seq)
-            self.logits_processors.release(seq)
+            self._release(seq)
 
     def _abort_sample(self, request_id: str, index: int) -> None:
         samples = self.sequences.get(request_id, [])
@@ -192,7 +198,7 @@ class EngineCore:
         if seq is None:
             return  # finished already, out of range, or its request is unknown (or compiling)
         self.scheduler.abort(seq)
-        self.logits_processors.release(seq)
+        self._release(seq)
         if self._remove_sample(seq):
             self.ended.append(RequestOutput(request_id, [], index=index, request_finished=True))
 
@@ -269,7 +275,9 @@ class EngineCore:
             log.info("preempted", request_id=seq.request_id, priority=seq.priority)
             # Its recompute refills the slot from its tokens (nothing is pending: a step beside
             # one in flight preempts nothing).
-            self.logits_processors.release(seq)
+            self._release(seq)
+        if self.speculator is not None and plan.chunks:
+            self.speculator.attach_drafts(plan.chunks, self.scheduler)
         previous, self._in_flight = self._in_flight, None
         launched = self._launch(plan.chunks, previous) if plan.chunks else None
         if previous is not None:
@@ -311,13 +319,16 @@ class EngineCore:
             finished = []
         batch = self._sampling_batch(sampling, logits.device)
         for seq in finished:  # read as finished just now: their rows' draws are discarded
-            self.logits_processors.release(seq)
+            self._release(seq)
         tokens = self.sampler.sample(logits, batch)
         if batch.processing is not None:
             batch.processing.record(tokens)
         # Logprobs are read with the tokens, at once (prompt logprobs too: a later read of
-        # them would queue behind the next step on the device).
-        deferrable = prompt is None and not any(n is not None for n in batch.num_logprobs)
+        # them would queue behind the next step on the device); so is a verified draft, and a
+        # step whose sequences may carry a draft into the next one.
+        deferrable = (prompt is None and not any(n is not None for n in batch.num_logprobs)
+                      and (self.speculator is None
+                           or not self.speculator.wants_sync(sampling, self.scheduler)))
         step = StepInFlight(chunks, sampling, tokens, logits if not deferrable else None, batch,
                             deferrable, prompt)
         if deferrable:
@@ -340,43 +351,77 @@ class EngineCore:
         if step.logits is not None:
             logprobs = self.sampler.logprobs(step.logits, token_list, step.batch.num_logprobs)
         for chunk in step.chunks:
-            if self._live(chunk.seq):
+            if self._live(chunk.seq) and not chunk.draft:  # a draft's: once verified, below
                 self.scheduler.kv_cache.publish(chunk.seq, chunk.start,
                                                 chunk.start + chunk.num_tokens)
         if step.prompt is not None:
             self._add_prompt_logprobs(step.chunks, step.prompt)
         outputs = []
-        for chunk, token, token_logprobs in zip(step.sampling, token_list, logprobs, strict=True):
+        row = 0
+        for chunk in step.sampling:
             seq = chunk.seq
+            picks = token_list[row : row + 1 + len(chunk.draft)]
+            picks_logprobs = logprobs[row : row + 1 + len(chunk.draft)]
+            row += len(picks)
             if not self._live(seq):
                 continue  # aborted, or finished by the token before this one
-            length = chunk.start + chunk.num_tokens + 1
             if step.deferrable:
                 seq.num_pending_tokens -= 1  # steps are read in launch order: it was the first
-            seq.token_ids.append(token)
-            if seq.grammar is not None and (error := accept(seq.grammar, token)) is not None:
-                self._fail(seq, str(error), error.status)
-                continue
-            seq.finish_reason = self._finish_reason(seq, token, length)
+            accepted = num_accepted(chunk.draft, picks) if chunk.draft else 0
+            length = chunk.start + chunk.num_tokens - len(chunk.draft) + 1  # with the first
+            new_tokens = self._append(seq, picks[: accepted + 1], length)
+            if new_tokens is None:
+                continue  # failed by its grammar
+            if chunk.draft:
+                self._verified(chunk, accepted)
             request_finished = seq.finish_reason is not None and self._end(seq)
             # The first output carries the prompt's logprobs, once.
             prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None
             outputs.append(
                 RequestOutput(
                     request_id=seq.request_id,
-                    new_token_ids=[token],
-                    new_logprobs=None if token_logprobs is None else [token_logprobs],
+                    new_token_ids=new_tokens,
+                    new_logprobs=(None if picks_logprobs[0] is None
+                                  else picks_logprobs[: len(new_tokens)]),  # type: ignore[misc]
                     finish_reason=seq.finish_reason,
                     prompt_tokens=seq.num_prompt_tokens,
-                    completion_tokens=length - seq.num_prompt_tokens,
+                    completion_tokens=length + len(new_tokens) - 1 - seq.num_prompt_tokens,
                     cached_prompt_tokens=seq.num_cached_prompt_tokens,
                     index=seq.index,
                     request_finished=request_finished,
                     prompt_logprobs=prompt_logprobs,
+                    spec_proposed_tokens=seq.num_spec_proposed,
+                    spec_accepted_tokens=seq.num_spec_accepted,
                 )
             )
         step.outputs = outputs
         return outputs
+
+    def _append(self, seq: Sequence, tokens: list[int], length: int) -> list[int] | None:
+        """Appends the step's tokens for `seq` (the first is at `length` - 1) up to the first
+        that finishes it; returns those appended, or None if its grammar refused one (then the
+        request has failed)."""
+        for i, token in enumerate(tokens):
+            seq.token_ids.append(token)
+            if seq.grammar is not None and (error := accept(seq.grammar, token)) is not None:
+                self._fail(seq, str(error), error.status)
+                return None
+            seq.finish_reason = self._finish_reason(seq, token, length + i)
+            if seq.finish_reason is not None:
+                return tokens[: i + 1]
+        return tokens
+
+    def _verified(self, chunk: ScheduledChunk, accepted: int) -> None:
+        """After a draft's verification: the sequence's computed KV ends before its last token
+        (the rejected draft tokens' slots are overwritten later), and only the blocks of kept
+        tokens are published."""
+        seq = chunk.seq
+        seq.num_computed_tokens = len(seq.token_ids) - 1
+        self.scheduler.kv_cache.publish(seq, chunk.start, seq.num_computed_tokens)
+        seq.num_spec_proposed += len(chunk.draft)
+        seq.num_spec_accepted += accepted
+        self.num_spec_proposed_total += len(chunk.draft)
+        self.num_spec_accepted_total += accepted
 
     def _add_prompt_logprobs(self, chunks: list[ScheduledChunk], scores: PromptScores) -> None:
         """Files each chunk's scored prompt tokens by position: a sequence preempted before its
@@ -393,8 +438,15 @@ class EngineCore:
         seq.num_pending_tokens = 0
         seq.final_token_pending = False
         self.scheduler.finish(seq)
-        self.logits_processors.release(seq)
+        self._release(seq)
         return self._remove_sample(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        """Drops what the sampler and the proposer keep for a sequence that ended or lost its
+        KV blocks."""
+        self.logits_processors.release(seq)
+        if self.speculator is not None:
+            self.speculator.proposer.forget(seq)
 
     def _remove_sample(self, seq: Sequence) -> bool:
         """Takes an ended sample out of its request's running ones; says whether it was the
@@ -437,8 +489,14 @@ class EngineCore:
             length >= self.config.max_model_len
         )
 
-    def _sampling_batch(self, chunks: list[ScheduledChunk], device: torch.device
+    def _sampling_batch(self, sampling: list[ScheduledChunk], device: torch.device
                         ) -> SamplingBatch:
+        """One row per token drawn: a chunk with a draft draws after each of its tokens."""
+        if any(c.draft for c in sampling):
+            chunks = [c for c in sampling for _ in range(1 + len(c.draft))]
+            positions = [c.seq.num_tokens + j for c in sampling for j in range(1 + len(c.draft))]
+        else:
+            chunks, positions = sampling, [c.seq.num_tokens for c in sampling]
         opts = [c.seq.sampling for c in chunks]
 
         def column(values: list, dtype: torch.dtype) -> torch.Tensor:
@@ -454,7 +512,7 @@ class EngineCore:
                 [c.seq.seed - (1 << 64) if c.seq.seed >= 1 << 63 else c.seq.seed for c in chunks],
                 torch.int64,
             ),
-            positions=column([c.seq.num_tokens for c in chunks], torch.int64),
+            positions=column(positions, torch.int64),
             num_logprobs=[o.logprobs for o in opts],
             all_greedy=all(o.temperature == 0 for o in opts),
             any_greedy=any(o.temperature == 0 for o in opts),

@@ -11,17 +11,22 @@ from llmserve.engine_service.core.sequence import Sequence, SequenceStatus
 
 @dataclass
 class ScheduledChunk:
-    """`num_tokens` tokens of `seq` starting at position `start` are computed this step."""
+    """`num_tokens` tokens of `seq` starting at position `start` are computed this step; the
+    last `len(draft)` of them are speculative, proposed past the sequence's end (its tokens
+    do not hold them) for this step to verify."""
 
     seq: Sequence
     start: int
     num_tokens: int
+    draft: list[int] = field(default_factory=list)
 
     @property
     def samples(self) -> bool:
-        """True when this chunk reaches the sequence's end, so its last logits pick a token."""
+        """True when this chunk reaches the sequence's end, so its last logits pick a token
+        (with a draft, its last 1 + len(draft) logits each pick one)."""
         seq = self.seq  # num_tokens inlined: this runs for every chunk, several times a step
-        return self.start + self.num_tokens == len(seq.token_ids) + seq.num_pending_tokens
+        return (self.start + self.num_tokens
+                == len(seq.token_ids) + seq.num_pending_tokens + len(self.draft))
 
     @property
     def prompt_logprobs(self) -> int | None:

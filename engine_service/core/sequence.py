@@ -59,6 +59,9 @@ class Sequence:
         # if the request asked for none, or once its first output carried them.
         self.prompt_logprobs: list[TokenLogprobs] | None = (
             None if request.sampling.prompt_logprobs is None else [])
+        # Speculative decoding: draft tokens proposed for it, and how many were kept.
+        self.num_spec_proposed = 0
+        self.num_spec_accepted = 0
         # Structured output: the matcher that has accepted every token of token_ids past the
         # prompt (a preempted sequence keeps it, as it keeps its tokens); None = unconstrained.
         self.grammar = grammar

@@ -92,6 +92,9 @@ def response_from_outputs(
     usage.prompt_tokens = last.prompt_tokens
     usage.completion_tokens = last.completion_tokens
     usage.cached_prompt_tokens = last.cached_prompt_tokens
+    # Cumulative for the sample, like completion_tokens: the newest output's are the counts.
+    usage.speculative_proposed_tokens = last.spec_proposed_tokens
+    usage.speculative_accepted_tokens = last.spec_accepted_tokens
     return response
 
 

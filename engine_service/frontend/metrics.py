@@ -15,6 +15,11 @@ PROMPT_TOKENS = Counter("llmserve_engine_prompt_tokens", "Prompt tokens of finis
 CACHED_PROMPT_TOKENS = Counter("llmserve_engine_prefix_cache_hit_tokens",
                                "Prompt tokens of finished requests served from the prefix cache")
 PREEMPTIONS = Counter("llmserve_engine_preemptions", "Sequences preempted for recomputation")
+# Speculative decoding: accepted / proposed is the acceptance rate (both stay 0 without it).
+SPECULATIVE_PROPOSED_TOKENS = Counter("llmserve_engine_speculative_proposed_tokens",
+                                      "Draft tokens proposed by speculative decoding")
+SPECULATIVE_ACCEPTED_TOKENS = Counter("llmserve_engine_speculative_accepted_tokens",
+                                      "Draft tokens the model accepted as its own next tokens")
 RUNNING = Gauge("llmserve_engine_running_requests", "Sequences in the running batch")
 WAITING = Gauge("llmserve_engine_waiting_requests", "Sequences waiting for admission")
 KV_USAGE = Gauge("llmserve_engine_kv_cache_usage_ratio", "Fraction of KV blocks held by sequences")
@@ -32,6 +37,8 @@ def record_step(step: StepResult) -> None:
     KV_USAGE.set(1 - load.num_free_blocks / max(load.num_total_blocks, 1))
     PREEMPTIONS.inc(step.num_preemptions)
     COMPUTED_TOKENS.inc(step.num_computed_tokens)
+    SPECULATIVE_PROPOSED_TOKENS.inc(step.spec_proposed_tokens)
+    SPECULATIVE_ACCEPTED_TOKENS.inc(step.spec_accepted_tokens)
     for output in step.outputs:
         GENERATED_TOKENS.inc(len(output.new_token_ids))
         if output.finish_reason is not None and output.index == 0:  # a prompt counts once

@@ -62,6 +62,10 @@ def sampling_options(
         prompt_logprobs=(
             sampling.prompt_logprobs if sampling.HasField("prompt_logprobs") else None
         ),
+        # Unset: None, the engine's --num-speculative-tokens (the core caps a request's ask).
+        speculative_tokens=(
+            sampling.speculative_tokens if sampling.HasField("speculative_tokens") else None
+        ),
     )
 
 

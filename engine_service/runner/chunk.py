@@ -18,13 +18,15 @@ class Chunk(Protocol):
 
     start: int
     num_tokens: int
+    draft: list[int]  # its last len(draft) tokens: proposed past the sequence's tokens
 
     @property
     def seq(self) -> ChunkSequence: ...
 
     @property
     def samples(self) -> bool:
-        """Whether the chunk reaches the sequence's end, so its last logits pick a token."""
+        """Whether the chunk reaches the sequence's end, so its last logits pick a token (its
+        last 1 + len(draft) logits, with a draft)."""
 
     @property
     def prompt_logprobs(self) -> int | None:

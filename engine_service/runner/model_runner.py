@@ -99,7 +99,8 @@ class ModelRunner:
                                         1.0 / math.sqrt(spec.head_dim))
         max_pages = -(-config.max_model_len // config.block_size)
         self.inputs = StepInputs(max(config.max_num_batched_tokens, config.max_num_seqs),
-                                 config.max_num_seqs, max_pages, config.block_size, device)
+                                 config.max_num_seqs, max_pages, config.block_size, device,
+                                 1 + config.max_draft_tokens)
         self.channel = StepChannel(self.tp, self.inputs)
         # Rank 0 owns the other ranks' processes (set by the engine builder).
         self.rank_processes: RankProcesses | None = None

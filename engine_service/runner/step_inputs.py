@@ -27,6 +27,15 @@ def upload(values: list | np.ndarray, dtype: torch.dtype, device: torch.device) 
     return host.to(device, non_blocking=True)
 
 
+def _input_tokens(chunk: Chunk) -> list[int]:
+    """A varlen chunk's input tokens: its known ones (a pending one as the token before it),
+    then its draft's."""
+    seq, draft = chunk.seq, chunk.draft
+    first = chunk.start - seq.num_pending_tokens
+    known = seq.token_ids[first : first + chunk.num_tokens - len(draft)]
+    return known + draft if draft else known
+
+
 @dataclass(frozen=True)
 class BatchLayout:
     """How much of the buffer one step uses: with the buffer's contents, all another
@@ -56,15 +65,17 @@ class StepBatch:
 
 
 class StepInputs:
-    """Fixed-address input buffers for up to `max_tokens` tokens in `max_seqs` sequences."""
+    """Fixed-address input buffers for up to `max_tokens` tokens in `max_seqs` sequences, each
+    sampling up to `max_logits_per_seq` tokens (1 + the longest draft, when speculating)."""
 
     def __init__(self, max_tokens: int, max_seqs: int, max_pages: int, block_size: int,
-                 device: torch.device) -> None:
+                 device: torch.device, max_logits_per_seq: int = 1) -> None:
         self.max_tokens, self.max_seqs, self.max_pages = max_tokens, max_seqs, max_pages
         self.block_size, self.device = block_size, device
         sizes = {"input_ids": max_tokens, "positions": max_tokens, "slots": max_tokens,
                  "seq_lens": max_seqs, "query_start_loc": max_seqs + 1,
-                 "logits_indices": max_seqs, "block_tables": max_seqs * max_pages,
+                 "logits_indices": max_seqs * max_logits_per_seq,
+                 "block_tables": max_seqs * max_pages,
                  "prompt_rows": max_tokens}
         # Block tables, then prompt rows last: a step copies the buffer up to its last used
         # table row, or its last prompt row if it scores the prompt. Each section starts
@@ -131,10 +142,7 @@ class StepInputs:
             np.cumsum(counts, out=qsl[1 : num_seqs + 1], dtype=np.int32)
             qsl[num_seqs + 1 : rows + 1] = num_tokens
             h["input_ids"][:num_tokens] = np.fromiter(
-                itertools.chain.from_iterable(
-                    c.seq.token_ids[c.start - (p := c.seq.num_pending_tokens)
-                                    : c.start + c.num_tokens - p]
-                    for c in chunks),
+                itertools.chain.from_iterable(map(_input_tokens, chunks)),
                 np.int32, num_tokens)
             positions = np.arange(num_tokens) + np.repeat(starts - qsl[:num_seqs], counts)
             token_rows = np.repeat(table_rows, counts)
@@ -144,8 +152,17 @@ class StepInputs:
                                    + positions % bs)
         h["seq_lens"][:num_seqs] = starts + counts
         sampling = np.fromiter((c.samples for c in chunks), bool, num_seqs)
-        num_sampling = int(sampling.sum())
-        h["logits_indices"][:num_sampling] = qsl[1 : num_seqs + 1][sampling] - 1
+        if any(c.draft for c in chunks):
+            # A chunk with a draft samples at its last 1 + len(draft) tokens: its own next
+            # token after each draft token.
+            indices = [end - 1 - j for c, end in zip(chunks, qsl[1 : num_seqs + 1].tolist(),
+                                                     strict=True) if c.samples
+                       for j in range(len(c.draft), -1, -1)]
+            num_sampling = len(indices)
+            h["logits_indices"][:num_sampling] = indices
+        else:
+            num_sampling = int(sampling.sum())
+            h["logits_indices"][:num_sampling] = qsl[1 : num_seqs + 1][sampling] - 1
         np.take(self.mirror.table, table_rows, axis=0, out=self.host_tables[:num_seqs])
         self._write_padding(num_tokens, tokens, num_seqs, rows)
         # Padding rows read no block table: only the real rows' tables are copied.

@@ -1,5 +1,6 @@
 """The shared request bounds: at the limit a field passes, one past it the error names both."""
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import pytest
 
 from llmserve.common import request_limits as limits
 from llmserve.common.request_limits import InvalidRequestError
+from llmserve.engine_service.config import EngineConfig
 from llmserve.v1 import common_pb2, engine_service_pb2, generate_service_pb2
 
 PROTO_DIR = Path(__file__).resolve().parents[2] / "proto" / "llmserve" / "v1"
@@ -62,6 +64,17 @@ SHARED_CASES = {
         {"sampling": common_pb2.SamplingParams(min_p=1.0)},
         {"sampling": common_pb2.SamplingParams(min_p=1.5)},
         ["sampling.min_p", "[0, 1]"],
+    ),
+    "speculative_tokens": (
+        {"sampling": common_pb2.SamplingParams(speculative_tokens=limits.MAX_SPECULATIVE_TOKENS)},
+        {"sampling": common_pb2.SamplingParams(
+            speculative_tokens=limits.MAX_SPECULATIVE_TOKENS + 1)},
+        ["sampling.speculative_tokens", "17", f"[0, {limits.MAX_SPECULATIVE_TOKENS}]"],
+    ),
+    "speculative_tokens_negative": (
+        {"sampling": common_pb2.SamplingParams(speculative_tokens=0)},
+        {"sampling": common_pb2.SamplingParams(speculative_tokens=-1)},
+        ["sampling.speculative_tokens", "-1", f"[0, {limits.MAX_SPECULATIVE_TOKENS}]"],
     ),
     "priority": (
         {"priority": common_pb2.PRIORITY_BATCH},
@@ -165,6 +178,8 @@ def field_comment(proto: str, message: str, field: str) -> str:
         ("generate_service.proto", "TokenizeRequest", "messages", str(limits.MAX_MESSAGES)),
         ("common.proto", "StoppingCriteria", "stop_token_ids", str(limits.MAX_STOP_TOKEN_IDS)),
         ("common.proto", "SamplingParams", "logprobs", str(limits.MAX_LOGPROBS)),
+        ("common.proto", "SamplingParams", "speculative_tokens",
+         f"0..{limits.MAX_SPECULATIVE_TOKENS}"),
         (
             "engine_service.proto",
             "EngineServiceGenerateRequest",
@@ -182,3 +197,8 @@ def field_comment(proto: str, message: str, field: str) -> str:
 )
 def test_proto_comments_state_every_bound(proto: str, message: str, field: str, bound: str) -> None:
     assert bound in field_comment(proto, message, field)
+
+
+def test_the_engine_flag_and_the_request_share_the_speculative_tokens_ceiling() -> None:
+    (flag,) = [f for f in dataclasses.fields(EngineConfig) if f.name == "num_speculative_tokens"]
+    assert flag.metadata["setting"].high == limits.MAX_SPECULATIVE_TOKENS == 16

@@ -20,10 +20,14 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> TextTokenizer:
 
 
 def chunk(tokenizer: TextTokenizer, index: int, text: str, finish: int = 0,
-          cached: int = 0) -> engine_service_pb2.EngineServiceGenerateResponse:
+          cached: int = 0, speculative: tuple[int, int] = (0, 0),
+          ) -> engine_service_pb2.EngineServiceGenerateResponse:
+    proposed, accepted = speculative
     return engine_service_pb2.EngineServiceGenerateResponse(
         token_ids=asyncio.run(tokenizer.encode(text)).ids, index=index,
-        finish_reason=finish, usage=common_pb2.Usage(cached_prompt_tokens=cached))
+        finish_reason=finish, usage=common_pb2.Usage(
+            cached_prompt_tokens=cached, speculative_proposed_tokens=proposed,
+            speculative_accepted_tokens=accepted))
 
 
 def test_samples_end_on_their_own_and_usage_counts_the_prompt_once(
@@ -63,3 +67,27 @@ def test_one_sample_asks_no_engine_to_stop_it(tokenizer: TextTokenizer) -> None:
     last = asyncio.run(responses.respond(one))
     assert last is not None and responses.done
     assert last.finish_reason == common_pb2.FINISH_REASON_STOP and last.usage.prompt_tokens == 2
+
+
+def test_speculative_counts_are_each_samples_newest_summed(tokenizer: TextTokenizer) -> None:
+    request = generate_service_pb2.GenerateRequest(
+        prompt="hi", stop=["STOP"], sampling=common_pb2.SamplingParams(n=3))
+    responses = SampleResponses(request, "r", prompt_tokens=2, tokenizer=tokenizer)
+    length = common_pb2.FINISH_REASON_LENGTH
+    # Each engine response has its sample's counts so far; sample 1's stop string ends it, and
+    # its response still in flight (its later counts) is dropped with its tokens.
+    chunks = [chunk(tokenizer, 0, "alpha ", speculative=(4, 3)),
+              chunk(tokenizer, 1, "beta STOP", speculative=(4, 1)),
+              chunk(tokenizer, 1, "more", speculative=(8, 2)),
+              chunk(tokenizer, 2, "gamma", length),
+              chunk(tokenizer, 0, "end", length, speculative=(12, 9))]
+
+    async def run() -> list[generate_service_pb2.GenerateResponse | None]:
+        return [await responses.respond(c) for c in chunks]
+
+    out = asyncio.run(run())
+    assert out[2] is None and not any(r.HasField("usage") for r in out[:4] if r is not None)
+    last = out[4]
+    assert last is not None and responses.done
+    assert last.usage.speculative_proposed_tokens == 12 + 4 + 0
+    assert last.usage.speculative_accepted_tokens == 9 + 1 + 0

@@ -152,6 +152,9 @@ def test_metrics_move_after_traffic(tiny_checkpoint, start_engine, unused_port) 
     assert after["llmserve_engine_prompt_tokens_total"] == 80
     assert after["llmserve_engine_time_to_first_token_seconds_count"] == 2
     assert after["llmserve_engine_inter_token_latency_seconds_count"] == 8
+    # Exported from the start, and still 0: this engine does not speculate (the default).
+    assert after["llmserve_engine_speculative_proposed_tokens_total"] == 0
+    assert after["llmserve_engine_speculative_accepted_tokens_total"] == 0
     assert all(name.startswith("llmserve_") for name in after)
 
 

@@ -44,12 +44,17 @@ SAMPLING_CASES: list[tuple[dict, list[str]]] = [
     ({"prompt_logprobs": limits.MAX_PROMPT_LOGPROBS + 1},
      ["sampling.prompt_logprobs", f"[0, {limits.MAX_PROMPT_LOGPROBS}]"]),
     ({"prompt_logprobs": -1}, ["sampling.prompt_logprobs", f"[0, {limits.MAX_PROMPT_LOGPROBS}]"]),
+    ({"speculative_tokens": limits.MAX_SPECULATIVE_TOKENS + 1},
+     ["sampling.speculative_tokens", f"[0, {limits.MAX_SPECULATIVE_TOKENS}]"]),
+    ({"speculative_tokens": -1},
+     ["sampling.speculative_tokens", f"[0, {limits.MAX_SPECULATIVE_TOKENS}]"]),
 ]
 SAMPLING_IDS = [
     "presence_high", "presence_low", "frequency_high", "frequency_low", "repetition_zero",
     "repetition_high", "logit_bias_count", "bias_high", "bias_low", "bias_negative_id",
     "bias_vocab", "min_tokens_negative", "min_tokens_over_max", "logit_bias_10000", "n_zero",
-    "n_over", "prompt_logprobs_over", "prompt_logprobs_negative",
+    "n_over", "prompt_logprobs_over", "prompt_logprobs_negative", "speculative_tokens_over",
+    "speculative_tokens_negative",
 ]
 
 
@@ -145,6 +150,8 @@ def test_values_at_every_bound_are_served(qwen3_system) -> None:
         "logit_bias": {token: (100.0 if token % 2 else -100.0)
                        for token in range(VOCAB_SIZE - limits.MAX_LOGIT_BIAS, VOCAB_SIZE)},
         "min_tokens": 2,
+        # Accepted (and ignored) by an engine that does not speculate.
+        "speculative_tokens": limits.MAX_SPECULATIVE_TOKENS,
     }
     with LLMClient(router.address) as client:
         completion = client.generate_text(prompt_token_ids=[5, 6, 7], max_tokens=2, **at_bounds)

@@ -24,31 +24,31 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18llmserve/v1/common.proto\x12\x0bllmserve.v1\"\xd1\x03\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x02\x88\x01\x01\x12\x15\n\x08logprobs\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x02H\x04\x88\x01\x01\x12*\n\nlogit_bias\x18\n \x03(\x0b\x32\x16.llmserve.v1.LogitBias\x12\x38\n\x11structured_output\x18\x0b \x01(\x0b\x32\x1d.llmserve.v1.StructuredOutput\x12\x0e\n\x01n\x18\x0c \x01(\x05H\x05\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\r \x01(\x05H\x06\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x0b\n\t_logprobsB\x15\n\x13_repetition_penaltyB\x04\n\x02_nB\x12\n\x10_prompt_logprobs\"\x97\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x12)\n\x06\x63hoice\x18\x05 \x01(\x0b\x32\x17.llmserve.v1.ChoiceListH\x00\x42\x06\n\x04kind\"\x1d\n\nChoiceList\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"+\n\tLogitBias\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0c\n\x04\x62ias\x18\x02 \x01(\x02\"z\n\x10StoppingCriteria\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x02 \x03(\x05\x12\x12\n\nignore_eos\x18\x03 \x01(\x08\x12\x12\n\nmin_tokens\x18\x04 \x01(\x05\x42\r\n\x0b_max_tokens\"=\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04text\x18\x03 \x01(\t\"`\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12-\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x17.llmserve.v1.TopLogprob\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x05*f\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x15\n\x11PRIORITY_CRITICAL\x10\x01\x12\x15\n\x11PRIORITY_STANDARD\x10\x02\x12\x12\n\x0ePRIORITY_BATCH\x10\x03*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18llmserve/v1/common.proto\x12\x0bllmserve.v1\"\x89\x04\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x02\x88\x01\x01\x12\x15\n\x08logprobs\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x02H\x04\x88\x01\x01\x12*\n\nlogit_bias\x18\n \x03(\x0b\x32\x16.llmserve.v1.LogitBias\x12\x38\n\x11structured_output\x18\x0b \x01(\x0b\x32\x1d.llmserve.v1.StructuredOutput\x12\x0e\n\x01n\x18\x0c \x01(\x05H\x05\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\r \x01(\x05H\x06\x88\x01\x01\x12\x1f\n\x12speculative_tokens\x18\x0e \x01(\x05H\x07\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x0b\n\t_logprobsB\x15\n\x13_repetition_penaltyB\x04\n\x02_nB\x12\n\x10_prompt_logprobsB\x15\n\x13_speculative_tokens\"\x97\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x12)\n\x06\x63hoice\x18\x05 \x01(\x0b\x32\x17.llmserve.v1.ChoiceListH\x00\x42\x06\n\x04kind\"\x1d\n\nChoiceList\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"+\n\tLogitBias\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0c\n\x04\x62ias\x18\x02 \x01(\x02\"z\n\x10StoppingCriteria\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x02 \x03(\x05\x12\x12\n\nignore_eos\x18\x03 \x01(\x08\x12\x12\n\nmin_tokens\x18\x04 \x01(\x05\x42\r\n\x0b_max_tokens\"=\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04text\x18\x03 \x01(\t\"`\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12-\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x17.llmserve.v1.TopLogprob\"\xa1\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x05\x12#\n\x1bspeculative_proposed_tokens\x18\x04 \x01(\x05\x12#\n\x1bspeculative_accepted_tokens\x18\x05 \x01(\x05*f\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x15\n\x11PRIORITY_CRITICAL\x10\x01\x12\x15\n\x11PRIORITY_STANDARD\x10\x02\x12\x12\n\x0ePRIORITY_BATCH\x10\x03*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmserve.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PRIORITY']._serialized_start=1113
-  _globals['_PRIORITY']._serialized_end=1215
-  _globals['_FINISHREASON']._serialized_start=1217
-  _globals['_FINISHREASON']._serialized_end=1312
+  _globals['_PRIORITY']._serialized_start=1244
+  _globals['_PRIORITY']._serialized_end=1346
+  _globals['_FINISHREASON']._serialized_start=1348
+  _globals['_FINISHREASON']._serialized_end=1443
   _globals['_SAMPLINGPARAMS']._serialized_start=42
-  _globals['_SAMPLINGPARAMS']._serialized_end=507
-  _globals['_STRUCTUREDOUTPUT']._serialized_start=510
-  _globals['_STRUCTUREDOUTPUT']._serialized_end=661
-  _globals['_CHOICELIST']._serialized_start=663
-  _globals['_CHOICELIST']._serialized_end=692
-  _globals['_LOGITBIAS']._serialized_start=694
-  _globals['_LOGITBIAS']._serialized_end=737
-  _globals['_STOPPINGCRITERIA']._serialized_start=739
-  _globals['_STOPPINGCRITERIA']._serialized_end=861
-  _globals['_TOPLOGPROB']._serialized_start=863
-  _globals['_TOPLOGPROB']._serialized_end=924
-  _globals['_TOKENLOGPROB']._serialized_start=926
-  _globals['_TOKENLOGPROB']._serialized_end=1022
-  _globals['_USAGE']._serialized_start=1024
-  _globals['_USAGE']._serialized_end=1111
+  _globals['_SAMPLINGPARAMS']._serialized_end=563
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=566
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=717
+  _globals['_CHOICELIST']._serialized_start=719
+  _globals['_CHOICELIST']._serialized_end=748
+  _globals['_LOGITBIAS']._serialized_start=750
+  _globals['_LOGITBIAS']._serialized_end=793
+  _globals['_STOPPINGCRITERIA']._serialized_start=795
+  _globals['_STOPPINGCRITERIA']._serialized_end=917
+  _globals['_TOPLOGPROB']._serialized_start=919
+  _globals['_TOPLOGPROB']._serialized_end=980
+  _globals['_TOKENLOGPROB']._serialized_start=982
+  _globals['_TOKENLOGPROB']._serialized_end=1078
+  _globals['_USAGE']._serialized_start=1081
+  _globals['_USAGE']._serialized_end=1242
 # @@protoc_insertion_point(module_scope)

@@ -1,5 +1,6 @@
 """GetInfo and WatchLoad messages carry the seam's values, field by field; a Generate request's
-sampling and stopping fields reach the seam's SamplingOptions."""
+sampling and stopping fields reach the seam's SamplingOptions, and a response's usage carries
+its outputs' counts."""
 
 import pytest
 
@@ -8,8 +9,9 @@ from llmserve.engine_service.frontend.messages import (
     info_to_proto,
     load_to_proto,
     request_from_proto,
+    response_from_outputs,
 )
-from llmserve.engine_service.seam import EngineInfo, LoadSnapshot
+from llmserve.engine_service.seam import EngineInfo, FinishReason, LoadSnapshot, RequestOutput
 from llmserve.v1 import common_pb2, engine_service_pb2
 
 INFO = EngineInfo(
@@ -63,6 +65,39 @@ def test_n_out_of_bounds_is_refused_naming_the_field(asked: int) -> None:
         prompt_token_ids=[5, 6], sampling=common_pb2.SamplingParams(n=asked))
     with pytest.raises(InvalidRequestError, match=r"^sampling\.n: \d+ must be in \[1, 16\]"):
         request_from_proto(message, INFO)
+
+
+@pytest.mark.parametrize("asked", [None, 0, 3, 16])
+def test_generate_request_carries_speculative_tokens_set_or_not(asked: int | None) -> None:
+    message = engine_service_pb2.EngineServiceGenerateRequest(
+        prompt_token_ids=[5, 6], sampling=common_pb2.SamplingParams(speculative_tokens=asked))
+    # None (unset) leaves the engine's --num-speculative-tokens; 0 is kept: no speculation.
+    assert request_from_proto(message, INFO).sampling.speculative_tokens == asked
+
+
+@pytest.mark.parametrize("asked", [-1, 17])
+def test_speculative_tokens_out_of_bounds_is_refused_naming_the_field(asked: int) -> None:
+    message = engine_service_pb2.EngineServiceGenerateRequest(
+        prompt_token_ids=[5, 6], sampling=common_pb2.SamplingParams(speculative_tokens=asked))
+    with pytest.raises(InvalidRequestError,
+                       match=r"^sampling\.speculative_tokens: -?\d+ must be in \[0, 16\]"):
+        request_from_proto(message, INFO)
+
+
+def test_usage_carries_the_samples_speculative_counts_so_far() -> None:
+    outputs = [
+        RequestOutput("r", [5, 6, 7], None, None, 4, 3, 0, spec_proposed_tokens=4,
+                      spec_accepted_tokens=2),
+        RequestOutput("r", [8], None, FinishReason.LENGTH, 4, 4, 0, spec_proposed_tokens=8,
+                      spec_accepted_tokens=2),
+    ]
+    # Cumulative, like completion_tokens: a merged response has the newest output's counts.
+    for sent, (proposed, accepted) in [(outputs[:1], (4, 2)), (outputs, (8, 2))]:
+        usage = response_from_outputs(sent).usage
+        assert (usage.speculative_proposed_tokens, usage.speculative_accepted_tokens) == (
+            proposed, accepted)
+    plain = response_from_outputs([RequestOutput("r", [5], completion_tokens=1)]).usage
+    assert (plain.speculative_proposed_tokens, plain.speculative_accepted_tokens) == (0, 0)
 
 
 def test_truncate_prompt_tokens_keeps_the_last_ids_before_the_length_check() -> None:

@@ -1,0 +1,94 @@
+"""Speculative decoding in the core: which sequences carry a draft into a step, and how much of
+a verified draft they keep.
+
+A proposer guesses up to k tokens past a sequence's end; the step computes them after the
+sequence's last token, and its logits at each of those 1 + k positions pick the target's own
+next token there with the sampler's usual keyed draw (greedy, or random keyed on the request's
+seed and the position). The sequence keeps the draft's tokens while they equal those picks, then
+the first pick that differs (or the pick after a wholly accepted draft). Every kept token is the
+one the target alone would have drawn at its position, so the output is that of plain decoding,
+token for token, greedy or seeded; for a draft that is a fixed guess, this is rejection sampling
+with a one-point proposal: a guess is kept with the target's probability of it, and a rejected
+position draws from the target's distribution without it.
+"""
+
+from typing import Protocol
+
+from llmserve.engine_service.config import EngineConfig
+from llmserve.engine_service.core.scheduler import ScheduledChunk, Scheduler
+from llmserve.engine_service.core.sequence import Sequence
+
+
+class Proposer(Protocol):
+    def propose(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
+        """Up to ks[i] tokens to follow each sequence's tokens (all known: none pending)."""
+
+    def forget(self, seq: Sequence) -> None:
+        """The sequence lost its KV blocks (preempted) or ended."""
+
+
+def num_accepted(draft: list[int], picks: list[int]) -> int:
+    """How many of the draft's tokens lead the target's picks (len(picks) = len(draft) + 1)."""
+    for i, token in enumerate(draft):
+        if picks[i] != token:
+            return i
+    return len(draft)
+
+
+class Speculator:
+    """Gives eligible sampling chunks a draft, within the step's token budget and the KV pool."""
+
+    def __init__(self, config: EngineConfig, proposer: Proposer) -> None:
+        assert config.max_model_len is not None
+        self.config, self.proposer = config, proposer
+        self.max_model_len = config.max_model_len
+
+    def speculates(self, seq: Sequence) -> bool:
+        """Whether the sequence takes drafts at all. Not with logits processing or a grammar:
+        their per-token state would have to run ahead through each draft token and back."""
+        options = seq.sampling
+        return (options.speculative_tokens != 0 and not options.processes_logits
+                and options.structured_output is None)
+
+    def active(self, scheduler: Scheduler) -> bool:
+        """Speculation pays in small batches only (`--speculative-disable-batch-size`)."""
+        return len(scheduler.running) <= self.config.speculative_disable_batch_size
+
+    def wants_sync(self, chunks: list[ScheduledChunk], scheduler: Scheduler) -> bool:
+        """Whether the next step may give one of these chunks' sequences a draft, which needs
+        every token read first (no step may stay in flight)."""
+        return self.active(scheduler) and any(self.speculates(c.seq) for c in chunks)
+
+    def attach_drafts(self, chunks: list[ScheduledChunk], scheduler: Scheduler) -> None:
+        """Proposes for each eligible chunk and appends its draft to it: the chunk then computes
+        the draft's tokens too. A draft never preempts anything: one the pool or the step's
+        token budget has no room for is cut or left out."""
+        if not self.active(scheduler):
+            return
+        budget = self.config.max_num_batched_tokens - sum(c.num_tokens for c in chunks)
+        wanted: list[tuple[ScheduledChunk, int]] = []
+        for chunk in chunks:
+            k = min(self._num_draft_tokens(chunk), budget)
+            # The draft's KV slots first: a draft model writes them while proposing.
+            if k > 0 and scheduler.kv_cache.grow(chunk.seq, chunk.start + chunk.num_tokens + k):
+                wanted.append((chunk, k))
+                budget -= k
+        if not wanted:
+            return
+        drafts = self.proposer.propose([c.seq for c, _ in wanted], [k for _, k in wanted])
+        for (chunk, k), draft in zip(wanted, drafts, strict=True):
+            chunk.draft = draft[:k]
+            chunk.num_tokens += len(chunk.draft)
+
+    def _num_draft_tokens(self, chunk: ScheduledChunk) -> int:
+        seq = chunk.seq
+        if (seq.num_pending_tokens or not chunk.samples or chunk.prompt_logprobs is not None
+                or not self.speculates(seq)):
+            return 0
+        k = self.config.num_speculative_tokens
+        if seq.sampling.speculative_tokens is not None:
+            k = min(k, seq.sampling.speculative_tokens)
+        # The step's last pick is a token too: a draft ends one short of the sequence's limit.
+        room = min(seq.sampling.max_tokens - seq.num_output_tokens,
+                   self.max_model_len - seq.num_tokens) - 1
+        return max(0, min(k, room))
