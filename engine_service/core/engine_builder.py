@@ -2,16 +2,20 @@
 size the KV cache, warm up (capture the decode graphs); under tensor parallelism, start the
 other ranks first."""
 
+import json
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import structlog
 import torch
 
 from llmserve.common.ports import ephemeral_port
 from llmserve.common.startup_heap import freeze_startup_heap
+from llmserve.engine_service.attention.layer import AttentionKernels
 from llmserve.engine_service.config import EngineConfig
 from llmserve.engine_service.core.block_pool import BlockPool
+from llmserve.engine_service.core.draft_proposer import DraftProposer
 from llmserve.engine_service.core.engine_core import EngineCore
 from llmserve.engine_service.core.kv_sizing import num_kv_blocks, profile_peak_bytes, snapshot
 from llmserve.engine_service.core.ngram_proposer import NgramProposer
@@ -79,6 +83,13 @@ def build_engine(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
     runner.rank_processes = ranks
     block_bytes = ModelRunner.kv_bytes_per_block(spec, dtype, config.block_size, tp.size,
                                                  config.kv_cache_dtype)
+    draft = None
+    if config.speculative_draft_model is not None:
+        # Loaded before the KV cache is sized: its weights and its KV share the budget.
+        draft = build_draft_runner(config, runner, backends)
+        block_bytes += ModelRunner.kv_bytes_per_block(draft.spec, draft.dtype,
+                                                      config.block_size, 1,
+                                                      config.kv_cache_dtype)
     num_blocks = config.num_kv_blocks
     if num_blocks is None and on_cuda:
         peak = profile_peak_bytes(runner)
@@ -89,9 +100,13 @@ def build_engine(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
     # The runner's config has the checkpoint's max_model_len; from here on, the one that fits:
     # one sequence of max_model_len must always fit, or it could never be scheduled.
     assert runner.config.max_model_len is not None
+    max_model_len = min(runner.config.max_model_len, num_blocks * config.block_size)
+    if draft is not None:
+        assert draft.config.max_model_len is not None
+        max_model_len = min(max_model_len, draft.config.max_model_len)
     config = replace(
         runner.config,
-        max_model_len=min(runner.config.max_model_len, num_blocks * config.block_size),
+        max_model_len=max_model_len,
         num_kv_blocks=num_blocks,
         async_scheduling=on_cuda if config.async_scheduling is None else config.async_scheduling,
     )
@@ -107,9 +122,15 @@ def build_engine(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
     )
     _warm_up(runner, config, use_graphs)
     pool = BlockPool(num_blocks)
-    proposer = None
+    proposer: NgramProposer | DraftProposer | None = None
     if config.speculative_method == "ngram":
         proposer = NgramProposer(config.ngram_prompt_lookup_min, config.ngram_prompt_lookup_max)
+    elif draft is not None:
+        draft.allocate_kv_cache(num_blocks)
+        # Drafts are proposed only in batches up to the speculation's limit.
+        _warm_up(draft, replace(config, max_num_seqs=min(
+            config.max_num_seqs, max(1, config.speculative_disable_batch_size))), use_graphs)
+        proposer = DraftProposer(draft)
     core = EngineCore(config, runner, Scheduler(config, pool), pool, spec.eos_token_ids,
                       proposer)
     info = EngineInfo.describe(
@@ -128,6 +149,38 @@ def build_engine(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
              seconds=round(time.monotonic() - started, 2))
     freeze_startup_heap()
     return core, info
+
+
+def build_draft_runner(config: EngineConfig, target: ModelRunner,
+                       backends: tuple[AttentionKernels, AttentionKernels]) -> ModelRunner:
+    """The draft model's runner, on rank 0 alone, after checking that it speaks the target's
+    vocabulary (its guesses are token ids of the target's)."""
+    assert config.speculative_draft_model is not None
+    path = config.speculative_draft_model
+    draft_spec, spec = read_model_spec(path), target.spec
+    target_vocab, draft_vocab = _vocabulary(config.model), _vocabulary(path)
+    if draft_spec.vocab_size != spec.vocab_size or target_vocab != draft_vocab:
+        raise ValueError(
+            f"--speculative-draft-model {path}: its vocabulary ({draft_spec.vocab_size} ids, "
+            f"tokenizer {'the same' if target_vocab == draft_vocab else 'different'}) is not "
+            f"the served model's ({spec.vocab_size} ids); a draft must share the target's "
+            "tokenizer")
+    # The target's dtype, for which the attention backends were loaded.
+    draft_config = replace(config, model=path, quantization="none", tensor_parallel_size=1,
+                           distributed=False, max_model_len=None,
+                           dtype=str(target.dtype).removeprefix("torch."))
+    return build_runner(draft_config, TensorParallelGroup(), backends)
+
+
+def _vocabulary(model: Path) -> dict | None:
+    """The token -> id map of a checkpoint's tokenizer.json (with its added tokens), if any."""
+    path = model / "tokenizer.json"
+    if not path.is_file():
+        return None
+    tokenizer = json.loads(path.read_text())
+    vocab = dict(tokenizer.get("model", {}).get("vocab", {}))
+    vocab.update({t["content"]: t["id"] for t in tokenizer.get("added_tokens", [])})
+    return vocab
 
 
 def _warm_up(runner: ModelRunner, config: EngineConfig, use_graphs: bool) -> None:

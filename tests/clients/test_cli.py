@@ -94,12 +94,41 @@ def test_generate_chat_json_and_usage(router, capsys) -> None:
         "prompt_tokens": 3,
         "completion_tokens": 4,
         "cached_prompt_tokens": 2,
+        "speculative_proposed_tokens": 0,
+        "speculative_accepted_tokens": 0,
     }
     assert err == "finish_reason=stop prompt_tokens=3 completion_tokens=4 cached_prompt_tokens=2\n"
     request = router.seen[-1].request
     assert [(m.role, m.content) for m in request.messages] == [("user", "Hi there")]
     assert request.prompt == "" and request.sampling.logprobs == 2
     assert request.sampling.HasField("prompt_logprobs") and request.sampling.prompt_logprobs == 0
+
+
+def test_generate_sends_speculative_tokens_and_shows_the_speculative_counts(
+    router, capsys
+) -> None:
+    router.responses = [generate_service_pb2.GenerateResponse(
+        text="Hi", token_ids=[1, 2], finish_reason=common_pb2.FINISH_REASON_LENGTH,
+        usage=common_pb2.Usage(prompt_tokens=3, completion_tokens=2,
+                               speculative_proposed_tokens=6, speculative_accepted_tokens=4))]
+    argv = ["generate", "Once", "--target", router.target]
+    assert main([*argv, "--speculative-tokens", "0", "--show-usage"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "Hi\n"
+    assert err == ("finish_reason=length prompt_tokens=3 completion_tokens=2 "
+                   "cached_prompt_tokens=0 speculative_proposed_tokens=6 "
+                   "speculative_accepted_tokens=4\n")
+    sampling = router.seen[-1].request.sampling
+    assert sampling.HasField("speculative_tokens") and sampling.speculative_tokens == 0
+    assert main([*argv, "--speculative-tokens", "16"]) == 0
+    assert router.seen[-1].request.sampling.speculative_tokens == 16
+    # Left out, the field stays unset (the engine's default).
+    assert main(argv) == 0
+    assert not router.seen[-1].request.sampling.HasField("speculative_tokens")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main([*argv, "--speculative-tokens", "four"])
+    assert "--speculative-tokens" in capsys.readouterr().err
 
 
 def test_generate_prints_each_of_n_samples_whole_and_labelled(router, capsys) -> None:

@@ -81,6 +81,28 @@ def test_text_and_truncation_options_arrive(router, connect) -> None:
         assert not router.seen[-1].request.HasField(name), name
 
 
+def test_speculative_tokens_arrive_and_usage_carries_the_speculative_counts(
+    router, connect
+) -> None:
+    client = connect(router.target)
+    router.responses = [
+        generate_service_pb2.GenerateResponse(
+            text="ab", token_ids=[1, 2], finish_reason=common_pb2.FINISH_REASON_LENGTH,
+            usage=common_pb2.Usage(prompt_tokens=3, completion_tokens=2,
+                                   speculative_proposed_tokens=8, speculative_accepted_tokens=5),
+        )
+    ]
+    completion = client.call("generate_text", "hi", speculative_tokens=0)
+    sent = router.seen[-1].request.sampling
+    assert sent.HasField("speculative_tokens") and sent.speculative_tokens == 0
+    assert completion.usage == Usage(3, 2, 0, speculative_proposed_tokens=8,
+                                     speculative_accepted_tokens=5)
+    client.stream("hi", speculative_tokens=16)
+    assert router.seen[-1].request.sampling.speculative_tokens == 16
+    client.stream("hi")
+    assert not router.seen[-1].request.sampling.HasField("speculative_tokens")
+
+
 def test_out_of_range_values_reach_the_server_unchanged(router, connect) -> None:
     router.error = (grpc.StatusCode.INVALID_ARGUMENT, "temperature must be >= 0, got -1")
     chunks, err = connect(router.target).stream("hi", temperature=-1, top_p=2.0, max_tokens=0)

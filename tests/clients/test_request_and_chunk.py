@@ -98,6 +98,20 @@ def test_prompt_logprobs_are_asked_for_and_read_from_the_first_chunk() -> None:
     assert Completion.from_chunks(chunks).prompt_logprobs == expected
 
 
+def test_speculative_tokens_are_sent_only_when_given_and_usage_reads_the_counts() -> None:
+    assert build_generate_request("x", speculative_tokens=4).sampling.speculative_tokens == 4
+    zero = build_generate_request("x", speculative_tokens=0).sampling
+    assert zero.HasField("speculative_tokens") and zero.speculative_tokens == 0
+    assert not build_generate_request("x").sampling.HasField("speculative_tokens")
+    response = generate_service_pb2.GenerateResponse(usage=common_pb2.Usage(
+        prompt_tokens=2, completion_tokens=9, speculative_proposed_tokens=12,
+        speculative_accepted_tokens=7))
+    usage = chunk_from_proto(response).usage
+    assert usage == Usage(2, 9, 0, speculative_proposed_tokens=12, speculative_accepted_tokens=7)
+    # Without speculation both are 0, and Usage built from the first three counts says so.
+    assert Usage(1, 2, 3) == Usage(1, 2, 3, 0, 0)
+
+
 def test_completion_from_no_chunks() -> None:
     assert Completion.from_chunks([]) == Completion("", [], None, None, [], "")
 

@@ -1,0 +1,128 @@
+"""Draft-model proposals: a small model of the same vocabulary guesses the next k tokens greedily.
+
+The draft model keeps its KV in its own pool of as many blocks as the target's, under the same
+block ids: a sequence's block table serves both models, so the draft needs no allocator of its
+own, and the blocks a sequence frees or shares free or share both. What the draft has computed
+of a sequence is tracked here. It catches up lazily: before proposing, one pass computes the
+sequence's tokens it has not seen (its whole prompt the first time; the token the target picked
+after a rejected draft, or the last draft token and the bonus after an accepted one), and its
+logits give the first guess; k - 1 decode passes follow, each guess fed back on the device.
+Its KV at a draft position stays valid only if the target kept that token, which the next
+proposal checks against the sequence's tokens.
+
+Blocks shared through the prefix cache hold the target's KV of their tokens, not necessarily
+the draft's: a sequence admitted onto them has its draft compute them again (writing the same
+values). That costs a draft prefill, never correctness, since the target verifies every guess.
+"""
+
+from dataclasses import dataclass, field
+
+from llmserve.engine_service.core.sequence import Sequence
+from llmserve.engine_service.runner.model_runner import ModelRunner, PendingTokens
+
+
+@dataclass(eq=False)
+class _DraftView:
+    """A sequence as the draft's passes see it: its guesses so far are pending tokens (on the
+    device, fed back there), past its known tokens."""
+
+    token_ids: list[int]
+    num_prompt_tokens: int
+    block_ids: list[int]
+    num_pending_tokens: int = 0
+
+
+@dataclass(eq=False)
+class _DraftChunk:
+    seq: _DraftView
+    start: int
+    num_tokens: int
+    draft: list[int] = field(default_factory=list)
+    prompt_logprobs: None = None
+
+    @property
+    def samples(self) -> bool:
+        seq = self.seq
+        return self.start + self.num_tokens == len(seq.token_ids) + seq.num_pending_tokens
+
+
+@dataclass
+class _Proposed:
+    """What the draft computed of a sequence after its last proposal."""
+
+    num_computed: int  # positions with the draft's KV, if the target kept the guesses
+    first: int  # where the guesses start in the sequence
+    guesses: list[int]
+
+
+class DraftProposer:
+    """Proposes with a draft model's runner (its KV pool allocated with the target's block
+    count); greedy guesses."""
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+        self.max_tokens = runner.inputs.max_tokens  # a pass's token budget
+        self._proposed: dict[Sequence, _Proposed] = {}
+
+    def forget(self, seq: Sequence) -> None:
+        self._proposed.pop(seq, None)
+
+    def propose(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
+        drafts: list[list[int]] = [[] for _ in seqs]
+        views: list[_DraftView] = []
+        rows: list[int] = []  # the sequence of each view (each view guesses)
+        catch_up, budget = [], self.max_tokens
+        for i, seq in enumerate(seqs):
+            start = self._num_valid(seq)
+            count = min(len(seq.token_ids) - start, budget)
+            if count <= 0:
+                continue
+            budget -= count
+            view = _DraftView(seq.token_ids, seq.num_prompt_tokens, seq.block_ids)
+            chunk = _DraftChunk(view, start, count)
+            catch_up.append(chunk)
+            if chunk.samples:  # caught up: it can guess (its logits row is the next one)
+                views.append(view)
+                rows.append(i)
+            else:
+                self._proposed[seq] = _Proposed(start + count, len(seq.token_ids), [])
+        if not catch_up:
+            return drafts
+        logits, _ = self.runner.execute(catch_up)
+        guesses = [logits.argmax(dim=-1)]
+        passes = [list(range(len(views)))]  # each pass's rows, as indices into views
+        for j in range(1, max((ks[i] for i in rows), default=0)):
+            previous = {v: n for n, v in enumerate(passes[-1])}
+            live = [v for v in passes[-1] if ks[rows[v]] > j]
+            if not live:
+                break
+            for v in live:
+                views[v].num_pending_tokens = j
+            chunks = [_DraftChunk(views[v], len(views[v].token_ids) + j - 1, 1) for v in live]
+            logits, _ = self.runner.execute(chunks, PendingTokens(
+                guesses[-1], list(range(len(live))), [previous[v] for v in live]))
+            guesses.append(logits.argmax(dim=-1))
+            passes.append(live)
+        host = [g.tolist() for g in guesses]
+        for j, live in enumerate(passes):
+            for n, v in enumerate(live):
+                drafts[rows[v]].append(host[j][n])
+        for i in rows:
+            seq = seqs[i]
+            # The catch-up computed up to the last known token, each later pass one guess.
+            self._proposed[seq] = _Proposed(len(seq.token_ids) + len(drafts[i]) - 1,
+                                            len(seq.token_ids), drafts[i])
+        return drafts
+
+    def _num_valid(self, seq: Sequence) -> int:
+        """Positions of `seq` whose draft KV holds its tokens: up to what the draft computed,
+        cut at the first guess the target did not keep."""
+        proposed = self._proposed.get(seq)
+        if proposed is None:
+            return 0
+        kept = 0
+        for guess, token in zip(proposed.guesses, seq.token_ids[proposed.first :], strict=False):
+            if guess != token:
+                break
+            kept += 1
+        return min(proposed.num_computed, proposed.first + kept, len(seq.token_ids) - 1)
