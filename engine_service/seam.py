@@ -223,3 +223,4 @@ class StepResult:
     # Speculative decoding in this step: draft tokens proposed and accepted, all sequences.
     spec_proposed_tokens: int = 0
     spec_accepted_tokens: int = 0
+    spec_drafts: int = 0  # sequences that verified a draft

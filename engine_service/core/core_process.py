@@ -56,6 +56,7 @@ class CoreLoop:
             computed_before = self.core.num_computed_tokens_total
             proposed_before = self.core.num_spec_proposed_total
             accepted_before = self.core.num_spec_accepted_total
+            drafts_before = self.core.num_spec_drafts_total
             outputs = self.core.step() if self.core.has_work or self.core.compiling else []
             if self.core.ended:  # requests whose last running sample was aborted
                 outputs = self.core.take_ended() + outputs
@@ -70,7 +71,8 @@ class CoreLoop:
                     self.core.scheduler.num_preemptions - preemptions_before,
                     self.core.num_computed_tokens_total - computed_before,
                     self.core.num_spec_proposed_total - proposed_before,
-                    self.core.num_spec_accepted_total - accepted_before))
+                    self.core.num_spec_accepted_total - accepted_before,
+                    self.core.num_spec_drafts_total - drafts_before))
 
     def _apply_commands(self, block: bool) -> bool:
         """Drains the pipe (waiting for the first command if `block`); False on stop."""

@@ -114,6 +114,7 @@ class EngineCore:
         self.speculator = None if proposer is None else Speculator(config, proposer)
         # Speculative decoding, all sequences so far: draft tokens proposed and accepted.
         self.num_spec_proposed_total = self.num_spec_accepted_total = 0
+        self.num_spec_drafts_total = 0  # sequence-steps that verified a draft
         self.structured = StructuredOutputs(
             config.model / "tokenizer.json", runner.spec.vocab_size, tuple(eos_token_ids),
             config.structured_output_compile_timeout_s, pin_memory=runner.device.type == "cuda")
@@ -422,6 +423,7 @@ class EngineCore:
         seq.num_spec_accepted += accepted
         self.num_spec_proposed_total += len(chunk.draft)
         self.num_spec_accepted_total += accepted
+        self.num_spec_drafts_total += 1
 
     def _add_prompt_logprobs(self, chunks: list[ScheduledChunk], scores: PromptScores) -> None:
         """Files each chunk's scored prompt tokens by position: a sequence preempted before its

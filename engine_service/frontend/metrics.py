@@ -20,6 +20,10 @@ SPECULATIVE_PROPOSED_TOKENS = Counter("llmserve_engine_speculative_proposed_toke
                                       "Draft tokens proposed by speculative decoding")
 SPECULATIVE_ACCEPTED_TOKENS = Counter("llmserve_engine_speculative_accepted_tokens",
                                       "Draft tokens the model accepted as its own next tokens")
+# One per sequence per step that verified a draft: 1 + accepted / drafts is the mean number of
+# tokens such a step gave a sequence.
+SPECULATIVE_DRAFTS = Counter("llmserve_engine_speculative_drafts",
+                             "Drafts verified (one per sequence and step that carried one)")
 RUNNING = Gauge("llmserve_engine_running_requests", "Sequences in the running batch")
 WAITING = Gauge("llmserve_engine_waiting_requests", "Sequences waiting for admission")
 KV_USAGE = Gauge("llmserve_engine_kv_cache_usage_ratio", "Fraction of KV blocks held by sequences")
@@ -39,6 +43,7 @@ def record_step(step: StepResult) -> None:
     COMPUTED_TOKENS.inc(step.num_computed_tokens)
     SPECULATIVE_PROPOSED_TOKENS.inc(step.spec_proposed_tokens)
     SPECULATIVE_ACCEPTED_TOKENS.inc(step.spec_accepted_tokens)
+    SPECULATIVE_DRAFTS.inc(step.spec_drafts)
     for output in step.outputs:
         GENERATED_TOKENS.inc(len(output.new_token_ids))
         if output.finish_reason is not None and output.index == 0:  # a prompt counts once
