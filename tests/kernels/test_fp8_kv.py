@@ -97,14 +97,17 @@ def test_triton_store_writes_the_twins_e4m3_bytes_and_scales(
     ref = qkv_rope_store_torch(qkv, positions, cos_sin, *weights, 1e-6, caches[2], caches[3],
                                slots, (scales[2], scales[3]))
     assert torch.allclose(q.float(), ref.float(), rtol=1e-4, atol=1e-4)
-    # V is copied as it is: the same bytes, and scales up to the last bit (a GPU's fp32 division
-    # in Triton is not IEEE-exact). K went through norm and rotary, whose fp32 sums may differ in
-    # the last bit, and a scale's last bit can move a value across an e4m3 rounding boundary:
-    # K is compared dequantized.
+    # V is copied as it is: the same bytes, and scales up to the last bit. K went through norm
+    # and rotary, whose fp32 sums may round differently in the last bit (on the GPU, in either
+    # dtype: a bf16 element may then round the other way), and a last-bit change moves a value
+    # across at most one e4m3 rounding boundary, rarely: K's codes may differ only rarely and
+    # only to the adjacent code.
     assert torch.equal(caches[1].view(torch.uint8), caches[3].view(torch.uint8))
     torch.testing.assert_close(scales[1], scales[3], rtol=1e-6, atol=0)
-    if dtype == torch.bfloat16:  # bf16 rounds the sums' last bits away: the same scales
-        torch.testing.assert_close(scales[0], scales[2], rtol=1e-6, atol=0)
-    ours = dequantize_kv_torch(caches[0], scales[0].transpose(1, 2))
-    theirs = dequantize_kv_torch(caches[2], scales[2].transpose(1, 2))
-    assert float((ours - theirs).norm() / theirs.norm()) < 1e-3
+    torch.testing.assert_close(scales[0], scales[2], rtol=1e-6, atol=0)
+    ours, theirs = (c.view(torch.uint8).int() for c in (caches[0], caches[2]))
+    steps = ((ours & 127) - (theirs & 127)).abs()
+    adjacent = (steps == 0) | ((steps == 1) & ((ours >> 7) == (theirs >> 7)))
+    zeros = ((ours & 127) + (theirs & 127)) <= 1  # +0, -0 and the smallest subnormals
+    assert bool((adjacent | zeros).all())
+    assert float((ours != theirs).float().mean()) < 0.02
