@@ -10,6 +10,7 @@ import torch
 
 from llmserve.engine_service.config import EngineConfig
 from llmserve.engine_service.core.block_pool import BlockPool
+from llmserve.engine_service.core.sampling_rows import sampling_batch
 from llmserve.engine_service.core.scheduler import ScheduledChunk, Scheduler
 from llmserve.engine_service.core.sequence import Sequence
 from llmserve.engine_service.core.speculator import Proposer, Speculator, num_accepted
@@ -23,8 +24,6 @@ from llmserve.engine_service.runner.logits_processors import LogitsProcessors
 from llmserve.engine_service.runner.model_runner import ModelRunner, PendingTokens
 from llmserve.engine_service.runner.prompt_logprobs import PromptScores, prompt_scoring
 from llmserve.engine_service.runner.sampler import Sampler, SamplingBatch
-from llmserve.engine_service.runner.step_inputs import upload
-from llmserve.engine_service.runner.token_bitmask import GrammarBitmask
 from llmserve.engine_service.seam import (
     EngineRequest,
     FinishReason,
@@ -318,7 +317,8 @@ class EngineCore:
             finished = [c.seq for c in sampling if not self._live(c.seq)]
         else:
             finished = []
-        batch = self._sampling_batch(sampling, logits.device)
+        batch = sampling_batch(sampling, logits.device, self.logits_processors,
+                               self.structured, self._live)
         for seq in finished:  # read as finished just now: their rows' draws are discarded
             self._release(seq)
         tokens = self.sampler.sample(logits, batch)
@@ -490,50 +490,6 @@ class EngineCore:
         return length - seq.num_prompt_tokens >= seq.sampling.max_tokens or (
             length >= self.config.max_model_len
         )
-
-    def _sampling_batch(self, sampling: list[ScheduledChunk], device: torch.device
-                        ) -> SamplingBatch:
-        """One row per token drawn: a chunk with a draft draws after each of its tokens."""
-        if any(c.draft for c in sampling):
-            chunks = [c for c in sampling for _ in range(1 + len(c.draft))]
-            positions = [c.seq.num_tokens + j for c in sampling for j in range(1 + len(c.draft))]
-        else:
-            chunks, positions = sampling, [c.seq.num_tokens for c in sampling]
-        opts = [c.seq.sampling for c in chunks]
-
-        def column(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return upload(values, dtype, device)
-
-        return SamplingBatch(
-            temperature=column([o.temperature for o in opts], torch.float32),
-            top_p=column([o.top_p for o in opts], torch.float32),
-            top_k=column([o.top_k for o in opts], torch.int64),
-            min_p=column([o.min_p for o in opts], torch.float32),
-            # Seeds are 64-bit unsigned; reinterpret as signed to fit int64.
-            seeds=column(
-                [c.seq.seed - (1 << 64) if c.seq.seed >= 1 << 63 else c.seq.seed for c in chunks],
-                torch.int64,
-            ),
-            positions=column(positions, torch.int64),
-            num_logprobs=[o.logprobs for o in opts],
-            all_greedy=all(o.temperature == 0 for o in opts),
-            any_greedy=any(o.temperature == 0 for o in opts),
-            filtered=any(o.top_k > 0 or o.top_p < 1 or o.min_p > 0 for o in opts),
-            processing=(self.logits_processors.prepare([c.seq for c in chunks])
-                        if any(o.processes_logits for o in opts) else None),
-            grammar=(self._grammar_bitmask(chunks)
-                     if any(o.structured_output is not None for o in opts) else None),
-        )
-
-    def _grammar_bitmask(self, chunks: list[ScheduledChunk]) -> GrammarBitmask | None:
-        """The next-token masks of the rows whose sequence follows a grammar (each has accepted
-        every token before the one drawn here)."""
-        rows = [r for r, c in enumerate(chunks) if c.seq.grammar is not None and self._live(c.seq)]
-        if not rows:
-            return None
-        assert not any(chunks[r].seq.num_pending_tokens for r in rows), "mask past a pending token"
-        grammars = [chunks[r].seq.grammar for r in rows]
-        return GrammarBitmask(self.structured.fill_bitmask(grammars), rows)  # type: ignore[arg-type]
 
     def load(self) -> LoadSnapshot:
         running, waiting = self.scheduler.running, self.scheduler.waiting

@@ -1,0 +1,63 @@
+"""One step's sampling rows as the sampler's batch: per-row options, seeds and positions, and
+the logits processing and grammar masks of the rows that ask."""
+
+from collections.abc import Callable
+
+import torch
+
+from llmserve.engine_service.core.scheduler import ScheduledChunk
+from llmserve.engine_service.core.sequence import Sequence
+from llmserve.engine_service.core.structured_output import StructuredOutputs
+from llmserve.engine_service.runner.logits_processors import LogitsProcessors
+from llmserve.engine_service.runner.sampler import SamplingBatch
+from llmserve.engine_service.runner.step_inputs import upload
+from llmserve.engine_service.runner.token_bitmask import GrammarBitmask
+
+
+def sampling_batch(sampling: list[ScheduledChunk], device: torch.device,
+                   processors: LogitsProcessors, structured: StructuredOutputs,
+                   live: Callable[[Sequence], bool]) -> SamplingBatch:
+    """One row per token drawn: a chunk with a draft draws after each of its tokens. `live`
+    tells the sequences still running (a finished one's row draws, unmasked, for nothing)."""
+    if any(c.draft for c in sampling):
+        chunks = [c for c in sampling for _ in range(1 + len(c.draft))]
+        positions = [c.seq.num_tokens + j for c in sampling for j in range(1 + len(c.draft))]
+    else:
+        chunks, positions = sampling, [c.seq.num_tokens for c in sampling]
+    opts = [c.seq.sampling for c in chunks]
+
+    def column(values: list, dtype: torch.dtype) -> torch.Tensor:
+        return upload(values, dtype, device)
+
+    return SamplingBatch(
+        temperature=column([o.temperature for o in opts], torch.float32),
+        top_p=column([o.top_p for o in opts], torch.float32),
+        top_k=column([o.top_k for o in opts], torch.int64),
+        min_p=column([o.min_p for o in opts], torch.float32),
+        # Seeds are 64-bit unsigned; reinterpret as signed to fit int64.
+        seeds=column(
+            [c.seq.seed - (1 << 64) if c.seq.seed >= 1 << 63 else c.seq.seed for c in chunks],
+            torch.int64,
+        ),
+        positions=column(positions, torch.int64),
+        num_logprobs=[o.logprobs for o in opts],
+        all_greedy=all(o.temperature == 0 for o in opts),
+        any_greedy=any(o.temperature == 0 for o in opts),
+        filtered=any(o.top_k > 0 or o.top_p < 1 or o.min_p > 0 for o in opts),
+        processing=(processors.prepare([c.seq for c in chunks])
+                    if any(o.processes_logits for o in opts) else None),
+        grammar=(grammar_bitmask(chunks, structured, live)
+                 if any(o.structured_output is not None for o in opts) else None),
+    )
+
+
+def grammar_bitmask(chunks: list[ScheduledChunk], structured: StructuredOutputs,
+                    live: Callable[[Sequence], bool]) -> GrammarBitmask | None:
+    """The next-token masks of the rows whose sequence follows a grammar (each has accepted
+    every token before the one drawn here)."""
+    rows = [r for r, c in enumerate(chunks) if c.seq.grammar is not None and live(c.seq)]
+    if not rows:
+        return None
+    assert not any(chunks[r].seq.num_pending_tokens for r in rows), "mask past a pending token"
+    grammars = [chunks[r].seq.grammar for r in rows]
+    return GrammarBitmask(structured.fill_bitmask(grammars), rows)  # type: ignore[arg-type]
