@@ -126,6 +126,9 @@ def test_cpu_smoke_run(tmp_path: Path) -> None:
                 acceptance = level["acceptance"]
                 assert acceptance["k"] == 4 and "error" not in acceptance
                 assert 0 <= acceptance["accepted"] <= acceptance["proposed"]
+                assert set(acceptance["metrics"]) == {"proposed", "accepted", "drafts"}
+                if acceptance["proposed"]:
+                    assert acceptance["mean_accepted_length"] >= 1.0
     # Compared with none's prompt by prompt (equal is the engine's promise, tested there).
     for compared in f["methods"]["ngram"]["outputs_equal_to_none"].values():
         assert compared["of"] == 2 and 0 <= compared["equal"] <= 2
