@@ -7,7 +7,21 @@ kernel and reduction) over a sweep of page sizes, split counts and tile shapes, 
 paged `flash_attn_varlen_func` at its page sizes, each the median of >= 40 CUDA-event-timed runs
 alternating two input sets; measures device-to-device copy bandwidth in the same run.
 
+`--kv-cache-dtype fp8_e4m3` times the engine's FP8 KV cache instead (e4m3 pages and fp32 scales
+per (token, KV head), quantized from the same random bf16 values by fp8_kv's quantizer), `both`
+times bf16 and FP8 side by side, config by config, and reports FP8's time over bf16's. Bandwidth
+counts the bytes the kernel actually reads: K and V in their cache dtype, and FP8's scales
+(`parameters.bytes_read` has the formula). Every config's output is checked once against the
+torch twin of its own dtype (and FP8's also against the bf16 answer); a config off by more than
+the tolerance is recorded but never the best.
+
+`--sweep-tiles` instead times, at one page size (`--page-size`, 128 as W1 runs), the unsplit
+kernel (num_splits=1, what the engine picks at batch 256) over a grid of tile shapes, and splits
+of 2, 3 and 4 with the default tiles; configs Triton cannot compile are recorded with the error.
+
     python benchmarks/kernels.py                      # on a CUDA device
+    python benchmarks/kernels.py --kv-cache-dtype both
+    python benchmarks/kernels.py --kv-cache-dtype both --sweep-tiles
     python benchmarks/kernels.py --device cpu --small # smoke run in Triton's interpreter
 """
 
@@ -20,6 +34,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from functools import partial
+from itertools import product
 from pathlib import Path
 from random import randint, seed
 from typing import Any
@@ -43,6 +58,31 @@ TILES = [
 ]
 FA4_PAGE_SIZES = [16, 64, 128, 256]
 FA4_SPLITS = [1, 0]  # 0: flash-attn's own heuristic
+# --sweep-tiles: the unsplit kernel over every (block_n, num_warps, num_stages) here, then these
+# split counts with the default tiles.
+SWEEP_TILES = list(product((64, 128, 256), (4, 8), (2, 3, 4, 5)))
+SWEEP_SPLITS = [2, 3, 4]
+SWEEP_PAGE_SIZE = 128  # W1's KV page (throughput.py --block-size)
+
+# --kv-cache-dtype: which caches are timed ("auto" is the engine's: the model's bf16).
+KV_CACHE_DTYPES = {
+    "auto": ["bfloat16"],
+    "fp8_e4m3": ["fp8_e4m3"],
+    "both": ["bfloat16", "fp8_e4m3"],
+}
+# Bytes per (token, KV head) row of K or of V that the kernel reads, and how they are counted.
+# q, the output, the block tables and seq_lens (under 0.5 % at K1's size) are not counted.
+ROW_BYTES = {"bfloat16": lambda dim: dim * 2, "fp8_e4m3": lambda dim: dim * 1 + 4}
+BYTES_READ = {
+    "bfloat16": "sum(context) x num_kv_heads x head_dim x 2 bytes x 2 (K and V)",
+    "fp8_e4m3": "sum(context) x num_kv_heads x head_dim x 1 byte x 2 (K and V) "
+    "+ sum(context) x num_kv_heads x 4 bytes x 2 (K's and V's fp32 scales)",
+}
+# A config whose output is further than this from the torch twin of its dtype (as
+# tests/kernels/test_paged_decode.py bounds it), or an FP8 one further than FP8_VS_BF16 from
+# the bf16 answer, is recorded but never the best.
+TWIN_TOLERANCE = {"bfloat16": 1e-2, "fp8_e4m3": 2e-2}
+FP8_VS_BF16 = 0.1
 
 
 def w1_contexts() -> list[int]:
@@ -120,6 +160,32 @@ def kv_pool(contexts: list[int], page: int, heads: int, dim: int, device: str) -
     }
 
 
+def fp8_pool(pool: dict, chunk: int = 256) -> dict:
+    """The pool's K/V values as the engine's FP8 cache: e4m3 pages [num_blocks, block_size, Hkv,
+    D] and fp32 scales per row [num_blocks, Hkv, block_size] (kv_cache.py's layout), quantized
+    by fp8_kv's quantize_kv_torch (the twin of the engine's store) a few blocks at a time."""
+    import torch
+
+    from llmserve.kernels.e4m3 import FP8_DTYPE
+    from llmserve.kernels.fp8_kv import quantize_kv_torch
+
+    fp8 = dict(pool)
+    scales = []
+    for name in ("k", "v"):
+        src = pool[name]
+        num_blocks, page, heads, _ = src.shape
+        values = torch.empty(src.shape, dtype=FP8_DTYPE, device=src.device)
+        row_scales = torch.empty(num_blocks, heads, page, dtype=torch.float32, device=src.device)
+        for lo in range(0, num_blocks, chunk):
+            x8, scale = quantize_kv_torch(src[lo : lo + chunk])
+            values[lo : lo + chunk] = x8
+            row_scales[lo : lo + chunk] = scale.transpose(1, 2)
+        fp8[name] = values
+        scales.append(row_scales)
+    fp8["scales"] = (scales[0], scales[1])
+    return fp8
+
+
 def fa4_function() -> tuple[Callable[..., Any] | None, str]:
     """flash-attn 4's varlen function, or None and why it cannot be had."""
     try:
@@ -136,42 +202,74 @@ def run(args: argparse.Namespace) -> dict:
     from llmserve.kernels.paged_attention import paged_attention_torch
     from llmserve.kernels.paged_common import sm_count
     from llmserve.kernels.paged_decode import (
+        UNSPLIT_TILES,
         DecodeTiles,
         choose_num_splits,
         paged_decode_attention,
     )
 
     cuda = args.device == "cuda"
+    began = time.perf_counter()
     contexts = w1_contexts()
     heads, dim = NUM_KV_HEADS, HEAD_DIM
     page_sizes, splits, tiles_list, runs = PAGE_SIZES, SPLITS, TILES, args.runs
+    sweep_page_size, sweep_tiles, sweep_splits = args.page_size, SWEEP_TILES, SWEEP_SPLITS
     if args.small:  # interpreter-sized: a few short sequences, one page size
         contexts = [c % 61 + 1 for c in contexts[:4]]
         heads, dim, page_sizes, splits, tiles_list = 2, 32, [16], [1, 3, None], TILES[:2]
+        sweep_page_size, sweep_tiles, sweep_splits = 16, [(16, 4, 2), (32, 4, 2)], [2]
         runs = 2
-    kv_bytes = sum(contexts) * heads * dim * 2 * 2
+    dtypes = KV_CACHE_DTYPES[args.kv_cache_dtype]
+    kv_bytes = {d: sum(contexts) * heads * ROW_BYTES[d](dim) * 2 for d in dtypes}
     scale = dim**-0.5
     device_name = torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter)"
     copy_bps = copy_bandwidth(args.device, (2 << 30) if cuda else (64 << 20), runs)
     results: list[dict] = []
-    twin_errors: dict[int, float] = {}  # page size -> norm-wise error of ours vs the torch twin
+    # dtype -> page size -> norm-wise error of the default config vs the twin of its dtype
+    twin_errors: dict[str, dict[int, float]] = {d: {} for d in dtypes}
+    fp8_vs_bf16_errors: dict[int, float] = {}  # page size -> FP8's default config vs bf16 twin
     fa4, fa4_status = fa4_function() if cuda else (None, "unavailable (no CUDA device)")
+    if args.sweep_tiles:
+        fa4, fa4_status = None, "not run (--sweep-tiles)"
+    elif "bfloat16" not in dtypes:
+        fa4, fa4_status = None, "not run (no bf16 cache in this run)"
 
-    def record(impl: str, page: int, config: dict, us: float, **extra: Any) -> None:
-        tbps = kv_bytes / (us * 1e-6) / 1e12
-        results.append(
-            {
-                "impl": impl,
-                "page_size": page,
-                **config,
-                "median_us": round(us, 2),
-                "tb_per_s": round(tbps, 4),
-                "fraction_of_copy": round(tbps * 1e12 / copy_bps, 4),
-                **extra,
-            }
+    def progress(row: dict) -> None:
+        tiles = row.get("tiles")
+        shape = f" tiles {'/'.join(str(v) for v in tiles.values())}" if tiles else ""
+        figures = (
+            f"{row['median_us']:.1f} us, {row['tb_per_s']:.3f} TB/s "
+            f"= {row['fraction_of_copy']:.1%} of copy"
+            if "median_us" in row
+            else f"error {row['error'][:120]}"
+        )
+        errs = ", ".join(f"{k} {v:.2g}" for k, v in row.items() if k.startswith("rel_err"))
+        print(
+            f"[{time.perf_counter() - began:6.1f} s] {row['impl']} "
+            f"{row.get('kv_cache_dtype', 'bfloat16')} page {row['page_size']} "
+            f"splits {row['num_splits']}{shape}: {figures}" + (f" ({errs})" if errs else ""),
+            flush=True,
         )
 
-    def ours(pool: dict, num_splits: int | None, tiles: DecodeTiles) -> torch.Tensor:
+    def record(
+        impl: str, page: int, config: dict, us: float, dtype: str = "bfloat16", **extra: Any
+    ) -> dict:
+        tbps = kv_bytes[dtype] / (us * 1e-6) / 1e12
+        row = {
+            "impl": impl,
+            "kv_cache_dtype": dtype,
+            "page_size": page,
+            **config,
+            "median_us": round(us, 2),
+            "tb_per_s": round(tbps, 4),
+            "fraction_of_copy": round(tbps * 1e12 / copy_bps, 4),
+            **extra,
+        }
+        results.append(row)
+        progress(row)
+        return row
+
+    def ours(pool: dict, num_splits: int | None, tiles: DecodeTiles | None) -> torch.Tensor:
         return paged_decode_attention(
             pool["q"],
             pool["k"],
@@ -181,34 +279,118 @@ def run(args: argparse.Namespace) -> dict:
             scale,
             num_splits=num_splits,
             tiles=tiles,
+            kv_scales=pool.get("scales"),
         )
 
+    def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+        return float((out.float() - ref).norm() / ref.norm())
+
     def sweep_page(
-        page: int, configs: list[tuple[int | None, DecodeTiles]], with_fa4: bool
+        page: int,
+        configs: dict[str, list[tuple[int | None, DecodeTiles]]],
+        with_fa4: bool,
+        check: bool = True,
     ) -> None:
-        pools = [kv_pool(contexts, page, heads, dim, args.device) for _ in range(2)]
-        # Every page size's answer is checked against the torch twin before it is timed.
-        p = pools[0]
+        """Times `configs[dtype]` for each dtype at one page size, config by config (both dtypes
+        of a config back to back); `check` asserts the default config matches the twin."""
+        bf16_pools = [kv_pool(contexts, page, heads, dim, args.device) for _ in range(2)]
+        pools = {"bfloat16": bf16_pools}
+        if "fp8_e4m3" in configs:
+            pools["fp8_e4m3"] = [fp8_pool(p) for p in bf16_pools]
         starts = torch.arange(len(contexts) + 1, dtype=torch.int32, device=args.device)
-        ref = paged_attention_torch(
-            p["q"], p["k"], p["v"], starts, p["lens"], p["tables"], scale
-        ).float()
-        err = float((ours(p, None, DecodeTiles()).float() - ref).norm() / ref.norm())
-        assert err < 1e-2, f"triton decode differs from the twin at page {page}: {err:.3g}"
+        # The twin's answer for each timed dtype (bf16's is also FP8's "right" answer).
+        refs = {}
+        for dtype in ["bfloat16", *configs]:
+            p = pools[dtype][0]
+            if dtype not in refs:
+                refs[dtype] = paged_attention_torch(
+                    p["q"],
+                    p["k"],
+                    p["v"],
+                    starts,
+                    p["lens"],
+                    p["tables"],
+                    scale,
+                    kv_scales=p.get("scales"),
+                ).float()
+        # Every page size's answer is checked against the torch twin before it is timed.
+        for dtype in configs:
+            out = ours(pools[dtype][0], None, DecodeTiles())
+            err = rel_err(out, refs[dtype])
+            if check:
+                assert err < TWIN_TOLERANCE[dtype], (
+                    f"triton decode ({dtype}) differs from the twin at page {page}: {err:.3g}"
+                )
+            twin_errors[dtype][page] = round(err, 5)
+            if dtype == "fp8_e4m3":
+                fp8_vs_bf16_errors[page] = round(rel_err(out, refs["bfloat16"]), 5)
         auto, _ = choose_num_splits(
-            len(contexts), heads, p["tables"].shape[1] * page, sm_count(p["q"].device)
+            len(contexts),
+            heads,
+            bf16_pools[0]["tables"].shape[1] * page,
+            sm_count(bf16_pools[0]["q"].device),
         )
-        for num_splits, tiles in configs:
-            us = median_us(tuple(partial(ours, p, num_splits, tiles) for p in pools), runs, cuda)
+        ordered = list(
+            dict.fromkeys(c for dtype_configs in configs.values() for c in dtype_configs)
+        )
+        for num_splits, tiles in ordered:
             split_info = (
                 {"num_splits": num_splits}
                 if num_splits is not None
                 else {"num_splits": "auto", "auto_num_splits": auto}
             )
-            record("triton", page, {**split_info, "tiles": asdict(tiles)}, us)
-        twin_errors[page] = round(err, 5)
+            config = {**split_info, "tiles": asdict(tiles)}
+            bf16_us = None
+            for dtype in [d for d in configs if (num_splits, tiles) in configs[d]]:
+                row = time_config(dtype, page, config, pools[dtype], refs, num_splits, tiles)
+                if dtype == "bfloat16" and "median_us" in row:
+                    bf16_us = row["median_us"]
+                elif dtype == "fp8_e4m3" and "median_us" in row and bf16_us:
+                    row["time_ratio_vs_bf16"] = round(row["median_us"] / bf16_us, 4)
+                    print(f"    fp8 time / bf16 time {row['time_ratio_vs_bf16']}", flush=True)
         if with_fa4 and fa4 is not None and page in FA4_PAGE_SIZES:
-            sweep_fa4(page, pools)
+            sweep_fa4(page, bf16_pools)
+
+    def time_config(
+        dtype: str,
+        page: int,
+        config: dict,
+        dtype_pools: list[dict],
+        refs: dict,
+        num_splits: int | None,
+        tiles: DecodeTiles,
+    ) -> dict:
+        """One config: its first call (Triton compiles it there) checked against the twin,
+        then timed; a config that fails to compile or run is recorded with its error."""
+        try:
+            first = time.perf_counter()
+            out = ours(dtype_pools[0], num_splits, tiles)
+            if cuda:
+                torch.cuda.synchronize()
+            first_s = time.perf_counter() - first
+            errs = {"rel_err_vs_twin": round(rel_err(out, refs[dtype]), 5)}
+            if dtype == "fp8_e4m3":
+                errs["rel_err_vs_bf16"] = round(rel_err(out, refs["bfloat16"]), 5)
+            ok = errs["rel_err_vs_twin"] < TWIN_TOLERANCE[dtype] and (
+                errs.get("rel_err_vs_bf16", 0.0) < FP8_VS_BF16
+            )
+            us = median_us(
+                tuple(partial(ours, p, num_splits, tiles) for p in dtype_pools), runs, cuda
+            )
+        except Exception as exc:  # e.g. Triton's OutOfResources (shared memory) for big tiles
+            row = {
+                "impl": "triton",
+                "kv_cache_dtype": dtype,
+                "page_size": page,
+                **config,
+                "error": repr(exc)[:300],
+            }
+            results.append(row)
+            progress(row)
+            return row
+        return record(
+            "triton", page, config, us, dtype, **errs, ok=ok, first_call_s=round(first_s, 3)
+        )
 
     def sweep_fa4(page: int, pools: list[dict]) -> None:
         starts = torch.arange(len(contexts) + 1, dtype=torch.int32, device=args.device)
@@ -238,6 +420,7 @@ def run(args: argparse.Namespace) -> dict:
                 results.append(
                     {
                         "impl": "flash_attn_4",
+                        "kv_cache_dtype": "bfloat16",
                         "page_size": page,
                         "num_splits": num_splits,
                         "error": repr(exc)[:300],
@@ -252,53 +435,175 @@ def run(args: argparse.Namespace) -> dict:
                 rel_err_vs_triton=round(err, 5),
             )
 
-    for page in page_sizes:
-        sweep_page(page, [(s, DecodeTiles()) for s in splits], with_fa4=True)
-        if cuda:
-            torch.cuda.empty_cache()
-    best_split = min((r for r in results if r["impl"] == "triton"), key=lambda r: r["median_us"])
-    best_splits = None if best_split["num_splits"] == "auto" else best_split["num_splits"]
-    # Tile shapes only at the best page size and split count, to keep compile time in bounds.
-    more_tiles = [DecodeTiles(*t) for t in tiles_list if DecodeTiles(*t) != DecodeTiles()]
-    sweep_page(best_split["page_size"], [(best_splits, t) for t in more_tiles], with_fa4=False)
-
-    def best(impl: str) -> dict | str:
-        timed = [r for r in results if r["impl"] == impl and "median_us" in r]
+    def best(impl: str, dtype: str = "bfloat16") -> dict | str:
+        timed = [
+            r
+            for r in results
+            if r["impl"] == impl
+            and r.get("kv_cache_dtype", "bfloat16") == dtype
+            and "median_us" in r
+            and r.get("ok", True)
+        ]
         if timed:
             return min(timed, key=lambda r: r["median_us"])
         return fa4_status if impl == "flash_attn_4" else "unavailable"
 
-    best_ours, best_fa4 = best("triton"), best("flash_attn_4")
-    return {
-        "workload": "K1",
+    engine_choice = None
+    if args.sweep_tiles:
+        configs = [(1, DecodeTiles(*t)) for t in sweep_tiles]
+        configs += [(s, DecodeTiles()) for s in sweep_splits]
+        sweep_page(sweep_page_size, {d: configs for d in dtypes}, with_fa4=False, check=False)
+        # What the engine runs here (no split count, no tiles given), resolved as
+        # paged_decode_attention resolves it; its row is the grid's.
+        max_pages = max(-(-c // sweep_page_size) for c in contexts)
+        engine_splits, _ = choose_num_splits(
+            len(contexts), heads, max_pages * sweep_page_size, sm_count(torch.device(args.device))
+        )
+        engine_tiles = UNSPLIT_TILES if engine_splits == 1 else DecodeTiles()
+        engine_choice = {"num_splits": engine_splits, "tiles": asdict(engine_tiles)}
+    else:
+        for page in page_sizes:
+            sweep_page(
+                page, {d: [(s, DecodeTiles()) for s in splits] for d in dtypes}, with_fa4=True
+            )
+            if cuda:
+                torch.cuda.empty_cache()
+        # Tile shapes only at each dtype's best page size and split count, to keep compile
+        # time in bounds.
+        more_tiles = [DecodeTiles(*t) for t in tiles_list if DecodeTiles(*t) != DecodeTiles()]
+        by_page: dict[int, dict[str, list[tuple[int | None, DecodeTiles]]]] = {}
+        for dtype in dtypes:
+            best_split = best("triton", dtype)
+            if not isinstance(best_split, dict):
+                continue
+            best_splits = None if best_split["num_splits"] == "auto" else best_split["num_splits"]
+            by_page.setdefault(best_split["page_size"], {})[dtype] = [
+                (best_splits, t) for t in more_tiles
+            ]
+        for page, configs_by_dtype in by_page.items():
+            sweep_page(page, configs_by_dtype, with_fa4=False)
+
+    per_dtype = {}
+    for dtype in dtypes:
+        entry: dict[str, Any] = {
+            "kv_bytes": kv_bytes[dtype],
+            "bytes_read": BYTES_READ[dtype],
+            "best_triton": best("triton", dtype),
+            "rel_err_vs_twin_by_page": twin_errors[dtype],
+        }
+        if dtype == "fp8_e4m3":
+            entry["rel_err_vs_bf16_by_page"] = fp8_vs_bf16_errors
+        if engine_choice is not None:
+            entry["engine_choice"] = next(
+                (
+                    r
+                    for r in results
+                    if r.get("kv_cache_dtype") == dtype
+                    and r["num_splits"] == engine_choice["num_splits"]
+                    and r.get("tiles") == engine_choice["tiles"]
+                ),
+                "not in the grid",
+            )
+        entry["failed_configs"] = sum(
+            1 for r in results if r.get("kv_cache_dtype") == dtype and "error" in r
+        )
+        entry["rejected_configs"] = sum(
+            1 for r in results if r.get("kv_cache_dtype") == dtype and r.get("ok") is False
+        )
+        per_dtype[dtype] = entry
+
+    first = dtypes[0]
+    best_ours, best_fa4 = best("triton", first), best("flash_attn_4")
+    result = {
+        "workload": "K1-tiles" if args.sweep_tiles else "K1",
         "parameters": {
             "batch": len(contexts),
             "num_heads": heads * NUM_HEADS // NUM_KV_HEADS,
             "num_kv_heads": heads,
             "head_dim": dim,
             "dtype": "bfloat16",
+            "kv_cache_dtype": args.kv_cache_dtype,
+            "kv_cache_dtypes": dtypes,
+            "bytes_read": {d: BYTES_READ[d] for d in dtypes},
             "sum_context": sum(contexts),
             "runs_per_config": runs,
             "small": args.small,
             "pages": "scattered at random over the pool",
             "alternating_input_sets": 2,
+            "twin_tolerance": {d: TWIN_TOLERANCE[d] for d in dtypes},
         },
         "device": device_name,
         "commit": commit(),
         "torch": torch.__version__,
         "triton": triton.__version__,
-        "kv_bytes": kv_bytes,
+        # The first dtype's figures at the top level (bf16's unless the run is FP8 only).
+        "kv_bytes": kv_bytes[first],
         "copy_bandwidth_tb_per_s": round(copy_bps / 1e12, 4),
-        "triton_rel_err_vs_twin_by_page": twin_errors,
+        "triton_rel_err_vs_twin_by_page": twin_errors[first],
         "best_triton": best_ours,
         "best_flash_attn_4": best_fa4,
         "triton_speedup_over_flash_attn_4": (
             round(best_fa4["median_us"] / best_ours["median_us"], 3)
-            if isinstance(best_fa4, dict)
+            if isinstance(best_fa4, dict) and isinstance(best_ours, dict)
             else None
         ),
-        "configs": results,
+        "by_kv_cache_dtype": per_dtype,
     }
+    if "fp8_e4m3" in dtypes:
+        result["parameters"]["fp8_kv_cache"] = (
+            "e4m3 pages [num_blocks, block_size, Hkv, D] and fp32 scales [num_blocks, Hkv, "
+            "block_size] for K and for V, from the bf16 pool by fp8_kv.quantize_kv_torch"
+        )
+        result["parameters"]["fp8_tolerance_vs_bf16"] = FP8_VS_BF16
+    if args.sweep_tiles:
+        result["parameters"].update(
+            page_size=sweep_page_size,
+            tile_grid=[
+                dict(zip(("block_n", "num_warps", "num_stages"), t, strict=True))
+                for t in sweep_tiles
+            ],
+            unsplit_num_splits=1,
+            split_counts_with_default_tiles=sweep_splits,
+            engine_choice=engine_choice,
+        )
+    if len(dtypes) == 2:
+        bf16_best, fp8_best = (
+            per_dtype["bfloat16"]["best_triton"],
+            per_dtype["fp8_e4m3"]["best_triton"],
+        )
+        ratios = [r["time_ratio_vs_bf16"] for r in results if "time_ratio_vs_bf16" in r]
+        result["fp8_vs_bf16"] = {
+            "best_time_ratio": (
+                round(fp8_best["median_us"] / bf16_best["median_us"], 4)
+                if isinstance(fp8_best, dict) and isinstance(bf16_best, dict)
+                else None
+            ),
+            "ideal_time_ratio": round(kv_bytes["fp8_e4m3"] / kv_bytes["bfloat16"], 4),
+            "median_config_time_ratio": round(statistics.median(ratios), 4) if ratios else None,
+        }
+        if engine_choice is not None:
+            rows = [per_dtype[d]["engine_choice"] for d in dtypes]
+            result["fp8_vs_bf16"]["engine_choice_time_ratio"] = (
+                round(rows[1]["median_us"] / rows[0]["median_us"], 4)
+                if all(isinstance(r, dict) and "median_us" in r for r in rows)
+                else None
+            )
+    if args.sweep_tiles:  # for the results table's generic row
+        result["figures"] = {
+            f"{d}_best_fraction_of_copy": (
+                per_dtype[d]["best_triton"]["fraction_of_copy"]
+                if isinstance(per_dtype[d]["best_triton"], dict)
+                else None
+            )
+            for d in dtypes
+        }
+        if "fp8_vs_bf16" in result:
+            result["figures"]["fp8_best_time_ratio_vs_bf16"] = result["fp8_vs_bf16"][
+                "best_time_ratio"
+            ]
+        result["figures"]["copy_bandwidth_tb_per_s"] = result["copy_bandwidth_tb_per_s"]
+    result["configs"] = results
+    return result
 
 
 def summary(result: dict) -> str:
@@ -315,12 +620,29 @@ def summary(result: dict) -> str:
             f"splits {best['num_splits']}{tiles})"
         )
 
-    return (
-        f"K1 on {result['device']} @ {result['commit']}: copy "
+    dtypes = result["parameters"].get("kv_cache_dtypes", ["bfloat16"])
+    text = (
+        f"{result['workload']} on {result['device']} @ {result['commit']}: copy "
         f"{result['copy_bandwidth_tb_per_s']:.3f} TB/s; "
-        f"triton {describe(result['best_triton'])}; "
-        f"flash-attn 4 {describe(result['best_flash_attn_4'])}"
     )
+    by_dtype = result.get("by_kv_cache_dtype", {})
+    if dtypes == ["bfloat16"]:
+        text += f"triton {describe(result['best_triton'])}"
+    else:
+        text += "; ".join(
+            f"triton {d} cache {describe(by_dtype[d]['best_triton'])}" for d in dtypes
+        )
+    if result["workload"] == "K1":
+        text += f"; flash-attn 4 {describe(result['best_flash_attn_4'])}"
+    if "fp8_vs_bf16" in result:
+        ratios = result["fp8_vs_bf16"]
+        text += (
+            f"; fp8 time / bf16 time: best {ratios['best_time_ratio']}, config median "
+            f"{ratios['median_config_time_ratio']} (bytes {ratios['ideal_time_ratio']})"
+        )
+        if "engine_choice_time_ratio" in ratios:
+            text += f", engine's choice {ratios['engine_choice_time_ratio']}"
+    return text
 
 
 def main() -> None:
@@ -328,6 +650,22 @@ def main() -> None:
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--small", action="store_true", help="tiny shapes (for --device cpu)")
     parser.add_argument("--runs", type=int, default=50, help="timed runs per config (>= 40)")
+    parser.add_argument(
+        "--kv-cache-dtype",
+        choices=list(KV_CACHE_DTYPES),
+        default="auto",
+        help="auto: the bf16 cache (as before); fp8_e4m3: the engine's FP8 cache; both: each "
+        "config in bf16 and FP8 back to back, with FP8's time over bf16's",
+    )
+    parser.add_argument(
+        "--sweep-tiles",
+        action="store_true",
+        help="instead of the page-size sweep: the unsplit kernel over a grid of tile shapes "
+        f"{SWEEP_TILES[0]}..{SWEEP_TILES[-1]} and splits {SWEEP_SPLITS} with default tiles",
+    )
+    parser.add_argument(
+        "--page-size", type=int, default=SWEEP_PAGE_SIZE, help="KV page size of --sweep-tiles"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     if args.device == "cpu":
@@ -340,8 +678,10 @@ def main() -> None:
         parser.error("K1 takes the median of at least 40 runs")
     result = run(args)
     slug = re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")
+    tag = {"auto": "", "fp8_e4m3": "-fp8-e4m3", "both": "-bf16-and-fp8-e4m3"}
+    name = "k1-tiles" if args.sweep_tiles else "k1"
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"k1-{slug}-{result['commit']}.json"
+    path = args.out / f"{name}{tag[args.kv_cache_dtype]}-{slug}-{result['commit']}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(summary(result))
     print(f"wrote {path}")

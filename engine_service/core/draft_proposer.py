@@ -91,16 +91,23 @@ class DraftProposer:
         logits, _ = self.runner.execute(catch_up)
         guesses = [logits.argmax(dim=-1)]
         passes = [list(range(len(views)))]  # each pass's rows, as indices into views
+        decode = all(c.num_tokens == 1 for c in catch_up) and len(views) == len(catch_up)
         for j in range(1, max((ks[i] for i in rows), default=0)):
             previous = {v: n for n, v in enumerate(passes[-1])}
             live = [v for v in passes[-1] if ks[rows[v]] > j]
             if not live:
                 break
-            for v in live:
-                views[v].num_pending_tokens = j
-            chunks = [_DraftChunk(views[v], len(views[v].token_ids) + j - 1, 1) for v in live]
-            logits, _ = self.runner.execute(chunks, PendingTokens(
-                guesses[-1], list(range(len(live))), [previous[v] for v in live]))
+            if decode and len(live) == len(passes[-1]):
+                # The same sequences one token further: the inputs advance on the device.
+                logits = self.runner.execute_next_decode(guesses[-1])
+            else:
+                for v in live:
+                    views[v].num_pending_tokens = j
+                chunks = [_DraftChunk(views[v], len(views[v].token_ids) + j - 1, 1)
+                          for v in live]
+                logits, _ = self.runner.execute(chunks, PendingTokens(
+                    guesses[-1], list(range(len(live))), [previous[v] for v in live]))
+                decode = True
             guesses.append(logits.argmax(dim=-1))
             passes.append(live)
         host = [g.tolist() for g in guesses]

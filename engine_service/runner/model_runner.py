@@ -104,6 +104,8 @@ class ModelRunner:
         self.channel = StepChannel(self.tp, self.inputs)
         # Rank 0 owns the other ranks' processes (set by the engine builder).
         self.rank_processes: RankProcesses | None = None
+        # The last decode step executed, for `execute_next_decode`.
+        self._last_decode: tuple[StepBatch, bool] | None = None
         self.graphs: StepGraphs | None = None  # decode steps, by batch size
         self.varlen_graphs: StepGraphs | None = None  # other steps, by token count
         self.num_blocks = 0
@@ -239,9 +241,34 @@ class ModelRunner:
             sources = upload(pending.sources, torch.int64, self.device)
             batch.input_ids.index_copy_(0, rows, pending.tokens[sources].to(torch.int32))
         self.channel.publish(Op.STEP, step_args(batch.layout, graphed), batch.layout)
+        self._last_decode = (batch, graphed) if batch.layout.decode else None
         logits, scores = self._forward(batch, graphed, scoring)
         assert logits is not None, "only rank 0 executes scheduled chunks"
         return logits, scores
+
+    @torch.inference_mode()
+    def execute_next_decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The decode step after the last one `execute` ran (a decode step), each sequence one
+        token further, its input `tokens` [num_seqs] (on the device): logits as `execute`'s.
+
+        The inputs advance on the device (positions, sequence lengths, slots from the block
+        tables, which must already hold the new positions' pages), so a run of decode steps
+        needs no host work and no sync between them: a draft model's guesses. Rank 0 alone
+        (no collective is published).
+        """
+        assert self._last_decode is not None and self.tp.size == 1
+        batch, graphed = self._last_decode
+        n, bs = batch.num_seqs, self.block_size
+        meta = batch.attention
+        batch.input_ids[:n] = tokens.to(torch.int32)
+        batch.positions[:n] += 1
+        meta.seq_lens[:n] += 1
+        positions = batch.positions[:n].to(torch.int64)
+        pages = meta.block_tables[:n].gather(1, (positions // bs)[:, None])[:, 0]
+        meta.slot_mapping[:n] = (pages * bs + positions % bs).to(torch.int32)
+        logits, _ = self._forward(batch, graphed)
+        assert logits is not None
+        return logits
 
     def _forward(self, batch: StepBatch, graphed: bool, scoring: PromptScoring | None = None
                  ) -> tuple[torch.Tensor | None, PromptScores | None]:
