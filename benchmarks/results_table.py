@@ -235,6 +235,8 @@ def configuration(workload: str, record: dict) -> tuple[str, tuple[str, ...]]:
             label += f", {shape[0]} prompt / {shape[1]} output tokens"
     elif workload == "K1":
         label = "small shapes" if p.get("small") else "default"
+        if p.get("kv_cache_dtype") not in (None, "auto", "bfloat16"):
+            label += f", KV cache {p['kv_cache_dtype']}"
     elif workload == "router-throughput":
         label = _router_throughput_configuration(p)
     else:
@@ -380,6 +382,13 @@ def _k1(r: dict, _part: str) -> str:
         )
     elif fa4:
         text += f"; flash-attn 4: {fa4}"
+    fp8 = r.get("by_kv_cache_dtype", {}).get("fp8_e4m3", {}).get("best_triton")
+    if isinstance(fp8, dict):
+        text += (
+            f"; e4m3 cache {fp8.get('tb_per_s', 0):.2f} TB/s = "
+            f"{_pct(fp8.get('fraction_of_copy'))} of copy bandwidth on the bytes it reads "
+            f"({fp8.get('median_us')} us)"
+        )
     return text
 
 
