@@ -106,6 +106,13 @@ class EngineConfig:
         10.0, "a request's structured output constraint still compiling after this long fails "
               "with DEADLINE_EXCEEDED (compiling never holds up the step loop)",
         low=0, exclusive_low=True, high=3600)
+    structured_output_backend: str = setting(
+        "auto", "library that masks structured output: auto (llguidance checks every "
+                "constraint; xgrammar, whose masks are faster, serves the JSON schemas, JSON "
+                "objects, regexes and choices it enforces in full; llguidance the rest), "
+                "llguidance, or xgrammar (for all but Lark grammars, which are llguidance's; "
+                "refuses schema keywords it does not enforce)",
+        choices=("auto", "llguidance", "xgrammar"))
 
     speculative_method: str = setting(
         "none", "speculative decoding: ngram (prompt lookup over the request's own tokens) or "

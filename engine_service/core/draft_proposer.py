@@ -17,7 +17,10 @@ values). That costs a draft prefill, never correctness, since the target verifie
 
 from dataclasses import dataclass, field
 
+import torch
+
 from llmserve.engine_service.core.sequence import Sequence
+from llmserve.engine_service.core.speculator import Drafts
 from llmserve.engine_service.runner.model_runner import ModelRunner, PendingTokens
 
 
@@ -52,12 +55,12 @@ class _Proposed:
 
     num_computed: int  # positions with the draft's KV, if the target kept the guesses
     first: int  # where the guesses start in the sequence
-    guesses: list[int]
+    accepted: int = 0  # guesses the target kept (told by `verified`)
 
 
 class DraftProposer:
     """Proposes with a draft model's runner (its KV pool allocated with the target's block
-    count); greedy guesses."""
+    count); greedy guesses, left on the device for the verifying step."""
 
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
@@ -67,8 +70,13 @@ class DraftProposer:
     def forget(self, seq: Sequence) -> None:
         self._proposed.pop(seq, None)
 
-    def propose(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
-        drafts: list[list[int]] = [[] for _ in seqs]
+    def verified(self, seq: Sequence, accepted: int) -> None:
+        proposed = self._proposed.get(seq)
+        if proposed is not None:
+            proposed.accepted = accepted
+
+    def propose(self, seqs: list[Sequence], ks: list[int]) -> Drafts:
+        lengths = [0] * len(seqs)
         views: list[_DraftView] = []
         rows: list[int] = []  # the sequence of each view (each view guesses)
         catch_up, budget = [], self.max_tokens
@@ -85,51 +93,49 @@ class DraftProposer:
                 views.append(view)
                 rows.append(i)
             else:
-                self._proposed[seq] = _Proposed(start + count, len(seq.token_ids), [])
-        if not catch_up:
-            return drafts
+                self._proposed[seq] = _Proposed(start + count, len(seq.token_ids))
+        k = max((ks[i] for i in rows), default=0)
+        if not catch_up or not k:
+            return Drafts(lengths, values=[[] for _ in seqs])
         logits, _ = self.runner.execute(catch_up)
-        guesses = [logits.argmax(dim=-1)]
-        passes = [list(range(len(views)))]  # each pass's rows, as indices into views
+        tokens = torch.zeros(len(seqs), k, dtype=torch.int64, device=logits.device)
+        guess = logits.argmax(dim=-1)
+        on_device = torch.as_tensor(rows, device=logits.device)
+        tokens[on_device, 0] = guess
+        live = list(range(len(views)))  # the last pass's rows, as indices into views
         decode = all(c.num_tokens == 1 for c in catch_up) and len(views) == len(catch_up)
-        for j in range(1, max((ks[i] for i in rows), default=0)):
-            previous = {v: n for n, v in enumerate(passes[-1])}
-            live = [v for v in passes[-1] if ks[rows[v]] > j]
-            if not live:
+        for j in range(1, k):
+            previous = {v: n for n, v in enumerate(live)}
+            still = [v for v in live if ks[rows[v]] > j]
+            if not still:
                 break
-            if decode and len(live) == len(passes[-1]):
+            if decode and len(still) == len(live):
                 # The same sequences one token further: the inputs advance on the device.
-                logits = self.runner.execute_next_decode(guesses[-1])
+                logits = self.runner.execute_next_decode(guess)
             else:
-                for v in live:
+                for v in still:
                     views[v].num_pending_tokens = j
                 chunks = [_DraftChunk(views[v], len(views[v].token_ids) + j - 1, 1)
-                          for v in live]
+                          for v in still]
                 logits, _ = self.runner.execute(chunks, PendingTokens(
-                    guesses[-1], list(range(len(live))), [previous[v] for v in live]))
+                    guess, list(range(len(still))), [previous[v] for v in still]))
                 decode = True
-            guesses.append(logits.argmax(dim=-1))
-            passes.append(live)
-        host = [g.tolist() for g in guesses]
-        for j, live in enumerate(passes):
-            for n, v in enumerate(live):
-                drafts[rows[v]].append(host[j][n])
+                on_device = torch.as_tensor([rows[v] for v in still], device=logits.device)
+            guess = logits.argmax(dim=-1)
+            tokens[on_device, j] = guess
+            live = still
         for i in rows:
             seq = seqs[i]
+            lengths[i] = ks[i]
             # The catch-up computed up to the last known token, each later pass one guess.
-            self._proposed[seq] = _Proposed(len(seq.token_ids) + len(drafts[i]) - 1,
-                                            len(seq.token_ids), drafts[i])
-        return drafts
+            self._proposed[seq] = _Proposed(len(seq.token_ids) + ks[i] - 1, len(seq.token_ids))
+        return Drafts(lengths, tokens=tokens)
 
     def _num_valid(self, seq: Sequence) -> int:
         """Positions of `seq` whose draft KV holds its tokens: up to what the draft computed,
-        cut at the first guess the target did not keep."""
+        cut after the guesses the target kept."""
         proposed = self._proposed.get(seq)
         if proposed is None:
             return 0
-        kept = 0
-        for guess, token in zip(proposed.guesses, seq.token_ids[proposed.first :], strict=False):
-            if guess != token:
-                break
-            kept += 1
-        return min(proposed.num_computed, proposed.first + kept, len(seq.token_ids) - 1)
+        return min(proposed.num_computed, proposed.first + proposed.accepted,
+                   len(seq.token_ids) - 1)

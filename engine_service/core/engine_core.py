@@ -21,7 +21,11 @@ from llmserve.engine_service.core.structured_output import (
     terminated,
 )
 from llmserve.engine_service.runner.logits_processors import LogitsProcessors
-from llmserve.engine_service.runner.model_runner import ModelRunner, PendingTokens
+from llmserve.engine_service.runner.model_runner import (
+    DeviceDrafts,
+    ModelRunner,
+    PendingTokens,
+)
 from llmserve.engine_service.runner.prompt_logprobs import PromptScores, prompt_scoring
 from llmserve.engine_service.runner.sampler import Sampler, SamplingBatch
 from llmserve.engine_service.seam import (
@@ -63,6 +67,7 @@ class StepInFlight:
     batch: SamplingBatch
     deferrable: bool
     prompt: PromptScores | None = None  # the prompt logprobs it scored
+    drafts: DeviceDrafts | None = None  # guesses it verified that the host has not read
     host: torch.Tensor | None = None
     copied: torch.cuda.Event | None = None
     outputs: "list[RequestOutput] | None" = None  # once read (`EngineCore._complete`)
@@ -276,10 +281,11 @@ class EngineCore:
             # Its recompute refills the slot from its tokens (nothing is pending: a step beside
             # one in flight preempts nothing).
             self._release(seq)
+        drafts = None
         if self.speculator is not None and plan.chunks:
-            self.speculator.attach_drafts(plan.chunks, self.scheduler)
+            drafts = self.speculator.attach_drafts(plan.chunks, self.scheduler)
         previous, self._in_flight = self._in_flight, None
-        launched = self._launch(plan.chunks, previous) if plan.chunks else None
+        launched = self._launch(plan.chunks, previous, drafts) if plan.chunks else None
         if previous is not None:
             outputs += self._complete(previous)
         if launched is not None:
@@ -289,8 +295,8 @@ class EngineCore:
                 outputs += self._complete(launched)
         return outputs
 
-    def _launch(self, chunks: list[ScheduledChunk], previous: "StepInFlight | None"
-                ) -> "StepInFlight":
+    def _launch(self, chunks: list[ScheduledChunk], previous: "StepInFlight | None",
+                drafts: DeviceDrafts | None = None) -> "StepInFlight":
         """Runs the model and draws tokens on the device; reads nothing back."""
         pending = None
         if previous is not None:
@@ -302,7 +308,7 @@ class EngineCore:
         # A plain attribute test per chunk: a step where nobody asks costs no more.
         scoring = (prompt_scoring(chunks)
                    if any(c.seq.prompt_logprobs is not None for c in chunks) else None)
-        logits, prompt = self.runner.execute(chunks, pending, scoring)
+        logits, prompt = self.runner.execute(chunks, pending, scoring, drafts)
         self.num_computed_tokens_total += sum(c.num_tokens for c in chunks)
         for chunk in chunks:
             self.scheduler.advance(chunk)
@@ -331,7 +337,7 @@ class EngineCore:
                       and (self.speculator is None
                            or not self.speculator.wants_sync(sampling, self.scheduler)))
         step = StepInFlight(chunks, sampling, tokens, logits if not deferrable else None, batch,
-                            deferrable, prompt)
+                            deferrable, prompt, drafts)
         if deferrable:
             step.copy_to_host()
             for chunk in sampling:
@@ -348,6 +354,8 @@ class EngineCore:
         if step.outputs is not None:
             return step.outputs
         token_list = step.read_tokens()
+        if step.drafts is not None:
+            Speculator.read_drafts(step.chunks, step.drafts)
         logprobs: list[TokenLogprobs | None] = [None] * len(token_list)
         if step.logits is not None:
             logprobs = self.sampler.logprobs(step.logits, token_list, step.batch.num_logprobs)
@@ -419,6 +427,8 @@ class EngineCore:
         seq = chunk.seq
         seq.num_computed_tokens = len(seq.token_ids) - 1
         self.scheduler.kv_cache.publish(seq, chunk.start, seq.num_computed_tokens)
+        assert self.speculator is not None
+        self.speculator.proposer.verified(seq, accepted)
         seq.num_spec_proposed += len(chunk.draft)
         seq.num_spec_accepted += accepted
         self.num_spec_proposed_total += len(chunk.draft)

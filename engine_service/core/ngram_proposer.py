@@ -9,6 +9,7 @@ verification keeps the output exact whatever it is.
 import numpy as np
 
 from llmserve.engine_service.core.sequence import Sequence
+from llmserve.engine_service.core.speculator import Drafts
 
 
 class NgramProposer:
@@ -18,8 +19,12 @@ class NgramProposer:
     def __init__(self, min_n: int, max_n: int) -> None:
         self.min_n, self.max_n = min_n, max_n
 
-    def propose(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
-        return [self.lookup(seq.token_ids, k) for seq, k in zip(seqs, ks, strict=True)]
+    def propose(self, seqs: list[Sequence], ks: list[int]) -> Drafts:
+        values = [self.lookup(seq.token_ids, k) for seq, k in zip(seqs, ks, strict=True)]
+        return Drafts([len(v) for v in values], values=values)
+
+    def verified(self, seq: Sequence, accepted: int) -> None:
+        """Keeps nothing per sequence."""
 
     def forget(self, seq: Sequence) -> None:
         """Keeps nothing per sequence."""

@@ -12,16 +12,34 @@ with a one-point proposal: a guess is kept with the target's probability of it, 
 position draws from the target's distribution without it.
 """
 
+from dataclasses import dataclass
 from typing import Protocol
+
+import torch
 
 from llmserve.engine_service.config import EngineConfig
 from llmserve.engine_service.core.scheduler import ScheduledChunk, Scheduler
 from llmserve.engine_service.core.sequence import Sequence
+from llmserve.engine_service.runner.model_runner import DeviceDrafts
+
+
+@dataclass
+class Drafts:
+    """A proposer's guesses, lengths[i] for the i-th sequence asked: known on the host
+    (`values`), or still on the device (`tokens` [n, max length]: the verifying step reads them
+    there, and the host reads them with its picks, so no sync comes between the two)."""
+
+    lengths: list[int]
+    values: list[list[int]] | None = None
+    tokens: torch.Tensor | None = None
 
 
 class Proposer(Protocol):
-    def propose(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
+    def propose(self, seqs: list[Sequence], ks: list[int]) -> Drafts:
         """Up to ks[i] tokens to follow each sequence's tokens (all known: none pending)."""
+
+    def verified(self, seq: Sequence, accepted: int) -> None:
+        """The sequence kept the first `accepted` tokens of its last draft."""
 
     def forget(self, seq: Sequence) -> None:
         """The sequence lost its KV blocks (preempted) or ended."""
@@ -59,26 +77,40 @@ class Speculator:
         every token read first (no step may stay in flight)."""
         return self.active(scheduler) and any(self.speculates(c.seq) for c in chunks)
 
-    def attach_drafts(self, chunks: list[ScheduledChunk], scheduler: Scheduler) -> None:
+    def attach_drafts(self, chunks: list[ScheduledChunk], scheduler: Scheduler
+                      ) -> DeviceDrafts | None:
         """Proposes for each eligible chunk and appends its draft to it: the chunk then computes
         the draft's tokens too. A draft never preempts anything: one the pool or the step's
-        token budget has no room for is cut or left out."""
+        token budget has no room for is cut or left out. Guesses still on the device come back
+        as the step's `DeviceDrafts` (their chunks hold stand-ins until `read_drafts`)."""
         if not self.active(scheduler):
-            return
+            return None
         budget = self.config.max_num_batched_tokens - sum(c.num_tokens for c in chunks)
-        wanted: list[tuple[ScheduledChunk, int]] = []
-        for chunk in chunks:
+        wanted: list[tuple[int, int]] = []  # (chunk index, most tokens)
+        for r, chunk in enumerate(chunks):
             k = min(self._num_draft_tokens(chunk), budget)
             # The draft's KV slots first: a draft model writes them while proposing.
             if k > 0 and scheduler.kv_cache.grow(chunk.seq, chunk.start + chunk.num_tokens + k):
-                wanted.append((chunk, k))
+                wanted.append((r, k))
                 budget -= k
         if not wanted:
-            return
-        drafts = self.proposer.propose([c.seq for c, _ in wanted], [k for _, k in wanted])
-        for (chunk, k), draft in zip(wanted, drafts, strict=True):
-            chunk.draft = draft[:k]
-            chunk.num_tokens += len(chunk.draft)
+            return None
+        drafts = self.proposer.propose([chunks[r].seq for r, _ in wanted], [k for _, k in wanted])
+        lengths = [min(n, k) for n, (_, k) in zip(drafts.lengths, wanted, strict=True)]
+        for i, ((r, _), n) in enumerate(zip(wanted, lengths, strict=True)):
+            chunk = chunks[r]
+            chunk.draft = drafts.values[i][:n] if drafts.values is not None else [-1] * n
+            chunk.num_tokens += n
+        if drafts.tokens is None:
+            return None
+        return DeviceDrafts(drafts.tokens, [r for r, _ in wanted], lengths)
+
+    @staticmethod
+    def read_drafts(chunks: list[ScheduledChunk], drafts: DeviceDrafts) -> None:
+        """Fills in the drafts' tokens from the device (after the step that verified them)."""
+        for r, n, values in zip(drafts.rows, drafts.lengths, drafts.tokens.tolist(),
+                                strict=True):
+            chunks[r].draft[:] = values[:n]
 
     def _num_draft_tokens(self, chunk: ScheduledChunk) -> int:
         seq = chunk.seq

@@ -1,20 +1,28 @@
 """Structured output in the engine core: each constrained request's grammar, compiled off the step
 loop, and the matcher that masks every token its sequence draws.
 
-The library is llguidance (docs/structured-output.md says why, with the measurements). Its token
-vocabulary is built once from the checkpoint's own tokenizer.json, sized to the model's logits.
+Two libraries can do the work, each behind the same small interface (a backend: compile a
+constraint into a `Matcher`, fill bitmask rows for a batch of its matchers): llguidance
+(core/grammar_llguidance.py) and xgrammar (core/grammar_xgrammar.py). `--structured-output-backend`
+picks one per engine; `auto`, the default, lets llguidance check every constraint (so refusals
+and their messages do not depend on the backend) and serves the masks with xgrammar wherever
+xgrammar enforces the whole constraint, which fills masks several times faster; `grammar` (Lark)
+is always llguidance's (docs/structured-output.md says why, with the measurements). Each
+backend's token vocabulary is built once from the checkpoint's own tokenizer.json, sized to the
+model's logits.
 
 A request with a constraint is not scheduled until its grammar is compiled: `submit` hands the
-compilation to a small thread pool (llguidance releases the GIL while it builds a grammar, so
-the step loop keeps running beside it) and `poll`, called by every step, admits what has
+compilation to a small thread pool (both libraries release the GIL while they build a grammar,
+so the step loop keeps running beside it) and `poll`, called by every step, admits what has
 compiled and refuses what failed (INVALID_ARGUMENT, with the library's message) or is still
-compiling past `structured_output_compile_timeout_s` (DEADLINE_EXCEEDED). llguidance cannot be
-interrupted, but it bounds its own work (`LIMITS`: lexer fuel, grammar size, Earley items per
-step), so a thread that outlives its request's deadline still ends, and caches its result.
+compiling past `structured_output_compile_timeout_s` (DEADLINE_EXCEEDED). Neither library can be
+interrupted; llguidance bounds its own work (lexer fuel, grammar size, Earley items per step),
+and xgrammar is given only constraints it compiles in bounded time (a nesting limit), so a
+thread that outlives its request's deadline still ends, and caches its result.
 
 Compiled grammars are cached in an LRU keyed by (kind, text): a request for a cached one gets a
-copy of its matcher at once (a copy costs microseconds and shares the lexer states the others
-have built). A burst of requests for one new grammar compiles it once. Failures are cached too.
+copy of its matcher at once. A burst of requests for one new grammar compiles it once. Failures
+are cached too.
 
 Each step, the rows that sample for a constrained sequence get their next-token bitmask filled
 on the host (`fill_bitmask`, in parallel over rows), which the sampler applies to the logits
@@ -25,26 +33,25 @@ with FINISH_REASON_STOP.
 
 import contextlib
 import json
-import os
 import socket
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
-import llguidance
 import structlog
 import torch
 
+from llmserve.engine_service.core import grammar_llguidance
 from llmserve.engine_service.seam import EngineRequest, StructuredOutputSpec
 
 log = structlog.get_logger(__name__)
 
-# llguidance's defaults, with short errors: they go back to the caller, and the verbose ones
-# carry the parser's state and the whole grammar.
-LIMITS = llguidance.LLParserLimits(verbose_errors=False)
+BACKENDS = ("auto", "llguidance", "xgrammar")
 CACHE_SIZE = 256
 COMPILE_THREADS = 2
 # The most of a library message a refusal quotes.
@@ -52,7 +59,32 @@ MAX_MESSAGE_CHARS = 1000
 
 FIELD = "sampling.structured_output"
 
-Matcher = llguidance.LLMatcher
+
+class Matcher(Protocol):
+    """A constraint's state for one sequence (llguidance's `LLMatcher` is one as it is; the
+    xgrammar backend wraps its own)."""
+
+    def deep_copy(self) -> "Matcher": ...
+    def consume_token(self, token: int) -> bool: ...
+    def consume_tokens(self, tokens: list[int]) -> bool: ...
+    def rollback(self, num_tokens: int) -> object: ...
+    def is_stopped(self) -> bool: ...
+    def is_error(self) -> bool: ...
+    def get_error(self) -> str: ...
+
+
+class Backend(Protocol):
+    """A library's side: its vocabulary of the model (built by the constructor), compilation
+    (`schema`: a JSON schema's, parsed; raises ValueError or the library's own exceptions, with
+    a message fit to quote) and the
+    masks of a batch of its matchers, into the given rows of a host int32 bitmask (bit `t % 32`
+    of word `t // 32`: 1 = allowed)."""
+
+    name: str
+
+    def compile(self, kind: str, text: str | tuple[str, ...], schema: object) -> Matcher: ...
+    def owns(self, matcher: object) -> bool: ...
+    def fill(self, matchers: Sequence, bitmask: torch.Tensor, rows: Sequence[int]) -> None: ...
 
 
 class StructuredOutputError(Exception):
@@ -68,38 +100,46 @@ def _quoted(message: str) -> str:
     return message if len(message) <= MAX_MESSAGE_CHARS else message[:MAX_MESSAGE_CHARS] + "..."
 
 
-def grammar_of(spec: StructuredOutputSpec) -> str:
-    """The llguidance grammar for a constraint; raises StructuredOutputError for a JSON schema
-    that is not JSON (the library's own checks come when the matcher is built)."""
+def validate(spec: StructuredOutputSpec) -> object:
+    """The checks every backend's compilation starts with: a JSON schema must be a JSON object
+    (or true/false), returned parsed (None for the other kinds); raises StructuredOutputError
+    (the libraries' own checks come when they compile)."""
     kind, text = spec.kind, spec.spec
-    if kind == "json_schema":
-        assert isinstance(text, str)
-        try:
-            schema = json.loads(text)
-        except ValueError as exc:
-            raise StructuredOutputError(f"{FIELD}.json_schema: not valid JSON: {exc}") from exc
-        if not isinstance(schema, dict | bool):
-            raise StructuredOutputError(
-                f"{FIELD}.json_schema: a schema is a JSON object (or true/false), not "
-                f"{type(schema).__name__}")
-        return Matcher.grammar_from_json_schema(text)
-    if kind == "json_object":
-        return Matcher.grammar_from_json_schema('{"type": "object"}')
-    if kind == "regex":
-        assert isinstance(text, str)
-        return Matcher.grammar_from_regex(text)
-    if kind == "grammar":
-        assert isinstance(text, str)
-        return Matcher.grammar_from_lark(text)
-    if kind == "choice":
-        # Lark string literals take JSON's escapes.
-        return Matcher.grammar_from_lark(
-            "start: " + " | ".join(json.dumps(choice, ensure_ascii=False) for choice in text))
-    raise StructuredOutputError(f"{FIELD}: unknown kind {kind!r}")
+    if kind not in ("json_schema", "json_object", "regex", "grammar", "choice"):
+        raise StructuredOutputError(f"{FIELD}: unknown kind {kind!r}")
+    if kind != "json_schema":
+        return None
+    assert isinstance(text, str)
+    try:
+        schema = json.loads(text)
+    except ValueError as exc:
+        raise StructuredOutputError(f"{FIELD}.json_schema: not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise StructuredOutputError(f"{FIELD}.json_schema: nests too deep to read") from exc
+    if not isinstance(schema, dict | bool):
+        raise StructuredOutputError(
+            f"{FIELD}.json_schema: a schema is a JSON object (or true/false), not "
+            f"{type(schema).__name__}")
+    return schema
 
 
 def field_of(spec: StructuredOutputSpec) -> str:
     return f"{FIELD}.{spec.kind}" + (".choices" if spec.kind == "choice" else "")
+
+
+def _llguidance(tokenizer_path: Path, vocab_size: int, eos: tuple[int, ...]) -> Backend:
+    return grammar_llguidance.LLGuidanceBackend(tokenizer_path, vocab_size, eos)
+
+
+def _xgrammar(tokenizer_path: Path, vocab_size: int, eos: tuple[int, ...]) -> Backend:
+    # Imported on first use: xgrammar loads torch's and transformers' Python side (seconds).
+    from llmserve.engine_service.core import grammar_xgrammar
+
+    return grammar_xgrammar.XGrammarBackend(tokenizer_path, vocab_size, eos)
+
+
+BUILDERS: dict[str, Callable[[Path, int, tuple[int, ...]], Backend]] = {
+    "llguidance": _llguidance, "xgrammar": _xgrammar}
 
 
 @dataclass
@@ -113,84 +153,123 @@ class StructuredOutputs:
     """The core's structured-output side: compilation, the grammar cache and the step masks.
 
     Everything but the compilation runs on the core's thread. Threads start on first use.
+    `backend` is one of BACKENDS (the engine's --structured-output-backend).
     """
 
     def __init__(self, tokenizer_path: Path, vocab_size: int, eos_token_ids: tuple[int, ...],
-                 timeout_s: float, pin_memory: bool = False) -> None:
+                 timeout_s: float, pin_memory: bool = False, backend: str = "auto") -> None:
         self.tokenizer_path = tokenizer_path
         self.vocab_size = vocab_size
         self.eos_token_ids = eos_token_ids
         self.timeout_s = timeout_s
         self.pin_memory = pin_memory
+        self.backend = backend
         self.words = (vocab_size + 31) // 32
-        self._tokenizer: llguidance.LLTokenizer | None = None
-        self._tokenizer_error: str | None = None
-        self._lock = threading.Lock()  # the cache, the compilations in flight, the tokenizer
+        self._lock = threading.Lock()  # the cache, the compilations in flight, the backends
+        self._backends: dict[str, Backend | StructuredOutputError] = {}
+        self._building: dict[str, threading.Lock] = {name: threading.Lock() for name in BUILDERS}
         self._cache: OrderedDict[tuple, Matcher | StructuredOutputError] = OrderedDict()
         self._compiling: dict[tuple, Future[Matcher]] = {}
         self._jobs: dict[str, _Job] = {}
         self._pool: ThreadPoolExecutor | None = None
-        self._executor: llguidance.LLExecutor | None = None
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
 
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend: str) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"structured output backend {backend!r}: one of {BACKENDS}")
+        self._backend = backend
+
     # --- compilation (worker threads) ---------------------------------------------------------
 
     def warm_up(self) -> None:
-        """Builds the vocabulary in the background, so the first request need not wait for it."""
-        self._threads().submit(self._vocabulary_or_error)
+        """Builds the vocabularies in the background, so the first request need not wait."""
+        for name in self._libraries():
+            self._threads().submit(self._library_or_error, name)
+
+    def _libraries(self) -> tuple[str, ...]:
+        return {"auto": ("llguidance", "xgrammar"), "llguidance": ("llguidance",),
+                "xgrammar": ("xgrammar",)}[self.backend]
 
     def _threads(self) -> ThreadPoolExecutor:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="grammar-compile")
         return self._pool
 
-    def _vocabulary_or_error(self) -> None:
+    def _library_or_error(self, name: str) -> None:
         with contextlib.suppress(StructuredOutputError):  # each request will say it
-            self._vocabulary()
+            self._library(name)
 
-    def _vocabulary(self) -> llguidance.LLTokenizer:
-        """The model's tokens for llguidance, from the checkpoint's tokenizer.json (once)."""
-        with self._lock:
-            if self._tokenizer is None and self._tokenizer_error is None:
+    def _library(self, name: str) -> Backend:
+        """A library's backend with its vocabulary of the model (built once; a failure is
+        kept and raised to every request that needs it)."""
+        with self._building[name]:  # one build per library; the others' go on beside it
+            built = self._backends.get(name)
+            if built is None:
                 started = time.monotonic()
                 try:
-                    text = self.tokenizer_path.read_text()
-                    self._tokenizer = llguidance.LLTokenizer(
-                        text, n_vocab=self.vocab_size, eos_token=list(self.eos_token_ids) or None)
-                    log.info("structured_output_vocabulary_built", tokens=self.vocab_size,
-                             seconds=round(time.monotonic() - started, 3))
-                except (OSError, ValueError) as exc:
-                    self._tokenizer_error = (
+                    built = BUILDERS[name](self.tokenizer_path, self.vocab_size,
+                                           self.eos_token_ids)
+                    log.info("structured_output_vocabulary_built", backend=name,
+                             tokens=self.vocab_size, seconds=round(time.monotonic() - started, 3))
+                except Exception as exc:  # unreadable, or a tokenizer the library cannot take
+                    built = StructuredOutputError(
                         f"{FIELD}: this engine cannot serve structured output: its tokenizer "
-                        f"({self.tokenizer_path}) could not be read: {_quoted(str(exc))}")
-                    log.warning("structured_output_unavailable", error=self._tokenizer_error)
-            if self._tokenizer is None:
-                raise StructuredOutputError(self._tokenizer_error or "")
-            return self._tokenizer
+                        f"({self.tokenizer_path}) could not be read by {name}: "
+                        f"{_quoted(str(exc))}")
+                    log.warning("structured_output_unavailable", backend=name, error=str(built))
+                with self._lock:
+                    self._backends[name] = built
+        if isinstance(built, StructuredOutputError):
+            raise built
+        return built
+
+    def _build(self, spec: StructuredOutputSpec) -> Matcher:
+        """The constraint's matcher in its start state, from the backend the engine's setting
+        picks for it; raises StructuredOutputError."""
+        schema = validate(spec)
+        kind, text = spec.kind, spec.spec
+        choice = "llguidance" if kind == "grammar" else self.backend
+        try:
+            if choice != "auto":
+                return self._library(choice).compile(kind, text, schema)
+            # auto: llguidance checks (and is the fallback); xgrammar serves what it can.
+            checked = self._library("llguidance").compile(kind, text, schema)
+        except StructuredOutputError:
+            raise
+        except Exception as exc:  # the library's own exceptions, for a bad specification
+            raise StructuredOutputError(f"{field_of(spec)}: {_quoted(str(exc))}") from exc
+        try:
+            return self._library("xgrammar").compile(kind, text, schema)
+        except Exception as exc:
+            log.info("structured_output_on_llguidance", kind=kind, reason=_quoted(str(exc))[:200])
+            return checked
 
     def _compile(self, key: tuple, spec: StructuredOutputSpec) -> Matcher:
-        """Builds the matcher of a constraint in its start state, with its first mask computed
-        (llguidance builds its lexer lazily), and caches it, or the error."""
+        """Builds the matcher of a constraint and caches it, or the error."""
         try:
             started = time.monotonic()
-            matcher = Matcher(self._vocabulary(), grammar_of(spec), log_level=0, limits=LIMITS)
-            if not matcher.is_error():
-                scratch = torch.empty(self.words, dtype=torch.int32).numpy()
-                matcher.unsafe_compute_mask_ptr(scratch.ctypes.data, scratch.nbytes)
-            if matcher.is_error():
-                raise StructuredOutputError(f"{field_of(spec)}: {_quoted(matcher.get_error())}")
+            matcher = self._build(spec)
             log.info("structured_output_compiled", kind=spec.kind,
-                     seconds=round(time.monotonic() - started, 4))
+                     backend=type(matcher).__name__, seconds=round(time.monotonic() - started, 4))
             result: Matcher | StructuredOutputError = matcher
         except StructuredOutputError as exc:
             result = exc
-        except Exception as exc:  # the library's own exceptions, for a bad specification
-            result = StructuredOutputError(f"{field_of(spec)}: {_quoted(str(exc))}")
+        except Exception as exc:  # a bug: the request gets INTERNAL, the next one tries again
+            result = StructuredOutputError(f"{FIELD}: {_quoted(str(exc))}", "INTERNAL")
         with self._lock:
             self._compiling.pop(key, None)
-            if not (isinstance(result, StructuredOutputError) and self._tokenizer is None):
+            # No entry for an engine that cannot read its tokenizer (the error is the same for
+            # every constraint, and says so itself) nor for a bug (the next request retries).
+            if not isinstance(result, StructuredOutputError) or not (
+                    result.status == "INTERNAL"
+                    or any(result is built for built in self._backends.values())):
                 self._cache[key] = result
                 while len(self._cache) > CACHE_SIZE:
                     self._cache.popitem(last=False)
@@ -314,18 +393,15 @@ class StructuredOutputs:
         (pinned on CUDA, so its copy to the device does not wait)."""
         bitmask = torch.empty((len(matchers), self.words), dtype=torch.int32,
                               pin_memory=self.pin_memory)
-        array = bitmask.numpy()
-        if len(matchers) == 1:
-            matchers[0].unsafe_compute_mask_ptr(array.ctypes.data, array.nbytes)
-        else:
-            if self._executor is None:
-                # The step loop waits for the masks (the forward pass runs meanwhile on the
-                # device): every core but one, the frontend's.
-                self._executor = llguidance.LLExecutor(
-                    num_threads=max(1, min(32, (os.cpu_count() or 2) - 1)))
-            self._executor.unsafe_compute_mask_ptr(
-                [(m, i) for i, m in enumerate(matchers)], array.ctypes.data, self.words * 4,
-                len(matchers))
+        with self._lock:
+            libraries = [b for b in self._backends.values() if not isinstance(b, Exception)]
+        if len(libraries) == 1:
+            libraries[0].fill(matchers, bitmask, range(len(matchers)))
+            return bitmask
+        for library in libraries:  # under auto a batch may hold matchers of both
+            rows = [i for i, m in enumerate(matchers) if library.owns(m)]
+            if rows:
+                library.fill([matchers[i] for i in rows], bitmask, rows)
         return bitmask
 
     def close(self) -> None:
@@ -337,7 +413,7 @@ class StructuredOutputs:
 
 def accept(matcher: Matcher, token: int) -> StructuredOutputError | None:
     """The sequence drew `token`: None once its matcher has taken it; else why the request
-    fails. The library may give up computing a mask when a constraint goes past its limits
+    fails. llguidance may give up computing a mask when a constraint goes past its limits
     (lexer fuel, Earley items): the mask then allows only end-of-sequence, and the request ends
     with INVALID_ARGUMENT (another engine would give up too). A token the matcher refuses that
     its own mask allowed would be a bug (INTERNAL)."""

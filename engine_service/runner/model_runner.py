@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import structlog
 import torch
 
@@ -73,6 +74,16 @@ class PendingTokens:
     tokens: torch.Tensor
     rows: list[int]
     sources: list[int]
+
+
+@dataclass(frozen=True)
+class DeviceDrafts:
+    """Draft tokens still on the device: the last lengths[i] input tokens of chunk rows[i] are
+    tokens[i, :lengths[i]]."""
+
+    tokens: torch.Tensor  # [len(rows), max(lengths)]
+    rows: list[int]
+    lengths: list[int]
 
 
 class ModelRunner:
@@ -216,7 +227,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, chunks: list[Chunk], pending: PendingTokens | None = None,
-                scoring: PromptScoring | None = None
+                scoring: PromptScoring | None = None, drafts: DeviceDrafts | None = None
                 ) -> tuple[torch.Tensor, PromptScores | None]:
         """Runs the step and returns logits [S, vocab] (the weights' dtype) for the chunks that
         sample, and the prompt logprobs that `scoring` (`prompt_scoring(chunks)`) asks for.
@@ -240,11 +251,27 @@ class ModelRunner:
             rows = upload(self.inputs.chunk_starts(pending.rows), torch.int64, self.device)
             sources = upload(pending.sources, torch.int64, self.device)
             batch.input_ids.index_copy_(0, rows, pending.tokens[sources].to(torch.int32))
+        if drafts is not None and drafts.rows:
+            self._copy_drafts(chunks, drafts, batch.input_ids)
         self.channel.publish(Op.STEP, step_args(batch.layout, graphed), batch.layout)
         self._last_decode = (batch, graphed) if batch.layout.decode else None
         logits, scores = self._forward(batch, graphed, scoring)
         assert logits is not None, "only rank 0 executes scheduled chunks"
         return logits, scores
+
+    def _copy_drafts(self, chunks: list[Chunk], drafts: DeviceDrafts,
+                     input_ids: torch.Tensor) -> None:
+        """Writes draft tokens still on the device into their chunks' last input slots (the
+        host wrote stand-ins there)."""
+        lengths = np.asarray(drafts.lengths, dtype=np.int64)
+        ends = (self.inputs.chunk_starts(drafts.rows).astype(np.int64)
+                + np.asarray([chunks[r].num_tokens for r in drafts.rows], dtype=np.int64))
+        total = int(lengths.sum())
+        first = np.repeat(ends - lengths, lengths)
+        column = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        index = upload(np.stack([first + column, np.repeat(np.arange(len(lengths)), lengths),
+                                 column]), torch.int64, self.device)
+        input_ids.index_copy_(0, index[0], drafts.tokens[index[1], index[2]].to(torch.int32))
 
     @torch.inference_mode()
     def execute_next_decode(self, tokens: torch.Tensor) -> torch.Tensor:
