@@ -133,7 +133,6 @@ def build_engine(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
         proposer = DraftProposer(draft)
     core = EngineCore(config, runner, Scheduler(config, pool), pool, spec.eos_token_ids,
                       proposer)
-    core.structured.backend = config.structured_output_backend
     info = EngineInfo.describe(
         config,
         architecture=spec.architecture,

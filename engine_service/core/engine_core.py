@@ -121,7 +121,8 @@ class EngineCore:
         self.num_spec_drafts_total = 0  # sequence-steps that verified a draft
         self.structured = StructuredOutputs(
             config.model / "tokenizer.json", runner.spec.vocab_size, tuple(eos_token_ids),
-            config.structured_output_compile_timeout_s, pin_memory=runner.device.type == "cuda")
+            config.structured_output_compile_timeout_s, pin_memory=runner.device.type == "cuda",
+            backend=config.structured_output_backend)
         # Requests refused or failed since the owner last took them (`take_rejected`).
         self.rejected: list[RejectedRequest] = []
         # Requests whose last running sample was aborted, each ended by an output of no tokens

@@ -4,6 +4,7 @@ constraints get INVALID_ARGUMENT or DEADLINE_EXCEEDED, and the engine keeps serv
 
 import json
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -146,12 +147,15 @@ def test_engine_refuses_bad_constraints_directly(qwen3_system) -> None:
         assert "resumed_output_tokens: 2 must be in [0, 1]" in caught.value.details()
 
 
-def test_a_compilation_past_the_limit_is_deadline_exceeded(tiny_checkpoint, start_engine) -> None:
+@pytest.mark.parametrize("backend", ["auto", "llguidance", "xgrammar"])
+def test_a_compilation_past_the_limit_is_deadline_exceeded(tiny_checkpoint, start_engine,
+                                                           backend: str) -> None:
     """An engine whose compile limit (1 ms) is far below what a 4,500-word alternation takes
-    (about 20 ms): DEADLINE_EXCEEDED, the engine serves on, and once the compilation has ended
-    in the background its grammar is cached and the same request is served."""
+    (about 20 ms with llguidance, 100 ms with xgrammar): DEADLINE_EXCEEDED, the engine serves
+    on, and once the compilation has ended in the background its grammar is cached and the
+    same request is served."""
     engine = start_engine(tiny_checkpoint("qwen3"), "--structured-output-compile-timeout-s",
-                          "0.001")
+                          "0.001", "--structured-output-backend", backend)
     words = [f"word{i}x{i * 7919 % 10007}" for i in range(4500)]
     regex = "|".join(words)
     assert len(regex) <= limits.MAX_STRUCTURED_SPEC_CHARS
@@ -171,12 +175,14 @@ def test_a_compilation_past_the_limit_is_deadline_exceeded(tiny_checkpoint, star
             prompt_token_ids=[5, 6, 7], stopping=common_pb2.StoppingCriteria(max_tokens=3))
         assert sum(len(r.token_ids) for r in stub.Generate(plain, timeout=30)) >= 1
         served = None
-        for _ in range(50):  # the compilation ends within a second or so, then is cached
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # the compilation ends in a second or so, cached
             try:
                 served = list(stub.Generate(request, timeout=30))
                 break
             except grpc.RpcError as exc:
                 assert exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                time.sleep(0.05)
         assert served is not None
         ids = [t for r in served for t in r.token_ids]
         assert served[-1].finish_reason == common_pb2.FINISH_REASON_STOP and ids
@@ -207,3 +213,45 @@ def test_cli_flags(qwen3_system, tmp_path, capsys: pytest.CaptureFixture[str]) -
     assert capsys.readouterr().out.lstrip().startswith("{")
     with pytest.raises(SystemExit):  # argparse: one kind at a time
         cli_main(["generate", "x", *common, "--regex", "a", "--json-object"])
+
+
+def test_an_xgrammar_engine_serves_valid_outputs_and_refuses_bad_input(
+        tiny_checkpoint, start_engine, start_router) -> None:
+    """--structured-output-backend xgrammar: every finished output meets its constraint (Lark
+    grammars still go to llguidance); bad specifications, keywords xgrammar would ignore and a
+    schema nested past its bound get INVALID_ARGUMENT; hostile regexes are served in bounded
+    time; the engine keeps serving."""
+    model_dir = tiny_checkpoint("qwen3")
+    engine = start_engine(model_dir, "--structured-output-backend", "xgrammar")
+    router = start_router(model_dir, [engine])
+    with LLMClient(router.address) as client:
+        for text in _finished(_many(client, json_schema=SCHEMA, max_tokens=200)):
+            jsonschema.validate(json.loads(text), SCHEMA)
+        regex = r"[A-Z]{3}-[0-9]{2,4}"
+        matched = _finished(_many(client, regex=regex, max_tokens=20))
+        assert len(matched) == len(SEEDS) and all(re.fullmatch(regex, t) for t in matched)
+        chosen = _finished(_many(client, choice=["yes", "no", "ask again later"], max_tokens=20))
+        assert len(chosen) == len(SEEDS) and set(chosen) <= {"yes", "no", "ask again later"}
+        greetings = _finished(_many(client, grammar=GRAMMAR, max_tokens=30))
+        assert all(re.fullmatch(r"(hello|hi) [a-z]{1,8}!", t) for t in greetings), greetings
+        nested = _finished(_many(client, regex="(a+)+$", max_tokens=30))
+        assert nested and all(re.fullmatch("a+", t) for t in nested)
+        deep = '{"type":"object","properties":{"a":' * 300 + "{}" + "}}" * 300
+        deeper = '{"type":"object","properties":{"a":' * 1700 + "{}" + "}}" * 1700
+        assert len(deeper) <= limits.MAX_STRUCTURED_SPEC_CHARS
+        for params, fragment in [
+            ({"json_schema": '{"type": 5}'}, "json_schema: Type should be a string"),
+            ({"json_schema": "{not json"}, "json_schema: not valid JSON"),
+            ({"json_schema": {"type": "string", "format": "email"}}, "does not enforce 'format'"),
+            ({"json_schema": deep}, "nests deeper than"),
+            ({"json_schema": deeper}, "nests too deep"),
+            ({"regex": "(unclosed"}, "regex: Regex parsing error"),
+            ({"grammar": "start: undefined_rule"}, "undefined_rule"),
+        ]:
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as caught:
+                client.generate_text("hi", max_tokens=4, timeout=30, **params)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, params
+            assert fragment in caught.value.details()
+            assert time.monotonic() - started < 10
+        assert client.generate_text("still serving", max_tokens=2).usage.completion_tokens >= 1

@@ -104,9 +104,9 @@ def test_steps_that_admit_or_prefill_are_launched_before_the_previous_step_is_re
     events: list[str] = []
     execute, read_tokens = core.runner.execute, StepInFlight.read_tokens
 
-    def recording_execute(chunks, pending=None, scoring=None):
+    def recording_execute(chunks, pending=None, scoring=None, drafts=None):
         events.append("launch " + ",".join(f"{c.seq.request_id}:{c.num_tokens}" for c in chunks))
-        return execute(chunks, pending, scoring)
+        return execute(chunks, pending, scoring, drafts)
 
     def recording_read(step):
         events.append("read")

@@ -13,10 +13,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from tokenizers import Tokenizer
 
-from llmserve.engine_service.core import structured_output
-from llmserve.engine_service.core.structured_output import StructuredOutputs
+from llmserve.engine_service.core import grammar_llguidance, structured_output
+from llmserve.engine_service.core.grammar_xgrammar import XGrammarMatcher
+from llmserve.engine_service.core.structured_output import BACKENDS, StructuredOutputs
 from llmserve.engine_service.seam import (
     EngineRequest,
     FinishReason,
@@ -27,6 +29,7 @@ from llmserve.engine_service.seam import (
 # A dev dependency the GPU image lacks (its runs collect every test module).
 jsonschema = pytest.importorskip("jsonschema")
 SEEDS = range(8)
+# Every test that takes `backend` runs on each: auto, llguidance and xgrammar.
 # A small pool (the default KV budget would allocate 1 GiB for each core).
 KV = {"num_kv_blocks": 256}
 # Compact JSON (llguidance's `x-guidance` options, in the schema): with flexible whitespace a
@@ -73,6 +76,17 @@ def constrained(name: str, seed: int, constraint: StructuredOutputSpec, max_toke
         **options))
 
 
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def core_of(demo_core, backend: str):
+    """demo_core on the test's structured output backend."""
+    return lambda **settings: demo_core(structured_output_backend=backend, **settings)
+
+
 @pytest.fixture
 def tokenizer(demo_dir: Path) -> Tokenizer:
     return Tokenizer.from_file(str(demo_dir / "tokenizer.json"))
@@ -117,9 +131,9 @@ def parses_as_arithmetic(text: str) -> bool:
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
-def test_every_finished_output_meets_its_constraint(demo_core, decode,
+def test_every_finished_output_meets_its_constraint(core_of, decode,
                                                     async_scheduling: bool) -> None:
-    core = demo_core(max_num_seqs=64, async_scheduling=async_scheduling, **KV)
+    core = core_of(max_num_seqs=64, async_scheduling=async_scheduling, **KV)
     # (constraint, max_tokens): enough for most outputs to finish.
     kinds = {
         "schema": (spec("json_schema", json.dumps(SCHEMA)), 160),
@@ -150,13 +164,13 @@ def test_every_finished_output_meets_its_constraint(demo_core, decode,
     assert not core.sequences and not core.compiling
 
 
-def test_async_scheduling_draws_the_same_tokens(demo_core) -> None:
+def test_async_scheduling_draws_the_same_tokens(core_of) -> None:
     """Under async scheduling a constrained row reads the step in flight before its draw: the
     tokens are those of the plain loop, and unconstrained rows beside it are unaffected."""
     constraint = spec("json_schema", json.dumps(SCHEMA))
 
     def run(async_scheduling: bool) -> dict:
-        core = demo_core(max_num_seqs=16, async_scheduling=async_scheduling, **KV)
+        core = core_of(max_num_seqs=16, async_scheduling=async_scheduling, **KV)
         requests = [constrained(f"s{seed}", seed, constraint, max_tokens=40) for seed in range(3)]
         requests += [EngineRequest(f"p{seed}", [9, 9, seed], SamplingOptions(
             temperature=1.0, seed=seed, max_tokens=30, ignore_eos=True)) for seed in range(3)]
@@ -178,15 +192,15 @@ def test_async_scheduling_draws_the_same_tokens(demo_core) -> None:
     assert overlapped["overlapped"] > 10  # the unconstrained rows still overlap
 
 
-def test_plain_requests_are_unchanged_beside_constrained_ones(demo_core, monkeypatch) -> None:
+def test_plain_requests_are_unchanged_beside_constrained_ones(core_of, monkeypatch) -> None:
     options = SamplingOptions(temperature=1.0, seed=7, max_tokens=24, ignore_eos=True)
-    alone = demo_core(**KV).run_to_completion([EngineRequest("p", [4, 5, 6], options)])["p"]
+    alone = core_of(**KV).run_to_completion([EngineRequest("p", [4, 5, 6], options)])["p"]
     fills = []
     original = StructuredOutputs.fill_bitmask
     monkeypatch.setattr(StructuredOutputs, "fill_bitmask",
                         lambda self, matchers: fills.append(len(matchers)) or original(self,
                                                                                        matchers))
-    core = demo_core(**KV)
+    core = core_of(**KV)
     assert core.run_to_completion([EngineRequest("p", [4, 5, 6], options)])["p"] == alone
     assert fills == []  # a batch where nobody asks fills no mask
     mixed = core.run_to_completion([
@@ -197,7 +211,7 @@ def test_plain_requests_are_unchanged_beside_constrained_ones(demo_core, monkeyp
     assert fills and max(fills) == 3
 
 
-def test_chunked_prefill_and_preemption_keep_the_constraint(demo_core, decode) -> None:
+def test_chunked_prefill_and_preemption_keep_the_constraint(core_of, decode) -> None:
     """Long prompts prefilled in chunks (only the last chunk's logits are masked), and a KV
     pool so small that sequences are preempted and recomputed: the matchers keep their state
     (a preempted sequence keeps its tokens), so the outputs are those of a roomy engine."""
@@ -205,9 +219,9 @@ def test_chunked_prefill_and_preemption_keep_the_constraint(demo_core, decode) -
     requests = [EngineRequest(f"s{seed}", [20 + seed] * 40, SamplingOptions(
         temperature=1.0, seed=seed, max_tokens=100, structured_output=constraint))
         for seed in range(4)]
-    roomy = demo_core(**KV).run_to_completion(requests)
+    roomy = core_of(**KV).run_to_completion(requests)
     # 12 blocks of 16 tokens for 4 sequences growing to ~120 tokens: preemption is certain.
-    tight_core = demo_core(num_kv_blocks=12, max_num_batched_tokens=32, max_num_seqs=4)
+    tight_core = core_of(num_kv_blocks=12, max_num_batched_tokens=32, max_num_seqs=4)
     tight = tight_core.run_to_completion(requests)
     assert tight_core.scheduler.num_preemptions > 0
     assert {k: g.token_ids for k, g in tight.items()} == {k: g.token_ids for k, g in roomy.items()}
@@ -215,8 +229,8 @@ def test_chunked_prefill_and_preemption_keep_the_constraint(demo_core, decode) -
         jsonschema.validate(json.loads(text), SCHEMA)
 
 
-def test_max_tokens_and_stop_tokens_still_end_a_constrained_output(demo_core) -> None:
-    core = demo_core(**KV)
+def test_max_tokens_and_stop_tokens_still_end_a_constrained_output(core_of) -> None:
+    core = core_of(**KV)
     results = core.run_to_completion([
         constrained("short", 0, spec("json_object"), max_tokens=3),
         # `a+` stays open after each a: the end-of-sequence token is allowed there, and ends it.
@@ -231,12 +245,15 @@ def test_max_tokens_and_stop_tokens_still_end_a_constrained_output(demo_core) ->
         assert open_ended.token_ids[-1] in core.eos_token_ids
 
 
-def test_bad_constraints_are_refused_and_the_others_served(demo_core) -> None:
-    core = demo_core(**KV)
+def test_bad_constraints_are_refused_and_the_others_served(core_of, backend: str) -> None:
+    core = core_of(**KV)
     bad = {
         "not_json": (spec("json_schema", "{not json"), "json_schema: not valid JSON"),
         "not_object": (spec("json_schema", "[1, 2]"), "a schema is a JSON object"),
-        "bad_type": (spec("json_schema", '{"type": 5}'), "json_schema: type must be"),
+        # auto refuses with llguidance's messages, whichever library would have served it.
+        "bad_type": (spec("json_schema", '{"type": 5}'),
+                     "json_schema: Type should be a string" if backend == "xgrammar"
+                     else "json_schema: type must be"),
         "bad_ref": (spec("json_schema", '{"$ref": "#/$defs/none"}'), "json_schema: "),
         "bad_regex": (spec("regex", "(a"), "structured_output.regex: "),
         "bad_grammar": (spec("grammar", "start: missing_rule"), "structured_output.grammar: "),
@@ -254,17 +271,17 @@ def test_bad_constraints_are_refused_and_the_others_served(demo_core) -> None:
 
 
 def test_a_compilation_past_its_deadline_fails_and_never_holds_up_the_loop(
-        demo_core, monkeypatch) -> None:
+        core_of, monkeypatch) -> None:
     release = threading.Event()
-    real = structured_output.grammar_of
+    real = structured_output.validate
 
-    def slow(constraint: StructuredOutputSpec) -> str:
+    def slow(constraint: StructuredOutputSpec) -> object:
         if constraint.spec == "slow":
             release.wait(30)  # a compilation that ends only when the test says so
         return real(constraint)
 
-    monkeypatch.setattr(structured_output, "grammar_of", slow)
-    core = demo_core(structured_output_compile_timeout_s=1.0, **KV)
+    monkeypatch.setattr(structured_output, "validate", slow)
+    core = core_of(structured_output_compile_timeout_s=1.0, **KV)
     started = time.monotonic()
     core.add_request(constrained("slow", 0, spec("regex", "slow")))
     core.add_request(EngineRequest("plain", [3, 4], SamplingOptions(
@@ -293,12 +310,12 @@ def test_a_compilation_past_its_deadline_fails_and_never_holds_up_the_loop(
     assert again.error is None and again.finish_reason is FinishReason.STOP
 
 
-def test_grammars_are_compiled_once_and_cached(demo_core, monkeypatch) -> None:
+def test_grammars_are_compiled_once_and_cached(core_of, monkeypatch) -> None:
     compiled = []
-    real = structured_output.grammar_of
-    monkeypatch.setattr(structured_output, "grammar_of",
+    real = structured_output.validate
+    monkeypatch.setattr(structured_output, "validate",
                         lambda c: compiled.append(c.kind) or real(c))
-    core = demo_core(**KV)
+    core = core_of(**KV)
     burst = [constrained(f"r{seed}", seed, spec("regex", REGEX)) for seed in range(8)]
     assert all(g.error is None for g in core.run_to_completion(burst).values())
     later = core.run_to_completion([constrained("later", 9, spec("regex", REGEX)),
@@ -309,14 +326,14 @@ def test_grammars_are_compiled_once_and_cached(demo_core, monkeypatch) -> None:
     assert compiled == ["regex", "regex"]  # the burst's grammar once, the bad one once
 
 
-def test_a_failed_over_stream_resumes_its_constraint(demo_core, decode, tokenizer) -> None:
+def test_a_failed_over_stream_resumes_its_constraint(core_of, decode, tokenizer) -> None:
     """A router moves a stream to another engine with the output so far appended to the prompt
     and `resumed_output_tokens` saying so: the constraint carries on after it, and with the same
     seed the stream continues exactly."""
     constraint = spec("json_schema", json.dumps(SCHEMA))
     options = SamplingOptions(temperature=1.0, seed=2, max_tokens=160, structured_output=constraint)
     prompt = [5, 6, 7]
-    core = demo_core(**KV)
+    core = core_of(**KV)
     whole = core.run_to_completion([EngineRequest("a", prompt, options)])["a"]
     assert whole.finish_reason is FinishReason.STOP
     cut = 10
@@ -333,10 +350,10 @@ def test_a_failed_over_stream_resumes_its_constraint(demo_core, decode, tokenize
     assert broken.error is not None and "resumed_output_tokens" in broken.error.reason
 
 
-def test_logprobs_stay_the_models_own(demo_core, decode) -> None:
+def test_logprobs_stay_the_models_own(core_of, decode) -> None:
     """With logprobs the step is read at once; the mask applies to a copy of the logits, so
     the log-probabilities are the model's (as without a constraint)."""
-    core = demo_core(**KV)
+    core = core_of(**KV)
     constraint = spec("choice", CHOICES)
     with_constraint = core.run_to_completion(
         [constrained("c", 0, constraint, logprobs=2)])["c"]
@@ -356,7 +373,7 @@ def test_a_constraint_past_the_librarys_limits_mid_stream_fails_the_request(
     with INVALID_ARGUMENT naming the limit; the request beside it is served."""
     import llguidance
 
-    monkeypatch.setattr(structured_output, "LIMITS",
+    monkeypatch.setattr(grammar_llguidance, "LIMITS",
                         llguidance.LLParserLimits(verbose_errors=False, step_max_items=300))
     ambiguous = 'start: s\ns: s s | s s s | "x" | "xx"\n'
     results = demo_core(**KV).run_to_completion([
@@ -370,8 +387,8 @@ def test_a_constraint_past_the_librarys_limits_mid_stream_fails_the_request(
     assert len(results["plain"].token_ids) == 10
 
 
-def test_each_sample_follows_the_constraint_with_a_matcher_of_its_own(demo_core, decode) -> None:
-    core = demo_core(**KV)
+def test_each_sample_follows_the_constraint_with_a_matcher_of_its_own(core_of, decode) -> None:
+    core = core_of(**KV)
     samples = core.run_to_completion(
         [constrained("n", 3, spec("choice", CHOICES), n=4)])["n"].samples
     texts = [decode(s.token_ids) for s in samples]
@@ -381,3 +398,112 @@ def test_each_sample_follows_the_constraint_with_a_matcher_of_its_own(demo_core,
     as_seed_5 = replace(three, sampling=replace(three.sampling, seed=5))
     alone = core.run_to_completion([as_seed_5])["one"]
     assert samples[2].token_ids == alone.token_ids  # sample 2 of seed 3 draws as seed 5
+
+
+def test_auto_serves_with_xgrammar_what_it_enforces_and_llguidance_the_rest(demo_core,
+                                                                            decode) -> None:
+    """auto: xgrammar's matchers for the schema, regex, choice and JSON object it enforces in
+    full; llguidance's for Lark grammars, for keywords xgrammar would ignore (multipleOf) and
+    for regex syntax it reads otherwise. One batch holds both kinds, and every
+    finished output is valid."""
+    core = demo_core(**KV)
+    assert core.structured.backend == "auto"
+    keywords = {"type": "array", "items": {"type": "integer", "multipleOf": 7, "minimum": 0,
+                                           "maximum": 99},
+                "minItems": 2, "maxItems": 3}
+    constraints = {
+        "schema": (spec("json_schema", json.dumps(SCHEMA)), True),
+        "regex": (spec("regex", REGEX), True),
+        "choice": (spec("choice", CHOICES), True),
+        "object": (spec("json_object"), True),
+        "grammar": (spec("grammar", GRAMMAR), False),
+        "keywords": (spec("json_schema", json.dumps(keywords)), False),
+        "posix": (spec("regex", "[[:digit:]]{3}"), False),
+    }
+    for name, (constraint, _) in constraints.items():
+        core.structured.submit(constrained(name, 0, constraint))
+    deadline = time.monotonic() + 30
+    matchers: dict = {}
+    while len(matchers) < len(constraints) and time.monotonic() < deadline:
+        core.structured.wait()
+        ready, refused = core.structured.poll()
+        assert not refused, refused
+        matchers.update((request.request_id, matcher) for request, matcher in ready)
+    for name, (_, on_xgrammar) in constraints.items():
+        assert isinstance(matchers[name], XGrammarMatcher) == on_xgrammar, name
+    masks = core.structured.fill_bitmask(list(matchers.values()))
+    assert masks.shape == (len(matchers), core.structured.words) and masks.any(dim=1).all()
+    results = core.run_to_completion([constrained(f"{name}{seed}", seed, c, 80)
+                                      for name, (c, _) in constraints.items() for seed in SEEDS])
+    for name, generation in results.items():
+        assert generation.error is None, (name, generation.error)
+        if generation.finish_reason is not FinishReason.STOP:
+            continue
+        text = decode(generation.token_ids)
+        if name.startswith("keywords"):
+            jsonschema.validate(json.loads(text), keywords)
+        elif name.startswith("posix"):
+            assert re.fullmatch("[0-9]{3}", text), text
+
+
+def test_xgrammar_strings_are_json(demo_dir: Path, tokenizer: Tokenizer) -> None:
+    """xgrammar 0.2.9 compiles a string with a length bound to a rule that allows raw control
+    characters (and no escapes); the backend rewrites it to JSON's unescaped characters: its
+    masks there are llguidance's but for DEL (which JSON allows unescaped and llguidance
+    refuses) and escapes (which it still refuses)."""
+    import numpy as np
+
+    from llmserve.engine_service.core.grammar_llguidance import LLGuidanceBackend
+    from llmserve.engine_service.core.grammar_xgrammar import XGrammarBackend
+
+    path, vocab = demo_dir / "tokenizer.json", tokenizer.get_vocab_size()
+    backends = [XGrammarBackend(path, vocab, (2,)), LLGuidanceBackend(path, vocab, (2,))]
+    schema = {"type": "object", "properties": {"s": {"type": "string", "maxLength": 9}},
+              "required": ["s"], "x-guidance": {"whitespace_flexible": False}}
+    prefix = tokenizer.encode('{"s":"a').ids
+    allowed = []
+    for backend in backends:
+        matcher = backend.compile("json_schema", json.dumps(schema), schema)
+        assert matcher.consume_tokens(prefix)
+        mask = torch.full((1, (vocab + 31) // 32), -1, dtype=torch.int32)
+        backend.fill([matcher], mask, [0])
+        bits = np.unpackbits(mask.numpy().view(np.uint8), bitorder="little")[:vocab]
+        allowed.append({tokenizer.decode([int(t)]) for t in np.nonzero(bits)[0]})
+    xgrammar_only, llguidance_only = allowed[0] - allowed[1], allowed[1] - allowed[0]
+    assert xgrammar_only <= {"\x7f"}, xgrammar_only
+    assert llguidance_only and all("\\" in t for t in llguidance_only), llguidance_only
+    assert not any(ord(c) < 0x20 for t in allowed[0] for c in t)
+
+
+@pytest.mark.parametrize("backend", ["xgrammar"])
+def test_xgrammar_refuses_what_it_would_not_enforce(core_of) -> None:
+    """--structured-output-backend xgrammar refuses a schema keyword xgrammar would silently
+    ignore, and a schema nested past its bound (xgrammar's compile time grows steeply with
+    nesting and cannot be interrupted), with INVALID_ARGUMENT; hostile regexes compile in
+    bounded time and are served."""
+    deep = '{"type":"object","properties":{"a":' * 200 + "{}" + "}}" * 200
+    words = "|".join(f"word{i}x{i * 7919 % 10007}" for i in range(4500))
+    core = core_of(**KV)
+    started = time.monotonic()
+    results = core.run_to_completion([
+        constrained("format", 0, spec("json_schema", '{"type": "string", "format": "email"}')),
+        constrained("deep", 0, spec("json_schema", deep)),
+        constrained("nested", 0, spec("regex", "(a+)+$"), max_tokens=30),
+        constrained("words", 0, spec("regex", words), max_tokens=30),
+        constrained("repeat", 0, spec("regex", "((a{100}){100}){100}"), max_tokens=5),
+    ])
+    assert time.monotonic() - started < 30
+    assert "does not enforce 'format'" in results["format"].error.reason
+    assert "nests deeper than" in results["deep"].error.reason
+    for name in ("format", "deep"):
+        assert results[name].error.status == "INVALID_ARGUMENT"
+    for name in ("nested", "words", "repeat"):
+        assert results[name].error is None, results[name].error
+
+
+@pytest.mark.parametrize("backend", ["auto"])
+def test_auto_refuses_hostile_schemas_as_llguidance_does(core_of) -> None:
+    deep = '{"type":"object","properties":{"a":' * 200 + "{}" + "}}" * 200
+    result = core_of(**KV).run_to_completion([
+        constrained("deep", 0, spec("json_schema", deep))])["deep"]
+    assert result.error is not None and result.error.status == "INVALID_ARGUMENT"
