@@ -22,6 +22,7 @@ import torch
 from llmserve.engine_service.core.sequence import Sequence
 from llmserve.engine_service.core.speculator import Drafts
 from llmserve.engine_service.runner.model_runner import ModelRunner, PendingTokens
+from llmserve.engine_service.runner.step_inputs import upload
 
 
 @dataclass(eq=False)
@@ -100,7 +101,8 @@ class DraftProposer:
         logits, _ = self.runner.execute(catch_up)
         tokens = torch.zeros(len(seqs), k, dtype=torch.int64, device=logits.device)
         guess = logits.argmax(dim=-1)
-        on_device = torch.as_tensor(rows, device=logits.device)
+        # Pinned and non-blocking: a pageable copy would wait for the pass just launched.
+        on_device = upload(rows, torch.int64, logits.device)
         tokens[on_device, 0] = guess
         live = list(range(len(views)))  # the last pass's rows, as indices into views
         decode = all(c.num_tokens == 1 for c in catch_up) and len(views) == len(catch_up)
@@ -120,7 +122,7 @@ class DraftProposer:
                 logits, _ = self.runner.execute(chunks, PendingTokens(
                     guess, list(range(len(still))), [previous[v] for v in still]))
                 decode = True
-                on_device = torch.as_tensor([rows[v] for v in still], device=logits.device)
+                on_device = upload([rows[v] for v in still], torch.int64, logits.device)
             guess = logits.argmax(dim=-1)
             tokens[on_device, j] = guess
             live = still
