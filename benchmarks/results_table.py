@@ -53,6 +53,7 @@ WORKLOAD_ORDER = [
     "W4h",
     "W5",
     "W7",
+    "W8",
     "priority-overload",
     "router-throughput",
     "grpc-overhead",
@@ -464,6 +465,19 @@ def _w7(r: dict, _part: str) -> str:
     )
 
 
+def _w8(r: dict, _part: str) -> str:
+    f = r.get("figures") or {}
+    ratios = f.get("ratios_to_none") or {}
+    levels = sorted(ratios, key=int)
+    parts = []
+    for method in ("ngram", "draft"):
+        text = ", ".join(f"{c}: x{ratios[c].get(f'{method}_over_none_tok_s')}" for c in levels
+                         if ratios[c].get(f"{method}_over_none_tok_s") is not None)
+        if text:
+            parts.append(f"{method} output tok/s over none by streams {text}")
+    return "; ".join(parts) or "see the JSON"
+
+
 def _priority(r: dict, _part: str) -> str:
     f = r.get("figures") or {}
     outcomes = ", ".join(f"{k} {v}" for k, v in (f.get("batch_outcomes") or {}).items())
@@ -549,6 +563,7 @@ FIGURES: dict[str, Callable[[dict, str], str]] = {
     "W4h": _w4,
     "W5": _w5,
     "W7": _w7,
+    "W8": _w8,
     "priority-overload": _priority,
     "router-throughput": _router_throughput,
     "grpc-overhead": _grpc_overhead,
