@@ -194,6 +194,19 @@ class XGrammarMatcher:
         self._matcher.rollback(num_tokens)
         self._stopped, self._error = self._matcher.is_terminated(), None
 
+    def validate_tokens(self, tokens: Sequence[int]) -> int:
+        """How many of `tokens`, in a row from here, the constraint accepts (as llguidance's
+        `validate_tokens`): the state is as it was after."""
+        stopped, error = self._stopped, self._error
+        count = 0
+        for token in tokens:
+            if not self.consume_token(token):  # a refused token leaves xgrammar's state as is
+                break
+            count += 1
+        self._matcher.rollback(count)
+        self._stopped, self._error = stopped, error
+        return count
+
     def is_stopped(self) -> bool:
         return self._stopped
 

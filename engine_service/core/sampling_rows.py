@@ -54,10 +54,31 @@ def sampling_batch(sampling: list[ScheduledChunk], device: torch.device,
 def grammar_bitmask(chunks: list[ScheduledChunk], structured: StructuredOutputs,
                     live: Callable[[Sequence], bool]) -> GrammarBitmask | None:
     """The next-token masks of the rows whose sequence follows a grammar (each has accepted
-    every token before the one drawn here)."""
+    every token before the one drawn here). A chunk with a draft has 1 + len(draft) rows in a
+    row, the j-th drawn after the draft's first j tokens: its matcher takes them one round at a
+    time, masking each row from the state before it, and rolls back after (attach_drafts made
+    sure it accepts them)."""
     rows = [r for r, c in enumerate(chunks) if c.seq.grammar is not None and live(c.seq)]
     if not rows:
         return None
     assert not any(chunks[r].seq.num_pending_tokens for r in rows), "mask past a pending token"
-    grammars = [chunks[r].seq.grammar for r in rows]
-    return GrammarBitmask(structured.fill_bitmask(grammars), rows)  # type: ignore[arg-type]
+    offsets = [0] * len(rows)  # each row's draft tokens before it
+    for i in range(1, len(rows)):
+        if chunks[rows[i]] is chunks[rows[i - 1]] and rows[i] == rows[i - 1] + 1:
+            offsets[i] = offsets[i - 1] + 1
+    if not any(offsets):
+        grammars = [chunks[r].seq.grammar for r in rows]
+        return GrammarBitmask(structured.fill_bitmask(grammars), rows)  # type: ignore[arg-type]
+    masks, ordered = [], []
+    for j in range(max(offsets) + 1):
+        round_rows = [r for r, offset in zip(rows, offsets, strict=True) if offset == j]
+        for r in round_rows if j else ():
+            chunk = chunks[r]
+            chunk.seq.grammar.consume_token(chunk.draft[j - 1])  # type: ignore[union-attr]
+        masks.append(structured.fill_bitmask(
+            [chunks[r].seq.grammar for r in round_rows]))  # type: ignore[misc]
+        ordered += round_rows
+    for r, offset in zip(rows, offsets, strict=True):
+        if offset and (r + 1 not in rows or chunks[r + 1] is not chunks[r]):
+            chunks[r].seq.grammar.rollback(offset)  # type: ignore[union-attr]
+    return GrammarBitmask(torch.cat(masks), ordered)

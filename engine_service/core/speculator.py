@@ -62,11 +62,12 @@ class Speculator:
         self.max_model_len = config.max_model_len
 
     def speculates(self, seq: Sequence) -> bool:
-        """Whether the sequence takes drafts at all. Not with logits processing or a grammar:
-        their per-token state would have to run ahead through each draft token and back."""
+        """Whether the sequence takes drafts at all. Not with logits processing: the penalties'
+        token counts would have to run ahead through each draft token and back. (A grammar
+        does: its matcher checks the draft, runs ahead through it for the masks, and rolls
+        back; see sampling_rows.)"""
         options = seq.sampling
-        return (options.speculative_tokens != 0 and not options.processes_logits
-                and options.structured_output is None)
+        return options.speculative_tokens != 0 and not options.processes_logits
 
     def active(self, scheduler: Scheduler) -> bool:
         """Speculation pays in small batches only (`--speculative-disable-batch-size`)."""
@@ -97,9 +98,18 @@ class Speculator:
             return None
         drafts = self.proposer.propose([chunks[r].seq for r, _ in wanted], [k for _, k in wanted])
         lengths = [min(n, k) for n, (_, k) in zip(drafts.lengths, wanted, strict=True)]
+        values = drafts.values
+        if values is None and any(chunks[r].seq.grammar is not None for r, _ in wanted):
+            assert drafts.tokens is not None
+            values = drafts.tokens.tolist()  # a grammar checks its guesses on the host
         for i, ((r, _), n) in enumerate(zip(wanted, lengths, strict=True)):
             chunk = chunks[r]
-            chunk.draft = drafts.values[i][:n] if drafts.values is not None else [-1] * n
+            draft = values[i][:n] if values is not None else [-1] * n
+            if chunk.seq.grammar is not None:
+                # Guesses past the first the constraint refuses could never be kept.
+                lengths[i] = n = chunk.seq.grammar.validate_tokens(draft)
+                draft = draft[:n]
+            chunk.draft = draft
             chunk.num_tokens += n
         if drafts.tokens is None:
             return None

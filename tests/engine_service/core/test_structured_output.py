@@ -507,3 +507,27 @@ def test_auto_refuses_hostile_schemas_as_llguidance_does(core_of) -> None:
     result = core_of(**KV).run_to_completion([
         constrained("deep", 0, spec("json_schema", deep))])["deep"]
     assert result.error is not None and result.error.status == "INVALID_ARGUMENT"
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_speculation_keeps_the_constraint_and_plain_decodings_tokens(core_of, demo_dir: Path,
+                                                                      decode, method) -> None:
+    """Speculating, a constrained sequence's matcher checks each draft, runs ahead through it
+    for the masks of the verifying rows and rolls back, then takes the tokens kept: the same
+    tokens as plain decoding, greedy and seeded, every finished output still valid."""
+    constraints = [spec("json_schema", json.dumps(SCHEMA)), spec("regex", REGEX),
+                   spec("choice", CHOICES), spec("grammar", GRAMMAR)]
+    requests = [replace(constrained(f"{i}-{seed}", seed, c, max_tokens=120),
+                        sampling=replace(constrained(f"{i}-{seed}", seed, c).sampling,
+                                         max_tokens=120, temperature=0.0 if seed % 2 else 0.8))
+                for i, c in enumerate(constraints) for seed in range(4)]
+    plain = core_of(**KV).run_to_completion(requests)
+    extra = {"speculative_draft_model": demo_dir} if method == "draft" else {}
+    core = core_of(**KV, speculative_method=method, num_speculative_tokens=3, **extra)
+    speculated = core.run_to_completion(requests)
+    assert {k: (g.token_ids, g.finish_reason) for k, g in speculated.items()} == {
+        k: (g.token_ids, g.finish_reason) for k, g in plain.items()}
+    assert core.num_spec_proposed_total > 0 and core.num_spec_accepted_total > 0
+    for key, g in speculated.items():
+        if key.startswith("0-") and g.finish_reason is FinishReason.STOP:
+            jsonschema.validate(json.loads(decode(g.token_ids)), SCHEMA)
