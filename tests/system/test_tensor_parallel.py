@@ -1,9 +1,12 @@
 """Tensor parallelism on the CPU: two gloo ranks give TP=1's greedy tokens through gRPC, and a
 rank that dies ends the engine cleanly."""
 
+import urllib.request
+
 import grpc
 import pytest
 
+from llmserve.common.ports import ephemeral_port
 from llmserve.engine_service.config import EngineConfig
 from llmserve.engine_service.core.engine_builder import build_engine
 from llmserve.v1 import common_pb2, engine_service_pb2, engine_service_pb2_grpc
@@ -80,3 +83,23 @@ def test_a_dead_rank_ends_the_engine(tiny_checkpoint, start_engine, engine_dies_
     victim = engine_dies_cleanly(engine, "tensor_parallel_rank_started")
     died = [e for e in engine.log_events() if e.get("event") == "tensor_parallel_rank_died"]
     assert died and died[0]["rank"] == victim["rank"] == 1
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_two_ranks_speculate_as_one(tiny_checkpoint, start_engine, method) -> None:
+    """Verifying steps (several logits rows per sequence) on both ranks; a draft model on rank 0
+    alone, unsharded, beside the target's two shards."""
+    model = tiny_checkpoint("qwen3")
+    extra = ("--speculative-draft-model", str(model)) if method == "draft" else ()
+    metrics_port = ephemeral_port()
+    one = start_engine(model)
+    two = start_engine(model, "-tp", "2", "--speculative-method", method, *extra,
+                       "--metrics-port", str(metrics_port))
+    prompts = [p * 2 for p in PROMPTS]  # repeats for prompt lookup to find
+    expected = generate_all(one.address, prompts, 24)
+    assert generate_all(two.address, prompts, 24) == expected
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                     timeout=10).read().decode()
+    accepted = next(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                    if line.startswith("llmserve_engine_speculative_accepted_tokens_total "))
+    assert accepted > 0
