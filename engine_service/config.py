@@ -23,6 +23,8 @@ DEFAULT_METRICS_PORT = 9401
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
 KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
 SPECULATIVE_METHODS = ("none", "ngram", "draft")
+# --speculative-disable-batch-size's defaults: past these W8 stopped paying on an H100.
+SPECULATION_BATCH_LIMITS = {"ngram": 32, "draft": 2}
 # --num-speculative-tokens is bounded by MAX_SPECULATIVE_TOKENS (imported above), the bound of a
 # request's speculative_tokens too: one value for the flag and both tiers' request checks.
 # Triton's paged kernels index a block's rows with power-of-two masks.
@@ -129,10 +131,11 @@ class EngineConfig:
     ngram_prompt_lookup_max: int = setting(
         4, "longest suffix n-gram the ngram proposer looks up (it tries the longest first)",
         low=1, high=64)
-    speculative_disable_batch_size: int = setting(
-        32, "no speculation in a step with more running sequences than this (a large batch is "
-            "compute-bound: verifying rejected tokens costs more than it saves)",
-        low=0, high=INT32_MAX)
+    speculative_disable_batch_size: int | None = setting(
+        None, "no speculation in a step with more running sequences than this (default: 32 "
+              "with ngram, 2 with draft: where each stopped paying on W8, docs/benchmarks.md; "
+              "a large batch is compute-bound, and verifying rejected guesses costs more than "
+              "they save)", low=0, high=INT32_MAX)
 
     host: str = host_setting(group=SERVER)
     port: int | None = setting(
@@ -174,6 +177,13 @@ class EngineConfig:
         if self.ngram_prompt_lookup_min > self.ngram_prompt_lookup_max:
             raise ValueError("--ngram-prompt-lookup-min must not exceed "
                              "--ngram-prompt-lookup-max")
+
+    @property
+    def speculation_batch_limit(self) -> int:
+        """The most running sequences a step speculates with."""
+        if self.speculative_disable_batch_size is not None:
+            return self.speculative_disable_batch_size
+        return SPECULATION_BATCH_LIMITS.get(self.speculative_method, 0)
 
     @property
     def max_draft_tokens(self) -> int:

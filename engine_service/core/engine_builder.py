@@ -129,7 +129,7 @@ def build_engine(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
         draft.allocate_kv_cache(num_blocks)
         # Drafts are proposed only in batches up to the speculation's limit.
         _warm_up(draft, replace(config, max_num_seqs=min(
-            config.max_num_seqs, max(1, config.speculative_disable_batch_size))), use_graphs)
+            config.max_num_seqs, max(1, config.speculation_batch_limit))), use_graphs)
         proposer = DraftProposer(draft)
     core = EngineCore(config, runner, Scheduler(config, pool), pool, spec.eos_token_ids,
                       proposer)

@@ -71,7 +71,7 @@ class Speculator:
 
     def active(self, scheduler: Scheduler) -> bool:
         """Speculation pays in small batches only (`--speculative-disable-batch-size`)."""
-        return len(scheduler.running) <= self.config.speculative_disable_batch_size
+        return len(scheduler.running) <= self.config.speculation_batch_limit
 
     def wants_sync(self, chunks: list[ScheduledChunk], scheduler: Scheduler) -> bool:
         """Whether the next step may give one of these chunks' sequences a draft, which needs

@@ -39,7 +39,7 @@ def test_greedy_speculation_on_cuda_is_plain_decoding(tiny_checkpoint, make_core
     plain = run(make_core(model_dir, **settings), batch)
     extra = {"speculative_draft_model": model_dir} if method == "draft" else {}
     core = make_core(model_dir, **settings, speculative_method=method,
-                     num_speculative_tokens=4, **extra)
+                     num_speculative_tokens=4, speculative_disable_batch_size=8, **extra)
     assert core.runner.varlen_graphs is not None
     assert run(core, batch) == plain
     assert core.num_spec_proposed_total > 0 and core.num_spec_accepted_total > 0

@@ -94,6 +94,7 @@ def test_two_ranks_speculate_as_one(tiny_checkpoint, start_engine, method) -> No
     metrics_port = ephemeral_port()
     one = start_engine(model)
     two = start_engine(model, "-tp", "2", "--speculative-method", method, *extra,
+                       "--speculative-disable-batch-size", "8",
                        "--metrics-port", str(metrics_port))
     prompts = [p * 2 for p in PROMPTS]  # repeats for prompt lookup to find
     expected = generate_all(one.address, prompts, 24)

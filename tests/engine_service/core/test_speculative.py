@@ -104,13 +104,15 @@ def test_draft_model_speculation_is_plain_decoding_token_for_token(
     plain = run(build_engine(EngineConfig(model=target, **settings))[0], prompts)
     core, _ = build_engine(EngineConfig(model=target, **settings, speculative_method="draft",
                                         speculative_draft_model=demo_dir,
+                                        speculative_disable_batch_size=8,
                                         num_speculative_tokens=3))
     assert run(core, prompts) == plain
     proposed, accepted = usage(core)
     assert proposed > 50 and accepted < proposed
     # The draft equal to the target guesses every greedy token right.
     core = demo_core(num_kv_blocks=512, max_num_seqs=8, speculative_method="draft",
-                     speculative_draft_model=demo_dir, num_speculative_tokens=4)
+                     speculative_draft_model=demo_dir, num_speculative_tokens=4,
+                     speculative_disable_batch_size=8)
     greedy = [SamplingOptions(temperature=0.0, max_tokens=30, ignore_eos=True)]
     results = core.run_to_completion(
         [EngineRequest(f"g{i}", p, greedy[0]) for i, p in enumerate(prompts[:4])])
@@ -132,7 +134,8 @@ def test_speculation_survives_preemption_and_aborts(demo_core, demo_dir: Path, m
     extra = {"speculative_draft_model": demo_dir} if method == "draft" else {}
     plain_core = demo_core(**settings)
     plain, _ = run(plain_core, prompts, abort_at=5)
-    core = demo_core(**settings, speculative_method=method, **extra)
+    core = demo_core(**settings, speculative_method=method, speculative_disable_batch_size=8,
+                     **extra)
     streams, (_, _, free) = run(core, prompts, abort_at=5)
     assert core.scheduler.num_preemptions > 0
     assert free == core.pool.num_blocks and not any(core.pool.ref_counts)

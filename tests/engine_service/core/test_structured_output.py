@@ -523,7 +523,8 @@ def test_speculation_keeps_the_constraint_and_plain_decodings_tokens(core_of, de
                 for i, c in enumerate(constraints) for seed in range(4)]
     plain = core_of(**KV).run_to_completion(requests)
     extra = {"speculative_draft_model": demo_dir} if method == "draft" else {}
-    core = core_of(**KV, speculative_method=method, num_speculative_tokens=3, **extra)
+    core = core_of(**KV, speculative_method=method, num_speculative_tokens=3,
+                   speculative_disable_batch_size=64, **extra)
     speculated = core.run_to_completion(requests)
     assert {k: (g.token_ids, g.finish_reason) for k, g in speculated.items()} == {
         k: (g.token_ids, g.finish_reason) for k, g in plain.items()}
