@@ -6,7 +6,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import structlog
-import torch
 
 from llmserve.engine_service.config import EngineConfig
 from llmserve.engine_service.core.block_pool import BlockPool
@@ -14,6 +13,7 @@ from llmserve.engine_service.core.sampling_rows import sampling_batch
 from llmserve.engine_service.core.scheduler import ScheduledChunk, Scheduler
 from llmserve.engine_service.core.sequence import Sequence
 from llmserve.engine_service.core.speculator import Proposer, Speculator, num_accepted
+from llmserve.engine_service.core.step_in_flight import StepInFlight
 from llmserve.engine_service.core.structured_output import (
     Matcher,
     StructuredOutputs,
@@ -27,7 +27,7 @@ from llmserve.engine_service.runner.model_runner import (
     PendingTokens,
 )
 from llmserve.engine_service.runner.prompt_logprobs import PromptScores, prompt_scoring
-from llmserve.engine_service.runner.sampler import Sampler, SamplingBatch
+from llmserve.engine_service.runner.sampler import Sampler
 from llmserve.engine_service.seam import (
     EngineRequest,
     FinishReason,
@@ -54,38 +54,6 @@ class Generation:
     index: int = 0  # the sample (0 to n - 1)
     # Every sample of the request by index, this one included (one entry when n = 1).
     samples: "list[Generation]" = field(default_factory=list, compare=False, repr=False)
-
-
-@dataclass
-class StepInFlight:
-    """A launched step: its chunks and its drawn tokens, still on the device."""
-
-    chunks: list[ScheduledChunk]
-    sampling: list[ScheduledChunk]
-    tokens: torch.Tensor
-    logits: torch.Tensor | None  # kept only when logprobs are wanted
-    batch: SamplingBatch
-    deferrable: bool
-    prompt: PromptScores | None = None  # the prompt logprobs it scored
-    drafts: DeviceDrafts | None = None  # guesses it verified that the host has not read
-    host: torch.Tensor | None = None
-    copied: torch.cuda.Event | None = None
-    outputs: "list[RequestOutput] | None" = None  # once read (`EngineCore._complete`)
-
-    def copy_to_host(self) -> None:
-        """Starts the tokens' copy to pinned host memory (on CUDA) without waiting for it."""
-        if not self.tokens.is_cuda:
-            return
-        self.host = torch.empty(self.tokens.shape, dtype=self.tokens.dtype, pin_memory=True)
-        self.host.copy_(self.tokens, non_blocking=True)
-        self.copied = torch.cuda.Event()
-        self.copied.record()
-
-    def read_tokens(self) -> list[int]:
-        if self.copied is not None and self.host is not None:
-            self.copied.synchronize()
-            return self.host.tolist()
-        return self.tokens.tolist()
 
 
 class EngineCore:
@@ -296,8 +264,8 @@ class EngineCore:
                 outputs += self._complete(launched)
         return outputs
 
-    def _launch(self, chunks: list[ScheduledChunk], previous: "StepInFlight | None",
-                drafts: DeviceDrafts | None = None) -> "StepInFlight":
+    def _launch(self, chunks: list[ScheduledChunk], previous: StepInFlight | None,
+                drafts: DeviceDrafts | None = None) -> StepInFlight:
         """Runs the model and draws tokens on the device; reads nothing back."""
         pending = None
         if previous is not None:
@@ -349,7 +317,7 @@ class EngineCore:
                 seq.final_token_pending = self._length_reached(seq, seq.num_tokens)
         return step
 
-    def _complete(self, step: "StepInFlight") -> list[RequestOutput]:
+    def _complete(self, step: StepInFlight) -> list[RequestOutput]:
         """Reads a launched step's tokens and streams them; finishes what they end. Once: a
         step read early (see `_launch`) gives the same outputs again."""
         if step.outputs is not None:

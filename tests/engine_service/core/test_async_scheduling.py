@@ -97,7 +97,7 @@ def test_steps_that_admit_or_prefill_are_launched_before_the_previous_step_is_re
 ) -> None:
     """A step admitting a new request, or computing a prompt chunk, runs beside the step in
     flight: it is launched before that step's tokens are read."""
-    from llmserve.engine_service.core.engine_core import StepInFlight
+    from llmserve.engine_service.core.step_in_flight import StepInFlight
 
     core = demo_core(num_kv_blocks=512, max_num_seqs=8, max_num_batched_tokens=16,
                      async_scheduling=True)
