@@ -352,6 +352,8 @@ class EngineCore:
                 continue  # failed by its grammar
             if chunk.draft:
                 self._verified(chunk, accepted)
+                if seq.sampling.keeps_token_state:
+                    self.logits_processors.record_kept(seq, new_tokens)
             request_finished = seq.finish_reason is not None and self._end(seq)
             # The first output carries the prompt's logprobs, once.
             prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None

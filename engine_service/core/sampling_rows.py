@@ -19,9 +19,11 @@ def sampling_batch(sampling: list[ScheduledChunk], device: torch.device,
                    live: Callable[[Sequence], bool]) -> SamplingBatch:
     """One row per token drawn: a chunk with a draft draws after each of its tokens. `live`
     tells the sequences still running (a finished one's row draws, unmasked, for nothing)."""
+    drafts = None
     if any(c.draft for c in sampling):
         chunks = [c for c in sampling for _ in range(1 + len(c.draft))]
         positions = [c.seq.num_tokens + j for c in sampling for j in range(1 + len(c.draft))]
+        drafts = [(j, c.draft) for c in sampling for j in range(1 + len(c.draft))]
     else:
         chunks, positions = sampling, [c.seq.num_tokens for c in sampling]
     opts = [c.seq.sampling for c in chunks]
@@ -44,7 +46,7 @@ def sampling_batch(sampling: list[ScheduledChunk], device: torch.device,
         all_greedy=all(o.temperature == 0 for o in opts),
         any_greedy=any(o.temperature == 0 for o in opts),
         filtered=any(o.top_k > 0 or o.top_p < 1 or o.min_p > 0 for o in opts),
-        processing=(processors.prepare([c.seq for c in chunks])
+        processing=(processors.prepare([c.seq for c in chunks], drafts)
                     if any(o.processes_logits for o in opts) else None),
         grammar=(grammar_bitmask(chunks, structured, live)
                  if any(o.structured_output is not None for o in opts) else None),

@@ -62,12 +62,11 @@ class Speculator:
         self.max_model_len = config.max_model_len
 
     def speculates(self, seq: Sequence) -> bool:
-        """Whether the sequence takes drafts at all. Not with logits processing: the penalties'
-        token counts would have to run ahead through each draft token and back. (A grammar
-        does: its matcher checks the draft, runs ahead through it for the masks, and rolls
-        back; see sampling_rows.)"""
-        options = seq.sampling
-        return options.speculative_tokens != 0 and not options.processes_logits
+        """Whether the sequence takes drafts at all (unless it asks for none). With a grammar,
+        its matcher checks the draft, runs ahead through it for the masks and rolls back (see
+        sampling_rows); with penalties, each verifying row counts the draft tokens before it
+        (see LogitsProcessing.rounds)."""
+        return seq.sampling.speculative_tokens != 0
 
     def active(self, scheduler: Scheduler) -> bool:
         """Speculation pays in small batches only (`--speculative-disable-batch-size`)."""
@@ -99,9 +98,11 @@ class Speculator:
         drafts = self.proposer.propose([chunks[r].seq for r, _ in wanted], [k for _, k in wanted])
         lengths = [min(n, k) for n, (_, k) in zip(drafts.lengths, wanted, strict=True)]
         values = drafts.values
-        if values is None and any(chunks[r].seq.grammar is not None for r, _ in wanted):
+        if values is None and any(chunks[r].seq.grammar is not None
+                                  or chunks[r].seq.sampling.keeps_token_state for r, _ in wanted):
             assert drafts.tokens is not None
-            values = drafts.tokens.tolist()  # a grammar checks its guesses on the host
+            # A grammar checks the guesses on the host, and penalties count them from there.
+            values = drafts.tokens.tolist()
         for i, ((r, _), n) in enumerate(zip(wanted, lengths, strict=True)):
             chunk = chunks[r]
             draft = values[i][:n] if values is not None else [-1] * n

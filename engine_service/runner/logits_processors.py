@@ -20,6 +20,11 @@ the device one pass over the penalized rows. Slots are given back when the reque
 aborted or preempted; the table grows by doubling as more requests hold one at a time (at most
 max_num_seqs rows: 256 x 151,936 x 4 bytes = 155 MB, which the KV cache sizing reserves).
 
+Speculative decoding's verifying rows: the row after j draft tokens is processed as if they were
+output already (each round of rows adds the drafts' next token to their slots, and the step takes
+them out again), and a draft's rows are left out of the step's record: its kept tokens are
+counted once the host has read which they are (`record_kept`).
+
 A batch where no row asks builds nothing here: `SamplingOptions.processes_logits` tells.
 """
 
@@ -98,6 +103,10 @@ class TokenState:
         slot = self._slots.get(seq)
         return slot if slot is not None else self._assign(seq)
 
+    def held(self, seq: Hashable) -> int | None:
+        """The sequence's slot, if it holds one."""
+        return self._slots.get(seq)
+
     def release(self, seq: Hashable) -> None:
         """Gives the sequence's slot back (if it holds one). Work already queued on the device
         for it runs before the slot's next fill, which is queued after it."""
@@ -164,6 +173,11 @@ class LogitsProcessing:
     slots: torch.Tensor | None  # [P] int64
     bias: bool  # some slotted row has a logit bias
     penalties: bool  # some slotted row has a penalty
+    # With drafts (speculative decoding): per round j, the slotted rows drawn after j draft
+    # tokens, their slots, and the (slots, tokens) of each draft's j-th token, counted before
+    # the round; the rows whose draw `record` counts (not a draft's: those count once kept).
+    rounds: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None
+    recorded: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """An fp32 copy of `logits` [N, V] with min_tokens, logit_bias and the penalties
@@ -178,17 +192,32 @@ class LogitsProcessing:
                 ids = state.bias_ids[self.slots]
                 logits.index_put_((self.rows[:, None].expand_as(ids), ids),
                                   state.bias_values[self.slots], accumulate=True)
-            if self.penalties:
-                penalize = apply_penalties if logits.is_cuda else apply_penalties_torch
-                penalize(logits, self.rows, self.slots, state.counts, state.params)
+            if self.penalties and self.rounds is None:
+                self._penalize(logits, self.rows, self.slots)
+            elif self.penalties:
+                # A row after j draft tokens sees them counted: each round adds the drafts'
+                # next token to their slots, and the drafts are taken back out after.
+                one = torch.ones((), dtype=state.counts.dtype, device=logits.device)
+                added = [adds for _, _, adds in self.rounds if adds is not None]
+                for rows, slots, adds in self.rounds:
+                    if adds is not None:
+                        state.counts.index_put_((adds[0], adds[1]), one, accumulate=True)
+                    self._penalize(logits, rows, slots)
+                for adds in added:
+                    state.counts.index_put_((adds[0], adds[1]), -one, accumulate=True)
         return logits
+
+    def _penalize(self, logits: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> None:
+        penalize = apply_penalties if logits.is_cuda else apply_penalties_torch
+        penalize(logits, rows, slots, self.state.counts, self.state.params)
 
     def record(self, tokens: torch.Tensor) -> None:
         """Counts the step's drawn tokens [N] (on the device) in their rows' slots."""
-        if self.rows is None or self.slots is None:
+        rows, slots = self.recorded if self.rounds is not None else (self.rows, self.slots)
+        if rows is None or slots is None or not len(rows):
             return
         counts = self.state.counts
-        counts.index_put_((self.slots, tokens[self.rows]),
+        counts.index_put_((slots, tokens[rows]),
                           torch.ones((), dtype=counts.dtype, device=counts.device),
                           accumulate=True)
 
@@ -202,19 +231,28 @@ class LogitsProcessors:
         self.eos_token_ids = tuple(eos_token_ids)
         self.device = device
 
-    def prepare(self, seqs: Sequence[TokenSequence]) -> LogitsProcessing | None:
+    def prepare(self, seqs: Sequence[TokenSequence],
+                drafts: Sequence[tuple[int, list[int]]] | None = None
+                ) -> LogitsProcessing | None:
         """The processing of one step's sampling rows (one per sequence, in order); None when
-        no row needs any (call it only when some row's options have `processes_logits`)."""
+        no row needs any (call it only when some row's options have `processes_logits`).
+
+        With speculative decoding a sequence with a draft has a row after each of its draft
+        tokens: `drafts[r]` is row r's (j, draft), j the draft tokens before it (None: no row
+        follows a draft)."""
         banned_rows: list[int] = []
         banned_ids: list[int] = []
         rows: list[int] = []
         slots: list[int] = []
+        offsets: list[int] = []
         bias = penalties = False
         for r, seq in enumerate(seqs):
             options = seq.sampling
             if not options.processes_logits:
                 continue
-            if options.min_tokens and seq.num_tokens - seq.num_prompt_tokens < options.min_tokens:
+            before = drafts[r][0] if drafts is not None else 0
+            output = seq.num_tokens + before - seq.num_prompt_tokens
+            if options.min_tokens and output < options.min_tokens:
                 stops = options.stop_token_ids
                 if not options.ignore_eos:
                     stops = (*stops, *self.eos_token_ids)
@@ -223,6 +261,7 @@ class LogitsProcessors:
             if options.keeps_token_state:
                 rows.append(r)
                 slots.append(self.state.slot(seq))
+                offsets.append(before)
                 bias |= bool(options.logit_bias)
                 penalties |= (options.presence_penalty != 0 or options.frequency_penalty != 0
                               or options.repetition_penalty != 1.0)
@@ -231,9 +270,43 @@ class LogitsProcessors:
         banned = (upload([banned_rows, banned_ids], torch.int64, self.device)
                   if banned_rows else None)
         index = upload([rows, slots], torch.int64, self.device) if rows else None
-        return LogitsProcessing(self.state, banned,
-                                None if index is None else index[0],
-                                None if index is None else index[1], bias, penalties)
+        processing = LogitsProcessing(self.state, banned,
+                                      None if index is None else index[0],
+                                      None if index is None else index[1], bias, penalties)
+        if drafts is not None and any(drafts[r][1] for r in rows):
+            self._draft_rounds(processing, rows, slots, offsets, drafts)
+        return processing
+
+    def _draft_rounds(self, processing: LogitsProcessing, rows: list[int], slots: list[int],
+                      offsets: list[int], drafts: Sequence[tuple[int, list[int]]]) -> None:
+        """Splits the slotted rows into rounds by the draft tokens before them (see
+        `LogitsProcessing.rounds`); only the draws of rows without a draft are recorded at
+        once."""
+        rounds = []
+        for j in range(max(offsets) + 1):
+            at = [i for i, offset in enumerate(offsets) if offset == j]
+            adds = [(slots[i], drafts[rows[i]][1][j - 1]) for i in at] if j else []
+            where = upload([[rows[i] for i in at], [slots[i] for i in at]], torch.int64,
+                           self.device)
+            rounds.append((where[0], where[1],
+                           upload(list(zip(*adds, strict=True)), torch.int64, self.device)
+                           if adds else None))
+        plain = [i for i in range(len(rows)) if not drafts[rows[i]][1]]
+        recorded = upload([[rows[i] for i in plain], [slots[i] for i in plain]], torch.int64,
+                          self.device)
+        processing.rounds = rounds
+        processing.recorded = (recorded[0], recorded[1])
+
+    def record_kept(self, seq: Hashable, tokens: list[int]) -> None:
+        """Counts a draft's kept tokens (and the pick after them) in the sequence's slot, if it
+        holds one (the step's `record` left its rows out)."""
+        slot = self.state.held(seq)
+        if slot is None or not tokens:
+            return
+        row = self.state.counts[slot]
+        row.index_put_((upload(tokens, torch.int64, self.device),),
+                       torch.ones(len(tokens), dtype=row.dtype, device=row.device),
+                       accumulate=True)
 
     def release(self, seq: Hashable) -> None:
         self.state.release(seq)

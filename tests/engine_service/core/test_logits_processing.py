@@ -177,3 +177,4 @@ def test_a_failed_over_stream_keeps_its_penalty_counts(demo_core) -> None:
                         presence_penalty=1.5, frequency_penalty=2.0),
         resumed_output_tokens=cut)])["b"].token_ids
     assert whole[:cut] + resumed == whole
+

@@ -31,22 +31,30 @@ def repetitive_prompts(count: int, seed: int) -> list[list[int]]:
     return prompts
 
 
+OWN_NINTH = (-1,)  # stands for the ninth token of the prompt's own greedy output
 OPTIONS = [
     SamplingOptions(temperature=0.0, max_tokens=30, ignore_eos=True),
     SamplingOptions(temperature=0.9, max_tokens=25, seed=11, ignore_eos=True),
-    SamplingOptions(temperature=0.0, max_tokens=28),  # stops on a token of its own output
+    SamplingOptions(temperature=0.0, max_tokens=28, stop_token_ids=OWN_NINTH),
     SamplingOptions(temperature=0.0, max_tokens=17, ignore_eos=True, logprobs=2),
     SamplingOptions(temperature=0.5, max_tokens=21, seed=5, top_k=20, ignore_eos=True),
+    # Penalties, bias and min_tokens: each verifying row counts the draft tokens before it.
+    SamplingOptions(temperature=0.0, max_tokens=26, ignore_eos=True, presence_penalty=0.4,
+                    frequency_penalty=0.3),
+    SamplingOptions(temperature=0.7, max_tokens=22, seed=3, ignore_eos=True,
+                    repetition_penalty=1.3, logit_bias=((5, 2.0), (17, -3.0))),
+    SamplingOptions(temperature=0.0, max_tokens=24, min_tokens=12, stop_token_ids=OWN_NINTH),
 ]
 
 
 def run(core, prompts: list[list[int]], abort_at: int | None = None) -> tuple[dict, list]:
     """Each request's concatenated stream (tokens, logprobs, last finish reason and usage), and
-    the prefix cache's net changes and free blocks after the run. Requests 2, 7, ... stop on
-    the ninth token of their greedy output (found by a plain run of the prompt alone)."""
+    the prefix cache's net changes and free blocks after the run. Requests whose options stop
+    on OWN_NINTH stop on the ninth token of their greedy output (found by a plain run of the
+    prompt alone)."""
     for i, prompt in enumerate(prompts):
         options = OPTIONS[i % len(OPTIONS)]
-        if i % len(OPTIONS) == 2:
+        if options.stop_token_ids == OWN_NINTH:
             options = replace(options, stop_token_ids=(ninth_greedy_token(core, prompt),))
         core.add_request(EngineRequest(f"r{i}", prompt, options))
     streams: dict[str, dict] = {}
@@ -83,7 +91,7 @@ def usage(core) -> tuple[int, int]:
 
 @pytest.mark.parametrize("k", [1, 3, 8])
 def test_ngram_speculation_is_plain_decoding_token_for_token(demo_core, k) -> None:
-    prompts = repetitive_prompts(10, seed=k)
+    prompts = repetitive_prompts(16, seed=k)
     settings = {"num_kv_blocks": 512, "max_num_seqs": 8}
     plain = run(demo_core(**settings), prompts)
     core = demo_core(**settings, speculative_method="ngram", num_speculative_tokens=k)

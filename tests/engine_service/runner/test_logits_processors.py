@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
+from llmserve.engine_service.core.sequence import Sequence
 from llmserve.engine_service.runner.logits_processors import MIN_SLOTS, LogitsProcessors
 from llmserve.engine_service.runner.sampler import Sampler, SamplingBatch
-from llmserve.engine_service.seam import SamplingOptions
+from llmserve.engine_service.seam import EngineRequest, SamplingOptions
 from llmserve.kernels.penalties import COUNT_MASK, PROMPT_BIT
 
 VOCAB = 64
@@ -177,3 +178,43 @@ def test_sampler_draws_after_processing_and_reports_raw_logprobs() -> None:
     assert tokens[2] == int(logits[2].argmax())
     raw = torch.log_softmax(logits, dim=-1)
     assert logprobs[0] is not None and abs(logprobs[0].logprob - float(raw[0, 17])) < 1e-5
+
+
+def test_rows_after_draft_tokens_count_them_and_only_kept_tokens_are_recorded() -> None:
+    """Speculative decoding's rows: the row after j draft tokens is processed as if they were
+    output already (penalties, min_tokens), each row against its own definition, and the
+    slot's counts are as before once the step is applied; the rows of a draft are left out of
+    the step's record, and its kept tokens are counted after."""
+    vocab, eos = 40, 0
+    options = SamplingOptions(presence_penalty=0.5, frequency_penalty=0.7,
+                              repetition_penalty=1.3, logit_bias=((4, 1.5),), min_tokens=4)
+    prompt, output, draft = [1, 2, 3], [5, 6], [6, 5, 9]
+
+    def sequence(tokens: list[int]) -> Sequence:
+        seq = Sequence(EngineRequest("s", prompt, options), 0, 0)
+        seq.token_ids += tokens
+        return seq
+
+    processors = LogitsProcessors(vocab, (eos,), torch.device("cpu"))
+    seq = sequence(output)
+    other = sequence([7])  # a row without a draft beside them
+    rows = [seq] * (len(draft) + 1) + [other]
+    drafts = [(j, draft) for j in range(len(draft) + 1)] + [(0, [])]
+    logits = torch.randn(len(rows), vocab)
+    processing = processors.prepare(rows, drafts)
+    before = processors.state.counts.clone()
+    got = processing.apply(logits)
+    assert torch.equal(processors.state.counts, before)
+    for j in range(len(draft) + 1):
+        alone = LogitsProcessors(vocab, (eos,), torch.device("cpu"))
+        want = alone.prepare([sequence(output + draft[:j])]).apply(logits[j : j + 1])
+        torch.testing.assert_close(got[j : j + 1], want)
+    drawn = torch.tensor([6, 5, 2, 8, 11])
+    processing.record(drawn)
+    slot = processors.state.held(other)
+    assert processors.state.counts[slot, 11] - before[slot, 11] == 1  # the plain row counted
+    assert torch.equal(processors.state.counts[processors.state.held(seq)],
+                       before[processors.state.held(seq)])  # the draft's rows not yet
+    processors.record_kept(seq, [6, 5, 2])
+    assert (processors.state.counts[processors.state.held(seq), [6, 5, 2]]
+            - before[processors.state.held(seq), [6, 5, 2]]).tolist() == [1, 1, 1]
