@@ -48,22 +48,26 @@ def sampling_batch(sampling: list[ScheduledChunk], device: torch.device,
         filtered=any(o.top_k > 0 or o.top_p < 1 or o.min_p > 0 for o in opts),
         processing=(processors.prepare([c.seq for c in chunks], drafts)
                     if any(o.processes_logits for o in opts) else None),
-        grammar=(grammar_bitmask(chunks, structured, live)
+        grammar=(grammar_bitmask(chunks, structured, live, drafts is not None)
                  if any(o.structured_output is not None for o in opts) else None),
     )
 
 
 def grammar_bitmask(chunks: list[ScheduledChunk], structured: StructuredOutputs,
-                    live: Callable[[Sequence], bool]) -> GrammarBitmask | None:
+                    live: Callable[[Sequence], bool], with_drafts: bool = False
+                    ) -> GrammarBitmask | None:
     """The next-token masks of the rows whose sequence follows a grammar (each has accepted
     every token before the one drawn here). A chunk with a draft has 1 + len(draft) rows in a
     row, the j-th drawn after the draft's first j tokens: its matcher takes them one round at a
     time, masking each row from the state before it, and rolls back after (attach_drafts made
-    sure it accepts them)."""
+    sure it accepts them). `with_drafts`: some chunk has a draft (else one fill, as ever)."""
     rows = [r for r, c in enumerate(chunks) if c.seq.grammar is not None and live(c.seq)]
     if not rows:
         return None
     assert not any(chunks[r].seq.num_pending_tokens for r in rows), "mask past a pending token"
+    if not with_drafts:
+        grammars = [chunks[r].seq.grammar for r in rows]
+        return GrammarBitmask(structured.fill_bitmask(grammars), rows)  # type: ignore[arg-type]
     offsets = [0] * len(rows)  # each row's draft tokens before it
     for i in range(1, len(rows)):
         if chunks[rows[i]] is chunks[rows[i - 1]] and rows[i] == rows[i - 1] + 1:
