@@ -96,6 +96,8 @@ class EngineCore:
         # Requests whose last running sample was aborted, each ended by an output of no tokens
         # with request_finished set, since the owner last took them (`take_ended`).
         self.ended: list[RequestOutput] = []
+        # Samples aborted while their request's constraint compiles: never admitted.
+        self._cancelled_samples: dict[str, set[int]] = {}
 
     @property
     def has_work(self) -> bool:
@@ -118,20 +120,28 @@ class EngineCore:
             self._add_sequence(request)
 
     def _add_sequence(self, request: EngineRequest, grammar: Matcher | None = None) -> None:
-        """Queues a sequence per sample; the scheduler admits the later ones once the first has
-        computed the prompt, whose blocks they share."""
+        """Queues a sequence per sample (but those aborted while it compiled); the scheduler
+        admits the later ones once the first has computed the prompt, whose blocks they
+        share."""
         seed = request.sampling.seed
         samples = []
+        cancelled = self._cancelled_samples.pop(request.request_id, set())
         for index in range(request.sampling.n):
+            if index in cancelled:
+                continue
             seq = Sequence(
                 request, next(self._arrivals),
                 (seed + index) % (1 << 64) if seed is not None else random.getrandbits(64),
-                grammar if index == 0 or grammar is None else grammar.deep_copy(), index,
+                grammar if not samples or grammar is None else grammar.deep_copy(), index,
             )
-            if index:
+            if samples:
                 seq.prompt_logprobs = None  # the first sample scores the prompt, once
             seq.samples = samples
             samples.append(seq)
+        if not samples:  # every sample was aborted while it compiled
+            self.ended.append(RequestOutput(request.request_id, [], index=max(cancelled),
+                                            request_finished=True))
+            return
         self.sequences[request.request_id] = list(samples)
         for seq in samples:
             self.scheduler.add(seq)
@@ -142,6 +152,7 @@ class EngineCore:
         for request, matcher in ready:
             self._add_sequence(request, matcher)
         for request_id, error in refused:
+            self._cancelled_samples.pop(request_id, None)
             log.info("structured_output_refused", request_id=request_id, status=error.status,
                      reason=str(error)[:200])
             self.rejected.append(RejectedRequest(request_id, str(error), error.status))
@@ -159,9 +170,13 @@ class EngineCore:
         of its own, no tokens and request_finished set (`take_ended`).
         """
         if sample is not None:
-            self._abort_sample(request_id, sample)
+            if self.structured.has(request_id):
+                self._cancelled_samples.setdefault(request_id, set()).add(sample)
+            else:
+                self._abort_sample(request_id, sample)
             return
         self.structured.cancel(request_id)
+        self._cancelled_samples.pop(request_id, None)
         for seq in self.sequences.pop(request_id, ()):
             self.scheduler.abort(seq)
             self._release(seq)

@@ -532,3 +532,31 @@ def test_speculation_keeps_the_constraint_and_plain_decodings_tokens(core_of, de
     for key, g in speculated.items():
         if key.startswith("0-") and g.finish_reason is FinishReason.STOP:
             jsonschema.validate(json.loads(decode(g.token_ids)), SCHEMA)
+
+
+def test_a_sample_aborted_while_its_constraint_compiles_never_runs(demo_core) -> None:
+    """A stop string can end one sample (the router's cancel_sample) before the request's
+    constraint has compiled: that sample is never admitted, its siblings run as ever, and a
+    request all of whose samples were aborted so ends with an output of its own."""
+    core = demo_core(**KV)
+    regex = spec("regex", REGEX)
+    core.add_request(replace(constrained("r", 1, regex), sampling=replace(
+        constrained("r", 1, regex).sampling, n=3)))
+    core.add_request(replace(constrained("gone", 2, regex), sampling=replace(
+        constrained("gone", 2, regex).sampling, n=2)))
+    assert core.compiling
+    core.abort_request("r", sample=1)
+    core.abort_request("gone", sample=0)
+    core.abort_request("gone", sample=1)
+    samples: dict[tuple[str, int], list[int]] = {}
+    ended = []
+    while core.has_work or core.compiling:
+        if not core.has_work:
+            core.structured.wait()
+        for out in core.step():
+            samples.setdefault((out.request_id, out.index), []).extend(out.new_token_ids)
+        ended += core.take_ended()
+    assert sorted(samples) == [("r", 0), ("r", 2)]
+    assert [(e.request_id, e.request_finished, e.new_token_ids) for e in ended] == [
+        ("gone", True, [])]
+    assert not core.sequences and core.pool.num_free == core.pool.num_blocks
