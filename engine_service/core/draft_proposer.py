@@ -95,10 +95,13 @@ class DraftProposer:
                 rows.append(i)
             else:
                 self._proposed[seq] = _Proposed(start + count, len(seq.token_ids))
-        k = max((ks[i] for i in rows), default=0)
-        if not catch_up or not k:
+        if not catch_up:
             return Drafts(lengths, values=[[] for _ in seqs])
+        # Run even when no sequence caught up enough to guess: `_proposed` counts it computed.
         logits, _ = self.runner.execute(catch_up)
+        if not views:
+            return Drafts(lengths, values=[[] for _ in seqs])
+        k = max(ks[i] for i in rows)
         tokens = torch.zeros(len(seqs), k, dtype=torch.int64, device=logits.device)
         guess = logits.argmax(dim=-1)
         # Pinned and non-blocking: a pageable copy would wait for the pass just launched.

@@ -263,3 +263,20 @@ def test_bad_configurations_stop_start_up(demo_dir: Path, tmp_path: Path) -> Non
     with pytest.raises(ValueError, match="vocabulary"):
         build_engine(EngineConfig(model=demo_dir, device="cpu", speculative_method="draft",
                                   speculative_draft_model=other))
+
+
+def test_a_draft_catching_up_over_several_steps_computes_every_position(demo_core,
+                                                                        demo_dir: Path) -> None:
+    """A draft pass holds at most a step's tokens, so a long prompt's catch-up takes several
+    steps before the draft guesses; with the target as its own draft every greedy guess is then
+    kept, which a position the draft skipped would break."""
+    prompt = [(13 * i) % 500 + 3 for i in range(45)]  # three 16-token catch-up passes
+    core = demo_core(max_num_batched_tokens=16, max_num_seqs=8, speculative_method="draft",
+                     speculative_draft_model=demo_dir, speculative_disable_batch_size=8)
+    options = SamplingOptions(temperature=0.0, max_tokens=24, ignore_eos=True)
+    result = core.run_to_completion([EngineRequest("long", prompt, options)])["long"]
+    plain = demo_core(max_num_batched_tokens=16, max_num_seqs=8).run_to_completion(
+        [EngineRequest("long", prompt, options)])["long"]
+    assert result.token_ids == plain.token_ids
+    proposed, accepted = usage(core)
+    assert proposed > 0 and accepted == proposed
