@@ -65,11 +65,8 @@ def grammar_bitmask(chunks: list[ScheduledChunk], structured: StructuredOutputs,
     if not rows:
         return None
     assert not any(chunks[r].seq.num_pending_tokens for r in rows), "mask past a pending token"
-    if not with_drafts:
-        grammars = [chunks[r].seq.grammar for r in rows]
-        return GrammarBitmask(structured.fill_bitmask(grammars), rows)  # type: ignore[arg-type]
     offsets = [0] * len(rows)  # each row's draft tokens before it
-    for i in range(1, len(rows)):
+    for i in range(1, len(rows)) if with_drafts else ():
         if chunks[rows[i]] is chunks[rows[i - 1]] and rows[i] == rows[i - 1] + 1:
             offsets[i] = offsets[i - 1] + 1
     if not any(offsets):
