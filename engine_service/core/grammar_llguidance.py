@@ -8,7 +8,6 @@ fit to quote back to the caller. It is the only backend that speaks the `grammar
 """
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -51,7 +50,8 @@ class LLGuidanceBackend:
     name = NAME
 
     def __init__(self, tokenizer_path: Path, vocab_size: int,
-                 eos_token_ids: tuple[int, ...]) -> None:
+                 eos_token_ids: tuple[int, ...], num_threads: int) -> None:
+        self.num_threads = num_threads  # that fill masks in parallel
         self.tokenizer = llguidance.LLTokenizer(
             tokenizer_path.read_text(), n_vocab=vocab_size, eos_token=list(eos_token_ids) or None)
         self.words = (vocab_size + 31) // 32
@@ -84,9 +84,6 @@ class LLGuidanceBackend:
             matchers[0].unsafe_compute_mask_ptr(array.ctypes.data + rows[0] * stride, stride)
             return
         if self._executor is None:
-            # The step loop waits for the masks (the forward pass runs meanwhile on the
-            # device): every core but one, the frontend's.
-            self._executor = llguidance.LLExecutor(
-                num_threads=max(1, min(32, (os.cpu_count() or 2) - 1)))
+            self._executor = llguidance.LLExecutor(num_threads=self.num_threads)
         self._executor.unsafe_compute_mask_ptr(
             list(zip(matchers, rows, strict=True)), array.ctypes.data, stride, array.shape[0])

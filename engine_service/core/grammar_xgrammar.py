@@ -22,7 +22,6 @@ so this module keeps to what it can serve safely and correctly:
 """
 
 import json
-import os
 import re
 import threading
 import warnings
@@ -224,7 +223,8 @@ class XGrammarBackend:
     name = NAME
 
     def __init__(self, tokenizer_path: Path, vocab_size: int,
-                 eos_token_ids: tuple[int, ...]) -> None:
+                 eos_token_ids: tuple[int, ...], num_threads: int) -> None:
+        self.num_threads = num_threads  # that fill masks in parallel
         self.info = _vocabulary(tokenizer_path, vocab_size, eos_token_ids)
         self.compiler = xgrammar.GrammarCompiler(self.info, cache_enabled=False)
         self.words = (vocab_size + 31) // 32
@@ -298,8 +298,6 @@ class XGrammarBackend:
             matchers[0]._matcher.fill_next_token_bitmask(bitmask, rows[0])
             return
         if self._batch is None:
-            # As llguidance's: every core but one (the frontend's).
-            self._batch = xgrammar.BatchGrammarMatcher(
-                max_threads=max(1, min(32, (os.cpu_count() or 2) - 1)))
+            self._batch = xgrammar.BatchGrammarMatcher(max_threads=self.num_threads)
         self._batch.batch_fill_next_token_bitmask(
             [m._matcher for m in matchers], bitmask, list(rows))

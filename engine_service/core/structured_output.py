@@ -33,6 +33,7 @@ with FINISH_REASON_STOP.
 
 import contextlib
 import json
+import os
 import socket
 import threading
 import time
@@ -54,6 +55,9 @@ log = structlog.get_logger(__name__)
 BACKENDS = ("auto", "llguidance", "xgrammar")
 CACHE_SIZE = 256
 COMPILE_THREADS = 2
+# Threads that fill a step's masks, in either library: the step loop waits for them (the forward
+# pass runs meanwhile on the device), so every core but one, the frontend's.
+MASK_THREADS = max(1, min(32, (os.cpu_count() or 2) - 1))
 # The most of a library message a refusal quotes.
 MAX_MESSAGE_CHARS = 1000
 
@@ -129,14 +133,14 @@ def field_of(spec: StructuredOutputSpec) -> str:
 
 
 def _llguidance(tokenizer_path: Path, vocab_size: int, eos: tuple[int, ...]) -> Backend:
-    return grammar_llguidance.LLGuidanceBackend(tokenizer_path, vocab_size, eos)
+    return grammar_llguidance.LLGuidanceBackend(tokenizer_path, vocab_size, eos, MASK_THREADS)
 
 
 def _xgrammar(tokenizer_path: Path, vocab_size: int, eos: tuple[int, ...]) -> Backend:
     # Imported on first use: xgrammar loads torch's and transformers' Python side (seconds).
     from llmserve.engine_service.core import grammar_xgrammar
 
-    return grammar_xgrammar.XGrammarBackend(tokenizer_path, vocab_size, eos)
+    return grammar_xgrammar.XGrammarBackend(tokenizer_path, vocab_size, eos, MASK_THREADS)
 
 
 BUILDERS: dict[str, Callable[[Path, int, tuple[int, ...]], Backend]] = {

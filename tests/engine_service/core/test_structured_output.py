@@ -457,7 +457,7 @@ def test_xgrammar_strings_are_json(demo_dir: Path, tokenizer: Tokenizer) -> None
     from llmserve.engine_service.core.grammar_xgrammar import XGrammarBackend
 
     path, vocab = demo_dir / "tokenizer.json", tokenizer.get_vocab_size()
-    backends = [XGrammarBackend(path, vocab, (2,)), LLGuidanceBackend(path, vocab, (2,))]
+    backends = [XGrammarBackend(path, vocab, (2,), 2), LLGuidanceBackend(path, vocab, (2,), 2)]
     schema = {"type": "object", "properties": {"s": {"type": "string", "maxLength": 9}},
               "required": ["s"], "x-guidance": {"whitespace_flexible": False}}
     prefix = tokenizer.encode('{"s":"a').ids
