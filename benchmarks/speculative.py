@@ -79,9 +79,10 @@ HERE = Path(__file__).resolve().parent
 METHODS = ("none", "ngram", "draft")
 START_LEAD_S = 1.0  # from handing a level to the load processes to its shared start
 WARMUP_STREAMS = 2
-# Rough costs for the time plan (H100 / CPU): an engine's start and stop, a method's streams,
-# what preparing costs besides training (imports, tokenizing, saving, the bench checkpoint).
-ENGINE_START_S = {"cuda": 35.0, "cpu": 8.0}
+# Rough costs for the time plan (H100 / CPU, measured, with margin): an engine's start and
+# stop, a method's streams, what preparing costs besides training (imports, tokenizing,
+# saving, the bench checkpoint).
+ENGINE_START_S = {"cuda": 20.0, "cpu": 8.0}
 SERVE_S = {"cuda": 15.0, "cpu": 4.0}
 PREPARE_S = {"cuda": 45.0, "cpu": 15.0}
 PROPOSED_METRIC = "llmserve_engine_speculative_proposed_tokens_total"

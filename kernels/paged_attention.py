@@ -65,6 +65,9 @@ def paged_attention_torch(
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
     decode_rows = [b for b in range(len(lens)) if starts[b + 1] - starts[b] == 1]
+    # A row of seq_len 0 (padding, or a draft loop's row past its guesses) attends to nothing.
+    out[[starts[b] for b in decode_rows if lens[b] == 0]] = 0
+    decode_rows = [b for b in decode_rows if lens[b] > 0]
     device = q.device
     # K, V and (for e4m3) their scales, the scales viewed as pages [num_blocks, block_size, Hkv]
     caches = [k_cache, v_cache]

@@ -6,7 +6,8 @@ own, and the blocks a sequence frees or shares free or share both. What the draf
 of a sequence is tracked here. It catches up lazily: before proposing, one pass computes the
 sequence's tokens it has not seen (its whole prompt the first time; the token the target picked
 after a rejected draft, or the last draft token and the bonus after an accepted one), and its
-logits give the first guess; k - 1 decode passes follow, each guess fed back on the device.
+logits give the first guess; k - 1 greedy decode passes follow in one graph replay
+(`ModelRunner.decode_greedy`), each guess fed back on the device.
 Its KV at a draft position stays valid only if the target kept that token, which the next
 proposal checks against the sequence's tokens.
 
@@ -21,14 +22,14 @@ import torch
 
 from llmserve.engine_service.core.sequence import Sequence
 from llmserve.engine_service.core.speculator import Drafts
-from llmserve.engine_service.runner.model_runner import ModelRunner, PendingTokens
+from llmserve.engine_service.runner.model_runner import ModelRunner
 from llmserve.engine_service.runner.step_inputs import upload
 
 
 @dataclass(eq=False)
 class _DraftView:
-    """A sequence as the draft's passes see it: its guesses so far are pending tokens (on the
-    device, fed back there), past its known tokens."""
+    """A sequence as the draft's catch-up sees it (its guesses are made past it, on the
+    device)."""
 
     token_ids: list[int]
     num_prompt_tokens: int
@@ -46,8 +47,7 @@ class _DraftChunk:
 
     @property
     def samples(self) -> bool:
-        seq = self.seq
-        return self.start + self.num_tokens == len(seq.token_ids) + seq.num_pending_tokens
+        return self.start + self.num_tokens == len(self.seq.token_ids)
 
 
 @dataclass
@@ -101,34 +101,15 @@ class DraftProposer:
         logits, _ = self.runner.execute(catch_up)
         if not views:
             return Drafts(lengths, values=[[] for _ in seqs])
-        k = max(ks[i] for i in rows)
-        tokens = torch.zeros(len(seqs), k, dtype=torch.int64, device=logits.device)
-        guess = logits.argmax(dim=-1)
-        # Pinned and non-blocking: a pageable copy would wait for the pass just launched.
-        on_device = upload(rows, torch.int64, logits.device)
-        tokens[on_device, 0] = guess
-        live = list(range(len(views)))  # the last pass's rows, as indices into views
-        decode = all(c.num_tokens == 1 for c in catch_up) and len(views) == len(catch_up)
-        for j in range(1, k):
-            previous = {v: n for n, v in enumerate(live)}
-            still = [v for v in live if ks[rows[v]] > j]
-            if not still:
-                break
-            if decode and len(still) == len(live):
-                # The same sequences one token further: the inputs advance on the device.
-                logits = self.runner.execute_next_decode(guess)
-            else:
-                for v in still:
-                    views[v].num_pending_tokens = j
-                chunks = [_DraftChunk(views[v], len(views[v].token_ids) + j - 1, 1)
-                          for v in still]
-                logits, _ = self.runner.execute(chunks, PendingTokens(
-                    guess, list(range(len(still))), [previous[v] for v in still]))
-                decode = True
-                on_device = upload([rows[v] for v in still], torch.int64, logits.device)
-            guess = logits.argmax(dim=-1)
-            tokens[on_device, j] = guess
-            live = still
+        wanted = [ks[i] for i in rows]
+        guesses = self.runner.decode_greedy(logits.argmax(dim=-1), views, wanted)
+        if len(rows) < len(seqs):
+            tokens = torch.zeros(len(seqs), guesses.shape[1], dtype=guesses.dtype,
+                                 device=guesses.device)
+            # Pinned and non-blocking: a pageable copy would wait for the passes just launched.
+            tokens[upload(rows, torch.int64, guesses.device)] = guesses
+        else:
+            tokens = guesses
         for i in rows:
             seq = seqs[i]
             lengths[i] = ks[i]

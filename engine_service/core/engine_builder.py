@@ -25,6 +25,7 @@ from llmserve.engine_service.parallel.group import TensorParallelGroup, join_gro
 from llmserve.engine_service.parallel.rank_processes import RankProcesses
 from llmserve.engine_service.runner.cuda_graphs import (
     CudaGraphCapture,
+    eager_capture,
     graph_batch_sizes,
     varlen_graph_sizes,
 )
@@ -127,9 +128,13 @@ def build_engine(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
         proposer = NgramProposer(config.ngram_prompt_lookup_min, config.ngram_prompt_lookup_max)
     elif draft is not None:
         draft.allocate_kv_cache(num_blocks)
-        # Drafts are proposed only in batches up to the speculation's limit.
-        _warm_up(draft, replace(config, max_num_seqs=min(
-            config.max_num_seqs, max(1, config.speculation_batch_limit))), use_graphs)
+        # Drafts are proposed only in batches up to the speculation's limit; a catch-up takes
+        # up to two rows a sequence (the last guess and the target's next token).
+        limit = min(config.max_num_seqs, max(1, config.speculation_batch_limit))
+        _warm_up(draft, replace(config, max_num_seqs=min(config.max_num_seqs, 2 * limit)),
+                 use_graphs)
+        draft.capture_greedy_loop(config.num_speculative_tokens - 1, graph_batch_sizes(limit),
+                                  CudaGraphCapture() if use_graphs else eager_capture)
         proposer = DraftProposer(draft)
     core = EngineCore(config, runner, Scheduler(config, pool), pool, spec.eos_token_ids,
                       proposer)

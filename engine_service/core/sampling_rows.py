@@ -3,6 +3,7 @@ the logits processing and grammar masks of the rows that ask."""
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from llmserve.engine_service.core.scheduler import ScheduledChunk
@@ -27,21 +28,20 @@ def sampling_batch(sampling: list[ScheduledChunk], device: torch.device,
     else:
         chunks, positions = sampling, [c.seq.num_tokens for c in sampling]
     opts = [c.seq.sampling for c in chunks]
-
-    def column(values: list, dtype: torch.dtype) -> torch.Tensor:
-        return upload(values, dtype, device)
-
+    # Two copies to the device, not one per column: each costs the host more than its bytes.
+    floats = upload(np.array([[o.temperature for o in opts], [o.top_p for o in opts],
+                              [o.min_p for o in opts]], dtype=np.float32), torch.float32, device)
+    # Seeds are 64-bit unsigned; reinterpret as signed to fit int64.
+    seeds = [c.seq.seed - (1 << 64) if c.seq.seed >= 1 << 63 else c.seq.seed for c in chunks]
+    ints = upload(np.array([[o.top_k for o in opts], seeds, positions], dtype=np.int64),
+                  torch.int64, device)
     return SamplingBatch(
-        temperature=column([o.temperature for o in opts], torch.float32),
-        top_p=column([o.top_p for o in opts], torch.float32),
-        top_k=column([o.top_k for o in opts], torch.int64),
-        min_p=column([o.min_p for o in opts], torch.float32),
-        # Seeds are 64-bit unsigned; reinterpret as signed to fit int64.
-        seeds=column(
-            [c.seq.seed - (1 << 64) if c.seq.seed >= 1 << 63 else c.seq.seed for c in chunks],
-            torch.int64,
-        ),
-        positions=column(positions, torch.int64),
+        temperature=floats[0],
+        top_p=floats[1],
+        top_k=ints[0],
+        min_p=floats[2],
+        seeds=ints[1],
+        positions=ints[2],
         num_logprobs=[o.logprobs for o in opts],
         all_greedy=all(o.temperature == 0 for o in opts),
         any_greedy=any(o.temperature == 0 for o in opts),

@@ -18,7 +18,11 @@ import structlog
 import torch
 
 from llmserve.engine_service.attention import kv_cache
-from llmserve.engine_service.attention.layer import AttentionKernels, PagedAttention
+from llmserve.engine_service.attention.layer import (
+    AttentionKernels,
+    AttentionMetadata,
+    PagedAttention,
+)
 from llmserve.engine_service.config import EngineConfig
 from llmserve.engine_service.models.checkpoint import ModelSpec, iter_safetensors
 from llmserve.engine_service.models.decoder import DecoderModel
@@ -28,13 +32,14 @@ from llmserve.engine_service.models.quantization import (
 )
 from llmserve.engine_service.parallel.group import TensorParallelGroup
 from llmserve.engine_service.parallel.rank_processes import RankProcesses
-from llmserve.engine_service.runner.chunk import Chunk
+from llmserve.engine_service.runner.chunk import Chunk, ChunkSequence
 from llmserve.engine_service.runner.cuda_graphs import (
     CudaGraphCapture,
     GraphCapture,
     StepGraphs,
     eager_capture,
 )
+from llmserve.engine_service.runner.greedy_loop import GreedyDecodeLoop
 from llmserve.engine_service.runner.prompt_logprobs import PromptScores, PromptScoring, score_prompt
 from llmserve.engine_service.runner.step_channel import Op, StepChannel, step_args, step_layout
 from llmserve.engine_service.runner.step_inputs import StepBatch, StepInputs, upload
@@ -115,8 +120,7 @@ class ModelRunner:
         self.channel = StepChannel(self.tp, self.inputs)
         # Rank 0 owns the other ranks' processes (set by the engine builder).
         self.rank_processes: RankProcesses | None = None
-        # The last decode step executed, for `execute_next_decode`.
-        self._last_decode: tuple[StepBatch, bool] | None = None
+        self.greedy_loop: GreedyDecodeLoop | None = None  # a draft model's (see draft_proposer)
         self.graphs: StepGraphs | None = None  # decode steps, by batch size
         self.varlen_graphs: StepGraphs | None = None  # other steps, by token count
         self.num_blocks = 0
@@ -138,7 +142,7 @@ class ModelRunner:
         """(Re)allocates the zeroed pool (with an e4m3 cache's scales); drops graphs, which
         hold its address."""
         self.channel.publish(Op.ALLOCATE_KV_CACHE, [num_blocks])
-        self.graphs = self.varlen_graphs = None
+        self.graphs = self.varlen_graphs = self.greedy_loop = None
         self.attention.kv_caches = []
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -237,15 +241,17 @@ class ModelRunner:
         read yet: they are copied into place on the device.
         """
         pad_rows = pad_tokens = None
-        if all(c.num_tokens == 1 for c in chunks):
+        num_tokens = sum(c.num_tokens for c in chunks)
+        token_rows = self._as_token_rows(chunks, num_tokens, scoring)
+        if num_tokens == len(chunks) or token_rows:
             if self.graphs is not None:
-                pad_rows = self.graphs.padded_size(len(chunks))
+                pad_rows = self.graphs.padded_size(num_tokens)
         elif self.varlen_graphs is not None:
-            pad_tokens = self.varlen_graphs.padded_size(sum(c.num_tokens for c in chunks))
+            pad_tokens = self.varlen_graphs.padded_size(num_tokens)
             if pad_tokens is not None:
                 pad_rows = self._varlen_rows(pad_tokens)
         batch = self.inputs.build(chunks, pad_rows, pad_tokens,
-                                  None if scoring is None else scoring.scored)
+                                  None if scoring is None else scoring.scored, token_rows)
         graphed = pad_rows is not None
         if pending is not None and pending.rows:
             rows = upload(self.inputs.chunk_starts(pending.rows), torch.int64, self.device)
@@ -254,7 +260,6 @@ class ModelRunner:
         if drafts is not None and drafts.rows:
             self._copy_drafts(chunks, drafts, batch.input_ids)
         self.channel.publish(Op.STEP, step_args(batch.layout, graphed), batch.layout)
-        self._last_decode = (batch, graphed) if batch.layout.decode else None
         logits, scores = self._forward(batch, graphed, scoring)
         assert logits is not None, "only rank 0 executes scheduled chunks"
         return logits, scores
@@ -273,29 +278,44 @@ class ModelRunner:
                                  column]), torch.int64, self.device)
         input_ids.index_copy_(0, index[0], drafts.tokens[index[1], index[2]].to(torch.int32))
 
-    @torch.inference_mode()
-    def execute_next_decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The decode step after the last one `execute` ran (a decode step), each sequence one
-        token further, its input `tokens` [num_seqs] (on the device): logits as `execute`'s.
+    def _as_token_rows(self, chunks: list[Chunk], num_tokens: int,
+                       scoring: PromptScoring | None) -> bool:
+        """Whether a step of short chunks runs as decode rows, one per token (`StepInputs.build`):
+        a draft to verify, or a draft model's catch-up, is a few tokens past the cache, where the
+        decode kernel and its graphs beat the varlen path. Only when speculating."""
+        if (num_tokens == len(chunks) or scoring is not None or not self.config.max_draft_tokens
+                or num_tokens > self.inputs.max_seqs):
+            return False
+        if self.graphs is not None and self.graphs.padded_size(num_tokens) is None:
+            return False
+        return all(c.num_tokens <= 1 + self.config.max_draft_tokens for c in chunks)
 
-        The inputs advance on the device (positions, sequence lengths, slots from the block
-        tables, which must already hold the new positions' pages), so a run of decode steps
-        needs no host work and no sync between them: a draft model's guesses. Rank 0 alone
-        (no collective is published).
-        """
-        assert self._last_decode is not None and self.tp.size == 1
-        batch, graphed = self._last_decode
-        n, bs = batch.num_seqs, self.block_size
-        meta = batch.attention
-        batch.input_ids[:n] = tokens.to(torch.int32)
-        batch.positions[:n] += 1
-        meta.seq_lens[:n] += 1
-        positions = batch.positions[:n].to(torch.int64)
-        pages = meta.block_tables[:n].gather(1, (positions // bs)[:, None])[:, 0]
-        meta.slot_mapping[:n] = (pages * bs + positions % bs).to(torch.int32)
-        logits, _ = self._forward(batch, graphed)
-        assert logits is not None
-        return logits
+    def capture_greedy_loop(self, passes: int, sizes: list[int], capture: GraphCapture,
+                            progress: bool = True) -> None:
+        """A draft model's runner: captures `passes` greedy decode passes per batch size (after
+        the KV cache is allocated); rank 0 alone."""
+        assert self.tp.size == 1
+        with torch.inference_mode():
+            self.greedy_loop = GreedyDecodeLoop(self._logits_of, passes, sizes,
+                                                self.inputs.max_pages, self.block_size,
+                                                self.device, capture, progress)
+
+    def _logits_of(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                   metadata: AttentionMetadata) -> torch.Tensor:
+        self.attention.metadata = metadata
+        return self.model.compute_logits(self.model(input_ids, positions, self.attention))
+
+    @torch.inference_mode()
+    def decode_greedy(self, first: torch.Tensor, seqs: list[ChunkSequence], wanted: list[int]
+                      ) -> torch.Tensor:
+        """Greedy guesses past each of `seqs` (none pending), whose next token `first[i]` (on
+        the device) the step just executed drew: wanted[i] in all, first[i] the first, as row i
+        of [len(seqs), 1 + passes] (columns past wanted[i] meaningless). Their pages must
+        already hold the new positions."""
+        if self.greedy_loop is None or self.greedy_loop.passes == 0:
+            return first[:, None]
+        table = self.inputs.mirror.table[self.inputs.mirror.rows(seqs)]
+        return self.greedy_loop.run(first, [len(s.token_ids) for s in seqs], table, wanted)
 
     def _forward(self, batch: StepBatch, graphed: bool, scoring: PromptScoring | None = None
                  ) -> tuple[torch.Tensor | None, PromptScores | None]:
@@ -347,6 +367,6 @@ class ModelRunner:
     def leave_group(self) -> None:
         """Drops the decode graphs first: NCCL's teardown waits until no graph holds its
         captured collectives."""
-        self.graphs = self.varlen_graphs = None
+        self.graphs = self.varlen_graphs = self.greedy_loop = None
         gc.collect()
         self.tp.close()

@@ -44,8 +44,8 @@ class BatchLayout:
     num_tokens: int
     rows: int  # sequences including padding
     num_sampling: int
-    num_seqs: int
-    decode: bool
+    num_seqs: int  # rows before padding
+    decode: bool  # a row per token
     max_query_len: int
     end: int  # int32 elements of the buffer in use
     num_prompt_rows: int = 0  # rows whose logits score a prompt token (prompt logprobs)
@@ -60,7 +60,7 @@ class StepBatch:
     attention: AttentionMetadata
     logits_indices: torch.Tensor  # [S] int32: rows of the flat batch whose logits pick a token
     prompt_rows: torch.Tensor  # [R] int32: rows of the flat batch whose logits score the prompt
-    num_seqs: int  # sequences before padding (rows past it are padding)
+    num_seqs: int  # rows before padding (rows past it are padding)
     layout: BatchLayout
 
 
@@ -94,18 +94,25 @@ class StepInputs:
                    for name, size in sizes.items()}
         self.host_tables = self.np["block_tables"].reshape(max_seqs, max_pages)
         self.mirror = BlockTableMirror(max_seqs, max_pages)
+        self._chunk_firsts = np.zeros(max_tokens, dtype=np.int64)
         # Recorded after each copy: the host buffer is not refilled while a copy still reads it.
         self._copied = torch.cuda.Event() if on_cuda else None
 
     def build(self, chunks: list[Chunk], pad_rows: int | None = None,
               pad_tokens: int | None = None,
-              scored: list[tuple[int, int]] | None = None) -> StepBatch:
+              scored: list[tuple[int, int]] | None = None,
+              token_rows: bool = False) -> StepBatch:
         """Fills the buffers for `chunks` and copies them to the device (without a sync).
 
-        Padding (for a graph replay) appends rows up to `pad_rows` sequences and, in a varlen
-        step, tokens up to `pad_tokens`: a padding token is token 0 at position 0 in slot -1
-        (stores nothing) and belongs to no sequence; a padding row has seq_len 0 (attends to
-        nothing) and, in a varlen step, no tokens. In a decode step each row is one token.
+        A decode step has one row per token: every chunk of one token, or, with `token_rows`,
+        each token of every chunk its own row, attending to its sequence's cache up to its own
+        position (a short chunk past the cached tokens, such as a draft to verify, then runs as
+        decode rows). Otherwise the step is varlen: a row per chunk.
+
+        Padding (for a graph replay) appends rows up to `pad_rows` and, in a varlen step,
+        tokens up to `pad_tokens`: a padding token is token 0 at position 0 in slot -1 (stores
+        nothing) and belongs to no sequence; a padding row has seq_len 0 (attends to nothing)
+        and, in a varlen step, no tokens.
 
         A token still pending (sampled by the step in flight, so only on the device) is written
         as the token before it, a stand-in that the runner overwrites on the device.
@@ -113,73 +120,84 @@ class StepInputs:
         `scored` lists (chunk index, n) for the chunks whose first n tokens' logits score the
         prompt (prompt logprobs).
         """
-        num_seqs = len(chunks)
-        starts = np.fromiter((c.start for c in chunks), np.int64, num_seqs)
-        counts = np.fromiter((c.num_tokens for c in chunks), np.int64, num_seqs)
+        num_chunks = len(chunks)
+        starts = np.fromiter((c.start for c in chunks), np.int64, num_chunks)
+        counts = np.fromiter((c.num_tokens for c in chunks), np.int64, num_chunks)
         num_tokens = int(counts.sum())
-        decode = bool((counts == 1).all())
-        rows = num_seqs if pad_rows is None else pad_rows
+        one_each = num_tokens == num_chunks
+        decode = one_each or token_rows
+        real_rows = num_tokens if decode else num_chunks
+        rows = real_rows if pad_rows is None else pad_rows
         tokens = rows if decode else num_tokens if pad_tokens is None else pad_tokens
         if tokens > self.max_tokens or rows > self.max_seqs:
-            raise ValueError(f"step of {tokens} tokens in {rows} sequences exceeds the "
-                             f"buffers ({self.max_tokens} tokens, {self.max_seqs} sequences)")
-        if rows < num_seqs or tokens < num_tokens or (decode and pad_tokens is not None):
-            raise ValueError(f"cannot pad a step of {num_tokens} tokens in {num_seqs} "
+            raise ValueError(f"step of {tokens} tokens in {rows} rows exceeds the buffers "
+                             f"({self.max_tokens} tokens, {self.max_seqs} sequences)")
+        if rows < real_rows or tokens < num_tokens or (decode and pad_tokens is not None):
+            raise ValueError(f"cannot pad a step of {num_tokens} tokens in {num_chunks} "
                              f"sequences to {tokens} tokens in {rows} rows")
         if self._copied is not None:
             self._copied.synchronize()
         h = self.np
         table_rows = self.mirror.rows([c.seq for c in chunks])
+        # Where each chunk starts in the flat batch.
+        firsts = self._chunk_firsts[:num_chunks]
+        firsts[:1] = 0
+        np.cumsum(counts[:-1], out=firsts[1:])
         qsl = h["query_start_loc"]
-        if decode:
-            qsl[: rows + 1] = np.arange(rows + 1)
-            h["input_ids"][:num_seqs] = [c.seq.token_ids[c.start - c.seq.num_pending_tokens]
-                                         for c in chunks]
+        if one_each:
+            h["input_ids"][:num_tokens] = [c.seq.token_ids[c.start - c.seq.num_pending_tokens]
+                                           for c in chunks]
             positions = starts
-            token_rows = table_rows
+            flat_rows = table_rows
         else:
-            qsl[0] = 0
-            np.cumsum(counts, out=qsl[1 : num_seqs + 1], dtype=np.int32)
-            qsl[num_seqs + 1 : rows + 1] = num_tokens
             h["input_ids"][:num_tokens] = np.fromiter(
                 itertools.chain.from_iterable(map(_input_tokens, chunks)),
                 np.int32, num_tokens)
-            positions = np.arange(num_tokens) + np.repeat(starts - qsl[:num_seqs], counts)
-            token_rows = np.repeat(table_rows, counts)
+            positions = np.arange(num_tokens) + np.repeat(starts - firsts, counts)
+            flat_rows = np.repeat(table_rows, counts)
+        if decode:
+            qsl[: rows + 1] = np.arange(rows + 1)
+            h["seq_lens"][:num_tokens] = positions + 1
+            np.take(self.mirror.table, flat_rows, axis=0, out=self.host_tables[:num_tokens])
+        else:
+            qsl[0] = 0
+            np.cumsum(counts, out=qsl[1 : num_chunks + 1], dtype=np.int32)
+            qsl[num_chunks + 1 : rows + 1] = num_tokens
+            h["seq_lens"][:num_chunks] = starts + counts
+            np.take(self.mirror.table, table_rows, axis=0, out=self.host_tables[:num_chunks])
         bs = self.block_size
         h["positions"][:num_tokens] = positions
-        h["slots"][:num_tokens] = (self.mirror.table[token_rows, positions // bs] * bs
+        h["slots"][:num_tokens] = (self.mirror.table[flat_rows, positions // bs] * bs
                                    + positions % bs)
-        h["seq_lens"][:num_seqs] = starts + counts
-        sampling = np.fromiter((c.samples for c in chunks), bool, num_seqs)
+        ends = firsts + counts
         if any(c.draft for c in chunks):
             # A chunk with a draft samples at its last 1 + len(draft) tokens: its own next
             # token after each draft token.
-            indices = [end - 1 - j for c, end in zip(chunks, qsl[1 : num_seqs + 1].tolist(),
-                                                     strict=True) if c.samples
-                       for j in range(len(c.draft), -1, -1)]
+            indices = [end - 1 - j for c, end in zip(chunks, ends.tolist(), strict=True)
+                       if c.samples for j in range(len(c.draft), -1, -1)]
             num_sampling = len(indices)
             h["logits_indices"][:num_sampling] = indices
         else:
+            sampling = np.fromiter((c.samples for c in chunks), bool, num_chunks)
             num_sampling = int(sampling.sum())
-            h["logits_indices"][:num_sampling] = qsl[1 : num_seqs + 1][sampling] - 1
-        np.take(self.mirror.table, table_rows, axis=0, out=self.host_tables[:num_seqs])
-        self._write_padding(num_tokens, tokens, num_seqs, rows)
+            h["logits_indices"][:num_sampling] = ends[sampling] - 1
+        self._write_padding(num_tokens, tokens, real_rows, rows)
         # Padding rows read no block table: only the real rows' tables are copied.
-        end = self.offsets["block_tables"] + num_seqs * self.max_pages
+        end = self.offsets["block_tables"] + real_rows * self.max_pages
         num_prompt_rows = 0
         if scored:
-            prompt_rows = np.concatenate([qsl[i] + np.arange(n) for i, n in scored])
+            prompt_rows = np.concatenate([firsts[i] + np.arange(n) for i, n in scored])
             num_prompt_rows = len(prompt_rows)
             h["prompt_rows"][:num_prompt_rows] = prompt_rows
             end = self.offsets["prompt_rows"] + num_prompt_rows
         self._upload(end)
-        return self.view(BatchLayout(tokens, rows, num_sampling, num_seqs, decode,
-                                     int(counts.max(initial=0)), end, num_prompt_rows))
+        return self.view(BatchLayout(tokens, rows, num_sampling, real_rows, decode,
+                                     1 if decode else int(counts.max(initial=0)), end,
+                                     num_prompt_rows))
 
-    def chunk_starts(self, rows: list[int]) -> np.ndarray:
-        """Where chunks `rows` of the step last built start in its flat batch."""
-        return self.np["query_start_loc"][rows]
+    def chunk_starts(self, chunks: list[int]) -> np.ndarray:
+        """Where chunks `chunks` of the step last built start in its flat batch."""
+        return self._chunk_firsts[chunks]
 
     def padding_batch(self, num_tokens: int, rows: int, decode: bool) -> StepBatch:
         """Views of the device buffers as a step of padding only (for graph capture): `rows`

@@ -133,6 +133,32 @@ def test_draft_model_speculation_is_plain_decoding_token_for_token(
     assert proposed > 0 and accepted == proposed
 
 
+def test_draft_loop_rows_guess_as_many_tokens_as_each_asks(demo_core, demo_dir: Path) -> None:
+    """The draft's later passes run as one loop over every row; a row that asked for fewer
+    guesses stops (stores no KV, keeps its position) while the others go on. With the target
+    as its own draft every guess is right, so a row that wrote over another's draft KV, or
+    guessed past its count, would show as a rejected or surplus guess."""
+    prompts = repetitive_prompts(7, seed=13)
+    settings = {"num_kv_blocks": 256, "max_num_seqs": 8}
+    asks = [1, 2, 3, None, 2, 1, None]
+    requests = [EngineRequest(f"m{i}", p, SamplingOptions(
+        temperature=0.0, max_tokens=19 + i, ignore_eos=True, speculative_tokens=k))
+        for i, (p, k) in enumerate(zip(prompts, asks, strict=True))]
+    plain = demo_core(**settings).run_to_completion(requests)
+    core = demo_core(**settings, speculative_method="draft", speculative_draft_model=demo_dir,
+                     num_speculative_tokens=4, speculative_disable_batch_size=8)
+    outputs: list = []
+    results = core.run_to_completion(requests, on_step=outputs.append)
+    assert {k: v.token_ids for k, v in results.items()} == {
+        k: v.token_ids for k, v in plain.items()}
+    proposed, accepted = usage(core)
+    assert proposed > 0 and accepted == proposed
+    for i, k in enumerate(asks):
+        gains = [len(o.new_token_ids) for step in outputs for o in step
+                 if o.request_id == f"m{i}"]
+        assert max(gains) == 1 + (k or 4)
+
+
 @pytest.mark.parametrize("method", ["ngram", "draft"])
 def test_speculation_survives_preemption_and_aborts(demo_core, demo_dir: Path, method) -> None:
     """A pool too small for every sequence preempts some mid-run (their drafts' KV with them);

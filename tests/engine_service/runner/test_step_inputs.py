@@ -85,3 +85,26 @@ def test_prompt_rows_follow_the_block_tables_only_in_a_step_that_scores() -> Non
     assert scoring.prompt_rows.tolist() == [0, 1, 2, 3, 4, 5, 6]
     assert scoring.layout.end == inputs.offsets["prompt_rows"] + 7
     assert inputs.view(scoring.layout).prompt_rows.tolist() == [0, 1, 2, 3, 4, 5, 6]
+
+
+def test_token_rows_give_each_token_of_a_short_chunk_its_own_decode_row() -> None:
+    """A draft to verify (the last token and two guesses) and a two-token catch-up: each token
+    a decode row over its sequence's pages, attending up to its own position."""
+    inputs = StepInputs(max_tokens=32, max_seqs=8, max_pages=4, block_size=4,
+                        device=torch.device("cpu"), max_logits_per_seq=3)
+    verify = chunk([1, 2, 3, 4, 5], [7, 3], 4, 3)
+    verify.draft = [40, 41]
+    chunks = [verify, chunk([9, 8, 7], [5], 1, 2)]
+    batch = inputs.build(chunks, pad_rows=8, token_rows=True)
+    meta = batch.attention
+    assert meta.decode_only and meta.max_query_len == 1 and batch.num_seqs == 5
+    assert batch.input_ids.tolist() == [5, 40, 41, 8, 7, 0, 0, 0]
+    assert batch.positions.tolist() == [4, 5, 6, 1, 2, 0, 0, 0]
+    assert meta.seq_lens.tolist() == [5, 6, 7, 2, 3, 0, 0, 0]
+    assert meta.slot_mapping.tolist() == [12, 13, 14, 21, 22, -1, -1, -1]
+    assert meta.query_start_loc.tolist() == list(range(9))
+    assert meta.block_tables[:5, :2].tolist() == [[7, 3]] * 3 + [[5, 0]] * 2
+    # The verifying rows each draw; the catch-up draws after its last token.
+    assert batch.logits_indices.tolist() == [0, 1, 2, 4]
+    assert inputs.chunk_starts([0, 1]).tolist() == [0, 3]
+    assert batch.layout.end == inputs.offsets["block_tables"] + 5 * 4
