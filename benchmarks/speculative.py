@@ -10,9 +10,10 @@ is exactly that long.
 
 Then, same target, same prompts, one fresh engine per method (its real gRPC server, loading the
 checkpoints with its real loader): no speculation (`none`), `ngram` (prompt lookup) and `draft`
-(the trained draft). Per method an untimed warm-up (two full-size streams at once), then for
-each concurrency C in --concurrency (1, 4, 16, 64): C streaming Generate calls at a time, each
-slot sending its next request when its last one ends, --rounds-at-1 (4) requests per slot at
+(the trained draft). Per method an untimed warm-up (two full-size streams at once, then one
+alone, as the first level runs), then for each concurrency C in --concurrency (1, 4, 16, 64):
+C streaming Generate calls at a time, each
+slot sending its next request when its last one ends, --rounds-at-1 (8) requests per slot at
 C = 1 and --rounds (2) above, every request on a prompt of its own (no prefix-cache hits; the
 same prompts for every method). The load is spread over --processes load processes, started
 once. Per (method, C): output tok/s (tokens / first send to last token), TTFT, TPOT and ITL
@@ -388,7 +389,9 @@ def serve_method(pool: concurrent.futures.Executor, args: argparse.Namespace, mo
         address = servers.address("engine")
         warm, _ = run_level(pool, args.processes, address, warmup, len(warmup), max_tokens,
                             args.temperature, f"{tag}-warmup", args.request_timeout_s)
-        if any(s[0].status != "OK" for s in warm):
+        alone, _ = run_level(pool, args.processes, address, warmup[:1], 1, max_tokens,
+                             args.temperature, f"{tag}-warmup-alone", args.request_timeout_s)
+        if any(s[0].status != "OK" for s in warm + alone):
             raise RuntimeError(f"{tag}: warm-up failed: {[s[0].status for s in warm]}")
         for concurrency, prompts in levels.items():
             before = scrape_metrics(servers.metrics_port)
@@ -546,7 +549,8 @@ def main(argv: list[str] | None = None) -> None:
             "methods": args.methods,
             "concurrency": args.concurrency,
             "requests_per_level": {str(c): n for c, n in levels_spec.items()},
-            "warmup": f"{WARMUP_STREAMS} streams of the same shape at once, untimed",
+            "warmup": f"{WARMUP_STREAMS} streams of the same shape at once, then one alone, "
+                      "untimed",
             "prompt_tokens": args.prompt_tokens,
             "output_tokens": args.output_tokens,
             "sampling": f"temperature {args.temperature}, ignore_eos",
@@ -651,20 +655,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "less its set-up)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
-    parser.add_argument("--rounds-at-1", type=int, default=4, help="requests at one stream")
+    parser.add_argument("--rounds-at-1", type=int, default=8, help="requests at one stream")
     parser.add_argument("--rounds", type=int, default=2,
                         help="requests per slot above one stream (C x this in all)")
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--output-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--ngram-k", type=int, default=4, help="--num-speculative-tokens, ngram")
-    parser.add_argument("--draft-k", type=int, default=4, help="--num-speculative-tokens, draft")
+    parser.add_argument("--draft-k", type=int, default=8, help="--num-speculative-tokens, draft")
     parser.add_argument("--target-layers", type=int, default=24)
     parser.add_argument("--target-hidden", type=int, default=1024)
     parser.add_argument("--draft-layers", type=int, default=2)
     parser.add_argument("--draft-hidden", type=int, default=512)
     parser.add_argument("--target-train-s", type=float, default=150.0)
-    parser.add_argument("--draft-train-s", type=float, default=60.0)
+    parser.add_argument("--draft-train-s", type=float, default=90.0)
     parser.add_argument("--target-lr", type=float, default=6e-4)
     parser.add_argument("--draft-lr", type=float, default=1e-3)
     parser.add_argument("--seq-len", type=int, default=1024)

@@ -63,8 +63,10 @@ class DraftProposer:
     """Proposes with a draft model's runner (its KV pool allocated with the target's block
     count); greedy guesses, left on the device for the verifying step."""
 
-    def __init__(self, runner: ModelRunner) -> None:
-        self.runner = runner
+    def __init__(self, runner: ModelRunner, guess_cost: float = 0.0) -> None:
+        """`guess_cost`: one draft pass's cost relative to the target's step (0: drafts always
+        as long as asked)."""
+        self.runner, self.guess_cost = runner, guess_cost
         self.max_tokens = runner.inputs.max_tokens  # a pass's token budget
         self._proposed: dict[Sequence, _Proposed] = {}
 

@@ -135,7 +135,13 @@ def build_engine(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
                  use_graphs)
         draft.capture_greedy_loop(config.num_speculative_tokens - 1, graph_batch_sizes(limit),
                                   CudaGraphCapture() if use_graphs else eager_capture)
-        proposer = DraftProposer(draft)
+        cost = 0.0
+        # Under tensor parallelism the target's pass is collective: not timed from rank 0.
+        if use_graphs and tp.size == 1:
+            context = min(1024, config.max_model_len // 2)
+            cost = _decode_seconds(draft, context) / _decode_seconds(runner, context)
+            log.info("speculation_guess_cost", guess_cost=round(cost, 4))
+        proposer = DraftProposer(draft, cost)
     core = EngineCore(config, runner, Scheduler(config, pool), pool, spec.eos_token_ids,
                       proposer)
     info = EngineInfo.describe(
@@ -202,3 +208,25 @@ def _warm_up(runner: ModelRunner, config: EngineConfig, use_graphs: bool) -> Non
         runner.capture_graphs(sizes, varlen, CudaGraphCapture())
     else:
         runner.warm_up_decode(sizes)
+
+
+@torch.inference_mode()
+def _decode_seconds(runner: ModelRunner, context: int, repeats: int = 20) -> float:
+    """GPU seconds of a one-row decode pass with its logits and pick (its graph's replay),
+    attending to `context` tokens (block 0's, over and over; it stores nothing)."""
+    assert runner.graphs is not None
+    meta = runner.inputs.padding_batch(1, 1, decode=True).attention
+    meta.seq_lens[:1] = context
+    meta.block_tables[:1] = 0
+
+    def once() -> torch.Tensor:
+        return runner.model.compute_logits(runner.graphs.replay(1)[:1]).argmax(dim=-1)
+
+    once()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        once()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / repeats

@@ -417,6 +417,7 @@ class EngineCore:
         self.speculator.proposer.verified(seq, accepted)
         seq.num_spec_proposed += len(chunk.draft)
         seq.num_spec_accepted += accepted
+        seq.num_spec_missed += int(accepted < len(chunk.draft))
         self.num_spec_proposed_total += len(chunk.draft)
         self.num_spec_accepted_total += accepted
         self.num_spec_drafts_total += 1

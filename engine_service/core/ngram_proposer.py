@@ -16,6 +16,8 @@ class NgramProposer:
     """Looks up the sequence's last n tokens (longest n first, from `max_n` down to `min_n`)
     in its earlier tokens, and proposes up to k of the tokens after their latest match."""
 
+    guess_cost = 0.0  # no model pass: a guess costs only its verified row
+
     def __init__(self, min_n: int, max_n: int) -> None:
         self.min_n, self.max_n = min_n, max_n
 

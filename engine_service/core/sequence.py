@@ -62,6 +62,7 @@ class Sequence:
         # Speculative decoding: draft tokens proposed for it, and how many were kept.
         self.num_spec_proposed = 0
         self.num_spec_accepted = 0
+        self.num_spec_missed = 0  # drafts that lost a guess
         # Structured output: the matcher that has accepted every token of token_ids past the
         # prompt (a preempted sequence keeps it, as it keeps its tokens); None = unconstrained.
         self.grammar = grammar

@@ -18,6 +18,7 @@ from typing import Protocol
 import torch
 
 from llmserve.engine_service.config import EngineConfig
+from llmserve.engine_service.core.draft_length import best_length, keep_rate
 from llmserve.engine_service.core.scheduler import ScheduledChunk, Scheduler
 from llmserve.engine_service.core.sequence import Sequence
 from llmserve.engine_service.runner.model_runner import DeviceDrafts
@@ -35,6 +36,10 @@ class Drafts:
 
 
 class Proposer(Protocol):
+    # One guess's cost relative to the verifying step (0: none worth counting); drafts are as
+    # long as pays for each sequence (`draft_length`).
+    guess_cost: float
+
     def propose(self, seqs: list[Sequence], ks: list[int]) -> Drafts:
         """Up to ks[i] tokens to follow each sequence's tokens (all known: none pending)."""
 
@@ -131,6 +136,9 @@ class Speculator:
         k = self.config.num_speculative_tokens
         if seq.sampling.speculative_tokens is not None:
             k = min(k, seq.sampling.speculative_tokens)
+        if self.proposer.guess_cost > 0:
+            rate = keep_rate(seq.num_spec_accepted, seq.num_spec_missed)
+            k = best_length(rate, k, self.proposer.guess_cost)
         # The step's last pick is a token too: a draft ends one short of the sequence's limit.
         room = min(seq.sampling.max_tokens - seq.num_output_tokens,
                    self.max_model_len - seq.num_tokens) - 1

@@ -3,8 +3,10 @@ argmax to the next, replayed as one CUDA graph per batch size.
 
 A small draft's decode pass costs the GPU a fraction of what launching it from Python costs the
 host; one replay runs every pass (and advances the inputs between them) with no host work in
-between. Each row keeps going while it wants guesses: a row past its own count stores nothing,
-attends to nothing and stops advancing, so its position never leaves the sequence's pages.
+between. Graphs are captured for 1, 2, 4, ... passes up to the most a draft needs, and a replay
+runs the fewest that cover the longest draft asked. Each row keeps going while it wants guesses:
+a row past its own count stores nothing, attends to nothing and stops advancing, so its position
+never leaves the sequence's pages.
 """
 
 from collections.abc import Callable
@@ -20,8 +22,15 @@ from llmserve.engine_service.runner.step_inputs import upload
 LogitsOf = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor]
 
 
+def pass_counts(most: int) -> list[int]:
+    """The pass counts captured: 1, 2, 4, ... below `most`, then `most`."""
+    counts = [1 << i for i in range(most.bit_length()) if 1 << i < most]
+    return [*counts, most] if most > 0 else []
+
+
 class GreedyDecodeLoop:
-    """`passes` greedy decode passes over up to max(sizes) rows, on fixed-address buffers."""
+    """Up to `passes` greedy decode passes over up to max(sizes) rows, on fixed-address
+    buffers."""
 
     def __init__(self, logits_of: LogitsOf, passes: int, sizes: list[int], max_pages: int,
                  block_size: int, device: torch.device, capture: GraphCapture,
@@ -38,9 +47,12 @@ class GreedyDecodeLoop:
         self.block_tables = torch.zeros(n, max_pages, **int32)
         self.query_start_loc = torch.arange(n + 1, **int32)
         self.out = torch.zeros(n, passes, dtype=torch.int64, device=device)
-        self.graphs = StepGraphs(sizes, self._loop, capture, "draft loop", progress)
+        self.sizes = sorted(sizes)
+        self.graphs = {count: StepGraphs(sizes, lambda size, c=count: self._loop(size, c),
+                                         capture, f"draft loop x{count}", progress)
+                       for count in reversed(pass_counts(passes))}
 
-    def _loop(self, size: int) -> Callable[[], torch.Tensor]:
+    def _loop(self, size: int, count: int) -> Callable[[], torch.Tensor]:
         meta = AttentionMetadata(self.query_start_loc[: size + 1], self.seq_lens[:size],
                                  self.block_tables[:size], self.slots[:size],
                                  decode_only=True, max_query_len=1)
@@ -49,7 +61,7 @@ class GreedyDecodeLoop:
         bs, last_page = self.block_size, tables.shape[1] - 1
 
         def run() -> torch.Tensor:
-            for j in range(1, self.passes + 1):
+            for j in range(1, count + 1):
                 live = wanted > j
                 pages = tables.gather(1, (positions // bs).clamp(max=last_page)[:, None]
                                       .to(torch.int64))[:, 0]
@@ -65,12 +77,16 @@ class GreedyDecodeLoop:
 
     def run(self, first: torch.Tensor, positions: list[int], tables: np.ndarray,
             wanted: list[int]) -> torch.Tensor:
-        """Row i's guesses [n, 1 + passes]: `first[i]` (on the device), the token at
+        """Row i's guesses [n, >= max(wanted)]: `first[i]` (on the device), the token at
         positions[i] (whose block table is tables[i]), then wanted[i] - 1 more; the columns
         past those are meaningless."""
-        n = len(positions)
-        size = self.graphs.padded_size(n)
-        assert size is not None, f"{n} rows exceed the draft loop's {self.graphs.sizes[-1]}"
+        n, needed = len(positions), max(wanted) - 1
+        if needed <= 0:
+            return first[:, None]
+        count = min(c for c in self.graphs if c >= needed)
+        graphs = self.graphs[count]
+        size = graphs.padded_size(n)
+        assert size is not None, f"{n} rows exceed the draft loop's {self.sizes[-1]}"
         packed = np.zeros((size, 2 + tables.shape[1]), dtype=np.int32)
         packed[:n, 0], packed[:n, 1], packed[:n, 2:] = positions, wanted, tables
         staged = upload(packed, torch.int32, self.device)
@@ -78,5 +94,5 @@ class GreedyDecodeLoop:
         self.wanted[:size] = staged[:, 1]
         self.block_tables[:size] = staged[:, 2:]
         self.tokens[:n] = first
-        out = self.graphs.replay(size)
-        return torch.cat([first[:, None], out[:n]], dim=1)
+        out = graphs.replay(size)
+        return torch.cat([first[:, None], out[:n, :count]], dim=1)
