@@ -17,9 +17,14 @@ from llmserve.engine_service.config import EngineConfig
 from llmserve.engine_service.core.block_pool import BlockPool
 from llmserve.engine_service.core.draft_proposer import DraftProposer
 from llmserve.engine_service.core.engine_core import EngineCore
-from llmserve.engine_service.core.kv_sizing import num_kv_blocks, profile_peak_bytes, snapshot
+from llmserve.engine_service.core.kv_sizing import (
+    dummy_chunks,
+    num_kv_blocks,
+    profile_peak_bytes,
+    snapshot,
+)
 from llmserve.engine_service.core.ngram_proposer import NgramProposer
-from llmserve.engine_service.core.scheduler import Scheduler
+from llmserve.engine_service.core.scheduler import ScheduledChunk, Scheduler
 from llmserve.engine_service.models.checkpoint import ModelSpec, read_model_spec
 from llmserve.engine_service.parallel.group import TensorParallelGroup, join_group
 from llmserve.engine_service.parallel.rank_processes import RankProcesses
@@ -139,7 +144,7 @@ def build_engine(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
         # Under tensor parallelism the target's pass is collective: not timed from rank 0.
         if use_graphs and tp.size == 1:
             context = min(1024, config.max_model_len // 2)
-            cost = _decode_seconds(draft, context) / _decode_seconds(runner, context)
+            cost = _decode_seconds(draft, context) / _step_seconds(runner, context)
             log.info("speculation_guess_cost", guess_cost=round(cost, 4))
         proposer = DraftProposer(draft, cost)
     core = EngineCore(config, runner, Scheduler(config, pool), pool, spec.eos_token_ids,
@@ -230,3 +235,17 @@ def _decode_seconds(runner: ModelRunner, context: int, repeats: int = 20) -> flo
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / 1e3 / repeats
+
+
+@torch.inference_mode()
+def _step_seconds(runner: ModelRunner, context: int, repeats: int = 10) -> float:
+    """Wall seconds of a one-sequence decode step at `context` tokens, its inputs built and its
+    pick read: what a verifying step costs beside its guesses. It writes one slot of block 0,
+    which no sequence holds yet."""
+    seq = dummy_chunks(context, 1, runner.block_size)[0].seq
+    chunk = ScheduledChunk(seq, context - 1, 1)
+    runner.execute([chunk])[0].argmax(dim=-1).tolist()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        runner.execute([chunk])[0].argmax(dim=-1).tolist()
+    return (time.perf_counter() - started) / repeats

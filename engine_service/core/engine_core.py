@@ -277,6 +277,9 @@ class EngineCore:
                 self._in_flight = launched
             else:
                 outputs += self._complete(launched)
+                if self.speculator is not None and not launched.deferrable:
+                    self.speculator.propose_ahead(
+                        [c.seq for c in launched.sampling if self._live(c.seq)], self.scheduler)
         return outputs
 
     def _launch(self, chunks: list[ScheduledChunk], previous: StepInFlight | None,
@@ -445,7 +448,7 @@ class EngineCore:
         KV blocks."""
         self.logits_processors.release(seq)
         if self.speculator is not None:
-            self.speculator.proposer.forget(seq)
+            self.speculator.forget(seq)
 
     def _remove_sample(self, seq: Sequence) -> bool:
         """Takes an ended sample out of its request's running ones; says whether it was the

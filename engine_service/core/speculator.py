@@ -35,6 +35,17 @@ class Drafts:
     tokens: torch.Tensor | None = None
 
 
+@dataclass
+class _Ahead:
+    """Drafts proposed before the step that verifies them was planned (`propose_ahead`), for
+    these sequences at these lengths."""
+
+    seqs: list[Sequence]
+    ks: list[int]
+    num_tokens: list[int]
+    drafts: Drafts
+
+
 class Proposer(Protocol):
     # One guess's cost relative to the verifying step (0: none worth counting); drafts are as
     # long as pays for each sequence (`draft_length`).
@@ -65,6 +76,7 @@ class Speculator:
         assert config.max_model_len is not None
         self.config, self.proposer = config, proposer
         self.max_model_len = config.max_model_len
+        self._ahead: _Ahead | None = None
 
     def speculates(self, seq: Sequence) -> bool:
         """Whether the sequence takes drafts at all (unless it asks for none). With a grammar,
@@ -82,25 +94,50 @@ class Speculator:
         every token read first (no step may stay in flight)."""
         return self.active(scheduler) and any(self.speculates(c.seq) for c in chunks)
 
+    def forget(self, seq: Sequence) -> None:
+        """The sequence ended or lost its KV blocks: its proposer state goes, and any drafts
+        proposed ahead with it."""
+        self.proposer.forget(seq)
+        if self._ahead is not None and any(s is seq for s in self._ahead.seqs):
+            self._ahead = None
+
+    def propose_ahead(self, seqs: list[Sequence], scheduler: Scheduler) -> None:
+        """After a step whose every token was read: proposes the next drafts of `seqs` now, each
+        as if its next step were one decode token, so a draft model runs on the device while the
+        host streams this step's outputs and plans the next. `attach_drafts` takes them if the
+        next step is that step."""
+        self._ahead = None
+        if not seqs or not self.active(scheduler):
+            return
+        chunks = [ScheduledChunk(seq, seq.num_tokens - 1, 1) for seq in seqs]
+        wanted = self._wanted(chunks, scheduler)
+        if wanted:
+            seqs = [chunks[r].seq for r, _ in wanted]
+            ks = [k for _, k in wanted]
+            self._ahead = _Ahead(seqs, ks, [s.num_tokens for s in seqs],
+                                 self.proposer.propose(seqs, ks))
+
     def attach_drafts(self, chunks: list[ScheduledChunk], scheduler: Scheduler
                       ) -> DeviceDrafts | None:
         """Proposes for each eligible chunk and appends its draft to it: the chunk then computes
         the draft's tokens too. A draft never preempts anything: one the pool or the step's
         token budget has no room for is cut or left out. Guesses still on the device come back
         as the step's `DeviceDrafts` (their chunks hold stand-ins until `read_drafts`)."""
+        ahead, self._ahead = self._ahead, None
         if not self.active(scheduler):
             return None
-        budget = self.config.max_num_batched_tokens - sum(c.num_tokens for c in chunks)
-        wanted: list[tuple[int, int]] = []  # (chunk index, most tokens)
-        for r, chunk in enumerate(chunks):
-            k = min(self._num_draft_tokens(chunk), budget)
-            # The draft's KV slots first: a draft model writes them while proposing.
-            if k > 0 and scheduler.kv_cache.grow(chunk.seq, chunk.start + chunk.num_tokens + k):
-                wanted.append((r, k))
-                budget -= k
+        wanted = self._wanted(chunks, scheduler)
         if not wanted:
             return None
-        drafts = self.proposer.propose([chunks[r].seq for r, _ in wanted], [k for _, k in wanted])
+        seqs, ks = [chunks[r].seq for r, _ in wanted], [k for _, k in wanted]
+        if (ahead is not None and ahead.ks == ks
+                and len(ahead.seqs) == len(seqs)
+                and all(a is s for a, s in zip(ahead.seqs, seqs, strict=True))
+                and ahead.num_tokens == [s.num_tokens for s in seqs]
+                and all(chunks[r].num_tokens == 1 for r, _ in wanted)):
+            drafts = ahead.drafts
+        else:
+            drafts = self.proposer.propose(seqs, ks)
         lengths = [min(n, k) for n, (_, k) in zip(drafts.lengths, wanted, strict=True)]
         values = drafts.values
         if values is None and any(chunks[r].seq.grammar is not None
@@ -120,6 +157,19 @@ class Speculator:
         if drafts.tokens is None:
             return None
         return DeviceDrafts(drafts.tokens, [r for r, _ in wanted], lengths)
+
+    def _wanted(self, chunks: list[ScheduledChunk], scheduler: Scheduler
+                ) -> list[tuple[int, int]]:
+        """(chunk index, most draft tokens) of the chunks that take a draft, with the KV slots
+        for it grown (a draft model writes them while proposing)."""
+        budget = self.config.max_num_batched_tokens - sum(c.num_tokens for c in chunks)
+        wanted: list[tuple[int, int]] = []
+        for r, chunk in enumerate(chunks):
+            k = min(self._num_draft_tokens(chunk), budget)
+            if k > 0 and scheduler.kv_cache.grow(chunk.seq, chunk.start + chunk.num_tokens + k):
+                wanted.append((r, k))
+                budget -= k
+        return wanted
 
     @staticmethod
     def read_drafts(chunks: list[ScheduledChunk], drafts: DeviceDrafts) -> None:

@@ -3,6 +3,7 @@ request's tokens, finish reasons, usage and logprobs, the prefix cache and its e
 of plain decoding, greedy and seeded alike, through stops, length limits, preemption and aborts;
 and the sampled distribution is the target's."""
 
+import itertools
 import math
 import random
 from collections import Counter
@@ -191,6 +192,45 @@ def test_drafts_shorten_where_guesses_miss_and_stay_long_where_they_are_kept(
     core.run_to_completion([EngineRequest(f"g{i}", p, greedy) for i, p in enumerate(prompts)])
     proposed, accepted = usage(core)
     assert accepted == proposed and proposed / core.num_spec_drafts_total > 5
+
+
+def test_drafts_proposed_ahead_are_taken_unless_the_next_step_differs(
+        demo_core, demo_dir: Path) -> None:
+    """After a verifying step the next drafts are proposed at once (the draft runs while the
+    host streams and plans); the next step takes them, each round one proposal. A request
+    arriving in between changes the step: it proposes again, and outputs stay plain
+    decoding's."""
+    prompts = repetitive_prompts(2, seed=17)
+    greedy = SamplingOptions(temperature=0.0, max_tokens=40, ignore_eos=True)
+    settings = {"num_kv_blocks": 512, "max_num_seqs": 8}
+
+    def serve(core) -> dict[str, list[int]]:
+        tokens: dict[str, list[int]] = {}
+        core.add_request(EngineRequest("first", prompts[0], greedy))
+        for step in itertools.count():
+            if step == 6:
+                core.add_request(EngineRequest("second", prompts[1], greedy))
+            for out in core.step():
+                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+            if not core.has_work:
+                return tokens
+
+    plain = serve(demo_core(**settings))
+    core = demo_core(**settings, speculative_method="draft", speculative_draft_model=demo_dir,
+                     speculative_disable_batch_size=2)
+    calls: list[int] = []
+    propose = core.speculator.proposer.propose
+
+    def counted(seqs, ks):
+        calls.append(len(seqs))
+        return propose(seqs, ks)
+
+    core.speculator.proposer.propose = counted
+    assert serve(core) == plain
+    rounds = core.num_spec_drafts_total  # sequence-steps that verified a draft
+    # One proposal per verifying step, plus the first and the one the new request forced
+    # (and none for a step after the last).
+    assert rounds > 10 and sum(calls) <= rounds + 2 * len(prompts) + 1
 
 
 @pytest.mark.parametrize("method", ["ngram", "draft"])
