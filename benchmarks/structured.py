@@ -30,7 +30,7 @@ from tokenizers import Tokenizer
 from w1_draws import fold_into_vocab, salted, w1_requests, warmup_prompts
 from w1_engine import add_engine_arguments, build_llm, engine_parameters, implementation_tag
 
-from llmserve.engine_service.core.engine_core import Generation
+from llmserve.engine_service.core.generation import Generation
 from llmserve.engine_service.core.structured_output import StructuredOutputs
 from llmserve.engine_service.llm import LLM
 from llmserve.engine_service.seam import (

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from llmserve.engine_service.config import EngineConfig
 from llmserve.engine_service.core.engine_builder import build_engine
-from llmserve.engine_service.core.engine_core import Generation
+from llmserve.engine_service.core.generation import Generation
 from llmserve.engine_service.frontend.validation import check_prompt
 from llmserve.engine_service.seam import EngineInfo, EngineRequest, RequestOutput, SamplingOptions
 

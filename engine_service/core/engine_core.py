@@ -3,12 +3,12 @@
 import itertools
 import random
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 
 import structlog
 
 from llmserve.engine_service.config import EngineConfig
 from llmserve.engine_service.core.block_pool import BlockPool
+from llmserve.engine_service.core.generation import Generation
 from llmserve.engine_service.core.sampling_rows import sampling_batch
 from llmserve.engine_service.core.scheduler import ScheduledChunk, Scheduler
 from llmserve.engine_service.core.sequence import Sequence
@@ -38,22 +38,6 @@ from llmserve.engine_service.seam import (
 )
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass
-class Generation:
-    """One sample's result when run to its end in this process (`run_to_completion`)."""
-
-    token_ids: list[int]
-    finish_reason: FinishReason | None
-    prompt_tokens: int
-    cached_prompt_tokens: int
-    logprobs: list[TokenLogprobs] = field(default_factory=list)  # if the request asked for them
-    prompt_logprobs: list[TokenLogprobs] | None = None  # if the request asked for them
-    error: RejectedRequest | None = None  # refused (a constraint that did not compile) or failed
-    index: int = 0  # the sample (0 to n - 1)
-    # Every sample of the request by index, this one included (one entry when n = 1).
-    samples: "list[Generation]" = field(default_factory=list, compare=False, repr=False)
 
 
 class EngineCore:
@@ -222,16 +206,7 @@ class EngineCore:
                 for sample in results[rejected.request_id].samples:
                     sample.error = rejected
             for out in outputs:
-                result = results[out.request_id].samples[out.index]
-                result.token_ids += out.new_token_ids
-                if out.new_logprobs:
-                    result.logprobs += out.new_logprobs
-                if out.prompt_logprobs is not None:
-                    result.prompt_logprobs = out.prompt_logprobs
-                if out.finish_reason is not None:
-                    result.finish_reason = out.finish_reason
-                    result.prompt_tokens = out.prompt_tokens
-                    result.cached_prompt_tokens = out.cached_prompt_tokens
+                results[out.request_id].samples[out.index].add(out)
             if on_step is not None:
                 on_step(outputs)
         return results
