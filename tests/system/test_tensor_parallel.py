@@ -104,3 +104,16 @@ def test_two_ranks_speculate_as_one(tiny_checkpoint, start_engine, method) -> No
     accepted = next(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
                     if line.startswith("llmserve_engine_speculative_accepted_tokens_total "))
     assert accepted > 0
+
+
+
+def test_two_ranks_with_an_e4m3_kv_cache_give_the_tokens_of_one(
+        tiny_checkpoint, start_engine) -> None:
+    """Each rank stores its own KV heads, each row with its own scale: the same codes and
+    scales as one rank's, so the same tokens."""
+    model = tiny_checkpoint("qwen3")
+    one = start_engine(model, "--kv-cache-dtype", "fp8_e4m3")
+    two = start_engine(model, "-tp", "2", "--kv-cache-dtype", "fp8_e4m3")
+    expected = generate_all(one.address, PROMPTS, 24)
+    assert all(len(tokens) == 24 for tokens in expected)
+    assert generate_all(two.address, PROMPTS, 24) == expected

@@ -67,7 +67,11 @@ def teacher_forced(teacher_forced: Callable[..., list[torch.Tensor]]
         core, _ = build_engine(EngineConfig(model=model_dir, device="cpu", num_kv_blocks=64,
                                             **settings))
         # A last forced entry that is never fed: one more row, the logits after the last token.
-        (rows,) = teacher_forced(core, [sequence[:prompt_len]], [[*sequence[prompt_len:], 0]])
+        try:
+            (rows,) = teacher_forced(core, [sequence[:prompt_len]],
+                                     [[*sequence[prompt_len:], 0]])
+        finally:
+            core.runner.shutdown()  # under tensor parallelism the other ranks stop with it
         return rows
 
     return logits
