@@ -184,7 +184,7 @@ class DecoderModel(nn.Module):
             target = name.removeprefix("model.")
             if "rotary_emb" in target or (
                 target == "lm_head.weight" and self.spec.tie_word_embeddings
-            ):
+            ) or (self.quant.kv_scales and target.endswith((".k_scale", ".v_scale"))):
                 continue
             module_name, _, param_name = target.rpartition(".")
             path = module_name.split(".")

@@ -4,7 +4,10 @@ loads.
 
 Supported: FP8 W8A8 as llm-compressor's FP8_DYNAMIC scheme writes it in the compressed-tensors
 format (e4m3 weights with per-output-channel scales, `weight_scale`; activations quantized per
-token at run time). Any other scheme stops start-up with a message naming it.
+token at run time), with or without an FP8 `kv_cache_scheme`. Such a checkpoint's per-tensor
+KV scales (`k_scale`, `v_scale`) are read past: `--kv-cache-dtype fp8_e4m3` scales each cached
+row by its own largest value, which needs no calibration and measures better (docs/operations.md).
+Any other scheme stops start-up with a message naming it.
 """
 
 import json
@@ -38,6 +41,8 @@ class WeightQuantization:
     fp8: bool = False
     # The checkpoint's weights are float: quantize them as they load.
     quantize_at_load: bool = False
+    # The checkpoint holds calibrated per-tensor KV scales, which the loader reads past.
+    kv_scales: bool = False
 
     def column(self, in_features: int, parts: list[int], bias: bool,
                tp: TensorParallelGroup) -> ColumnParallelLinear:
@@ -68,8 +73,24 @@ def read_weight_quantization(model_dir: Path, requested: str) -> WeightQuantizat
     declared = config.get("quantization_config")
     if declared is None:
         return WeightQuantization(True, True) if requested == "fp8" else NO_QUANTIZATION
+    kv_scales = check_kv_cache_scheme(declared)
+    if kv_scales and not declared.get("config_groups"):  # KV scales alone: float weights
+        return WeightQuantization(requested == "fp8", requested == "fp8", kv_scales=True)
     check_compressed_tensors_fp8(declared)
-    return WeightQuantization(fp8=True)
+    return WeightQuantization(fp8=True, kv_scales=kv_scales)
+
+
+def check_kv_cache_scheme(declared: dict) -> bool:
+    """Whether a compressed-tensors checkpoint declares FP8 KV scales (raises CheckpointError
+    naming any other KV scheme)."""
+    scheme = declared.get("kv_cache_scheme")
+    if not scheme:
+        return False
+    if declared.get("quant_method") != "compressed-tensors" or scheme.get("num_bits") != 8 or (
+            scheme.get("type") != "float"):
+        raise _unsupported(f"kv_cache_scheme {scheme.get('num_bits')}-bit {scheme.get('type')} "
+                           f"{scheme.get('strategy')}")
+    return True
 
 
 def check_compressed_tensors_fp8(declared: dict) -> None:
@@ -91,7 +112,7 @@ def check_compressed_tensors_fp8(declared: dict) -> None:
         raise _unsupported(f"compressed-tensors format {format_!r}")
     _check_args("weights", group.get("weights"), WEIGHT_ARGS)
     _check_args("input_activations", group.get("input_activations"), ACTIVATION_ARGS)
-    for key in ("output_activations", "kv_cache_scheme", "sparsity_config", "transform_config"):
+    for key in ("output_activations", "sparsity_config", "transform_config"):
         if group.get(key) or declared.get(key):
             raise _unsupported(f"compressed-tensors {key} {group.get(key) or declared[key]}")
     # The LM head is never quantized here; any other layer left out would be a mixed model.

@@ -106,6 +106,9 @@ class ModelRunner:
         self.num_kv_heads = spec.num_kv_heads // self.tp.size
         self.ops = kernel_ops(device)
         quant = read_weight_quantization(config.model, config.quantization)
+        if quant.kv_scales and self.tp.leader:
+            log.info("checkpoint_kv_scales_unused", kv_cache_dtype=config.kv_cache_dtype,
+                     reason="an e4m3 cache scales each row by its own largest value")
         check_fp8_device(quant, device, dtype)
         with torch.device(device), default_dtype(dtype):
             self.model = DecoderModel(spec, self.ops, self.tp, quant)

@@ -55,6 +55,38 @@ def fp8_dynamic_qwen3(peaked_qwen3: Path, tmp_path_factory: pytest.TempPathFacto
     return _copy_checkpoint(model, peaked_qwen3, out, save_compressed=True)
 
 
+def _with_kv_scales(peaked_qwen3: Path, out: Path, **recipe: object) -> Path:
+    """`peaked_qwen3` through llm-compressor's `oneshot` with `recipe` plus its FP8
+    `kv_cache_scheme` (per-tensor K and V scales, `k_scale` and `v_scale`, calibrated on a few
+    random sequences), saved compressed."""
+    import transformers
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(peaked_qwen3, dtype=torch.float32)
+    ids = torch.randint(3, 600, (8, 32), generator=torch.Generator().manual_seed(0)).tolist()
+    calibration = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * 32] * 8})
+    kv_scheme = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False,
+                 "symmetric": True}
+    oneshot(model=model, dataset=calibration, num_calibration_samples=8, max_seq_length=32,
+            recipe=QuantizationModifier(kv_cache_scheme=kv_scheme, **recipe))
+    return _copy_checkpoint(model, peaked_qwen3, out, save_compressed=True)
+
+
+@pytest.fixture(scope="session")
+def fp8_kv_scheme_qwen3(peaked_qwen3: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """FP8_DYNAMIC weights as above, and FP8 KV scales."""
+    return _with_kv_scales(peaked_qwen3, tmp_path_factory.mktemp("qwen3-fp8-kv") / "model",
+                           targets="Linear", scheme="FP8_DYNAMIC", ignore=["lm_head"])
+
+
+@pytest.fixture(scope="session")
+def kv_scales_only_qwen3(peaked_qwen3: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Float weights, and FP8 KV scales."""
+    return _with_kv_scales(peaked_qwen3, tmp_path_factory.mktemp("qwen3-kv-only") / "model")
+
+
 @pytest.fixture
 def teacher_forced(teacher_forced: Callable[..., list[torch.Tensor]]
                    ) -> Callable[..., torch.Tensor]:

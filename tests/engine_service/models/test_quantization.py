@@ -99,6 +99,36 @@ def test_quantizing_at_load_reproduces_llmcompressor(
     assert _relative_rms(at_load, teacher_forced(peaked_qwen3, sequence, PROMPT)).max() > 0.01
 
 
+def test_a_checkpoints_fp8_kv_scales_are_read_past(
+    fp8_kv_scheme_qwen3: Path, fp8_dynamic_qwen3: Path,
+    teacher_forced: Callable[..., torch.Tensor],
+) -> None:
+    """A checkpoint with llm-compressor's FP8 kv_cache_scheme loads: its weights give the
+    FP8_DYNAMIC checkpoint's logits, with either KV cache dtype (an e4m3 cache takes per-row
+    scales, not the checkpoint's per-tensor ones)."""
+    from safetensors import safe_open
+
+    (weights,) = fp8_kv_scheme_qwen3.glob("*.safetensors")
+    with safe_open(weights, "pt") as tensors:
+        names = list(tensors.keys())
+    assert "model.layers.0.self_attn.k_scale" in names
+    sequence = SEQUENCE[:24].tolist()
+    plain = teacher_forced(fp8_dynamic_qwen3, sequence, PROMPT)
+    torch.testing.assert_close(teacher_forced(fp8_kv_scheme_qwen3, sequence, PROMPT), plain,
+                               rtol=0, atol=1e-5)
+    e4m3 = teacher_forced(fp8_kv_scheme_qwen3, sequence, PROMPT, kv_cache_dtype="fp8_e4m3")
+    torch.testing.assert_close(e4m3, teacher_forced(fp8_dynamic_qwen3, sequence, PROMPT,
+                                                    kv_cache_dtype="fp8_e4m3"), rtol=0, atol=0)
+
+
+def test_a_checkpoint_with_kv_scales_alone_loads_its_float_weights(
+    kv_scales_only_qwen3: Path, peaked_qwen3: Path, teacher_forced: Callable[..., torch.Tensor],
+) -> None:
+    sequence = SEQUENCE[:24].tolist()
+    torch.testing.assert_close(teacher_forced(kv_scales_only_qwen3, sequence, PROMPT),
+                               teacher_forced(peaked_qwen3, sequence, PROMPT), rtol=0, atol=1e-5)
+
+
 def _variant(src: Path, out: Path, edit: Callable[[dict], object] | None = None,
              drop: str | None = None) -> Path:
     """A copy of checkpoint `src` with its quantization_config edited or one tensor removed."""
@@ -137,6 +167,8 @@ def _hf_block_fp8(q: dict) -> None:
     (lambda q: q.update(quant_method="awq"), "scheme not supported: quant_method 'awq'"),
     (lambda q: q.update(ignore=["lm_head", "model.layers.0.mlp.down_proj"]),
      r"leaving out layers \['model.layers.0.mlp.down_proj'\]"),
+    (lambda q: q.update(kv_cache_scheme={"num_bits": 8, "type": "int", "strategy": "tensor"}),
+     "scheme not supported: kv_cache_scheme 8-bit int tensor"),
 ])
 def test_unsupported_schemes_stop_start_up_naming_them(
     fp8_dynamic_qwen3: Path, tmp_path: Path, edit: Callable[[dict], object], message: str,
