@@ -7,7 +7,9 @@ the real Qwen2/Qwen3 vocabulary (151,643 byte-level BPE ranks from the MIT-licen
 Qwen) with its special tokens at Qwen's ids and every id up to 151,935 a reserved special token,
 so the router can detokenize anything the model generates.
 
-    python3 benchmarks/bench_checkpoint.py OUT_DIR
+    python3 benchmarks/bench_checkpoint.py OUT_DIR [--shape qwen3-8b-shape]
+
+`--shape qwen3-8b-shape` writes Qwen3-8B's shape the same way (W1L, W3L; about 16.4 GB).
 """
 
 import argparse
@@ -48,6 +50,14 @@ CONFIG = {
     "bos_token_id": 151643,
     "eos_token_id": 151645,
     "pad_token_id": 151643,
+}
+# The shapes by name (docs/benchmarks.md): each a set of changes to CONFIG.
+SHAPES = {
+    "qwen3-0.6b-shape": {},
+    # Qwen3-8B's: W1L and W3L.
+    "qwen3-8b-shape": {"hidden_size": 4096, "intermediate_size": 12288,
+                       "num_hidden_layers": 36, "num_attention_heads": 32,
+                       "num_key_value_heads": 8, "tie_word_embeddings": False},
 }
 # Qwen's ids for its first special tokens; the rest of the vocabulary is reserved.
 SPECIAL_TOKENS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645}
@@ -163,12 +173,13 @@ def write_bench_checkpoint(out_dir: Path, overrides: dict | None = None, seed: i
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--shape", choices=list(SHAPES), default="qwen3-0.6b-shape")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     started = time.monotonic()
-    write_bench_checkpoint(args.out_dir, seed=args.seed)
+    write_bench_checkpoint(args.out_dir, SHAPES[args.shape], seed=args.seed)
     size = sum(f.stat().st_size for f in args.out_dir.iterdir())
-    print(f"wrote qwen3-0.6b-shape to {args.out_dir} ({size / 1e9:.2f} GB, "
+    print(f"wrote {args.shape} to {args.out_dir} ({size / 1e9:.2f} GB, "
           f"{time.monotonic() - started:.1f} s)")
 
 

@@ -46,9 +46,11 @@ END = "<!-- results-table:end -->"
 # The order of the table; workloads not listed here follow, by name.
 WORKLOAD_ORDER = [
     "W1",
+    "W1L",
     "K1",
     "W2",
     "W3",
+    "W3L",
     "W4",
     "W4h",
     "W5",
@@ -62,6 +64,7 @@ WORKLOAD_ORDER = [
     "structured-libs",
 ]
 BENCH_MODEL = "qwen3-0.6b-shape"  # W1, W2, W3 and W7's standard model
+LARGE_BENCH_MODEL = "qwen3-8b-shape"  # W1L and W3L's
 DEMO_MODEL = "llmserve-demo-qwen3-v1"  # the CPU demo model the other benchmarks default to
 W2_ENGINE_FLAGS = ["--max-model-len", "4096", "--max-num-seqs", "256"]
 
@@ -218,7 +221,7 @@ def configuration(workload: str, record: dict) -> tuple[str, tuple[str, ...]]:
     """A result's configuration label and its parts (W2's rates)."""
     p = record.get("parameters") or {}
     parts: tuple[str, ...] = ("",)
-    if workload == "W1":
+    if workload in ("W1", "W1L"):
         label = _w1_configuration(record)
     elif workload == "W7":
         label = _w1_configuration(record)  # W7 runs W1's engine configuration
@@ -229,7 +232,7 @@ def configuration(workload: str, record: dict) -> tuple[str, tuple[str, ...]]:
         if p.get("requests", 256) != 256:
             label += f", first {p['requests']} requests"
         parts = tuple(str(rate) for rate in p.get("rates_per_s") or ["?"])
-    elif workload == "W3":
+    elif workload in ("W3", "W3L"):
         label = _serving_configuration(p, [])
         shape = (p.get("prompt_tokens", 512), p.get("output_tokens", 256))
         if shape != (512, 256):
@@ -243,7 +246,8 @@ def configuration(workload: str, record: dict) -> tuple[str, tuple[str, ...]]:
     else:
         label = "default"
     model = p.get("model")
-    standard = BENCH_MODEL if workload in ("W1", "W2", "W3", "W7") else DEMO_MODEL
+    standard = (LARGE_BENCH_MODEL if workload in ("W1L", "W3L")
+                else BENCH_MODEL if workload in ("W1", "W2", "W3", "W7") else DEMO_MODEL)
     if model and model != standard:
         label += f", model {model}"
     return label, parts
@@ -556,9 +560,11 @@ def _generic(r: dict, _part: str) -> str:
 
 FIGURES: dict[str, Callable[[dict, str], str]] = {
     "W1": _w1,
+    "W1L": _w1,
     "K1": _k1,
     "W2": _w2,
     "W3": _w3,
+    "W3L": _w3,
     "W4": _w4,
     "W4h": _w4,
     "W5": _w5,

@@ -284,6 +284,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-breakdown", action="store_true", help="skip the offline step timing")
+    parser.add_argument("--workload", choices=["W3", "W3L"], default="W3",
+                        help="W3L: the same requests on qwen3-8b-shape (docs/benchmarks.md)")
     args = parser.parse_args()
     targets = targets_of(args)
     model = args.model or default_model()
@@ -327,9 +329,10 @@ def main() -> None:
         "router_flags": router_flags(args),
         "cpu_pinning": pinning.describe() if pinning else None,
     }
-    path = write_result("W3", parameters, figures, out_dir=args.out_dir)
+    path = write_result(args.workload, parameters, figures, out_dir=args.out_dir)
     if len(targets) == 1:
-        path = path.rename(path.with_name(path.name.replace("W3-", f"W3-{targets[0]}-", 1)))
+        path = path.rename(path.with_name(path.name.replace(
+            f"{args.workload}-", f"{args.workload}-{targets[0]}-", 1)))
     for target, f in per_target.items():
         print(
             f"W3 {target} on {device_name()}: {f['completed']}/{f['requests']} ok, TTFT p50 "

@@ -120,6 +120,8 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True)
     add_engine_arguments(parser)
     parser.add_argument("--limit", type=int, default=None, help="only the first N requests")
+    parser.add_argument("--workload", choices=["W1", "W1L"], default="W1",
+                        help="W1L: the same requests on qwen3-8b-shape (docs/benchmarks.md)")
     parser.add_argument(
         "--peer",
         choices=["transformers"],
@@ -194,9 +196,10 @@ def main() -> None:
         "prompt_ids_folded_into_vocab": folded,
         "torch": torch.__version__,
     }
-    path = write_result("W1", parameters, figures, out_dir=args.out)
-    path = path.rename(path.with_name(path.name.replace("W1-", f"W1-{tag}-", 1)))
-    print(_summary(tag, figures))
+    path = write_result(args.workload, parameters, figures, out_dir=args.out)
+    path = path.rename(path.with_name(path.name.replace(f"{args.workload}-",
+                                                        f"{args.workload}-{tag}-", 1)))
+    print(_summary(args.workload, tag, figures))
     if llm is not None:
         # After the result is written: tensor-parallel ranks take a while to tear down.
         llm.close()
@@ -215,11 +218,11 @@ def _bf16_weight_bytes(model_dir: Path) -> int:
     return total
 
 
-def _summary(tag: str, figures: dict) -> str:
+def _summary(workload: str, tag: str, figures: dict) -> str:
     if "error" in figures:
-        return f"W1 {tag} on {device_name()}: failed: {figures['error'][:300]}"
+        return f"{workload} {tag} on {device_name()}: failed: {figures['error'][:300]}"
     line = (
-        f"W1 {tag} on {device_name()}: {figures['tok_per_s']:,.0f} tok/s "
+        f"{workload} {tag} on {device_name()}: {figures['tok_per_s']:,.0f} tok/s "
         f"({figures['wall_s']:.2f} s; floor {figures['floor_s']:.2f} s at "
         f"{figures['copy_bandwidth_tb_per_s']:.2f} TB/s copy"
     )

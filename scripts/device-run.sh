@@ -6,7 +6,8 @@
 #   bash scripts/device-run.sh            # everything, in priority order, inside the time budget
 #   STAGES="tests w1" bash scripts/device-run.sh   # a subset (setup always runs)
 #
-# Stages: tests tptests w1 w1sync w1dist w1tp2 w1eager k1 w1fa4 peer w7 w3 w2 w2ab router (w1sync:
+# Stages: tests tptests w1 w1sync w1dist w1tp2 w1eager k1 w1fa4 peer w7 w3 large w2 w2ab router
+# (large: W1L and W3L on qwen3-8b-shape in bf16, FP8 weights and FP8 weights + KV; w1sync:
 # async scheduling off; w1dist: TP=1 through torch.distributed and the rank step channel;
 # tptests, w1tp2: tensor parallelism, which needs two GPUs; w2ab: W2 at 4 req/s and all at once,
 # --repeats 2 with the router's --busy-poll, ~6 min; w7: W7, structured output). Each stage runs
@@ -109,6 +110,19 @@ wanted peer && stage w1-transformers 170 env PYTHONPATH="$BASE_PYTHONPATH" \
 wanted w7 && stage w7 200 python3 benchmarks/structured.py --model "$MODEL" --out "$RESULTS" \
   --no-progress
 wanted w3 && stage w3 200 python3 benchmarks/single.py --model "$MODEL" --out-dir "$RESULTS"
+if wanted large; then
+  # W1L and W3L on qwen3-8b-shape (16.4 GB): bf16, FP8 weights, FP8 weights + FP8 KV.
+  LARGE=/tmp/qwen3-8b-shape
+  [ -f "$LARGE/model.safetensors" ] || stage large-checkpoint 180 \
+    python3 benchmarks/bench_checkpoint.py "$LARGE" --shape qwen3-8b-shape
+  W1L=(python3 benchmarks/throughput.py --model "$LARGE" --workload W1L --out "$RESULTS" --no-progress)
+  stage w1l-bf16 200 "${W1L[@]}"
+  stage w1l-fp8 200 "${W1L[@]}" --quantization fp8
+  stage w1l-fp8-kvfp8 200 "${W1L[@]}" --quantization fp8 --kv-cache-dtype fp8_e4m3
+  W3L=(python3 benchmarks/single.py --model "$LARGE" --workload W3L --out-dir "$RESULTS" --no-breakdown)
+  stage w3l-bf16 150 "${W3L[@]}"
+  stage w3l-fp8 150 "${W3L[@]}" --engine-arg "--quantization fp8"
+fi
 wanted w2 && stage w2 330 python3 benchmarks/serving.py --model "$MODEL" --out-dir "$RESULTS"
 wanted w2ab && stage w2ab 480 env LLMSERVE_COMMIT="$LLMSERVE_COMMIT-busy-poll-abba" \
   python3 benchmarks/serving.py --model "$MODEL" --out-dir "$RESULTS" --rates 4 all --repeats 2 \

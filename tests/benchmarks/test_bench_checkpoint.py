@@ -57,3 +57,18 @@ def test_full_shape_is_qwen3_06b() -> None:
                 "max_position_embeddings": 40960, "tie_word_embeddings": True}
     assert {k: CONFIG[k] for k in expected} == expected
     assert json.loads(json.dumps(CONFIG))["torch_dtype"] == "bfloat16"
+
+
+def test_the_8b_shape_is_qwen3_8b() -> None:
+    """W1L/W3L's checkpoint: Qwen3-8B's config values, 8.19 B parameters (16.4 GB in bf16)."""
+    cfg = {**CONFIG, **bench_checkpoint.SHAPES["qwen3-8b-shape"]}
+    expected = {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 12288,
+                "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
+                "head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+                "max_position_embeddings": 40960, "tie_word_embeddings": False}
+    assert {k: cfg[k] for k in expected} == expected
+    hidden, q, kv = cfg["hidden_size"], 32 * 128, 8 * 128
+    layer = 2 * hidden * q + 2 * hidden * kv + 3 * hidden * cfg["intermediate_size"]
+    layer += 2 * hidden + 2 * 128  # the two RMSNorms, q_norm and k_norm
+    parameters = 36 * layer + 2 * cfg["vocab_size"] * hidden + hidden
+    assert round(parameters / 1e9, 2) == 8.19 and round(2 * parameters / 1e9, 1) == 16.4

@@ -184,3 +184,23 @@ def test_w7_renders_speed_ratio_and_validity(tmp_path: Path) -> None:
         "18,950 tok/s with schemas, 20,010 without (x0.947); valid 231/231 stop outputs, "
         "25 cut by length"
     )
+
+
+def test_w1l_rows_are_w1s_on_the_8b_shape_one_per_quantization(tmp_path: Path) -> None:
+    """W1L renders as W1 does, with qwen3-8b-shape as its standard model; bf16, FP8 weights
+    and FP8 weights + FP8 KV are three configurations (each keeps its latest result)."""
+    labels = []
+    for quantization, kv in (("none", "auto"), ("fp8", "auto"), ("fp8", "fp8_e4m3")):
+        record = _w1("abcdef1")
+        record["workload"] = "W1L"
+        record["parameters"] |= {"model": "qwen3-8b-shape", "quantization": quantization,
+                                 "kv_cache_dtype": kv}
+        path = tmp_path / f"W1L-{quantization}-{kv}.json"
+        path.write_text(json.dumps(record))
+        result = rt.read_result(path)
+        labels.append(result.configuration)
+        assert rt.headline(result, "").startswith("100 tok/s")
+    assert labels == ["llmserve-triton-graphs, block 16",
+                      "llmserve-triton-graphs-wfp8, block 16",
+                      "llmserve-triton-graphs-wfp8-kvfp8, block 16"]
+    assert rt.WORKLOAD_ORDER.index("W1L") == rt.WORKLOAD_ORDER.index("W1") + 1
