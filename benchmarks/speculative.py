@@ -404,6 +404,12 @@ def serve_method(pool: concurrent.futures.Executor, args: argparse.Namespace, mo
             streams_of[concurrency] = streams
             log({"event": "level", "tag": tag, "concurrency": concurrency,
                  **_headline(figures["levels"][str(concurrency)])})
+        # What start-up measured a draft pass to cost against a verifying step (draft lengths
+        # are chosen from it); absent where the engine did not measure it.
+        costs = [e.get("guess_cost") for e in servers.engine.log_events()
+                 if e.get("event") == "speculation_guess_cost"]
+        if costs:
+            figures["guess_cost"] = costs[0]
     figures["wall_s"] = round(time.perf_counter() - began, 1)
     return figures, streams_of
 
