@@ -4,7 +4,10 @@ loads.
 
 Supported: FP8 W8A8 as llm-compressor's FP8_DYNAMIC scheme writes it in the compressed-tensors
 format (e4m3 weights with per-output-channel scales, `weight_scale`; activations quantized per
-token at run time), with or without an FP8 `kv_cache_scheme`. Such a checkpoint's per-tensor
+token at run time), and its FP8_BLOCK scheme (a scale per 128x128 block of a weight), whose
+weights are quantized again per output channel as they load so that one matmul serves both
+(activations per token, not per 128-wide group); either with or without an FP8
+`kv_cache_scheme`. Such a checkpoint's per-tensor
 KV scales (`k_scale`, `v_scale`) are read past: `--kv-cache-dtype fp8_e4m3` scales each cached
 row by its own largest value, which needs no calibration and measures better (docs/operations.md).
 Any other scheme stops start-up with a message naming it.
@@ -23,11 +26,16 @@ from llmserve.engine_service.parallel.layers import ColumnParallelLinear, RowPar
 from llmserve.kernels.e4m3 import FP8_MIN_CAPABILITY
 
 SUPPORTED = ("compressed-tensors FP8 with per-channel weight scales and dynamic per-token "
-             "activations (llm-compressor's FP8_DYNAMIC), or an unquantized checkpoint")
+             "activations (llm-compressor's FP8_DYNAMIC) or with 128x128 block weight scales and "
+             "dynamic 128-wide activation groups (FP8_BLOCK), or an unquantized checkpoint")
 # What each compressed-tensors argument set must say (the FP8_DYNAMIC scheme).
 WEIGHT_ARGS = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel",
                "dynamic": False, "group_size": None, "block_structure": None}
 ACTIVATION_ARGS = {**WEIGHT_ARGS, "strategy": "token", "dynamic": True}
+# The FP8_BLOCK scheme's: its weights are re-quantized per output channel as they load.
+BLOCK = (128, 128)
+BLOCK_WEIGHT_ARGS = {**WEIGHT_ARGS, "strategy": "block", "block_structure": list(BLOCK)}
+GROUP_ACTIVATION_ARGS = {**ACTIVATION_ARGS, "strategy": "group", "group_size": BLOCK[1]}
 
 
 class Fp8UnavailableError(ValueError):
@@ -43,23 +51,30 @@ class WeightQuantization:
     quantize_at_load: bool = False
     # The checkpoint holds calibrated per-tensor KV scales, which the loader reads past.
     kv_scales: bool = False
+    # The checkpoint's FP8 weights have a scale per block of this shape (FP8_BLOCK): each is
+    # dequantized and quantized again per output channel as it loads.
+    block: tuple[int, int] | None = None
 
     def column(self, in_features: int, parts: list[int], bias: bool,
                tp: TensorParallelGroup) -> ColumnParallelLinear:
         if self.fp8:
-            return Fp8ColumnParallelLinear(in_features, parts, bias, tp, self.quantize_at_load)
+            return Fp8ColumnParallelLinear(in_features, parts, bias, tp, self.quantize_at_load,
+                                           self.block)
         return ColumnParallelLinear(in_features, parts, bias, tp)
 
     def row(self, in_features: int, out_features: int,
             tp: TensorParallelGroup) -> RowParallelLinear:
         if self.fp8:
-            return Fp8RowParallelLinear(in_features, out_features, tp, self.quantize_at_load)
+            return Fp8RowParallelLinear(in_features, out_features, tp, self.quantize_at_load,
+                                        self.block)
         return RowParallelLinear(in_features, out_features, tp)
 
     @property
     def name(self) -> str:
         if not self.fp8:
             return "none"
+        if self.block is not None:
+            return "fp8 (checkpoint's blocks, per channel)"
         return "fp8 (quantized at load)" if self.quantize_at_load else "fp8 (checkpoint)"
 
 
@@ -76,8 +91,8 @@ def read_weight_quantization(model_dir: Path, requested: str) -> WeightQuantizat
     kv_scales = check_kv_cache_scheme(declared)
     if kv_scales and not declared.get("config_groups"):  # KV scales alone: float weights
         return WeightQuantization(requested == "fp8", requested == "fp8", kv_scales=True)
-    check_compressed_tensors_fp8(declared)
-    return WeightQuantization(fp8=True, kv_scales=kv_scales)
+    block = check_compressed_tensors_fp8(declared)
+    return WeightQuantization(fp8=True, kv_scales=kv_scales, block=block)
 
 
 def check_kv_cache_scheme(declared: dict) -> bool:
@@ -93,9 +108,9 @@ def check_kv_cache_scheme(declared: dict) -> bool:
     return True
 
 
-def check_compressed_tensors_fp8(declared: dict) -> None:
-    """Raises CheckpointError naming the scheme unless `declared` is FP8_DYNAMIC on every
-    linear layer but the LM head."""
+def check_compressed_tensors_fp8(declared: dict) -> tuple[int, int] | None:
+    """Raises CheckpointError naming the scheme unless `declared` is FP8_DYNAMIC or FP8_BLOCK
+    on every linear layer but the LM head; FP8_BLOCK's block shape, None for FP8_DYNAMIC."""
     method = declared.get("quant_method")
     if method == "fp8":
         raise _unsupported(
@@ -110,8 +125,11 @@ def check_compressed_tensors_fp8(declared: dict) -> None:
     format_ = group.get("format") or declared.get("format")
     if format_ != "float-quantized":
         raise _unsupported(f"compressed-tensors format {format_!r}")
-    _check_args("weights", group.get("weights"), WEIGHT_ARGS)
-    _check_args("input_activations", group.get("input_activations"), ACTIVATION_ARGS)
+    weights = group.get("weights") or {}
+    block = BLOCK if weights.get("strategy") == "block" else None
+    _check_args("weights", group.get("weights"), BLOCK_WEIGHT_ARGS if block else WEIGHT_ARGS)
+    _check_args("input_activations", group.get("input_activations"),
+                GROUP_ACTIVATION_ARGS if block else ACTIVATION_ARGS)
     for key in ("output_activations", "sparsity_config", "transform_config"):
         if group.get(key) or declared.get(key):
             raise _unsupported(f"compressed-tensors {key} {group.get(key) or declared[key]}")
@@ -119,6 +137,7 @@ def check_compressed_tensors_fp8(declared: dict) -> None:
     unquantized = [name for name in declared.get("ignore") or [] if name != "lm_head"]
     if unquantized:
         raise _unsupported(f"compressed-tensors FP8 leaving out layers {unquantized}")
+    return block
 
 
 def _check_args(role: str, args: dict | None, expected: dict) -> None:

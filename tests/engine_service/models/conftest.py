@@ -55,6 +55,21 @@ def fp8_dynamic_qwen3(peaked_qwen3: Path, tmp_path_factory: pytest.TempPathFacto
     return _copy_checkpoint(model, peaked_qwen3, out, save_compressed=True)
 
 
+@pytest.fixture(scope="session")
+def fp8_block_qwen3(peaked_qwen3: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`peaked_qwen3` quantized by llm-compressor's FP8_BLOCK scheme (a scale per 128x128 block
+    of each weight, activations in dynamic groups of 128), data-free, saved compressed."""
+    import transformers
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(peaked_qwen3, dtype=torch.float32)
+    oneshot(model=model, recipe=QuantizationModifier(targets="Linear", scheme="FP8_BLOCK",
+                                                     ignore=["lm_head"]))
+    out = tmp_path_factory.mktemp("qwen3-fp8-block") / "model"
+    return _copy_checkpoint(model, peaked_qwen3, out, save_compressed=True)
+
+
 def _with_kv_scales(peaked_qwen3: Path, out: Path, **recipe: object) -> Path:
     """`peaked_qwen3` through llm-compressor's `oneshot` with `recipe` plus its FP8
     `kv_cache_scheme` (per-tensor K and V scales, `k_scale` and `v_scale`, calibrated on a few

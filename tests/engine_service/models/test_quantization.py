@@ -99,6 +99,55 @@ def test_quantizing_at_load_reproduces_llmcompressor(
     assert _relative_rms(at_load, teacher_forced(peaked_qwen3, sequence, PROMPT)).max() > 0.01
 
 
+def test_block_scaled_weights_load_quantized_again_per_output_channel(
+    fp8_block_qwen3: Path,
+) -> None:
+    """Each FP8_BLOCK weight, dequantized with its block scales, is quantized again per output
+    channel: what the engine holds (dequantized on the CPU) equals that, computed here from the
+    checkpoint's own tensors, for a fused column-parallel layer and a row-parallel one."""
+    from safetensors.torch import load_file as read
+
+    (weights,) = fp8_block_qwen3.glob("*.safetensors")
+    tensors = read(weights)
+    assert tensors["model.layers.0.mlp.down_proj.weight_scale"].shape == (1, 2)  # 64 x 160
+
+    def per_channel(name: str) -> torch.Tensor:
+        weight, scale = tensors[f"{name}.weight"], tensors[f"{name}.weight_scale"]
+        blocks = scale.repeat_interleave(128, 0)[: weight.shape[0]].repeat_interleave(128, 1)
+        dequantized = weight.float() * blocks[:, : weight.shape[1]]
+        rows = (dequantized.abs().amax(dim=-1, keepdim=True) / 448.0).clamp(min=1e-12)
+        return (dequantized / rows).clamp(-448, 448).to(torch.float8_e4m3fn).float() * rows
+
+    core, _ = build_engine(EngineConfig(model=fp8_block_qwen3, device="cpu", num_kv_blocks=16))
+    mlp = core.runner.model.layers[0].mlp
+    gate_up = torch.cat([per_channel("model.layers.0.mlp.gate_proj"),
+                         per_channel("model.layers.0.mlp.up_proj")])
+    assert torch.equal(mlp.gate_up_proj.weight, gate_up)
+    assert torch.equal(mlp.down_proj.weight, per_channel("model.layers.0.mlp.down_proj"))
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_block_scaled_logits_stay_within_the_bound_of_double_rounding(
+    peaked_qwen3: Path, fp8_block_qwen3: Path, teacher_forced: Callable[..., torch.Tensor],
+    ranks: int,
+) -> None:
+    """Every weight is rounded twice (to its block's scale, then to its channel's), so a GEMM's
+    relative RMS error is at most sqrt(3/3) u = u rather than r: the bound is u sqrt(5 L). Two
+    ranks each take their shard of the whole weight quantized again."""
+    sequence = SEQUENCE.tolist()
+    reference = teacher_forced(peaked_qwen3, sequence, PROMPT)
+    fp8 = teacher_forced(fp8_block_qwen3, sequence, PROMPT, tensor_parallel_size=ranks)
+    predicted = 2.0**-4 * math.sqrt(5 * LAYERS)
+    overall = ((fp8 - reference).norm()
+               / (reference - reference.mean(dim=-1, keepdim=True)).norm()).item()
+    agreement = (fp8.argmax(dim=-1) == reference.argmax(dim=-1)).float().mean().item()
+    print(f"fp8 blocks vs fp32: relative RMS {overall:.3f} (predicted {predicted:.3f}), "
+          f"top-1 agreement {agreement:.2f}")
+    assert overall <= 1.5 * predicted
+    assert _relative_rms(fp8, reference).max() <= 2 * predicted
+    assert agreement >= 0.6
+
+
 def test_a_checkpoints_fp8_kv_scales_are_read_past(
     fp8_kv_scheme_qwen3: Path, fp8_dynamic_qwen3: Path,
     teacher_forced: Callable[..., torch.Tensor],
@@ -154,6 +203,11 @@ def _int4_weights(q: dict) -> None:
     q["config_groups"]["group_0"].update(format="pack-quantized")
 
 
+def _blocks_of_64(q: dict) -> None:
+    q["config_groups"]["group_0"]["weights"].update(strategy="block", block_structure=[64, 64])
+    q["config_groups"]["group_0"]["input_activations"].update(strategy="group", group_size=64)
+
+
 def _hf_block_fp8(q: dict) -> None:
     q.clear()
     q.update(quant_method="fp8", weight_block_size=[128, 128], activation_scheme="dynamic")
@@ -169,6 +223,7 @@ def _hf_block_fp8(q: dict) -> None:
      r"leaving out layers \['model.layers.0.mlp.down_proj'\]"),
     (lambda q: q.update(kv_cache_scheme={"num_bits": 8, "type": "int", "strategy": "tensor"}),
      "scheme not supported: kv_cache_scheme 8-bit int tensor"),
+    (_blocks_of_64, r"weights 8-bit float block static \({'block_structure': \[64, 64\]}\)"),
 ])
 def test_unsupported_schemes_stop_start_up_naming_them(
     fp8_dynamic_qwen3: Path, tmp_path: Path, edit: Callable[[dict], object], message: str,
