@@ -72,7 +72,8 @@ class Fp8Weights(nn.Module):
             return None
         del self._halves[part]
         weight, scale = halves["weight"], halves["weight_scale"]
-        rows, columns = self.block  # type: ignore[misc]
+        assert self.block is not None
+        rows, columns = self.block
         per_element = (scale.float().repeat_interleave(rows, 0)[: weight.shape[0]]
                        .repeat_interleave(columns, 1)[:, : weight.shape[1]])
         return quantize_rows(weight.float() * per_element)
