@@ -130,9 +130,8 @@ class Speculator:
         if not wanted:
             return None
         seqs, ks = [chunks[r].seq for r, _ in wanted], [k for _, k in wanted]
-        if (ahead is not None and ahead.ks == ks
-                and len(ahead.seqs) == len(seqs)
-                and all(a is s for a, s in zip(ahead.seqs, seqs, strict=True))
+        # A Sequence has no __eq__: list equality compares them by identity.
+        if (ahead is not None and ahead.ks == ks and ahead.seqs == seqs
                 and ahead.num_tokens == [s.num_tokens for s in seqs]
                 and all(chunks[r].num_tokens == 1 for r, _ in wanted)):
             drafts = ahead.drafts

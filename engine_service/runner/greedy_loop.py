@@ -36,7 +36,7 @@ class GreedyDecodeLoop:
                  block_size: int, device: torch.device, capture: GraphCapture,
                  progress: bool = True) -> None:
         n = max(sizes)
-        self.logits_of, self.passes, self.block_size = logits_of, passes, block_size
+        self.logits_of, self.block_size = logits_of, block_size
         self.device = device
         int32 = {"dtype": torch.int32, "device": device}
         self.tokens = torch.zeros(n, **int32)
@@ -47,7 +47,6 @@ class GreedyDecodeLoop:
         self.block_tables = torch.zeros(n, max_pages, **int32)
         self.query_start_loc = torch.arange(n + 1, **int32)
         self.out = torch.zeros(n, passes, dtype=torch.int64, device=device)
-        self.sizes = sorted(sizes)
         self.graphs = {count: StepGraphs(sizes, lambda size, c=count: self._loop(size, c),
                                          capture, f"draft loop x{count}", progress)
                        for count in reversed(pass_counts(passes))}
@@ -86,7 +85,7 @@ class GreedyDecodeLoop:
         count = min(c for c in self.graphs if c >= needed)
         graphs = self.graphs[count]
         size = graphs.padded_size(n)
-        assert size is not None, f"{n} rows exceed the draft loop's {self.sizes[-1]}"
+        assert size is not None, f"{n} rows exceed the draft loop's {graphs.sizes[-1]}"
         packed = np.zeros((size, 2 + tables.shape[1]), dtype=np.int32)
         packed[:n, 0], packed[:n, 1], packed[:n, 2:] = positions, wanted, tables
         staged = upload(packed, torch.int32, self.device)

@@ -315,7 +315,7 @@ class ModelRunner:
         the device) the step just executed drew: wanted[i] in all, first[i] the first, as row i
         of [len(seqs), 1 + passes] (columns past wanted[i] meaningless). Their pages must
         already hold the new positions."""
-        if self.greedy_loop is None or self.greedy_loop.passes == 0:
+        if self.greedy_loop is None:
             return first[:, None]
         table = self.inputs.mirror.table[self.inputs.mirror.rows(seqs)]
         return self.greedy_loop.run(first, [len(s.token_ids) for s in seqs], table, wanted)
