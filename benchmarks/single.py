@@ -37,6 +37,7 @@ Time breakdown (on by default; --no-breakdown skips it), measured without touchi
 import argparse
 import asyncio
 import contextlib
+import itertools
 import os
 import random
 import statistics
@@ -268,6 +269,15 @@ def breakdown(per_target: dict[str, dict], offline: dict | None) -> dict:
     return out
 
 
+def fp8_label(flags: list[str]) -> str:
+    """'-wfp8' and '-kvfp8' for the FP8 engine flags, so that W3L's configurations in one call
+    write one file each."""
+    pairs = dict(itertools.pairwise(flags))
+    weights = pairs.get("--quantization", "none") != "none"
+    kv = pairs.get("--kv-cache-dtype", "auto") != "auto"
+    return "-wfp8" * weights + "-kvfp8" * kv
+
+
 def _mean(values: list[float]) -> float | None:
     return round(statistics.fmean(values), 6) if values else None
 
@@ -330,9 +340,10 @@ def main() -> None:
         "cpu_pinning": pinning.describe() if pinning else None,
     }
     path = write_result(args.workload, parameters, figures, out_dir=args.out_dir)
-    if len(targets) == 1:
+    label = "".join(f"-{t}" for t in targets if len(targets) == 1) + fp8_label(flags)
+    if label:
         path = path.rename(path.with_name(path.name.replace(
-            f"{args.workload}-", f"{args.workload}-{targets[0]}-", 1)))
+            f"{args.workload}-", f"{args.workload}{label}-", 1)))
     for target, f in per_target.items():
         print(
             f"W3 {target} on {device_name()}: {f['completed']}/{f['requests']} ok, TTFT p50 "

@@ -36,11 +36,14 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
     # As the Triton kernels and flash attention do: the unnormalized probabilities are rounded
     # to v's dtype for P @ V (a no-op in fp32), the fp32 sum divides afterwards; e4m3 values
-    # are widened to q's dtype, and the probabilities scaled by V's scales rounded to it.
+    # are widened to the products' dtype (fp16 for a bf16 q, see paged_common.fp8_query: a
+    # bf16 q in fp16's range is exact there), and the probabilities scaled by V's scales
+    # rounded to it.
     probs = torch.exp(scores - scores.amax(-1, keepdim=True))
     weights = probs.to(v.dtype)
     if kv_scales is not None:
-        weights = (probs * kv_scales[1].permute(0, 2, 1)[:, :, None, None]).to(q.dtype)
+        product_dtype = torch.float16 if q.dtype == torch.bfloat16 else q.dtype
+        weights = (probs * kv_scales[1].permute(0, 2, 1)[:, :, None, None]).to(product_dtype)
     out = torch.einsum("bhgqk,bkhd->bhgqd", weights.float(), v.float())
     out = out / probs.sum(-1, keepdim=True)
     return out.permute(0, 3, 1, 2, 4).reshape(batch, num_q, num_heads, head_dim).to(q.dtype)

@@ -16,6 +16,7 @@ import triton.language as tl
 from llmserve.kernels.fp8_kv import check_kv_scales
 
 LOG2E = math.log2(math.e)
+_F16_MAX = tl.constexpr(65504.0)
 
 
 def dot_modes(dtype: torch.dtype) -> tuple[str, bool]:
@@ -109,6 +110,21 @@ def load_kv_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, table_row, start, kv_head, tok_en
     return k, v, ks, vs, tok
 
 
+def fp16_products(q: torch.Tensor, kv_scales: tuple[torch.Tensor, torch.Tensor] | None) -> bool:
+    """Whether the kernels' tile products run in fp16: with an e4m3 cache and a bf16 q. e4m3
+    keys and values widen to fp16 in one instruction per pair, to bf16 in three, which bounded
+    the FP8 decode kernel (docs/benchmarks.md); a bf16 q within fp16's range is exact there."""
+    return kv_scales is not None and q.dtype == torch.bfloat16
+
+
+@triton.jit
+def fp16_query(q, FP16: tl.constexpr):
+    """q as the tile products take it (see fp16_products), saturated at fp16's largest value."""
+    if FP16:
+        q = tl.minimum(tl.maximum(q.to(tl.float32), -_F16_MAX), _F16_MAX).to(tl.float16)
+    return q
+
+
 @triton.jit
 def softmax_step(q, k, v, ks, vs, visible, m_i, l_i, acc, qk_scale,
                  MASKED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -118,7 +134,8 @@ def softmax_step(q, k, v, ks, vs, visible, m_i, l_i, acc, qk_scale,
     `visible` [rows, BLOCK_N] is read only when MASKED; every row must see at least one key of
     its first tile (true for all callers), so the running max is finite from then on. With FP8,
     k and v are e4m3 (exact in q's dtype) and their per-token scales ks/vs dequantize the
-    scores and the probabilities: a multiply per score rather than per element.
+    scores and the probabilities: a multiply per score rather than per element. q comes through
+    `fp16_query`, so both products run in its dtype.
     """
     if FP8:
         k = k.to(q.dtype)

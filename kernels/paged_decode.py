@@ -17,6 +17,8 @@ from llmserve.kernels.paged_common import (
     LOG2E,
     check_paged_inputs,
     dot_modes,
+    fp16_products,
+    fp16_query,
     load_kv_tile,
     sm_count,
     softmax_step,
@@ -84,7 +86,7 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
     MIN_SPLIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, FP8: tl.constexpr,
-    PDL: tl.constexpr,
+    FP16: tl.constexpr, PDL: tl.constexpr,
 ):
     await_previous_kernel(PDL)
     # KV heads vary fastest over the grid: the programs reading the neighbouring heads of the
@@ -107,6 +109,7 @@ def _decode_split_kernel(
     d_mask = offs_d < HEAD_DIM
     q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+    q = fp16_query(q, FP16)
 
     table_row = tables_ptr + seq * stride_table
     offs_n = tl.arange(0, BLOCK_N)
@@ -218,7 +221,8 @@ def paged_decode_attention(
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_D=block_d, BLOCK_N=tiles.block_n, PAGE_SIZE=block_size, NUM_SPLITS=num_splits,
         MIN_SPLIT=min_split, PRECISION=precision, UPCAST=upcast, FP8=kv_scales is not None,
-        PDL=pdl, launch_pdl=pdl, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        FP16=fp16_products(q, kv_scales), PDL=pdl, launch_pdl=pdl, num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_heads, batch)](

@@ -21,6 +21,8 @@ from llmserve.kernels.paged_common import (
     LOG2E,
     check_paged_inputs,
     dot_modes,
+    fp16_products,
+    fp16_query,
     load_kv_tile,
     softmax_step,
 )
@@ -37,7 +39,8 @@ def _extend_kernel(
     stride_sp, stride_sh, stride_table, stride_ot, stride_oh,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, FP8: tl.constexpr, FP16: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     await_previous_kernel(PDL)
     kv_head = tl.program_id(0)  # fastest over the grid: neighbouring heads share DRAM pages
@@ -68,6 +71,7 @@ def _extend_kernel(
     io_mask = row_mask[:, None] & d_mask[None, :]
     q = tl.load(q_ptr + (q_start + q_idx)[:, None] * stride_qt + heads[:, None] * stride_qh
                 + offs_d[None, :], mask=io_mask, other=0.0)
+    q = fp16_query(q, FP16)
 
     table_row = tables_ptr + seq * stride_table
     offs_n = tl.arange(0, BLOCK_N)
@@ -140,7 +144,8 @@ def paged_extend_attention(
         k_scales.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=BLOCK_N, HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim), PAGE_SIZE=block_size,
-        PRECISION=precision, UPCAST=upcast, FP8=kv_scales is not None, PDL=pdl, launch_pdl=pdl,
+        PRECISION=precision, UPCAST=upcast, FP8=kv_scales is not None,
+        FP16=fp16_products(q, kv_scales), PDL=pdl, launch_pdl=pdl,
         num_warps=4, num_stages=2,
     )
     return out

@@ -18,8 +18,8 @@ ON_CPU = pytest.mark.skipif(
 )
 ON_GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
-# With an e4m3 cache both round the probabilities times V's scales to q's dtype, each against
-# its own running maximum: two independent bf16 roundings (2^-9) rather than one.
+# With an e4m3 cache both round the probabilities times V's scales (to fp16 for a bf16 q), each
+# against its own running maximum, and the bf16 output once more.
 FP8_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 
