@@ -60,7 +60,7 @@ FA4_PAGE_SIZES = [16, 64, 128, 256]
 FA4_SPLITS = [1, 0]  # 0: flash-attn's own heuristic
 # --sweep-tiles: the unsplit kernel over every (block_n, num_warps, num_stages) here, then these
 # split counts with the default tiles.
-SWEEP_TILES = list(product((64, 128, 256), (4, 8), (2, 3, 4, 5)))
+SWEEP_TILES = list(product((64, 128, 256), (2, 4, 8), (2, 3, 4, 5)))
 SWEEP_SPLITS = [2, 3, 4]
 SWEEP_PAGE_SIZE = 128  # W1's KV page (throughput.py --block-size)
 
@@ -162,8 +162,9 @@ def kv_pool(contexts: list[int], page: int, heads: int, dim: int, device: str) -
 
 def fp8_pool(pool: dict, chunk: int = 256) -> dict:
     """The pool's K/V values as the engine's FP8 cache: e4m3 pages [num_blocks, block_size, Hkv,
-    D] and fp32 scales per row [num_blocks, Hkv, block_size] (kv_cache.py's layout), quantized
-    by fp8_kv's quantize_kv_torch (the twin of the engine's store) a few blocks at a time."""
+    D], stored head by head inside a page, and fp32 scales per row [num_blocks, Hkv,
+    block_size] (kv_cache.py's layout), quantized by fp8_kv's quantize_kv_torch (the twin of
+    the engine's store) a few blocks at a time."""
     import torch
 
     from llmserve.kernels.e4m3 import FP8_DTYPE
@@ -174,7 +175,8 @@ def fp8_pool(pool: dict, chunk: int = 256) -> dict:
     for name in ("k", "v"):
         src = pool[name]
         num_blocks, page, heads, _ = src.shape
-        values = torch.empty(src.shape, dtype=FP8_DTYPE, device=src.device)
+        values = torch.empty(num_blocks, heads, page, src.shape[-1], dtype=FP8_DTYPE,
+                             device=src.device).transpose(1, 2)
         row_scales = torch.empty(num_blocks, heads, page, dtype=torch.float32, device=src.device)
         for lo in range(0, num_blocks, chunk):
             x8, scale = quantize_kv_torch(src[lo : lo + chunk])
@@ -202,6 +204,7 @@ def run(args: argparse.Namespace) -> dict:
     from llmserve.kernels.paged_attention import paged_attention_torch
     from llmserve.kernels.paged_common import sm_count
     from llmserve.kernels.paged_decode import (
+        FP8_UNSPLIT_TILES,
         UNSPLIT_TILES,
         DecodeTiles,
         choose_num_splits,
@@ -459,8 +462,17 @@ def run(args: argparse.Namespace) -> dict:
         engine_splits, _ = choose_num_splits(
             len(contexts), heads, max_pages * sweep_page_size, sm_count(torch.device(args.device))
         )
-        engine_tiles = UNSPLIT_TILES if engine_splits == 1 else DecodeTiles()
-        engine_choice = {"num_splits": engine_splits, "tiles": asdict(engine_tiles)}
+        engine_choice = {
+            dtype: {
+                "num_splits": engine_splits,
+                "tiles": asdict(
+                    (FP8_UNSPLIT_TILES if dtype == "fp8_e4m3" else UNSPLIT_TILES)
+                    if engine_splits == 1
+                    else DecodeTiles()
+                ),
+            }
+            for dtype in dtypes
+        }
     else:
         for page in page_sizes:
             sweep_page(
@@ -499,8 +511,8 @@ def run(args: argparse.Namespace) -> dict:
                     r
                     for r in results
                     if r.get("kv_cache_dtype") == dtype
-                    and r["num_splits"] == engine_choice["num_splits"]
-                    and r.get("tiles") == engine_choice["tiles"]
+                    and r["num_splits"] == engine_choice[dtype]["num_splits"]
+                    and r.get("tiles") == engine_choice[dtype]["tiles"]
                 ),
                 "not in the grid",
             )
@@ -551,8 +563,9 @@ def run(args: argparse.Namespace) -> dict:
     }
     if "fp8_e4m3" in dtypes:
         result["parameters"]["fp8_kv_cache"] = (
-            "e4m3 pages [num_blocks, block_size, Hkv, D] and fp32 scales [num_blocks, Hkv, "
-            "block_size] for K and for V, from the bf16 pool by fp8_kv.quantize_kv_torch"
+            "e4m3 pages [num_blocks, block_size, Hkv, D] stored head by head inside a page "
+            "(the engine's layout) and fp32 scales [num_blocks, Hkv, block_size] for K and for "
+            "V, from the bf16 pool by fp8_kv.quantize_kv_torch"
         )
         result["parameters"]["fp8_tolerance_vs_bf16"] = FP8_VS_BF16
     if args.sweep_tiles:

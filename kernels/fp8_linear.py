@@ -1,27 +1,43 @@
-"""W8A8 FP8 matmuls: e4m3 weights with per-output-channel scales, activations quantized per token
-on the fly (the compressed-tensors FP8_DYNAMIC scheme).
+"""FP8 matmuls: e4m3 weights with per-output-channel scales, activations quantized per token on
+the fly (the compressed-tensors FP8_DYNAMIC scheme).
 
-`fp8_linear` runs the GEMM in FP8 through cuBLASLt (`torch._scaled_mm`, row-wise scales: compute
-capability 8.9+); `fp8_linear_torch` is its twin for the CPU: the same activation rounding, then
-an ordinary matmul with the dequantized weight.
+On CUDA `fp8_linear` picks by the number of rows M (tokens), as measured on an H100 (see
+docs/benchmarks.md); the kernels are in fp8_gemm.py:
+
+- M = 1 (decode): `w8a16_gemv`, weight-only. Reading the weight is all the time there is, so
+  the e4m3 weight is dequantized in registers against x as given: no activation rounding, more
+  accurate than W8A8; its twin is `F.linear(x, dequantized weight)`.
+- M > 1: x quantized per token (`quantize_rows`, one Triton kernel), then the FP8 GEMM on the
+  tensor cores: `w8a8_gemm` (Triton) up to TRITON_GEMM_MAX_M rows, `torch._scaled_mm`
+  (cuBLASLt, row-wise scales: compute capability 8.9+) above.
+
+`fp8_linear_torch` is the W8A8 twin for the CPU at every M (it matches transformers' fake
+quantization of llm-compressor checkpoints): the same activation rounding, then an ordinary
+matmul with the dequantized weight. At M = 1 the GPU differs from it by that rounding alone.
 """
 
 import torch
 import torch.nn.functional as F
 
 from llmserve.kernels.e4m3 import FP8_DTYPE, FP8_MAX
+from llmserve.kernels.fp8_gemm import (
+    MIN_SCALE,
+    quantize_rows_torch,
+    quantize_rows_triton,
+    w8a8_gemm,
+    w8a16_gemv,
+)
 
-# Zero rows (padding in CUDA graphs) get this scale instead of 0, so they quantize to 0, not NaN.
-MIN_SCALE = torch.finfo(torch.float32).tiny
+__all__ = ["FP8_DTYPE", "FP8_MAX", "MIN_SCALE", "dequantize_rows", "fp8_linear",
+           "fp8_linear_torch", "quantize_rows"]
+
+TRITON_GEMM_MAX_M = 64  # rows up to which w8a8_gemm beats torch._scaled_mm (on an H100)
 
 
 def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(e4m3 values, float32 scales [..., 1]) with each row's largest magnitude mapped to 448:
-    the rounding llm-compressor applies to weights (per output channel) and activations (per
-    token), so weights quantized here equal the ones it writes."""
-    t = t.float()
-    scale = (t.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=MIN_SCALE)
-    return (t / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+    """(e4m3 values, float32 scales [..., 1]), each row's largest magnitude mapped to 448 (see
+    `quantize_rows_torch`): one Triton kernel on CUDA, the same values (-0.0 comes out +0.0)."""
+    return quantize_rows_triton(t) if t.is_cuda else quantize_rows_torch(t)
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -32,7 +48,13 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
                bias: torch.Tensor | None) -> torch.Tensor:
     """x [..., K] (bf16) @ weight [N, K] (e4m3, scales [N, 1] float32) -> [..., N] in bf16."""
     rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] == 1:
+        out = w8a16_gemv(rows.contiguous(), weight, weight_scale, bias)
+        return out.reshape(*x.shape[:-1], weight.shape[0])
     x_q, x_scale = quantize_rows(rows)
+    if rows.shape[0] <= TRITON_GEMM_MAX_M:
+        out = w8a8_gemm(x_q, x_scale, weight, weight_scale, bias)
+        return out.reshape(*x.shape[:-1], weight.shape[0])
     # weight.t() is the column-major [K, N] operand cuBLASLt wants; row-wise scales are [M, 1]
     # for the activations and [1, N] for the weight, and need a bf16 output.
     out = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale, scale_b=weight_scale.t(),
@@ -44,7 +66,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
 
 def fp8_linear_torch(x: torch.Tensor, weight: torch.Tensor,
                      bias: torch.Tensor | None) -> torch.Tensor:
-    """The twin of `fp8_linear`: `weight` is the dequantized weight in x's dtype; x is rounded
-    per token to e4m3 exactly as `fp8_linear` rounds it."""
-    x_q, x_scale = quantize_rows(x)
+    """The W8A8 twin of `fp8_linear`: `weight` is the dequantized weight in x's dtype; x is
+    rounded per token to e4m3 exactly as `fp8_linear` rounds it above one row."""
+    x_q, x_scale = quantize_rows_torch(x)
     return F.linear(dequantize_rows(x_q, x_scale, x.dtype), weight, bias)

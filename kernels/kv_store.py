@@ -29,7 +29,7 @@ def store_kv_torch(
     block_size = k_cache.shape[1]
     for x, cache, scales in ((k, k_cache, kv_scales[0]), (v, v_cache, kv_scales[1])):
         x8, scale = quantize_kv_torch(x[keep])
-        # index_copy_ has no float8 kernel on the CPU: copy the bytes.
-        cache.view(torch.uint8).view(-1, *cache.shape[2:]).index_copy_(
-            0, slots, x8.view(torch.uint8))
+        # No float8 indexing kernels on the CPU: copy the bytes (the e4m3 pool is a strided
+        # view, see kv_cache.allocate, so by page and slot rather than through a flat view).
+        cache.view(torch.uint8)[slots // block_size, slots % block_size] = x8.view(torch.uint8)
         scales[slots // block_size, :, slots % block_size] = scale

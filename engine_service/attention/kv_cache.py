@@ -2,6 +2,11 @@
 dtype, or with --kv-cache-dtype fp8_e4m3 in e4m3 with one fp32 scale per (token, KV head) row
 beside the pages, [num_blocks, Hkv, block_size] (kernels/fp8_kv.py says why that scheme).
 
+An e4m3 page is stored head by head (each KV head's block_size rows together) and handed out
+as the same [num_blocks, block_size, Hkv, D] view with other strides: the kernels address pages
+by strides, and a decode program, which reads one KV head, then streams one contiguous run per
+page instead of 128-byte rows 1 KB apart (docs/benchmarks.md has the measurement).
+
 Blocks are the unit of everything above (prefix caching, preemption, tensor parallel shards by
 KV head), and a block's scales sit at the same block index, so none of it sees the dtype.
 """
@@ -44,14 +49,15 @@ def allocate(num_layers: int, num_blocks: int, block_size: int, kv_heads: int, h
     Zeroed, not empty: kernels that load whole pages multiply masked-out rows by zero, and
     0 * NaN from uninitialized memory would still be NaN.
     """
-    fp8 = is_fp8(kv_cache_dtype)
-    pool = torch.zeros(num_layers, 2, num_blocks, block_size, kv_heads, head_dim,
-                       dtype=FP8_DTYPE if fp8 else dtype, device=device)
-    if not fp8:
+    if not is_fp8(kv_cache_dtype):
+        pool = torch.zeros(num_layers, 2, num_blocks, block_size, kv_heads, head_dim,
+                           dtype=dtype, device=device)
         return [LayerCache(pool[layer, 0], pool[layer, 1]) for layer in range(num_layers)]
+    pages = torch.zeros(num_layers, 2, num_blocks, kv_heads, block_size, head_dim,
+                        dtype=FP8_DTYPE, device=device).transpose(3, 4)
     scales = torch.zeros(num_layers, 2, num_blocks, kv_heads, block_size, dtype=SCALE_DTYPE,
                          device=device)
-    return [LayerCache(pool[layer, 0], pool[layer, 1], (scales[layer, 0], scales[layer, 1]))
+    return [LayerCache(pages[layer, 0], pages[layer, 1], (scales[layer, 0], scales[layer, 1]))
             for layer in range(num_layers)]
 
 

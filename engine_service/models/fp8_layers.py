@@ -5,9 +5,9 @@ Each holds e4m3 weights and float32 per-output-channel scales [out, 1] (a fused 
 each bring their own rows of both). A checkpoint's FP8 tensors are copied as they are; a float
 weight is quantized per output channel as it loads (`--quantization fp8`); a weight with a scale
 per block (FP8_BLOCK) is read whole with its scales, dequantized and quantized again per output
-channel, then sharded like the others. On CUDA the matmul runs in FP8; on the CPU the weight is
-dequantized once, after loading, and each matmul rounds its input per token as the GPU path
-does.
+channel, then sharded like the others. On CUDA the matmul runs in FP8 (kernels/fp8_linear.py;
+one token's is weight-only); on the CPU the weight is dequantized once, after loading, and each
+matmul rounds its input per token as the GPU path does for more tokens.
 """
 
 import torch

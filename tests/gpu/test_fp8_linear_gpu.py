@@ -1,20 +1,36 @@
-"""FP8 weights on CUDA (compute capability 8.9+): the `torch._scaled_mm` GEMM against its CPU
-twin (the same rounding, then a matmul with the dequantized weight), and the engine with
+"""FP8 weights on CUDA (compute capability 8.9+): `fp8_linear` against its twins (weight-only
+for one token; W8A8 above: the same rounding, then a matmul with the dequantized weight), each
+Triton kernel of fp8_gemm against its twin at Qwen3-8B's shapes, and the engine with
 `--quantization fp8` in bf16 with CUDA graphs against the same model unquantized."""
 
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from llmserve.kernels import fp8_linear as fp8_linear_module
+from llmserve.kernels.fp8_gemm import (
+    GEMM_CONFIGS,
+    GEMV_CONFIGS,
+    GemmConfig,
+    GemvConfig,
+    quantize_rows_torch,
+    quantize_rows_triton,
+    w8a8_gemm,
+    w8a16_gemv,
+)
 from llmserve.kernels.fp8_linear import fp8_linear, fp8_linear_torch, quantize_rows
 
 HAVE_FP8 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAVE_FP8, reason="needs an FP8 GPU")]
 
 
-@pytest.mark.parametrize("tokens", [1, 7, 64, 300])
-def test_scaled_mm_matches_the_dequantized_twin(tokens: int) -> None:
+@pytest.mark.parametrize("tokens", [1, 2, 7, 16, 64, 65, 300])
+def test_fp8_linear_matches_its_twins(tokens: int) -> None:
+    """One token weight-only (x as given), more W8A8 (x rounded per token): by the Triton GEMM
+    up to TRITON_GEMM_MAX_M tokens, by torch._scaled_mm above."""
+    assert fp8_linear_module.TRITON_GEMM_MAX_M == 64  # both GEMMs among the tokens
     gen = torch.Generator(device="cuda").manual_seed(tokens)
     x = torch.randn(tokens, 256, device="cuda", generator=gen).bfloat16()
     x[0] = 0  # a padding row (CUDA graphs) must come out as the bias alone, not NaN
@@ -23,10 +39,93 @@ def test_scaled_mm_matches_the_dequantized_twin(tokens: int) -> None:
     q, scale = quantize_rows(weight)
     ours = fp8_linear(x, q, scale, bias)
     assert ours.dtype == torch.bfloat16 and ours.shape == (tokens, 512)
-    twin = fp8_linear_torch(x.float(), q.float() * scale, bias.float())
+    if tokens == 1:
+        twin = F.linear(x.float(), q.float() * scale, bias.float())
+    else:
+        twin = fp8_linear_torch(x.float(), q.float() * scale, bias.float())
     # Same rounded operands: only accumulation order and the bf16 output (2^-8) differ.
     torch.testing.assert_close(ours.float(), twin, rtol=2**-7, atol=1e-2)
     torch.testing.assert_close(ours[0], bias)
+
+
+# Qwen3-8B's linears (qkv, o, gate_up, down): (N, K).
+SHAPES_8B = [(6144, 4096), (4096, 4096), (24576, 4096), (4096, 12288)]
+
+
+def _fp8_weight(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(e4m3 weight, scales [n, 1], the dequantized weight in fp64), as a checkpoint's."""
+    w8, scale = quantize_rows(torch.randn(n, k, device="cuda") * 0.02)
+    return w8, scale, w8.double() * scale.double()
+
+
+def _abs_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return F.linear(x.double().abs(), w.abs())
+
+
+@pytest.mark.parametrize("rows", [1, 37, 2048])
+@pytest.mark.parametrize("k", [4096, 12288, 3000])
+def test_the_triton_quantizer_equals_torch_bit_for_bit_but_the_sign_of_zero(
+        rows: int, k: int) -> None:
+    x = torch.randn(rows, k, device="cuda") * torch.logspace(-20, 3, rows, device="cuda")[:, None]
+    x[0] = 0
+    for t in (x, x.bfloat16(), -x.bfloat16()):  # with -0.0 rows
+        q, scale = quantize_rows_triton(t)
+        q_ref, scale_ref = quantize_rows_torch(t)
+        # Values compared, not bytes: the hand rounding makes -0.0 +0.0 (every other e4m3
+        # value has one byte).
+        assert torch.equal(q.float(), q_ref.float())
+        assert torch.equal(scale, scale_ref)
+
+
+@pytest.mark.parametrize("shape", SHAPES_8B, ids=str)
+@pytest.mark.parametrize("config", GEMV_CONFIGS, ids=str)
+def test_the_weight_only_kernel_matches_its_twin_at_8b_shapes(
+        shape: tuple[int, int], config: GemvConfig) -> None:
+    n, k = shape
+    w8, scale, w = _fp8_weight(n, k)
+    bias = torch.randn(n, device="cuda").bfloat16()
+    x = torch.randn(1, k, device="cuda").bfloat16()
+    out = w8a16_gemv(x, w8, scale, bias, config, out_dtype=torch.float32)
+    twin = F.linear(x.double(), w, bias.double())
+    # fp32 sums in another order.
+    assert ((out.double() - twin).abs() <= 1e-4 * _abs_bound(x, w) + 1e-5).all()
+    out16 = w8a16_gemv(x, w8, scale, bias, config)
+    torch.testing.assert_close(out16.double(), twin, rtol=2**-8, atol=1e-3)
+
+
+@pytest.mark.parametrize("shape", SHAPES_8B, ids=str)
+@pytest.mark.parametrize("config", GEMM_CONFIGS, ids=str)
+def test_the_w8a8_kernel_matches_its_twin_and_scaled_mm_at_8b_shapes(
+        shape: tuple[int, int], config: GemmConfig) -> None:
+    n, k = shape
+    w8, scale, w = _fp8_weight(n, k)
+    for m in (2, 16, 64):
+        x = torch.randn(m, k, device="cuda").bfloat16()
+        x_q, x_scale = quantize_rows_triton(x)
+        out = w8a8_gemm(x_q, x_scale, w8, scale, None, config, out_dtype=torch.float32)
+        twin = fp8_linear_torch(x.double(), w, None)
+        # The tensor cores keep FP8 partial sums in less than fp32 (about 14 bits), for
+        # BLOCK_K products at a time before they move to fp32.
+        assert ((out.double() - twin).abs() <= 2**-12 * _abs_bound(x, w)).all()
+        cublas = torch._scaled_mm(x_q, w8.t(), scale_a=x_scale, scale_b=scale.t(),
+                                  out_dtype=torch.bfloat16)
+        torch.testing.assert_close(w8a8_gemm(x_q, x_scale, w8, scale, None, config).float(),
+                                   cublas.float(), rtol=2**-7, atol=1e-3)
+
+
+@pytest.mark.parametrize("tokens", [1, 8, 256])
+def test_fp8_linear_replays_in_a_cuda_graph(tokens: int) -> None:
+    """No host syncs: captured once, replayed on new inputs."""
+    w8, scale, _ = _fp8_weight(1024, 2048)
+    x = torch.zeros(tokens, 2048, device="cuda", dtype=torch.bfloat16)
+    fp8_linear(x, w8, scale, None)  # compiles outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fp8_linear(x, w8, scale, None)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.testing.assert_close(out, fp8_linear(x, w8, scale, None), rtol=0, atol=0)
 
 
 def test_engine_with_fp8_weights_stays_within_the_e4m3_bound(

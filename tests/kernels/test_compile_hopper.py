@@ -53,10 +53,12 @@ attention = dict(GROUP=2, HEAD_DIM=128, BLOCK_D=128, BLOCK_N=64, PRECISION="tf32
 for cache, fp8 in [("bf16", False), ("fp8e4nv", True)]:
     for page, splits in [(16, 1), (64, 4)]:
         compile_sm90(paged_decode._decode_split_kernel, dict(
-            attention, BLOCK_H=16, PAGE_SIZE=page, NUM_SPLITS=splits, MIN_SPLIT=64, FP8=fp8, FP16=fp8),
+            attention, BLOCK_H=16, PAGE_SIZE=page, NUM_SPLITS=splits, MIN_SPLIT=64, FP8=fp8,
+            FP16=fp8),
             cache=cache)
     compile_sm90(paged_decode._decode_split_kernel, dict(
-        attention, BLOCK_H=16, PAGE_SIZE=16, NUM_SPLITS=2, MIN_SPLIT=32, BLOCK_N=32, FP8=fp8, FP16=fp8),
+        attention, BLOCK_H=16, PAGE_SIZE=16, NUM_SPLITS=2, MIN_SPLIT=32, BLOCK_N=32, FP8=fp8,
+        FP16=fp8),
         num_stages=5, cache=cache)
     compile_sm90(paged_extend._extend_kernel, dict(
         attention, BLOCK_M=64, BLOCK_Q=32, PAGE_SIZE=16, FP8=fp8, FP16=fp8), cache=cache)

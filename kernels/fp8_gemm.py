@@ -1,0 +1,259 @@
+"""Triton kernels of the FP8 linears (`fp8_linear` picks among them; its torch functions are the
+twins):
+
+- `quantize_rows_triton`: each row's e4m3 values and fp32 scale in one kernel (torch needs ~7),
+  the values of `quantize_rows_torch` (bit for bit but for the sign of zero).
+- `w8a16_gemv`: one row of x (decode). Weight bytes dominate, so the kernel streams the e4m3
+  weight once and dequantizes it in registers against x as given (no activation rounding):
+  out = (x @ w8^T) * scale, accumulated in fp32 on FMAs; tiles of few weight rows give every
+  SM several programs.
+- `w8a8_gemm`: several rows. Both operands e4m3 on the tensor cores (wgmma on Hopper), the row
+  and column scales and the bias applied once, in the epilogue.
+
+`GEMV_CONFIG` and `GEMM_CONFIG` are the tiles `fp8_linear` launches (measured on an H100, see
+docs/benchmarks.md); `GEMV_CONFIGS` and `GEMM_CONFIGS` are the few that .devrun/gemm.py sweeps.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from llmserve.kernels.dependent_launch import await_previous_kernel, dependent_launch
+from llmserve.kernels.e4m3 import FP8_DTYPE, FP8_MAX
+from llmserve.kernels.fp8_kv import fp8_values
+
+# Zero rows (padding in CUDA graphs) get this scale instead of 0, so they quantize to 0, not NaN.
+MIN_SCALE = torch.finfo(torch.float32).tiny
+_MAX = tl.constexpr(FP8_MAX)  # the kernels' copies (Triton reads only constexpr globals)
+_MIN_SCALE = tl.constexpr(MIN_SCALE)
+# Rows a program of the quantizer keeps in registers; longer rows take two passes.
+_MAX_ROW_BLOCK = 16384
+
+
+def quantize_rows_torch(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 values, float32 scales [..., 1]) with each row's largest magnitude mapped to 448:
+    the rounding llm-compressor applies to weights (per output channel) and activations (per
+    token), so weights quantized here equal the ones it writes."""
+    t = t.float()
+    scale = (t.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=MIN_SCALE)
+    return (t / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+@triton.jit
+def _quantize_rows_kernel(
+    x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q,
+    BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr, PDL: tl.constexpr,
+):
+    # Values rounded by hand on every backend: Triton's own e4m3 cast rounded otherwise on an H100.
+    await_previous_kernel(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    q_row = q_ptr + row * stride_q
+    cols = tl.arange(0, BLOCK)
+    if ONE_BLOCK:
+        x = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
+        # As the twin: the division rounded (tl.div_rn, not Triton's approximate `/`), then
+        # the clamp, so the scale and every value divided by it are torch's bit for bit.
+        scale = tl.maximum(tl.div_rn(tl.max(tl.abs(x), 0), _MAX), _MIN_SCALE)
+        tl.store(q_row + cols, fp8_values(x, scale, ROUND_BY_HAND=True).to(q_ptr.dtype.element_ty),
+                 mask=cols < K)
+    else:
+        amax = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, K, BLOCK):
+            x = tl.load(x_row + start + cols, mask=start + cols < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+        scale = tl.maximum(tl.div_rn(tl.max(amax, 0), _MAX), _MIN_SCALE)
+        for start in range(0, K, BLOCK):
+            x = tl.load(x_row + start + cols, mask=start + cols < K, other=0.0).to(tl.float32)
+            tl.store(q_row + start + cols,
+                     fp8_values(x, scale, ROUND_BY_HAND=True).to(q_ptr.dtype.element_ty),
+                     mask=start + cols < K)
+    tl.store(scale_ptr + row, scale)
+
+
+def quantize_rows_triton(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of `quantize_rows_torch` (any float dtype, rows along the last dimension):
+    one program per row. The same values; only -0.0 comes out as +0.0."""
+    k = t.shape[-1]
+    rows = t.reshape(-1, k)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    q = torch.empty(rows.shape, dtype=FP8_DTYPE, device=t.device)
+    scale = torch.empty(rows.shape[0], 1, dtype=torch.float32, device=t.device)
+    if rows.shape[0] and k:
+        block = min(triton.next_power_of_2(k), _MAX_ROW_BLOCK)
+        pdl = dependent_launch(t.device)
+        _quantize_rows_kernel[(rows.shape[0],)](
+            rows, q, scale, k, rows.stride(0), q.stride(0),
+            BLOCK=block, ONE_BLOCK=block >= k, PDL=pdl,
+            launch_pdl=pdl, num_warps=min(max(block // 1024, 4), 16),
+        )
+    return q.view(t.shape), scale.view(*t.shape[:-1], 1)
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """A tile of the W8A16 kernel: BLOCK_N weight rows by BLOCK_K columns per step, for one row
+    of x per program. BLOCK_N x BLOCK_K fp32 partial sums stay in registers, reduced once at
+    the end; the weight moves in 8-byte loads, as wide as x's bf16 loads in the same layout
+    (16-byte ones would need x reshuffled through shared memory every step)."""
+
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+
+
+GEMV_CONFIGS = (GemvConfig(4, 1024), GemvConfig(8, 512))  # the sweep (.devrun/gemm.py)
+GEMV_CONFIG = GEMV_CONFIGS[0]
+
+
+@triton.jit
+def _w8a16_kernel(
+    x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, stride_xm, stride_wn, stride_om,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
+):
+    await_previous_kernel(PDL)
+    # Rows of x vary fastest over the grid: programs sharing a weight tile run together.
+    row = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.max_contiguous(tl.arange(0, BLOCK_K), 8)  # 8-byte weight loads (see GemvConfig)
+    # Rows past N read row 0 rather than being masked (a mask would split the loads); their
+    # results are never stored.
+    w_ptrs = w_ptr + tl.where(n_ok, offs_n, 0).to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
+    # x's row broadcast over the tile's rows: loaded in the weight's layout (L1 hits).
+    x_ptrs = x_ptr + row * stride_xm + offs_k[None, :] + 0 * offs_n[:, None]
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for k in range(0, K, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_ptrs)
+            x = tl.load(x_ptrs)
+        else:
+            k_ok = (k + offs_k < K)[None, :]
+            w = tl.load(w_ptrs, mask=k_ok, other=0.0)
+            x = tl.load(x_ptrs, mask=k_ok, other=0.0)
+        acc += x.to(tl.float32) * w.to(tl.float32)
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    out = tl.sum(acc, 1) * tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+def w8a16_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               bias: torch.Tensor | None, config: GemvConfig = GEMV_CONFIG,
+               out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """x [M, K] @ dequantized weight [N, K] (e4m3, scales [N, 1]) -> [M, N] in out_dtype:
+    (x @ weight^T) * scale (+ bias), accumulated in fp32. Every row of x reads the whole weight
+    again (from L2 after the first): for M = 1."""
+    m, k = x.shape
+    n = weight.shape[0]
+    if x.stride(-1) != 1 or weight.stride(-1) != 1:
+        raise ValueError("w8a16_gemv needs unit stride along K")
+    out = torch.empty(m, n, dtype=out_dtype, device=x.device)
+    if m == 0:
+        return out
+    pdl = dependent_launch(x.device)
+    _w8a16_kernel[(m, triton.cdiv(n, config.block_n))](
+        x, weight, weight_scale, x if bias is None else bias, out, n, k,
+        x.stride(0), weight.stride(0), out.stride(0),
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
+        HAS_BIAS=bias is not None, PDL=pdl, launch_pdl=pdl, num_warps=config.num_warps,
+    )
+    return out
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """A tile of the W8A8 kernel; group_m output row-tiles share their weight tiles in L2."""
+
+    block_m: int
+    block_n: int
+    block_k: int = 128
+    group_m: int = 8
+    num_warps: int = 8
+    num_stages: int = 3
+
+
+GEMM_CONFIGS = (  # the sweep (.devrun/gemm.py)
+    GemmConfig(64, 64, num_warps=4, num_stages=4),
+    GemmConfig(64, 128, num_warps=4, num_stages=4),
+    GemmConfig(128, 128),
+)
+GEMM_CONFIG = GEMM_CONFIGS[0]
+
+
+@triton.jit
+def _w8a8_kernel(
+    a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr, M, N, K,
+    stride_am, stride_bn, stride_cm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
+):
+    await_previous_kernel(PDL)
+    # GROUP_M row-tiles run one after another over each column tile: their B tiles hit L2.
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    first_m = (pid // (GROUP_M * tiles_n)) * GROUP_M
+    group_size = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_size
+    pid_n = (pid % (GROUP_M * tiles_n)) // group_size
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Out-of-range rows wrap (their results are never stored), so loads need no row mask.
+    a_ptrs = a_ptr + (offs_m % M).to(tl.int64)[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + (offs_n % N).to(tl.int64)[:, None] * stride_bn + offs_k[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=(k + offs_k < K)[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=(k + offs_k < K)[None, :], other=0.0)
+        # Both operands K-major, as Hopper's FP8 wgmma needs. max_num_imprecise_acc: the
+        # tensor cores' FP8 sums (kept in less than fp32) move into fp32 every BLOCK_K, as
+        # torch._scaled_mm's default (no fast accumulation); Triton's sm_90 default never does.
+        acc = tl.dot(a, tl.trans(b), acc, max_num_imprecise_acc=BLOCK_K)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    acc = acc * tl.load(a_scale_ptr + offs_m, mask=m_ok, other=0.0)[:, None]
+    acc = acc * tl.load(b_scale_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def w8a8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
+              weight_scale: torch.Tensor, bias: torch.Tensor | None,
+              config: GemmConfig = GEMM_CONFIG,
+              out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """x_q [M, K] (e4m3, scales [M, 1]) @ weight [N, K] (e4m3, scales [N, 1]) -> [M, N]:
+    (x_q @ weight^T) * x_scale * weight_scale^T (+ bias), accumulated in fp32."""
+    m, k = x_q.shape
+    n = weight.shape[0]
+    if x_q.stride(-1) != 1 or weight.stride(-1) != 1:
+        raise ValueError("w8a8_gemm needs unit stride along K")
+    out = torch.empty(m, n, dtype=out_dtype, device=x_q.device)
+    if m == 0:
+        return out
+    pdl = dependent_launch(x_q.device)
+    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
+    _w8a8_kernel[grid](
+        x_q, weight, x_scale, weight_scale, x_scale if bias is None else bias, out, m, n, k,
+        x_q.stride(0), weight.stride(0), out.stride(0),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        GROUP_M=config.group_m,
+        EVEN_K=k % config.block_k == 0, HAS_BIAS=bias is not None, PDL=pdl, launch_pdl=pdl,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out
