@@ -2,10 +2,12 @@
 
 One layer of W1 at mid-decode: 256 sequences, context len(prompt) + max_tokens // 2 from W1's
 draws, one query token each, Qwen3-0.6B shape (16 query heads, 8 KV heads, head_dim 128, bf16),
-KV pages scattered at random over the pool. Times our Triton `paged_decode_attention` (split
-kernel and reduction) over a sweep of page sizes, split counts and tile shapes, and flash-attn 4's
-paged `flash_attn_varlen_func` at its page sizes, each the median of >= 40 CUDA-event-timed runs
-alternating two input sets; measures device-to-device copy bandwidth in the same run.
+KV pages scattered at random over the pool, programs started longest row first as the engine
+orders them (an order built once per step, like the block tables). Times our Triton
+`paged_decode_attention` (split kernel and reduction) over a sweep of page sizes, split counts
+and tile shapes, and flash-attn 4's paged `flash_attn_varlen_func` at its page sizes, each the
+median of >= 40 CUDA-event-timed runs alternating two input sets; measures device-to-device
+copy bandwidth in the same run.
 
 `--kv-cache-dtype fp8_e4m3` times the engine's FP8 KV cache instead (e4m3 pages and fp32 scales
 per (token, KV head), quantized from the same random bf16 values by fp8_kv's quantizer), `both`
@@ -157,6 +159,9 @@ def kv_pool(contexts: list[int], page: int, heads: int, dim: int, device: str) -
         "v": torch.randn(shape, device=device, dtype=torch.bfloat16),
         "tables": tables,
         "lens": torch.tensor(contexts, dtype=torch.int32, device=device),
+        # The engine's decode order (longest first), built once per step with the tables.
+        "order": torch.argsort(torch.tensor(contexts), descending=True, stable=True)
+        .to(device=device, dtype=torch.int32),
     }
 
 
@@ -283,6 +288,7 @@ def run(args: argparse.Namespace) -> dict:
             num_splits=num_splits,
             tiles=tiles,
             kv_scales=pool.get("scales"),
+            order=pool["order"],
         )
 
     def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -37,7 +37,10 @@ def quantize_rows_torch(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     the rounding llm-compressor applies to weights (per output channel) and activations (per
     token), so weights quantized here equal the ones it writes."""
     t = t.float()
-    scale = (t.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=MIN_SCALE)
+    # Divided by a tensor: CUDA turns a division by a Python number into a multiplication by
+    # its reciprocal, which can land one ulp off the quotient the Triton kernel rounds to.
+    amax = t.abs().amax(dim=-1, keepdim=True)
+    scale = (amax / torch.full_like(amax, FP8_MAX)).clamp(min=MIN_SCALE)
     return (t / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 

@@ -82,14 +82,14 @@ def _split_len(seq_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, seq_lens_ptr, tables_ptr, out_ptr, part_out_ptr,
-    part_lse_ptr, qk_scale,
+    q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, seq_lens_ptr, tables_ptr, order_ptr, out_ptr,
+    part_out_ptr, part_lse_ptr, qk_scale,
     stride_qb, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
     stride_sp, stride_sh, stride_table, stride_ob, stride_oh,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
     MIN_SPLIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, FP8: tl.constexpr,
-    FP16: tl.constexpr, PDL: tl.constexpr,
+    FP16: tl.constexpr, ORDERED: tl.constexpr, PDL: tl.constexpr,
 ):
     await_previous_kernel(PDL)
     # KV heads vary fastest over the grid: the programs reading the neighbouring heads of the
@@ -97,6 +97,8 @@ def _decode_split_kernel(
     # access pattern close to a sequential read of each page.
     kv_head = tl.program_id(0)
     seq = tl.program_id(1)
+    if ORDERED:
+        seq = tl.load(order_ptr + seq)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
     split_len = _split_len(seq_len, NUM_SPLITS, BLOCK_N, MIN_SPLIT)
@@ -177,6 +179,7 @@ def paged_decode_attention(
     num_splits: int | None = None,
     tiles: DecodeTiles | None = None,
     kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+    order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention over a paged KV cache: q [B, Hq, D] -> [B, Hq, D] in q's dtype.
 
@@ -187,7 +190,9 @@ def paged_decode_attention(
     longest context the block table can hold (no device sync, so CUDA-graph capture is safe).
     With both the split count and the tiles left to it, a batch that does not split runs
     UNSPLIT_TILES (FP8_UNSPLIT_TILES over an e4m3 cache). `kv_scales` ([num_blocks, Hkv,
-    block_size] fp32, K's and V's) come with an e4m3 cache (see fp8_kv).
+    block_size] fp32, K's and V's) come with an e4m3 cache (see fp8_kv). `order` ([B] int32,
+    a permutation of the rows) is the order their programs start in: longest first keeps a long
+    row from starting in the last wave and running on alone.
     """
     check_paged_inputs(q, k_cache, v_cache, block_tables, kv_scales)
     batch, num_heads, head_dim = q.shape
@@ -217,7 +222,8 @@ def paged_decode_attention(
         part_out = part_lse = out  # never touched with one split
     k_scales, v_scales = kv_scales if kv_scales is not None else (k_cache, v_cache)  # unread
     _decode_split_kernel[(num_kv_heads, batch, num_splits)](
-        q, k_cache, v_cache, k_scales, v_scales, seq_lens, block_tables, out, part_out,
+        q, k_cache, v_cache, k_scales, v_scales, seq_lens, block_tables,
+        order if order is not None else seq_lens, out, part_out,
         part_lse, scale * LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), k_scales.stride(0),
@@ -225,8 +231,8 @@ def paged_decode_attention(
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_D=block_d, BLOCK_N=tiles.block_n, PAGE_SIZE=block_size, NUM_SPLITS=num_splits,
         MIN_SPLIT=min_split, PRECISION=precision, UPCAST=upcast, FP8=kv_scales is not None,
-        FP16=fp16_products(q, kv_scales), PDL=pdl, launch_pdl=pdl, num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages,
+        FP16=fp16_products(q, kv_scales), ORDERED=order is not None, PDL=pdl, launch_pdl=pdl,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_heads, batch)](

@@ -51,7 +51,7 @@ def _triton_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     # The split count comes from shapes only (batch rows, block-table width, SM count): inside
     # a CUDA graph it is fixed per captured batch size, never read from device data.
     return paged_decode_attention(q, k_cache, v_cache, meta.seq_lens, meta.block_tables, scale,
-                                  kv_scales=kv_scales)
+                                  kv_scales=kv_scales, order=meta.decode_order)
 
 
 # The torch twin reads query_start_loc and seq_lens on the host: correct anywhere, but a sync

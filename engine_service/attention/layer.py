@@ -27,6 +27,8 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int32: cache slot of each new token (< 0 = store nothing)
     decode_only: bool  # every sequence has exactly one query token
     max_query_len: int
+    # [B] int32, decode steps: the rows longest first, the order the decode kernel takes them in
+    decode_order: torch.Tensor | None = None
 
 
 # q [T, Hq, D], k_cache, v_cache [num_blocks, block_size, Hkv, D], metadata, scale, and an

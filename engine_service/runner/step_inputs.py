@@ -75,6 +75,7 @@ class StepInputs:
         sizes = {"input_ids": max_tokens, "positions": max_tokens, "slots": max_tokens,
                  "seq_lens": max_seqs, "query_start_loc": max_seqs + 1,
                  "logits_indices": max_seqs * max_logits_per_seq,
+                 "decode_order": max_seqs,
                  "block_tables": max_seqs * max_pages,
                  "prompt_rows": max_tokens}
         # Block tables, then prompt rows last: a step copies the buffer up to its last used
@@ -182,6 +183,10 @@ class StepInputs:
             num_sampling = int(sampling.sum())
             h["logits_indices"][:num_sampling] = ends[sampling] - 1
         self._write_padding(num_tokens, tokens, real_rows, rows)
+        if decode:
+            # Longest first: the decode kernel starts the longest rows' programs first, so
+            # that short ones, not long ones, finish the last wave (docs/benchmarks.md).
+            h["decode_order"][:rows] = np.argsort(-h["seq_lens"][:rows], kind="stable")
         # Padding rows read no block table: only the real rows' tables are copied.
         end = self.offsets["block_tables"] + real_rows * self.max_pages
         num_prompt_rows = 0
@@ -209,6 +214,7 @@ class StepInputs:
         self._write_padding(0, num_tokens, 0, rows)
         h["query_start_loc"][: rows + 1] = np.arange(rows + 1) if decode else 0
         h["logits_indices"][:rows] = np.arange(rows)
+        h["decode_order"][:rows] = np.arange(rows)
         end = self.offsets["block_tables"]
         self._upload(end)
         return self.view(BatchLayout(num_tokens, rows, rows, rows, decode,
@@ -249,6 +255,7 @@ class StepInputs:
                 slot_mapping=view("slots", num_tokens),
                 decode_only=layout.decode,
                 max_query_len=layout.max_query_len,
+                decode_order=view("decode_order", rows) if layout.decode else None,
             ),
             logits_indices=view("logits_indices", layout.num_sampling),
             prompt_rows=view("prompt_rows", layout.num_prompt_rows),

@@ -15,7 +15,8 @@ from triton.compiler import ASTSource
 
 from llmserve.kernels import activation, paged_decode, paged_extend, qkv_rope_store, rms_norm
 
-INT_POINTERS = {"seq_lens_ptr", "tables_ptr", "starts_ptr", "slots_ptr", "positions_ptr"}
+INT_POINTERS = {"seq_lens_ptr", "tables_ptr", "starts_ptr", "slots_ptr", "positions_ptr",
+                "order_ptr"}
 FP32_POINTERS = {"part_out_ptr", "part_lse_ptr", "cos_sin_ptr", "ks_ptr", "vs_ptr",
                  "k_scales_ptr", "v_scales_ptr"}
 CACHE_POINTERS = {"k_ptr", "v_ptr", "k_cache_ptr", "v_cache_ptr"}
@@ -54,11 +55,11 @@ for cache, fp8 in [("bf16", False), ("fp8e4nv", True)]:
     for page, splits in [(16, 1), (64, 4)]:
         compile_sm90(paged_decode._decode_split_kernel, dict(
             attention, BLOCK_H=16, PAGE_SIZE=page, NUM_SPLITS=splits, MIN_SPLIT=64, FP8=fp8,
-            FP16=fp8),
+            FP16=fp8, ORDERED=splits == 1),
             cache=cache)
     compile_sm90(paged_decode._decode_split_kernel, dict(
         attention, BLOCK_H=16, PAGE_SIZE=16, NUM_SPLITS=2, MIN_SPLIT=32, BLOCK_N=32, FP8=fp8,
-        FP16=fp8),
+        FP16=fp8, ORDERED=False),
         num_stages=5, cache=cache)
     compile_sm90(paged_extend._extend_kernel, dict(
         attention, BLOCK_M=64, BLOCK_Q=32, PAGE_SIZE=16, FP8=fp8, FP16=fp8), cache=cache)

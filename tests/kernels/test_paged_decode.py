@@ -196,6 +196,27 @@ def test_decode_fp8_cache_matches_twin(
     assert out.dtype == dtype and paged.rel_err(out, ref) < FP8_TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize(
+    "device", [pytest.param("cpu", marks=ON_CPU), pytest.param("cuda", marks=ON_GPU)]
+)
+def test_decode_in_an_order_gives_each_row_its_own_answer(paged, device, fp8,
+                                                          num_splits) -> None:
+    """Rows started longest first (the engine's order) come out where they were."""
+    lens = [5, 70, 1, 33, 0]
+    kv = paged.pool(lens, 16, 2, 32, torch.float32, device)
+    k, v, kv_scales = paged.fp8(kv) if fp8 else (kv.k_cache, kv.v_cache, None)
+    q = torch.randn(len(lens), 4, 32, device=device)
+    order = torch.argsort(kv.seq_lens, descending=True).to(torch.int32)
+    assert order.tolist() != list(range(len(lens)))
+    plain = paged_decode_attention(q, k, v, kv.seq_lens, kv.block_tables, 0.2,
+                                   num_splits=num_splits, kv_scales=kv_scales)
+    ordered = paged_decode_attention(q, k, v, kv.seq_lens, kv.block_tables, 0.2,
+                                     num_splits=num_splits, kv_scales=kv_scales, order=order)
+    assert torch.equal(plain, ordered)
+
+
 @pytest.mark.parametrize("num_splits", [1, 2])
 @pytest.mark.parametrize(
     "device", [pytest.param("cpu", marks=ON_CPU), pytest.param("cuda", marks=ON_GPU)]

@@ -32,6 +32,8 @@ def test_padded_decode_step_writes_nothing_and_attends_to_nothing() -> None:
     assert meta.query_start_loc.tolist() == [0, 1, 2, 3, 4]
     assert meta.block_tables[:3, :3].tolist() == [[7, 3, 0], [5, 0, 0], [1, 2, 6]]
     assert batch.logits_indices.tolist() == [0, 1, 2]
+    # The decode kernel's order: longest row first, the padding row last.
+    assert meta.decode_order is not None and meta.decode_order.tolist() == [2, 0, 1, 3]
     with pytest.raises(ValueError, match="pad"):
         inputs.build(chunks, pad_rows=4, pad_tokens=8)  # a decode step pads rows only
     with pytest.raises(ValueError, match="pad"):
