@@ -49,7 +49,7 @@ class EngineConfig:
         "none", "quantize an unquantized checkpoint's linear layers as they load (fp8: e4m3 "
                 "weights with per-output-channel scales, activations quantized per token; on a "
                 "GPU, compute capability 8.9+). A quantized checkpoint (compressed-tensors "
-                "FP8) is served as it is either way", choices=("none", "fp8"))
+                "or Hugging Face FP8) is served as it is either way", choices=("none", "fp8"))
     device: str = setting("auto", "auto: cuda when a GPU is visible, else cpu",
                           choices=("auto", "cpu", "cuda"))
     max_model_len: int | None = setting(

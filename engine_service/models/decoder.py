@@ -187,6 +187,8 @@ class DecoderModel(nn.Module):
             ) or (self.quant.kv_scales and target.endswith((".k_scale", ".v_scale"))):
                 continue
             module_name, _, param_name = target.rpartition(".")
+            if param_name == self.quant.scale_name:
+                param_name = "weight_scale"
             path = module_name.split(".")
             part = 0
             if path[-1] in FUSED:
@@ -205,8 +207,9 @@ class DecoderModel(nn.Module):
             loaded.add(f"{'.'.join(path)}.{param_name}#{part}")
         missing = self._expected_tensors() - loaded
         if missing:
-            raise CheckpointError(
-                f"checkpoint lacks tensors: {sorted(map(_checkpoint_name, missing))[:5]}")
+            names = sorted(_checkpoint_name(m).replace(".weight_scale", f".{self.quant.scale_name}")
+                           for m in missing)
+            raise CheckpointError(f"checkpoint lacks tensors: {names[:5]}")
         for module in self.modules():
             if isinstance(module, Fp8Weights):
                 module.finish_loading()

@@ -7,7 +7,9 @@ format (e4m3 weights with per-output-channel scales, `weight_scale`; activations
 token at run time), and its FP8_BLOCK scheme (a scale per 128x128 block of a weight), whose
 weights are quantized again per output channel as they load so that one matmul serves both
 (activations per token, not per 128-wide group); either with or without an FP8
-`kv_cache_scheme`. Such a checkpoint's per-tensor
+`kv_cache_scheme`. transformers' own block-wise format (`quant_method: fp8`, 128x128 blocks,
+dynamic activations, scales in `weight_scale_inv`) holds the same tensors under another name and
+loads the same way. A compressed-tensors checkpoint's per-tensor
 KV scales (`k_scale`, `v_scale`) are read past: `--kv-cache-dtype fp8_e4m3` scales each cached
 row by its own largest value, which needs no calibration and measures better (docs/operations.md).
 Any other scheme stops start-up with a message naming it.
@@ -27,7 +29,8 @@ from llmserve.kernels.e4m3 import FP8_MIN_CAPABILITY
 
 SUPPORTED = ("compressed-tensors FP8 with per-channel weight scales and dynamic per-token "
              "activations (llm-compressor's FP8_DYNAMIC) or with 128x128 block weight scales and "
-             "dynamic 128-wide activation groups (FP8_BLOCK), or an unquantized checkpoint")
+             "dynamic 128-wide activation groups (FP8_BLOCK), Hugging Face 'fp8' with 128x128 "
+             "blocks and dynamic activations, or an unquantized checkpoint")
 # What each compressed-tensors argument set must say (the FP8_DYNAMIC scheme).
 WEIGHT_ARGS = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel",
                "dynamic": False, "group_size": None, "block_structure": None}
@@ -54,6 +57,8 @@ class WeightQuantization:
     # The checkpoint's FP8 weights have a scale per block of this shape (FP8_BLOCK): each is
     # dequantized and quantized again per output channel as it loads.
     block: tuple[int, int] | None = None
+    # What the checkpoint calls a weight's scale tensor (transformers' format: weight_scale_inv).
+    scale_name: str = "weight_scale"
 
     def column(self, in_features: int, parts: list[int], bias: bool,
                tp: TensorParallelGroup) -> ColumnParallelLinear:
@@ -88,6 +93,9 @@ def read_weight_quantization(model_dir: Path, requested: str) -> WeightQuantizat
     declared = config.get("quantization_config")
     if declared is None:
         return WeightQuantization(True, True) if requested == "fp8" else NO_QUANTIZATION
+    if declared.get("quant_method") == "fp8":
+        return WeightQuantization(fp8=True, block=check_hf_fp8(declared),
+                                  scale_name="weight_scale_inv")
     kv_scales = check_kv_cache_scheme(declared)
     if kv_scales and not declared.get("config_groups"):  # KV scales alone: float weights
         return WeightQuantization(requested == "fp8", requested == "fp8", kv_scales=True)
@@ -108,14 +116,27 @@ def check_kv_cache_scheme(declared: dict) -> bool:
     return True
 
 
+def check_hf_fp8(declared: dict) -> tuple[int, int]:
+    """The block shape of transformers' `fp8` format (FineGrainedFP8Config), or CheckpointError
+    naming what is not supported: blocks other than 128x128, static activations, power-of-two
+    scales, or layers other than the LM head left unquantized."""
+    block = declared.get("weight_block_size")
+    if block is None or tuple(block) != BLOCK:
+        raise _unsupported(f"Hugging Face 'fp8' with weight_block_size {block}")
+    for key, supported in (("activation_scheme", "dynamic"), ("scale_fmt", "float")):
+        if declared.get(key, supported) != supported:
+            raise _unsupported(f"Hugging Face 'fp8' with {key} {declared[key]!r}")
+    unconverted = [m for m in declared.get("modules_to_not_convert") or [] if m != "lm_head"]
+    if unconverted or declared.get("modules_to_convert"):
+        raise _unsupported(f"Hugging Face 'fp8' leaving out layers "
+                           f"{unconverted or declared['modules_to_convert']}")
+    return BLOCK
+
+
 def check_compressed_tensors_fp8(declared: dict) -> tuple[int, int] | None:
     """Raises CheckpointError naming the scheme unless `declared` is FP8_DYNAMIC or FP8_BLOCK
     on every linear layer but the LM head; FP8_BLOCK's block shape, None for FP8_DYNAMIC."""
     method = declared.get("quant_method")
-    if method == "fp8":
-        raise _unsupported(
-            "Hugging Face 'fp8' (block-wise scales, weight_block_size "
-            f"{declared.get('weight_block_size')})")
     if method != "compressed-tensors":
         raise _unsupported(f"quant_method {method!r}")
     groups = list((declared.get("config_groups") or {}).values())

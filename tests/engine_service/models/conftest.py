@@ -70,6 +70,44 @@ def fp8_block_qwen3(peaked_qwen3: Path, tmp_path_factory: pytest.TempPathFactory
     return _copy_checkpoint(model, peaked_qwen3, out, save_compressed=True)
 
 
+@pytest.fixture(scope="session")
+def peaked_qwen3_128(peaked_qwen3: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Qwen3 like `peaked_qwen3` (same vocabulary, two layers, weights as if of std 0.5)
+    but 128 wide (MLP 256, 4 query and 2 KV heads of 64): transformers quantizes to its own
+    `fp8` format only the weights made of whole 128x128 blocks."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(peaked_qwen3)
+    config.update({"hidden_size": 128, "intermediate_size": 256, "head_dim": 64})
+    torch.manual_seed(1)
+    model = transformers.Qwen3ForCausalLM(config).float().eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                param.mul_(PEAK)
+    return _copy_checkpoint(model, peaked_qwen3, tmp_path_factory.mktemp("qwen3-128") / "model")
+
+
+@pytest.fixture(scope="session")
+def hf_fp8_qwen3(peaked_qwen3_128: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`peaked_qwen3_128` quantized by transformers itself to its block-wise `fp8` format
+    (FineGrainedFP8Config: e4m3 weights, a `weight_scale_inv` per 128x128 block, dynamic
+    activations), every linear layer but the LM head."""
+    import transformers
+    from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
+
+    with pytest.MonkeyPatch.context() as patch:
+        # transformers refuses to quantize where no GPU is: an environment check only, its
+        # quantizing op is plain torch and runs on the CPU.
+        patch.setattr(FineGrainedFP8HfQuantizer, "validate_environment",
+                      lambda self, *args, **kwargs: None)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            peaked_qwen3_128, dtype=torch.float32,
+            quantization_config=transformers.FineGrainedFP8Config())
+    out = tmp_path_factory.mktemp("qwen3-hf-fp8") / "model"
+    return _copy_checkpoint(model, peaked_qwen3_128, out)
+
+
 def _with_kv_scales(peaked_qwen3: Path, out: Path, **recipe: object) -> Path:
     """`peaked_qwen3` through llm-compressor's `oneshot` with `recipe` plus its FP8
     `kv_cache_scheme` (per-tensor K and V scales, `k_scale` and `v_scale`, calibrated on a few
