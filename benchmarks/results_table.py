@@ -48,6 +48,7 @@ WORKLOAD_ORDER = [
     "W1",
     "W1L",
     "K1",
+    "fp8-linear",
     "W2",
     "W3",
     "W3L",
@@ -243,6 +244,8 @@ def configuration(workload: str, record: dict) -> tuple[str, tuple[str, ...]]:
             label += f", KV cache {p['kv_cache_dtype']}"
     elif workload == "router-throughput":
         label = _router_throughput_configuration(p)
+    elif workload == "fp8-linear":
+        label = "small shapes" if p.get("small") else "default"
     else:
         label = "default"
     model = p.get("model")
@@ -394,6 +397,16 @@ def _k1(r: dict, _part: str) -> str:
             f"{_pct(fp8.get('fraction_of_copy'))} of copy bandwidth on the bytes it reads "
             f"({fp8.get('median_us')} us)"
         )
+    return text
+
+
+def _fp8_linear(r: dict, _part: str) -> str:
+    s = (r.get("figures") or {}).get("summary") or {}
+    speedups = s.get("fp8_linear_speedup_over_bf16_by_m") or {}
+    by_m = ", ".join(f"x{speedups.get(m, '?')} at M = {m}" for m in ("1", "256"))
+    text = f"{s.get('shape')} fp8_linear over bf16: {by_m}"
+    if s.get("failed_ops") or s.get("ops_off_twin"):
+        text += f" ({s.get('failed_ops')} ops failed, {s.get('ops_off_twin')} off their twin)"
     return text
 
 
@@ -562,6 +575,7 @@ FIGURES: dict[str, Callable[[dict, str], str]] = {
     "W1": _w1,
     "W1L": _w1,
     "K1": _k1,
+    "fp8-linear": _fp8_linear,
     "W2": _w2,
     "W3": _w3,
     "W3L": _w3,

@@ -11,7 +11,8 @@ twins):
   and column scales and the bias applied once, in the epilogue.
 
 `GEMV_CONFIG` and `GEMM_CONFIG` are the tiles `fp8_linear` launches (measured on an H100, see
-docs/benchmarks.md); `GEMV_CONFIGS` and `GEMM_CONFIGS` are the few that .devrun/gemm.py sweeps.
+docs/benchmarks.md); `GEMV_CONFIGS` and `GEMM_CONFIGS` are the few that benchmarks/fp8_linear.py
+sweeps.
 """
 
 from dataclasses import dataclass
@@ -108,7 +109,7 @@ class GemvConfig:
     num_warps: int = 4
 
 
-GEMV_CONFIGS = (GemvConfig(4, 1024), GemvConfig(8, 512))  # the sweep (.devrun/gemm.py)
+GEMV_CONFIGS = (GemvConfig(4, 1024), GemvConfig(8, 512))  # the sweep (benchmarks/fp8_linear.py)
 GEMV_CONFIG = GEMV_CONFIGS[0]
 
 
@@ -182,7 +183,7 @@ class GemmConfig:
     num_stages: int = 3
 
 
-GEMM_CONFIGS = (  # the sweep (.devrun/gemm.py)
+GEMM_CONFIGS = (  # the sweep (benchmarks/fp8_linear.py)
     GemmConfig(64, 64, num_warps=4, num_stages=4),
     GemmConfig(64, 128, num_warps=4, num_stages=4),
     GemmConfig(128, 128),

@@ -1,8 +1,8 @@
 """FP8 matmuls: e4m3 weights with per-output-channel scales, activations quantized per token on
 the fly (the compressed-tensors FP8_DYNAMIC scheme).
 
-On CUDA `fp8_linear` picks by the number of rows M (tokens), as measured on an H100 (see
-docs/benchmarks.md); the kernels are in fp8_gemm.py:
+On CUDA `fp8_linear` picks by the number of rows M (tokens), as benchmarks/fp8_linear.py
+measured on an H100 (see docs/benchmarks.md); the kernels are in fp8_gemm.py:
 
 - M = 1 (decode): `w8a16_gemv`, weight-only. Reading the weight is all the time there is, so
   the e4m3 weight is dequantized in registers against x as given: no activation rounding, more

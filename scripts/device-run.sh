@@ -6,8 +6,9 @@
 #   bash scripts/device-run.sh            # everything, in priority order, inside the time budget
 #   STAGES="tests w1" bash scripts/device-run.sh   # a subset (setup always runs)
 #
-# Stages: tests tptests w1 w1sync w1dist w1tp2 w1eager k1 w1fa4 peer w7 w3 large w2 w2ab router
-# (large: W1L and W3L on qwen3-8b-shape in bf16, FP8 weights and FP8 weights + KV; w1sync:
+# Stages: tests tptests w1 w1sync w1dist w1tp2 w1eager k1 w1fa4 peer w7 w3 fp8 large w2 w2ab
+# router (fp8: K1 bf16 against FP8 over the tile grid, then W1 in bf16 and with the FP8 KV
+# cache; large: W1L and W3L on qwen3-8b-shape in bf16, FP8 weights and FP8 weights + KV; w1sync:
 # async scheduling off; w1dist: TP=1 through torch.distributed and the rank step channel;
 # tptests, w1tp2: tensor parallelism, which needs two GPUs; w2ab: W2 at 4 req/s and all at once,
 # --repeats 2 with the router's --busy-poll, ~6 min; w7: W7, structured output). Each stage runs
@@ -110,6 +111,12 @@ wanted peer && stage w1-transformers 170 env PYTHONPATH="$BASE_PYTHONPATH" \
 wanted w7 && stage w7 200 python3 benchmarks/structured.py --model "$MODEL" --out "$RESULTS" \
   --no-progress
 wanted w3 && stage w3 200 python3 benchmarks/single.py --model "$MODEL" --out-dir "$RESULTS"
+if wanted fp8; then
+  stage k1-fp8 170 python3 benchmarks/kernels.py --kv-cache-dtype both --sweep-tiles \
+    --out "$RESULTS"
+  stage w1-bf16 150 "${W1[@]}"
+  stage w1-kvfp8 150 "${W1[@]}" --kv-cache-dtype fp8_e4m3
+fi
 if wanted large; then
   # W1L and W3L on qwen3-8b-shape (16.4 GB): bf16, FP8 weights, FP8 weights + FP8 KV.
   LARGE=/tmp/qwen3-8b-shape

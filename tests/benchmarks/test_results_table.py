@@ -204,3 +204,35 @@ def test_w1l_rows_are_w1s_on_the_8b_shape_one_per_quantization(tmp_path: Path) -
                       "llmserve-triton-graphs-wfp8, block 16",
                       "llmserve-triton-graphs-wfp8-kvfp8, block 16"]
     assert rt.WORKLOAD_ORDER.index("W1L") == rt.WORKLOAD_ORDER.index("W1") + 1
+
+
+def test_fp8_linear_renders_the_8b_gate_up_speedups(tmp_path: Path) -> None:
+    """The FP8 linear micro-benchmark: one row per device (--small apart), its figures
+    fp8_linear's speed-up over bf16 on 8B gate_up at M = 1 and 256, and what went wrong."""
+    summary = {
+        "shape": "8B.gate_up",
+        "fp8_linear_speedup_over_bf16_by_m": {"1": 1.74, "16": 1.5, "256": 1.21},
+        "failed_ops": 0,
+        "ops_off_twin": 0,
+    }
+    record = {
+        "workload": "fp8-linear",
+        "device": GPU,
+        "commit": "abcdef1",
+        "parameters": {"small": False},
+        "figures": {"summary": summary, "rows": []},
+    }
+    path = tmp_path / "fp8-linear.json"
+    path.write_text(json.dumps(record))
+    result = rt.read_result(path)
+    assert result.configuration == "default"
+    assert rt.headline(result, "") == (
+        "8B.gate_up fp8_linear over bf16: x1.74 at M = 1, x1.21 at M = 256"
+    )
+    summary |= {"failed_ops": 2, "fp8_linear_speedup_over_bf16_by_m": {"1": 1.74}}
+    path.write_text(json.dumps(record))
+    assert rt.headline(rt.read_result(path), "") == (
+        "8B.gate_up fp8_linear over bf16: x1.74 at M = 1, x? at M = 256 "
+        "(2 ops failed, 0 off their twin)"
+    )
+    assert rt.WORKLOAD_ORDER.index("fp8-linear") == rt.WORKLOAD_ORDER.index("K1") + 1
