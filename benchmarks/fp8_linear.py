@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
 import time
 import traceback
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from cpu_interpreter import use_interpreter_on_cpu
 from result_file import RESULTS_DIR, commit, write_result
 
 if TYPE_CHECKING:  # llmserve.kernels is imported once the Triton interpreter is set (main)
@@ -446,12 +446,7 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder of the JSON result")
     args = parser.parse_args()
-    if args.device == "cpu":
-        if not args.small:
-            parser.error("--device cpu runs in Triton's interpreter: add --small")
-        # Before llmserve.kernels (and so triton and its decorators) is imported.
-        os.environ["LLMSERVE_TRITON_ON_CPU"] = "1"
-        os.environ["TRITON_INTERPRET"] = "1"
+    use_interpreter_on_cpu(parser, args)
     parameters, figures, device = run(args)
     path = write_result(WORKLOAD, parameters, figures, out_dir=args.out, device=device)
     print(summary_line(device, figures))

@@ -29,7 +29,6 @@ of 2, 3 and 4 with the default tiles; configs Triton cannot compile are recorded
 
 import argparse
 import json
-import os
 import re
 import statistics
 import time
@@ -41,6 +40,7 @@ from pathlib import Path
 from random import randint, seed
 from typing import Any
 
+from cpu_interpreter import use_interpreter_on_cpu
 from result_file import commit
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 16, 8, 128
@@ -166,31 +166,24 @@ def kv_pool(contexts: list[int], page: int, heads: int, dim: int, device: str) -
 
 
 def fp8_pool(pool: dict, chunk: int = 256) -> dict:
-    """The pool's K/V values as the engine's FP8 cache: e4m3 pages [num_blocks, block_size, Hkv,
-    D], stored head by head inside a page, and fp32 scales per row [num_blocks, Hkv,
-    block_size] (kv_cache.py's layout), quantized by fp8_kv's quantize_kv_torch (the twin of
-    the engine's store) a few blocks at a time."""
-    import torch
-
-    from llmserve.kernels.e4m3 import FP8_DTYPE
+    """The pool's K/V values as the engine's FP8 cache, in the layout kv_cache.allocate gives it
+    (e4m3 pages [num_blocks, block_size, Hkv, D] stored head by head inside a page, and fp32
+    scales per row [num_blocks, Hkv, block_size]), quantized by fp8_kv's quantize_kv_torch (the
+    twin of the engine's store) a few blocks at a time."""
+    from llmserve.engine_service.attention import kv_cache
     from llmserve.kernels.fp8_kv import quantize_kv_torch
 
-    fp8 = dict(pool)
-    scales = []
-    for name in ("k", "v"):
-        src = pool[name]
-        num_blocks, page, heads, _ = src.shape
-        values = torch.empty(num_blocks, heads, page, src.shape[-1], dtype=FP8_DTYPE,
-                             device=src.device).transpose(1, 2)
-        row_scales = torch.empty(num_blocks, heads, page, dtype=torch.float32, device=src.device)
+    num_blocks, page, heads, dim = pool["k"].shape
+    cache = kv_cache.allocate(1, num_blocks, page, heads, dim, pool["k"].dtype, "fp8_e4m3",
+                              pool["k"].device)[0]
+    assert cache.scales is not None
+    for src, values, row_scales in zip((pool["k"], pool["v"]), (cache.k, cache.v), cache.scales,
+                                       strict=True):
         for lo in range(0, num_blocks, chunk):
             x8, scale = quantize_kv_torch(src[lo : lo + chunk])
             values[lo : lo + chunk] = x8
             row_scales[lo : lo + chunk] = scale.transpose(1, 2)
-        fp8[name] = values
-        scales.append(row_scales)
-    fp8["scales"] = (scales[0], scales[1])
-    return fp8
+    return {**pool, "k": cache.k, "v": cache.v, "scales": cache.scales}
 
 
 def fa4_function() -> tuple[Callable[..., Any] | None, str]:
@@ -687,13 +680,8 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
-    if args.device == "cpu":
-        if not args.small:
-            parser.error("--device cpu runs in Triton's interpreter: add --small")
-        # Before llmserve.kernels (and so triton's decorators) is imported.
-        os.environ["LLMSERVE_TRITON_ON_CPU"] = "1"
-        os.environ["TRITON_INTERPRET"] = "1"
-    elif args.runs < 40:
+    use_interpreter_on_cpu(parser, args)
+    if args.device == "cuda" and args.runs < 40:
         parser.error("K1 takes the median of at least 40 runs")
     result = run(args)
     slug = re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")

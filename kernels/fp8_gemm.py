@@ -97,6 +97,15 @@ def quantize_rows_triton(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.view(t.shape), scale.view(*t.shape[:-1], 1)
 
 
+def _product_output(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype,
+                    kernel: str) -> torch.Tensor:
+    """The [M, N] output of x [M, K] @ weight [N, K]^T, once both kernels' layout holds: each
+    row of x and of the weight contiguous along K."""
+    if x.stride(-1) != 1 or weight.stride(-1) != 1:
+        raise ValueError(f"{kernel} needs unit stride along K")
+    return torch.empty(x.shape[0], weight.shape[0], dtype=out_dtype, device=x.device)
+
+
 @dataclass(frozen=True)
 class GemvConfig:
     """A tile of the W8A16 kernel: BLOCK_N weight rows by BLOCK_K columns per step, for one row
@@ -154,11 +163,8 @@ def w8a16_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     """x [M, K] @ dequantized weight [N, K] (e4m3, scales [N, 1]) -> [M, N] in out_dtype:
     (x @ weight^T) * scale (+ bias), accumulated in fp32. Every row of x reads the whole weight
     again (from L2 after the first): for M = 1."""
-    m, k = x.shape
-    n = weight.shape[0]
-    if x.stride(-1) != 1 or weight.stride(-1) != 1:
-        raise ValueError("w8a16_gemv needs unit stride along K")
-    out = torch.empty(m, n, dtype=out_dtype, device=x.device)
+    out = _product_output(x, weight, out_dtype, "w8a16_gemv")
+    (m, k), n = x.shape, weight.shape[0]
     if m == 0:
         return out
     pdl = dependent_launch(x.device)
@@ -243,11 +249,8 @@ def w8a8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
               out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """x_q [M, K] (e4m3, scales [M, 1]) @ weight [N, K] (e4m3, scales [N, 1]) -> [M, N]:
     (x_q @ weight^T) * x_scale * weight_scale^T (+ bias), accumulated in fp32."""
-    m, k = x_q.shape
-    n = weight.shape[0]
-    if x_q.stride(-1) != 1 or weight.stride(-1) != 1:
-        raise ValueError("w8a8_gemm needs unit stride along K")
-    out = torch.empty(m, n, dtype=out_dtype, device=x_q.device)
+    out = _product_output(x_q, weight, out_dtype, "w8a8_gemm")
+    (m, k), n = x_q.shape, weight.shape[0]
     if m == 0:
         return out
     pdl = dependent_launch(x_q.device)

@@ -207,8 +207,7 @@ class DecoderModel(nn.Module):
             loaded.add(f"{'.'.join(path)}.{param_name}#{part}")
         missing = self._expected_tensors() - loaded
         if missing:
-            names = sorted(_checkpoint_name(m).replace(".weight_scale", f".{self.quant.scale_name}")
-                           for m in missing)
+            names = sorted(_checkpoint_name(m, self.quant.scale_name) for m in missing)
             raise CheckpointError(f"checkpoint lacks tensors: {names[:5]}")
         for module in self.modules():
             if isinstance(module, Fp8Weights):
@@ -224,11 +223,14 @@ class DecoderModel(nn.Module):
         return expected
 
 
-def _checkpoint_name(expected: str) -> str:
+def _checkpoint_name(expected: str, scale_name: str) -> str:
     """The Hugging Face name of an expected tensor ('layers.0.self_attn.qkv_proj.weight#1' ->
-    'model.layers.0.self_attn.k_proj.weight')."""
+    'model.layers.0.self_attn.k_proj.weight'), a weight's scale by the checkpoint's name for
+    it."""
     name, _, part = expected.partition("#")
     module, _, param = name.rpartition(".")
+    if param == "weight_scale":
+        param = scale_name
     for separate, (fused, index) in FUSED.items():
         if module.endswith(f".{fused}") and index == int(part):
             module = module.removesuffix(fused) + separate

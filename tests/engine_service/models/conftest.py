@@ -17,6 +17,28 @@ from llmserve.engine_service.core.engine_builder import build_engine
 PEAK = 2.5
 
 
+def _peaked(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with every matrix (not the norms) scaled by PEAK."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                param.mul_(PEAK)
+    return model
+
+
+def _llmcompressor_fp8(src: Path, out: Path, scheme: str) -> Path:
+    """`src` quantized by llm-compressor's `oneshot` with `scheme` on every linear layer but the
+    LM head (data-free), saved compressed."""
+    import transformers
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    oneshot(model=model, recipe=QuantizationModifier(targets="Linear", scheme=scheme,
+                                                     ignore=["lm_head"]))
+    return _copy_checkpoint(model, src, out, save_compressed=True)
+
+
 def _copy_checkpoint(model: torch.nn.Module, src: Path, out: Path, **save: object) -> Path:
     """Saves `model` into `out` with the tokenizer files of `src`."""
     shutil.copytree(src, out, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
@@ -31,11 +53,7 @@ def peaked_qwen3(tiny_checkpoint: Callable[[str], Path],
     import transformers
 
     src = tiny_checkpoint("qwen3")
-    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if not name.endswith("norm.weight"):
-                param.mul_(PEAK)
+    model = _peaked(transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32))
     return _copy_checkpoint(model, src, tmp_path_factory.mktemp("qwen3-peaked") / "model")
 
 
@@ -44,30 +62,16 @@ def fp8_dynamic_qwen3(peaked_qwen3: Path, tmp_path_factory: pytest.TempPathFacto
     """`peaked_qwen3` quantized by llm-compressor's `oneshot` with the FP8_DYNAMIC scheme on
     every linear layer but the LM head (data-free: weights per channel now, activations per
     token at run time), saved compressed: the format published FP8 checkpoints use."""
-    import transformers
-    from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import QuantizationModifier
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(peaked_qwen3, dtype=torch.float32)
-    oneshot(model=model, recipe=QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC",
-                                                     ignore=["lm_head"]))
-    out = tmp_path_factory.mktemp("qwen3-fp8-dynamic") / "model"
-    return _copy_checkpoint(model, peaked_qwen3, out, save_compressed=True)
+    return _llmcompressor_fp8(peaked_qwen3, tmp_path_factory.mktemp("qwen3-fp8-dynamic") / "model",
+                              "FP8_DYNAMIC")
 
 
 @pytest.fixture(scope="session")
 def fp8_block_qwen3(peaked_qwen3: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`peaked_qwen3` quantized by llm-compressor's FP8_BLOCK scheme (a scale per 128x128 block
     of each weight, activations in dynamic groups of 128), data-free, saved compressed."""
-    import transformers
-    from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import QuantizationModifier
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(peaked_qwen3, dtype=torch.float32)
-    oneshot(model=model, recipe=QuantizationModifier(targets="Linear", scheme="FP8_BLOCK",
-                                                     ignore=["lm_head"]))
-    out = tmp_path_factory.mktemp("qwen3-fp8-block") / "model"
-    return _copy_checkpoint(model, peaked_qwen3, out, save_compressed=True)
+    return _llmcompressor_fp8(peaked_qwen3, tmp_path_factory.mktemp("qwen3-fp8-block") / "model",
+                              "FP8_BLOCK")
 
 
 @pytest.fixture(scope="session")
@@ -80,11 +84,7 @@ def peaked_qwen3_128(peaked_qwen3: Path, tmp_path_factory: pytest.TempPathFactor
     config = transformers.AutoConfig.from_pretrained(peaked_qwen3)
     config.update({"hidden_size": 128, "intermediate_size": 256, "head_dim": 64})
     torch.manual_seed(1)
-    model = transformers.Qwen3ForCausalLM(config).float().eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if not name.endswith("norm.weight"):
-                param.mul_(PEAK)
+    model = _peaked(transformers.Qwen3ForCausalLM(config).float().eval())
     return _copy_checkpoint(model, peaked_qwen3, tmp_path_factory.mktemp("qwen3-128") / "model")
 
 

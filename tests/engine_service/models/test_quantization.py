@@ -250,11 +250,13 @@ def test_unsupported_schemes_stop_start_up_naming_them(
         build_engine(EngineConfig(model=model_dir, device="cpu", num_kv_blocks=16))
 
 
+@pytest.mark.parametrize(("checkpoint", "name"), [
+    ("fp8_dynamic_qwen3", "model.layers.1.self_attn.k_proj.weight_scale"),
+    ("hf_fp8_qwen3", "model.layers.1.self_attn.k_proj.weight_scale_inv")])
 def test_a_missing_weight_scale_stops_start_up_naming_it(
-    fp8_dynamic_qwen3: Path, tmp_path: Path,
+    checkpoint: str, name: str, tmp_path: Path, request: pytest.FixtureRequest,
 ) -> None:
-    name = "model.layers.1.self_attn.k_proj.weight_scale"
-    model_dir = _variant(fp8_dynamic_qwen3, tmp_path / "model", drop=name)
+    model_dir = _variant(request.getfixturevalue(checkpoint), tmp_path / "model", drop=name)
     with pytest.raises(CheckpointError, match=f"checkpoint lacks tensors: \\['{name}'\\]"):
         build_engine(EngineConfig(model=model_dir, device="cpu", num_kv_blocks=16))
 
