@@ -7,8 +7,8 @@ twins):
   weight once and dequantizes it in registers against x as given (no activation rounding):
   out = (x @ w8^T) * scale, accumulated in fp32 on FMAs; tiles of few weight rows give every
   SM several programs.
-- `w8a8_gemm`: several rows. Both operands e4m3 on the tensor cores (wgmma on Hopper), the row
-  and column scales and the bias applied once, in the epilogue.
+- `w8a8_gemm`: several rows. Both operands e4m3 on the tensor cores (wgmma on Hopper, fast
+  accumulation), the row and column scales and the bias applied once, in the epilogue.
 
 `GEMV_CONFIG` and `GEMM_CONFIG` are the tiles `fp8_linear` launches (measured on an H100, see
 docs/benchmarks.md); `GEMV_CONFIGS` and `GEMM_CONFIGS` are the few that benchmarks/fp8_linear.py
@@ -227,10 +227,10 @@ def _w8a8_kernel(
         else:
             a = tl.load(a_ptrs, mask=(k + offs_k < K)[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=(k + offs_k < K)[None, :], other=0.0)
-        # Both operands K-major, as Hopper's FP8 wgmma needs. max_num_imprecise_acc: the
-        # tensor cores' FP8 sums (kept in less than fp32) move into fp32 every BLOCK_K, as
-        # torch._scaled_mm's default (no fast accumulation); Triton's sm_90 default never does.
-        acc = tl.dot(a, tl.trans(b), acc, max_num_imprecise_acc=BLOCK_K)
+        # Both operands K-major, as Hopper's FP8 wgmma needs. Fast accumulation (Triton's
+        # sm_90 default, as fp8_linear asks of cuBLASLt): the tensor cores keep the sum over
+        # all of K in their own accumulator, a few bits short of fp32 (see fp8_linear).
+        acc = tl.dot(a, tl.trans(b), acc)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     m_ok = offs_m < M

@@ -11,6 +11,13 @@ measured on an H100 (see docs/benchmarks.md); the kernels are in fp8_gemm.py:
   tensor cores: `w8a8_gemm` (Triton) up to TRITON_GEMM_MAX_M rows, `torch._scaled_mm`
   (cuBLASLt, row-wise scales: compute capability 8.9+) above.
 
+Both GEMMs use fast accumulation, as vLLM's FP8 GEMMs do on Hopper: the tensor cores sum all of
+K in their own accumulator (about 14 bits of mantissa, not fp32) rather than handing a partial
+sum to an fp32 register every 128 products. On an H100 that made cuBLASLt 8-18 % faster on
+prefill-sized M, for a relative error against the exact sum of the same e4m3 operands of
+1.3e-3 (K = 4096) and 2.6e-3 (K = 12288): a tenth of what rounding x and the weight to e4m3
+costs (docs/operations.md).
+
 `fp8_linear_torch` is the W8A8 twin for the CPU at every M (it matches transformers' fake
 quantization of llm-compressor checkpoints): the same activation rounding, then an ordinary
 matmul with the dequantized weight. At M = 1 the GPU differs from it by that rounding alone.
@@ -58,7 +65,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     # weight.t() is the column-major [K, N] operand cuBLASLt wants; row-wise scales are [M, 1]
     # for the activations and [1, N] for the weight, and need a bf16 output.
     out = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale, scale_b=weight_scale.t(),
-                           out_dtype=torch.bfloat16)
+                           out_dtype=torch.bfloat16, use_fast_accum=True)
     if bias is not None:
         out = out + bias
     return out.reshape(*x.shape[:-1], weight.shape[0])

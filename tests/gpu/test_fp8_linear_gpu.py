@@ -104,16 +104,33 @@ def test_the_w8a8_kernel_matches_its_twin_and_scaled_mm_at_8b_shapes(
         x_q, x_scale = quantize_rows_triton(x)
         out = w8a8_gemm(x_q, x_scale, w8, scale, None, config, out_dtype=torch.float32)
         twin = fp8_linear_torch(x.double(), w, None)
-        # The tensor cores keep FP8 partial sums in less than fp32 (about 14 bits), for
-        # BLOCK_K = 128 products at a time before they move to fp32: 2^-14 of up to 128 terms'
-        # magnitudes, bounded by 2^-9 of all of them.
-        bound = 2**-9 * _abs_bound(x, w)
+        # Fast accumulation: the tensor cores keep the whole sum in about 14 bits of mantissa,
+        # and each of the K / 32 MMA steps may lose 2^-13 of the running sum, itself at most
+        # the sum of the magnitudes: that is the worst case; the typical error is its RMS.
+        bound = k / 32 * 2**-13 * _abs_bound(x, w)
         assert ((out.double() - twin).abs() <= bound).all()
+        assert (out.double() - twin).norm() <= 2**-8 * twin.norm()
         cublas = torch._scaled_mm(x_q, w8.t(), scale_a=x_scale, scale_b=scale.t(),
-                                  out_dtype=torch.bfloat16).double()
+                                  out_dtype=torch.bfloat16, use_fast_accum=True).double()
         ours = w8a8_gemm(x_q, x_scale, w8, scale, None, config).double()
         # Both within that bound of the exact sum, each rounded to bf16 once.
         assert ((ours - cublas).abs() <= 2 * bound + 2**-8 * cublas.abs()).all()
+
+
+@pytest.mark.parametrize("shape", SHAPES_8B, ids=str)
+def test_cublas_fast_accumulation_stays_within_the_bound_at_8b_shapes(
+        shape: tuple[int, int]) -> None:
+    """Above TRITON_GEMM_MAX_M rows fp8_linear is torch._scaled_mm with fast accumulation: the
+    worst-case bound of the Triton kernel's test, and an RMS error within 2^-8 once the bf16
+    output's own rounding (2^-9) is added."""
+    n, k = shape
+    w8, scale, w = _fp8_weight(n, k)
+    x = torch.randn(300, k, device="cuda").bfloat16()
+    out = fp8_linear(x, w8, scale, None).double()
+    twin = fp8_linear_torch(x.double(), w, None)
+    bound = k / 32 * 2**-13 * _abs_bound(x, w) + 2**-8 * twin.abs()
+    assert ((out - twin).abs() <= bound).all()
+    assert (out - twin).norm() <= (2**-8 + 2**-9) * twin.norm()
 
 
 @pytest.mark.parametrize("tokens", [1, 8, 256])
