@@ -30,7 +30,7 @@ MIN_SCALE = torch.finfo(torch.float32).tiny
 _MAX = tl.constexpr(FP8_MAX)  # the kernels' copies (Triton reads only constexpr globals)
 _MIN_SCALE = tl.constexpr(MIN_SCALE)
 # Rows a program of the quantizer keeps in registers; longer rows take two passes.
-_MAX_ROW_BLOCK = 16384
+MAX_ROW_BLOCK = 16384
 
 
 def quantize_rows_torch(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,11 +46,22 @@ def quantize_rows_torch(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @triton.jit
+def store_e4m3_row(y, q_ptrs, scale_ptr, mask):
+    """Stores fp32 row `y` as e4m3 at q_ptrs and its scale at scale_ptr, as quantize_rows_torch
+    rounds it: the division rounded (tl.div_rn, not Triton's approximate `/`), then the clamp,
+    so the scale and every value divided by it are torch's bit for bit; the values rounded by
+    hand (Triton's own e4m3 cast rounded otherwise on an H100)."""
+    scale = tl.maximum(tl.div_rn(tl.max(tl.abs(y), 0), _MAX), _MIN_SCALE)
+    tl.store(q_ptrs, fp8_values(y, scale, ROUND_BY_HAND=True).to(q_ptrs.dtype.element_ty),
+             mask=mask)
+    tl.store(scale_ptr, scale)
+
+
+@triton.jit
 def _quantize_rows_kernel(
     x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q,
     BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
-    # Values rounded by hand on every backend: Triton's own e4m3 cast rounded otherwise on an H100.
     await_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
@@ -58,23 +69,20 @@ def _quantize_rows_kernel(
     cols = tl.arange(0, BLOCK)
     if ONE_BLOCK:
         x = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
-        # As the twin: the division rounded (tl.div_rn, not Triton's approximate `/`), then
-        # the clamp, so the scale and every value divided by it are torch's bit for bit.
-        scale = tl.maximum(tl.div_rn(tl.max(tl.abs(x), 0), _MAX), _MIN_SCALE)
-        tl.store(q_row + cols, fp8_values(x, scale, ROUND_BY_HAND=True).to(q_ptr.dtype.element_ty),
-                 mask=cols < K)
+        store_e4m3_row(x, q_row + cols, scale_ptr + row, cols < K)
     else:
         amax = tl.zeros([BLOCK], tl.float32)
         for start in range(0, K, BLOCK):
             x = tl.load(x_row + start + cols, mask=start + cols < K, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(x))
+        # As store_e4m3_row, over a row too long for one block.
         scale = tl.maximum(tl.div_rn(tl.max(amax, 0), _MAX), _MIN_SCALE)
         for start in range(0, K, BLOCK):
             x = tl.load(x_row + start + cols, mask=start + cols < K, other=0.0).to(tl.float32)
             tl.store(q_row + start + cols,
                      fp8_values(x, scale, ROUND_BY_HAND=True).to(q_ptr.dtype.element_ty),
                      mask=start + cols < K)
-    tl.store(scale_ptr + row, scale)
+        tl.store(scale_ptr + row, scale)
 
 
 def quantize_rows_triton(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,7 +95,7 @@ def quantize_rows_triton(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.empty(rows.shape, dtype=FP8_DTYPE, device=t.device)
     scale = torch.empty(rows.shape[0], 1, dtype=torch.float32, device=t.device)
     if rows.shape[0] and k:
-        block = min(triton.next_power_of_2(k), _MAX_ROW_BLOCK)
+        block = min(triton.next_power_of_2(k), MAX_ROW_BLOCK)
         pdl = dependent_launch(t.device)
         _quantize_rows_kernel[(rows.shape[0],)](
             rows, q, scale, k, rows.stride(0), q.stride(0),

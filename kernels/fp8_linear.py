@@ -26,7 +26,7 @@ matmul with the dequantized weight. At M = 1 the GPU differs from it by that rou
 import torch
 import torch.nn.functional as F
 
-from llmserve.kernels.e4m3 import FP8_DTYPE, FP8_MAX
+from llmserve.kernels.e4m3 import FP8_DTYPE, FP8_MAX, QuantizedRows
 from llmserve.kernels.fp8_gemm import (
     MIN_SCALE,
     quantize_rows_torch,
@@ -35,8 +35,8 @@ from llmserve.kernels.fp8_gemm import (
     w8a16_gemv,
 )
 
-__all__ = ["FP8_DTYPE", "FP8_MAX", "MIN_SCALE", "dequantize_rows", "fp8_linear",
-           "fp8_linear_torch", "quantize_rows"]
+__all__ = ["FP8_DTYPE", "FP8_MAX", "MIN_SCALE", "QuantizedRows", "dequantize_rows",
+           "fp8_linear", "fp8_linear_torch", "quantize_rows", "rounds_input"]
 
 TRITON_GEMM_MAX_M = 64  # rows up to which w8a8_gemm beats torch._scaled_mm (on an H100)
 
@@ -51,29 +51,41 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     return (q.float() * scale.float()).to(dtype)
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-               bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., K] (bf16) @ weight [N, K] (e4m3, scales [N, 1] float32) -> [..., N] in bf16."""
+def rounds_input(rows: int, device: torch.device) -> bool:
+    """Whether `fp8_linear` (on CUDA) or `fp8_linear_torch` (on the CPU) rounds an input of
+    `rows` tokens to e4m3: then the op before it can hand it over rounded (QuantizedRows)."""
+    return rows > 1 or device.type != "cuda"
+
+
+def fp8_linear(x: torch.Tensor | QuantizedRows, weight: torch.Tensor,
+               weight_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] (bf16) or x rounded where `rounds_input` ([M, K]) @ weight [N, K] (e4m3,
+    scales [N, 1] float32) -> [..., N] in bf16."""
+    if isinstance(x, QuantizedRows):
+        return _w8a8(x.values, x.scale, weight, weight_scale, bias)
     rows = x.reshape(-1, x.shape[-1])
     if rows.shape[0] == 1:
         out = w8a16_gemv(rows.contiguous(), weight, weight_scale, bias)
-        return out.reshape(*x.shape[:-1], weight.shape[0])
-    x_q, x_scale = quantize_rows(rows)
-    if rows.shape[0] <= TRITON_GEMM_MAX_M:
-        out = w8a8_gemm(x_q, x_scale, weight, weight_scale, bias)
-        return out.reshape(*x.shape[:-1], weight.shape[0])
+    else:
+        out = _w8a8(*quantize_rows(rows), weight, weight_scale, bias)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _w8a8(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
+          weight_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if x_q.shape[0] <= TRITON_GEMM_MAX_M:
+        return w8a8_gemm(x_q, x_scale, weight, weight_scale, bias)
     # weight.t() is the column-major [K, N] operand cuBLASLt wants; row-wise scales are [M, 1]
     # for the activations and [1, N] for the weight, and need a bf16 output.
     out = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale, scale_b=weight_scale.t(),
                            out_dtype=torch.bfloat16, use_fast_accum=True)
-    if bias is not None:
-        out = out + bias
-    return out.reshape(*x.shape[:-1], weight.shape[0])
+    return out if bias is None else out + bias
 
 
-def fp8_linear_torch(x: torch.Tensor, weight: torch.Tensor,
+def fp8_linear_torch(x: torch.Tensor | QuantizedRows, weight: torch.Tensor,
                      bias: torch.Tensor | None) -> torch.Tensor:
     """The W8A8 twin of `fp8_linear`: `weight` is the dequantized weight in x's dtype; x is
-    rounded per token to e4m3 exactly as `fp8_linear` rounds it above one row."""
-    x_q, x_scale = quantize_rows_torch(x)
-    return F.linear(dequantize_rows(x_q, x_scale, x.dtype), weight, bias)
+    rounded per token to e4m3 exactly as `fp8_linear` rounds it above one row (or comes
+    rounded)."""
+    x_q, x_scale = (x.values, x.scale) if isinstance(x, QuantizedRows) else quantize_rows_torch(x)
+    return F.linear(dequantize_rows(x_q, x_scale, weight.dtype), weight, bias)

@@ -1,10 +1,13 @@
-"""RMSNorm, alone and fused with the residual add that precedes it in every decoder layer."""
+"""RMSNorm, alone and fused with the residual add that precedes it in every decoder layer;
+each also fused with the per-token e4m3 rounding of an FP8 linear's input (`*_fp8`)."""
 
 import torch
 import triton
 import triton.language as tl
 
 from llmserve.kernels.dependent_launch import await_previous_kernel, dependent_launch
+from llmserve.kernels.e4m3 import FP8_DTYPE, QuantizedRows
+from llmserve.kernels.fp8_gemm import quantize_rows_torch, store_e4m3_row
 
 
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -22,11 +25,24 @@ def add_rms_norm_torch(
     return rms_norm_torch(summed, weight, eps), summed
 
 
+def rms_norm_fp8_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> QuantizedRows:
+    """rms_norm_torch's rows rounded to e4m3 per token (quantize_rows_torch)."""
+    return QuantizedRows(*quantize_rows_torch(rms_norm_torch(x, weight, eps)))
+
+
+def add_rms_norm_fp8_torch(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[QuantizedRows, torch.Tensor]:
+    normed, summed = add_rms_norm_torch(x, residual, weight, eps)
+    return QuantizedRows(*quantize_rows_torch(normed)), summed
+
+
 @triton.jit
 def _rms_norm_kernel(
-    x_ptr, residual_ptr, weight_ptr, out_ptr, summed_ptr, eps,
+    x_ptr, residual_ptr, weight_ptr, out_ptr, summed_ptr, scale_ptr, eps,
     stride_x, stride_r, stride_o, stride_s,
-    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, ADD_RESIDUAL: tl.constexpr, PDL: tl.constexpr,
+    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
+    QUANTIZE: tl.constexpr, PDL: tl.constexpr,
 ):
     await_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
@@ -43,17 +59,25 @@ def _rms_norm_kernel(
     # The twin rounds the normalized row to x's dtype before the weight multiplies it.
     normed = (xf * rstd).to(x.dtype).to(tl.float32)
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, (normed * weight).to(out_ptr.dtype.element_ty),
-             mask=mask)
+    if QUANTIZE:
+        # out is e4m3: the row rounded to x's dtype first, as the unfused pair rounds it.
+        y = (normed * weight).to(x.dtype).to(tl.float32)
+        store_e4m3_row(y, out_ptr + row * stride_o + cols, scale_ptr + row, mask)
+    else:
+        tl.store(out_ptr + row * stride_o + cols, (normed * weight).to(out_ptr.dtype.element_ty),
+                 mask=mask)
 
 
 def _launch_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 eps: float, quantize: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(normed rows, or their e4m3 values; x + residual; the e4m3 rows' scales)."""
     hidden = x.shape[-1]
     rows = x.reshape(-1, hidden)
     stream_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-    out = torch.empty(rows.shape, dtype=torch.promote_types(weight.dtype, stream_dtype),
-                      device=x.device)
+    out = torch.empty(rows.shape, device=x.device, dtype=FP8_DTYPE if quantize
+                      else torch.promote_types(weight.dtype, stream_dtype))
+    scale = torch.empty(rows.shape[0], 1, device=x.device) if quantize else None
     summed = None
     res_rows = rows
     if residual is not None:
@@ -65,14 +89,15 @@ def _launch_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
         block = triton.next_power_of_2(hidden)
         pdl = dependent_launch(x.device)
         _rms_norm_kernel[(rows.shape[0],)](
-            rows, res_rows, weight, out, out if summed is None else summed, eps,
+            rows, res_rows, weight, out, out if summed is None else summed,
+            out if scale is None else scale, eps,
             rows.stride(0), res_rows.stride(0), out.stride(0),
             out.stride(0) if summed is None else summed.stride(0),
-            HIDDEN=hidden, BLOCK=block, ADD_RESIDUAL=residual is not None, PDL=pdl,
-            launch_pdl=pdl,
+            HIDDEN=hidden, BLOCK=block, ADD_RESIDUAL=residual is not None, QUANTIZE=quantize,
+            PDL=pdl, launch_pdl=pdl,
             num_warps=min(max(block // 256, 1), 16),
         )
-    return out.view(x.shape), None if summed is None else summed.view(x.shape)
+    return out.view(x.shape), None if summed is None else summed.view(x.shape), scale
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -84,6 +109,23 @@ def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of add_rms_norm_torch: (rms_norm(x + residual), x + residual) in one pass."""
-    normed, summed = _launch_norm(x, residual, weight, eps)
+    normed, summed, _ = _launch_norm(x, residual, weight, eps)
     assert summed is not None
     return normed, summed
+
+
+def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float) -> QuantizedRows:
+    """Triton twin of rms_norm_fp8_torch (x [M, hidden]): the norm and the rounding in one pass,
+    the same values (but the sign of zero)."""
+    values, _, scale = _launch_norm(x, None, weight, eps, quantize=True)
+    assert scale is not None
+    return QuantizedRows(values, scale)
+
+
+def add_rms_norm_fp8(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[QuantizedRows, torch.Tensor]:
+    """Triton twin of add_rms_norm_fp8_torch, in one pass."""
+    values, summed, scale = _launch_norm(x, residual, weight, eps, quantize=True)
+    assert summed is not None and scale is not None
+    return QuantizedRows(values, scale), summed

@@ -24,6 +24,7 @@ from llmserve.engine_service.parallel.layers import (
     VocabParallelEmbedding,
     split_evenly,
 )
+from llmserve.kernels.fp8_linear import QuantizedRows, rounds_input
 from llmserve.kernels.ops import TORCH_OPS, KernelOps
 from llmserve.kernels.rotary import rotary_cos_sin
 
@@ -37,14 +38,16 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.ops = ops
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ops.rms_norm(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, fp8: bool = False) -> torch.Tensor | QuantizedRows:
+        """`fp8`: rounded to e4m3 per token in the same pass, for an FP8 linear."""
+        return (self.ops.rms_norm_fp8 if fp8 else self.ops.rms_norm)(x, self.weight, self.eps)
 
     def add_forward(
-        self, x: torch.Tensor, residual: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, x: torch.Tensor, residual: torch.Tensor, fp8: bool = False
+    ) -> tuple[torch.Tensor | QuantizedRows, torch.Tensor]:
         """(norm(x + residual), x + residual) in one pass."""
-        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
+        add_rms_norm = self.ops.add_rms_norm_fp8 if fp8 else self.ops.add_rms_norm
+        return add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -66,7 +69,7 @@ class Attention(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,
+        x: torch.Tensor | QuantizedRows,
         positions: torch.Tensor,
         cos_sin: torch.Tensor,
         attention: PagedAttention,
@@ -89,8 +92,10 @@ class MLP(nn.Module):
         self.gate_up_proj = quant.column(spec.hidden_size, [size, size], False, tp)
         self.down_proj = quant.row(size, spec.hidden_size, tp)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor | QuantizedRows, fp8: bool = False) -> torch.Tensor:
+        """`fp8`: the activation hands the FP8 down projection its input rounded to e4m3."""
+        silu_and_mul = self.ops.silu_and_mul_fp8 if fp8 else self.ops.silu_and_mul
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -103,6 +108,7 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(spec, ops, tp, quant)
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, ops)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, ops)
+        self.fp8 = quant.fp8
 
     def forward(
         self,
@@ -112,13 +118,15 @@ class DecoderLayer(nn.Module):
         cos_sin: torch.Tensor,
         attention: PagedAttention,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        # An FP8 layer's input rounded in the op before it, where the layer would round it.
+        fp8 = self.fp8 and rounds_input(x.shape[0], x.device)
         if residual is None:
-            residual, x = x, self.input_layernorm(x)
+            residual, normed = x, self.input_layernorm(x, fp8)
         else:
-            x, residual = self.input_layernorm.add_forward(x, residual)
-        x = self.self_attn(x, positions, cos_sin, attention)
-        x, residual = self.post_attention_layernorm.add_forward(x, residual)
-        return self.mlp(x), residual
+            normed, residual = self.input_layernorm.add_forward(x, residual, fp8)
+        x = self.self_attn(normed, positions, cos_sin, attention)
+        normed, residual = self.post_attention_layernorm.add_forward(x, residual, fp8)
+        return self.mlp(normed, fp8), residual
 
 
 # Hugging Face's separate projections -> our fused module and the part within it.

@@ -7,7 +7,8 @@ weight is quantized per output channel as it loads (`--quantization fp8`); a wei
 per block (FP8_BLOCK) is read whole with its scales, dequantized and quantized again per output
 channel, then sharded like the others. On CUDA the matmul runs in FP8 (kernels/fp8_linear.py;
 one token's is weight-only); on the CPU the weight is dequantized once, after loading, and each
-matmul rounds its input per token as the GPU path does for more tokens.
+matmul rounds its input per token as the GPU path does for more tokens. Where the input is
+rounded, the norm or activation before the layer may hand it over rounded (QuantizedRows).
 """
 
 import torch
@@ -22,6 +23,7 @@ from llmserve.engine_service.parallel.layers import (
 )
 from llmserve.kernels.fp8_linear import (
     FP8_DTYPE,
+    QuantizedRows,
     dequantize_rows,
     fp8_linear,
     fp8_linear_torch,
@@ -87,7 +89,8 @@ class Fp8Weights(nn.Module):
             self.weight = nn.Parameter(weight, requires_grad=False)
             self.weight_scale = None
 
-    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor | QuantizedRows, bias: torch.Tensor | None
+               ) -> torch.Tensor:
         if self.weight_scale is None:
             return fp8_linear_torch(x, self.weight, bias)
         return fp8_linear(x, self.weight, self.weight_scale, bias)
@@ -103,7 +106,7 @@ class Fp8ColumnParallelLinear(Fp8Weights, ColumnParallelLinear):
         ColumnParallelLinear.__init__(self, in_features, parts, bias, tp)
         self.init_fp8(sum(self.local_parts), in_features, quantize_at_load, block)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
         return self.matmul(x, self.bias)
 
     def load(self, name: str, part: int, source: TensorSource) -> None:
@@ -129,7 +132,7 @@ class Fp8RowParallelLinear(Fp8Weights, RowParallelLinear):
         RowParallelLinear.__init__(self, in_features, out_features, tp)
         self.init_fp8(out_features, self.local_in, quantize_at_load, block)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
         return self.tp.all_reduce(self.matmul(x, None))
 
     def load(self, name: str, part: int, source: TensorSource) -> None:

@@ -70,7 +70,7 @@ def _weight(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def test_the_triton_quantizer_rounds_rows_as_torch_does(
         dtype: torch.dtype, row_block: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
     if row_block is not None:
-        monkeypatch.setattr(fp8_gemm, "_MAX_ROW_BLOCK", row_block)
+        monkeypatch.setattr(fp8_gemm, "MAX_ROW_BLOCK", row_block)
     t = torch.randn(2, 3, 300) * torch.logspace(-30, 4, 6).view(2, 3, 1)
     t[0, 0] = 0  # a padding row
     t[0, 1, :4] = torch.tensor([1e-40, -3e-40, 2.0, -0.0])  # fp32 subnormals, a -0.0

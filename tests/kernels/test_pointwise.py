@@ -1,15 +1,32 @@
-"""qkv_rope_store, rms_norm, add_rms_norm, silu_and_mul against their torch twins,
-and the CPU/CUDA dispatch in ops."""
+"""qkv_rope_store, rms_norm, add_rms_norm, silu_and_mul against their torch twins, their FP8
+variants (fused with the per-token e4m3 rounding) against the unfused pair, and the CPU/CUDA
+dispatch in ops."""
 
 import os
 
 import pytest
 import torch
 
-from llmserve.kernels.activation import silu_and_mul, silu_and_mul_torch
+from llmserve.kernels.activation import (
+    silu_and_mul,
+    silu_and_mul_fp8,
+    silu_and_mul_fp8_torch,
+    silu_and_mul_torch,
+)
+from llmserve.kernels.e4m3 import QuantizedRows
+from llmserve.kernels.fp8_gemm import MAX_ROW_BLOCK, quantize_rows_triton
 from llmserve.kernels.ops import TORCH_OPS, TRITON_OPS, kernel_ops
 from llmserve.kernels.qkv_rope_store import qkv_rope_store, qkv_rope_store_torch
-from llmserve.kernels.rms_norm import add_rms_norm, add_rms_norm_torch, rms_norm, rms_norm_torch
+from llmserve.kernels.rms_norm import (
+    add_rms_norm,
+    add_rms_norm_fp8,
+    add_rms_norm_fp8_torch,
+    add_rms_norm_torch,
+    rms_norm,
+    rms_norm_fp8,
+    rms_norm_fp8_torch,
+    rms_norm_torch,
+)
 from llmserve.kernels.rotary import rotary_cos_sin
 
 ON_CPU = pytest.mark.skipif(
@@ -100,6 +117,46 @@ def test_silu_and_mul(device, scale, shape, dtype) -> None:
     shape = (shape[0] * scale, *shape[1:])
     x = torch.randn(shape, device=device).to(dtype) * 3
     assert rel_err(silu_and_mul(x), silu_and_mul_torch(x)) < TOLERANCE[dtype]
+
+
+def _assert_rounding_of(fused: QuantizedRows, rows: torch.Tensor, twin: QuantizedRows) -> None:
+    """The fused kernel's e4m3 rows are the Triton quantizer's of the unfused kernel's output,
+    value for value (-0.0 aside) and scale for scale; within an e4m3 step of the torch twin."""
+    values, scale = quantize_rows_triton(rows)
+    assert torch.equal(fused.values.float(), values.float())
+    assert torch.equal(fused.scale, scale)
+    assert rel_err(fused.values.float() * fused.scale, twin.values.float() * twin.scale) < 2**-4
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_residual", [False, True], ids=["norm", "add_norm"])
+@pytest.mark.parametrize(("device", "scale"), DEVICES)
+def test_rms_norm_fp8_is_the_norm_then_the_rounding(device, scale, with_residual, dtype) -> None:
+    shape = (5 * scale, 96 * (8 if scale > 1 else 1))
+    x = torch.randn(shape, device=device).to(dtype) * 3
+    x[0] = 0  # a padding row: scale at its floor, values 0
+    weight = (1 + 0.1 * torch.randn(shape[-1], device=device)).to(dtype)
+    if with_residual:
+        residual = torch.randn(shape, device=device).to(dtype) * 4
+        residual[0] = 0
+        fused, summed = add_rms_norm_fp8(x, residual, weight, 1e-6)
+        normed, ref_summed = add_rms_norm(x, residual, weight, 1e-6)
+        assert torch.equal(summed, ref_summed)
+        twin = add_rms_norm_fp8_torch(x, residual, weight, 1e-6)[0]
+    else:
+        fused, normed = rms_norm_fp8(x, weight, 1e-6), rms_norm(x, weight, 1e-6)
+        twin = rms_norm_fp8_torch(x, weight, 1e-6)
+    _assert_rounding_of(fused, normed, twin)
+    assert not fused.values[0].float().any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("width", [96, 1500, MAX_ROW_BLOCK + 8])  # the last in two kernels
+@pytest.mark.parametrize(("device", "scale"), DEVICES)
+def test_silu_and_mul_fp8_is_the_activation_then_the_rounding(device, scale, width,
+                                                              dtype) -> None:
+    x = torch.randn(3 * scale, 2 * width, device=device).to(dtype) * 3
+    _assert_rounding_of(silu_and_mul_fp8(x), silu_and_mul(x), silu_and_mul_fp8_torch(x))
 
 
 def test_kernel_ops_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
