@@ -15,8 +15,8 @@ Both GEMMs use fast accumulation, as vLLM's FP8 GEMMs do on Hopper: the tensor c
 K in their own accumulator (about 14 bits of mantissa, not fp32) rather than handing a partial
 sum to an fp32 register every 128 products. On an H100 that made cuBLASLt 8-18 % faster on
 prefill-sized M, for a relative error against the exact sum of the same e4m3 operands of
-1.3e-3 (K = 4096) and 2.6e-3 (K = 12288): a tenth of what rounding x and the weight to e4m3
-costs (docs/operations.md).
+1.3e-3 (K = 4096) and 2.6e-3 (K = 12288): under a tenth of the error e4m3's rounding leaves
+in each value (an RMS of about 3.6e-2; docs/operations.md).
 
 `fp8_linear_torch` is the W8A8 twin for the CPU at every M (it matches transformers' fake
 quantization of llm-compressor checkpoints): the same activation rounding, then an ordinary
