@@ -12,11 +12,9 @@ measured on an H100 (see docs/benchmarks.md); the kernels are in fp8_gemm.py:
   (cuBLASLt, row-wise scales: compute capability 8.9+) above.
 
 Both GEMMs use fast accumulation, as vLLM's FP8 GEMMs do on Hopper: the tensor cores sum all of
-K in their own accumulator (about 14 bits of mantissa, not fp32) rather than handing a partial
-sum to an fp32 register every 128 products. On an H100 that made cuBLASLt 8-18 % faster on
-prefill-sized M, for a relative error against the exact sum of the same e4m3 operands of
-1.3e-3 (K = 4096) and 2.6e-3 (K = 12288): under a tenth of the error e4m3's rounding leaves
-in each value (an RMS of about 3.6e-2; docs/operations.md).
+K in their own accumulator (about 14 bits of mantissa) rather than handing a partial sum to an
+fp32 register every 128 products: faster at prefill sizes, for an error well under the one
+e4m3's rounding of the operands leaves (docs/benchmarks.md measures both).
 
 `fp8_linear_torch` is the W8A8 twin for the CPU at every M (it matches transformers' fake
 quantization of llm-compressor checkpoints): the same activation rounding, then an ordinary

@@ -119,12 +119,18 @@ def test_silu_and_mul(device, scale, shape, dtype) -> None:
     assert rel_err(silu_and_mul(x), silu_and_mul_torch(x)) < TOLERANCE[dtype]
 
 
-def _assert_rounding_of(fused: QuantizedRows, rows: torch.Tensor, twin: QuantizedRows) -> None:
+def _assert_rounding_of(fused: QuantizedRows, rows: torch.Tensor, twin: QuantizedRows,
+                        exact: bool = True) -> None:
     """The fused kernel's e4m3 rows are the Triton quantizer's of the unfused kernel's output,
-    value for value (-0.0 aside) and scale for scale; within an e4m3 step of the torch twin."""
+    value for value (-0.0 aside) and scale for scale; within an e4m3 step of the torch twin.
+    Not `exact`: the scales within a few fp32 ulps, one value in 1000 an e4m3 step apart."""
     values, scale = quantize_rows_triton(rows)
-    assert torch.equal(fused.values.float(), values.float())
-    assert torch.equal(fused.scale, scale)
+    if exact:
+        assert torch.equal(fused.values.float(), values.float())
+        assert torch.equal(fused.scale, scale)
+    else:
+        torch.testing.assert_close(fused.scale, scale, rtol=2**-20, atol=0)
+        assert (fused.values.float() != values.float()).float().mean() <= 1e-3
     assert rel_err(fused.values.float() * fused.scale, twin.values.float() * twin.scale) < 2**-4
 
 
@@ -146,7 +152,9 @@ def test_rms_norm_fp8_is_the_norm_then_the_rounding(device, scale, with_residual
     else:
         fused, normed = rms_norm_fp8(x, weight, 1e-6), rms_norm(x, weight, 1e-6)
         twin = rms_norm_fp8_torch(x, weight, 1e-6)
-    _assert_rounding_of(fused, normed, twin)
+    # Compiled, the fused kernel may sum an fp32 row's squares in another order than the
+    # unfused one: its norm an ulp apart, which bf16 rows round away (seen on an H100).
+    _assert_rounding_of(fused, normed, twin, exact=device == "cpu" or dtype != torch.float32)
     assert not fused.values[0].float().any()
 
 
