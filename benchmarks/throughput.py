@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from result_file import RESULTS_DIR, device_name, write_result
 from step_breakdown import sampler_versus_kernel, step_breakdown
+from step_timeline import StepTimeline
 from transformers_peer import run_transformers_peer
 from w1_draws import fold_into_vocab, w1_requests, warmup_prompts
 from w1_engine import add_engine_arguments, build_llm, engine_parameters, implementation_tag
@@ -87,10 +88,12 @@ def run_ours(
     sampling = [SamplingOptions(temperature=0.6, ignore_eos=True, max_tokens=m) for m in max_tokens]
     synchronize = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     synchronize()
-    began = time.perf_counter()
-    outputs = llm.generate(prompts, sampling, use_tqdm=not args.no_progress)
-    synchronize()
-    wall_s = time.perf_counter() - began
+    with StepTimeline(llm) as timeline:
+        began = time.perf_counter()
+        outputs = llm.generate(prompts, sampling, use_tqdm=not args.no_progress)
+        synchronize()
+        ended = time.perf_counter()
+    wall_s = ended - began
     generated = sum(len(o.token_ids) for o in outputs)
     breakdown = None
     if args.breakdown_tokens:
@@ -110,6 +113,7 @@ def run_ours(
         "dtype": llm.info.dtype,
         "num_kv_blocks": llm.info.num_blocks,
         "weight_bytes": llm.core.runner.weight_bytes,
+        "step_kinds": timeline.summary(began, ended),
         "step_breakdown": breakdown,
     }
     return figures, llm
