@@ -28,9 +28,11 @@ from safetensors.torch import load_file, save_file
 from llmserve.engine_service.config import EngineConfig
 from llmserve.engine_service.core.engine_builder import build_engine
 from llmserve.engine_service.llm import LLM
+from llmserve.engine_service.models import decoder
 from llmserve.engine_service.models.checkpoint import CheckpointError
 from llmserve.engine_service.models.quantization import fp8_unsupported_reason
 from llmserve.engine_service.seam import SamplingOptions
+from llmserve.kernels.fp8_linear import rounds_input
 
 R = math.sqrt(2 / 3) * 2.0**-4
 LAYERS = 2
@@ -85,6 +87,26 @@ def test_fp8_logits_stay_within_the_e4m3_bound_of_the_fp32_model(
     assert overall <= 1.5 * PREDICTED
     assert relative.max() <= 2 * PREDICTED
     assert agreement >= 0.6
+
+
+def test_rounding_in_the_op_before_each_linear_changes_no_logit(
+    fp8_dynamic_qwen3: Path, teacher_forced: Callable[..., torch.Tensor],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The norms and the activation hand the FP8 linears their input already rounded (one pass
+    each); the logits are those of each linear rounding its own input, bit for bit."""
+    sequence = SEQUENCE[:24].tolist()
+    asked: list[bool] = []
+
+    def spied(rows: int, device: torch.device) -> bool:
+        asked.append(rounds_input(rows, device))
+        return asked[-1]
+
+    monkeypatch.setattr(decoder, "rounds_input", spied)
+    fused = teacher_forced(fp8_dynamic_qwen3, sequence, PROMPT)
+    assert asked and all(asked)  # on the CPU every FP8 linear rounds its input
+    monkeypatch.setattr(decoder, "rounds_input", lambda rows, device: False)
+    assert torch.equal(fused, teacher_forced(fp8_dynamic_qwen3, sequence, PROMPT))
 
 
 def test_quantizing_at_load_reproduces_llmcompressor(
