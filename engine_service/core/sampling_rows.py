@@ -29,12 +29,12 @@ def sampling_batch(sampling: list[ScheduledChunk], device: torch.device,
         chunks, positions = sampling, [c.seq.num_tokens for c in sampling]
     opts = [c.seq.sampling for c in chunks]
     # Two copies to the device, not one per column: each costs the host more than its bytes.
-    floats = _upload_rows(np.array([[o.temperature for o in opts], [o.top_p for o in opts],
-                                    [o.min_p for o in opts]], dtype=np.float32), device)
+    floats = upload(np.array([[o.temperature for o in opts], [o.top_p for o in opts],
+                              [o.min_p for o in opts]], dtype=np.float32), torch.float32, device)
     # Seeds are 64-bit unsigned; reinterpret as signed to fit int64.
     seeds = [c.seq.seed - (1 << 64) if c.seq.seed >= 1 << 63 else c.seq.seed for c in chunks]
-    ints = _upload_rows(np.array([[o.top_k for o in opts], seeds, positions], dtype=np.int64),
-                        device)
+    ints = upload(np.array([[o.top_k for o in opts], seeds, positions], dtype=np.int64),
+                  torch.int64, device)
     return SamplingBatch(
         temperature=floats[0],
         top_p=floats[1],
@@ -51,17 +51,6 @@ def sampling_batch(sampling: list[ScheduledChunk], device: torch.device,
         grammar=(grammar_bitmask(chunks, structured, live, drafts is not None)
                  if any(o.structured_output is not None for o in opts) else None),
     )
-
-
-def _upload_rows(rows: np.ndarray, device: torch.device) -> torch.Tensor:
-    """`rows` on the device, each row starting on a 16-byte boundary: Triton compiles a kernel
-    once per alignment of its pointers, so a row that starts mid-word (an odd row count) would
-    compile the sampling kernel again in the middle of serving."""
-    per_16_bytes = 16 // rows.itemsize
-    padded = np.zeros((rows.shape[0], -(-rows.shape[1] // per_16_bytes) * per_16_bytes),
-                      dtype=rows.dtype)
-    padded[:, : rows.shape[1]] = rows
-    return upload(padded, torch.from_numpy(padded).dtype, device)[:, : rows.shape[1]]
 
 
 def grammar_bitmask(chunks: list[ScheduledChunk], structured: StructuredOutputs,

@@ -20,11 +20,24 @@ ALIGN = 32  # int32 elements: 128 bytes
 
 def upload(values: list | np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small host list on `device` without waiting: a pageable copy would wait for the step
-    in flight, a pinned non-blocking one does not."""
+    in flight, a pinned non-blocking one does not.
+
+    A 2-D upload's rows each start on a 16-byte boundary (a view of a padded copy): callers
+    hand its rows to kernels one by one, and Triton compiles a kernel once per alignment of its
+    pointers, so a row starting mid-word (an odd row length) would compile one again in the
+    middle of serving."""
     host = torch.as_tensor(np.asarray(values), dtype=dtype)
+    width = host.shape[-1] if host.dim() == 2 else None
+    if width is not None:
+        per_16_bytes = max(16 // host.element_size(), 1)
+        padded = torch.zeros(host.shape[0], -(-width // per_16_bytes) * per_16_bytes,
+                             dtype=dtype)
+        padded[:, :width] = host
+        host = padded
     if device.type == "cuda":
         host = host.pin_memory()
-    return host.to(device, non_blocking=True)
+    on_device = host.to(device, non_blocking=True)
+    return on_device if width is None else on_device[:, :width]
 
 
 def _input_tokens(chunk: Chunk) -> list[int]:

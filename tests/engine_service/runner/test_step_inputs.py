@@ -6,7 +6,7 @@ import torch
 
 from llmserve.engine_service.core.scheduler import ScheduledChunk
 from llmserve.engine_service.core.sequence import Sequence
-from llmserve.engine_service.runner.step_inputs import StepInputs
+from llmserve.engine_service.runner.step_inputs import StepInputs, upload
 from llmserve.engine_service.seam import EngineRequest
 
 
@@ -110,3 +110,14 @@ def test_token_rows_give_each_token_of_a_short_chunk_its_own_decode_row() -> Non
     assert batch.logits_indices.tolist() == [0, 1, 2, 4]
     assert inputs.chunk_starts([0, 1]).tolist() == [0, 3]
     assert batch.layout.end == inputs.offsets["block_tables"] + 5 * 4
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float32, torch.int32])
+@pytest.mark.parametrize("width", [0, 1, 3, 5, 8])
+def test_upload_starts_every_row_of_a_matrix_on_16_bytes(dtype: torch.dtype, width: int) -> None:
+    """Kernels take an upload's rows one by one; Triton compiles once per pointer alignment."""
+    values = [[r * 10 + c for c in range(width)] for r in range(3)]
+    rows = upload(values, dtype, torch.device("cpu"))
+    assert rows.dtype == dtype and rows.tolist() == values
+    assert all(row.data_ptr() % 16 == 0 for row in rows)
+    assert upload([1, 2, 3], dtype, torch.device("cpu")).tolist() == [1, 2, 3]
