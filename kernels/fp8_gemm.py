@@ -197,7 +197,8 @@ def w8a16_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
 
 @dataclass(frozen=True)
 class GemmConfig:
-    """A tile of the W8A8 kernel; group_m output row-tiles share their weight tiles in L2."""
+    """A tile of the W8A8 kernel; group_m output row-tiles share their weight tiles in L2.
+    split_k > 1 splits K among that many programs per tile (see `w8a8_gemm`)."""
 
     block_m: int
     block_n: int
@@ -205,52 +206,104 @@ class GemmConfig:
     group_m: int = 8
     num_warps: int = 8
     num_stages: int = 3
+    split_k: int = 1
 
 
 GEMM_CONFIGS = (  # the sweep (benchmarks/fp8_linear.py)
     GemmConfig(64, 64, num_warps=4, num_stages=4),
     GemmConfig(64, 128, num_warps=4, num_stages=4),
     GemmConfig(128, 128),
+    GemmConfig(64, 128, num_warps=4, num_stages=4, split_k=4),
+    GemmConfig(128, 128, num_warps=8, num_stages=4, split_k=2),
 )
 GEMM_CONFIG = GEMM_CONFIGS[0]
+# Tiles whose split parts one device can sum at once: the arrival counters allocated for it.
+MAX_SPLIT_TILES = 4096
+MIN_SPLIT_BLOCKS = 4  # blocks of K each split part sums, at the least
+
+
+def gemm_config(m: int, n: int, k: int, sms: int) -> GemmConfig:
+    """The tile `fp8_linear` launches for x [m, k] @ weight [n, k]^T on a GPU of `sms`
+    multiprocessors: 64 or 128 rows a tile, 128 columns, and K split until the programs fill
+    the multiprocessors once, each still summing at least MIN_SPLIT_BLOCKS blocks of K."""
+    block_m = 64 if m <= 64 else 128
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, 128)
+    k_blocks = triton.cdiv(k, 128)
+    split = 1
+    while (tiles * split * 2 <= sms and k_blocks >= 2 * split * MIN_SPLIT_BLOCKS
+           and tiles <= MAX_SPLIT_TILES):
+        split *= 2
+    if block_m == 64:
+        return GemmConfig(64, 128, num_warps=4, num_stages=4, split_k=split)
+    return GemmConfig(128, 128, num_warps=8, num_stages=4, split_k=split)
 
 
 @triton.jit
 def _w8a8_kernel(
-    a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr, M, N, K,
-    stride_am, stride_bn, stride_cm,
+    a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr, part_ptr, count_ptr, M, N, K,
+    K_PER_SPLIT, stride_am, stride_bn, stride_cm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
 ):
     await_previous_kernel(PDL)
     # GROUP_M row-tiles run one after another over each column tile: their B tiles hit L2.
-    pid = tl.program_id(0)
+    tile = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
-    first_m = (pid // (GROUP_M * tiles_n)) * GROUP_M
+    first_m = (tile // (GROUP_M * tiles_n)) * GROUP_M
     group_size = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_size
-    pid_n = (pid % (GROUP_M * tiles_n)) // group_size
+    pid_m = first_m + (tile % (GROUP_M * tiles_n)) % group_size
+    pid_n = (tile % (GROUP_M * tiles_n)) // group_size
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
+    k_start = tl.program_id(1) * K_PER_SPLIT
+    offs_k = k_start + tl.arange(0, BLOCK_K)
     # Out-of-range rows wrap (their results are never stored), so loads need no row mask.
     a_ptrs = a_ptr + (offs_m % M).to(tl.int64)[:, None] * stride_am + offs_k[None, :]
     b_ptrs = b_ptr + (offs_n % N).to(tl.int64)[:, None] * stride_bn + offs_k[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k in range(0, K, BLOCK_K):
+    for k in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptrs)
             b = tl.load(b_ptrs)
         else:
-            a = tl.load(a_ptrs, mask=(k + offs_k < K)[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=(k + offs_k < K)[None, :], other=0.0)
+            k_ok = (k - k_start + offs_k < K)[None, :]
+            a = tl.load(a_ptrs, mask=k_ok, other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok, other=0.0)
         # Both operands K-major, as Hopper's FP8 wgmma needs. Fast accumulation (Triton's
         # sm_90 default, as fp8_linear asks of cuBLASLt): the tensor cores keep the sum over
         # all of K in their own accumulator, a few bits short of fp32 (see fp8_linear).
         acc = tl.dot(a, tl.trans(b), acc)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
+    if SPLIT_K == 1:
+        _store_output(acc, offs_m, offs_n, M, N, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr,
+                      stride_cm, HAS_BIAS)
+    else:
+        # Each program leaves its part in the tile's slot of the workspace; the last of the
+        # tile's SPLIT_K programs to arrive adds them up in split order (so the sum does not
+        # depend on who came last) and writes the output. The barrier puts all of this
+        # program's stores before its (releasing) arrival; the last one's loads bypass L1.
+        block = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        parts = part_ptr + tile.to(tl.int64) * (SPLIT_K * BLOCK_M * BLOCK_N) + block
+        tl.store(parts + tl.program_id(1) * (BLOCK_M * BLOCK_N), acc)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        tl.debug_barrier()
+        if arrived == SPLIT_K - 1:
+            acc = tl.load(parts, cache_modifier=".cg")
+            for s in range(1, SPLIT_K):
+                acc += tl.load(parts + s * (BLOCK_M * BLOCK_N), cache_modifier=".cg")
+            tl.store(count_ptr + tile, 0)  # ready for the next GEMM
+            _store_output(acc, offs_m, offs_n, M, N, a_scale_ptr, b_scale_ptr, bias_ptr,
+                          c_ptr, stride_cm, HAS_BIAS)
+
+
+@triton.jit
+def _store_output(acc, offs_m, offs_n, M, N, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr,
+                  stride_cm, HAS_BIAS: tl.constexpr):
+    """The epilogue: row and column scales, then the bias, stored in c's dtype."""
     m_ok = offs_m < M
     n_ok = offs_n < N
     acc = acc * tl.load(a_scale_ptr + offs_m, mask=m_ok, other=0.0)[:, None]
@@ -261,24 +314,53 @@ def _w8a8_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+_split_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def _arrival_counters(device: torch.device) -> torch.Tensor:
+    """The split tiles' arrival counters on `device`: zeroed once, and each tile's returned to
+    zero by the program that completes it. Allocated at the first eager GEMM (CudaGraphCapture
+    runs every pass once before capturing it): a zeroing captured in a graph would not run
+    until that graph's first replay."""
+    if device not in _split_counters:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("split-K counters must be allocated before CUDA graph capture")
+        _split_counters[device] = torch.zeros(MAX_SPLIT_TILES, dtype=torch.int32, device=device)
+    return _split_counters[device]
+
+
 def w8a8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
               weight_scale: torch.Tensor, bias: torch.Tensor | None,
               config: GemmConfig = GEMM_CONFIG,
               out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """x_q [M, K] (e4m3, scales [M, 1]) @ weight [N, K] (e4m3, scales [N, 1]) -> [M, N]:
-    (x_q @ weight^T) * x_scale * weight_scale^T (+ bias), accumulated in fp32."""
+    (x_q @ weight^T) * x_scale * weight_scale^T (+ bias), accumulated in fp32.
+
+    With config.split_k > 1, K is cut into that many ranges of whole blocks, each summed by its
+    own program: a few tiles (decode's row counts against a narrow weight) then still keep
+    every multiprocessor reading weight. The parts meet in an fp32 workspace and are added in
+    a fixed order: results are the same run to run."""
     out = _product_output(x_q, weight, out_dtype, "w8a8_gemm")
     (m, k), n = x_q.shape, weight.shape[0]
     if m == 0:
         return out
+    c = config
+    tiles = triton.cdiv(m, c.block_m) * triton.cdiv(n, c.block_n)
+    k_per_split = triton.cdiv(triton.cdiv(k, c.block_k), c.split_k) * c.block_k
+    split = triton.cdiv(k, k_per_split) if tiles <= MAX_SPLIT_TILES else 1
+    parts = counters = out
+    if split > 1:
+        counters = _arrival_counters(x_q.device)
+        parts = torch.empty(tiles * split * c.block_m * c.block_n, dtype=torch.float32,
+                            device=x_q.device)
+    else:
+        k_per_split = k
     pdl = dependent_launch(x_q.device)
-    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
-    _w8a8_kernel[grid](
-        x_q, weight, x_scale, weight_scale, x_scale if bias is None else bias, out, m, n, k,
-        x_q.stride(0), weight.stride(0), out.stride(0),
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        GROUP_M=config.group_m,
-        EVEN_K=k % config.block_k == 0, HAS_BIAS=bias is not None, PDL=pdl, launch_pdl=pdl,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+    _w8a8_kernel[(tiles, split)](
+        x_q, weight, x_scale, weight_scale, x_scale if bias is None else bias, out, parts,
+        counters, m, n, k, k_per_split, x_q.stride(0), weight.stride(0), out.stride(0),
+        BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
+        SPLIT_K=split, EVEN_K=k % c.block_k == 0, HAS_BIAS=bias is not None, PDL=pdl,
+        launch_pdl=pdl, num_warps=c.num_warps, num_stages=c.num_stages,
     )
     return out

@@ -21,12 +21,15 @@ quantization of llm-compressor checkpoints): the same activation rounding, then 
 matmul with the dequantized weight. At M = 1 the GPU differs from it by that rounding alone.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from llmserve.kernels.e4m3 import FP8_DTYPE, FP8_MAX, QuantizedRows
 from llmserve.kernels.fp8_gemm import (
     MIN_SCALE,
+    gemm_config,
     quantize_rows_torch,
     quantize_rows_triton,
     w8a8_gemm,
@@ -36,7 +39,7 @@ from llmserve.kernels.fp8_gemm import (
 __all__ = ["FP8_DTYPE", "FP8_MAX", "MIN_SCALE", "QuantizedRows", "dequantize_rows",
            "fp8_linear", "fp8_linear_torch", "quantize_rows", "rounds_input"]
 
-TRITON_GEMM_MAX_M = 64  # rows up to which w8a8_gemm beats torch._scaled_mm (on an H100)
+TRITON_GEMM_MAX_M = 256  # rows up to which w8a8_gemm beats torch._scaled_mm (on an H100)
 
 
 def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,12 +75,20 @@ def fp8_linear(x: torch.Tensor | QuantizedRows, weight: torch.Tensor,
 def _w8a8(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
           weight_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if x_q.shape[0] <= TRITON_GEMM_MAX_M:
-        return w8a8_gemm(x_q, x_scale, weight, weight_scale, bias)
+        config = gemm_config(x_q.shape[0], *weight.shape, _multiprocessors(x_q.device))
+        return w8a8_gemm(x_q, x_scale, weight, weight_scale, bias, config)
     # weight.t() is the column-major [K, N] operand cuBLASLt wants; row-wise scales are [M, 1]
     # for the activations and [1, N] for the weight, and need a bf16 output.
     out = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale, scale_b=weight_scale.t(),
                            out_dtype=torch.bfloat16, use_fast_accum=True)
     return out if bias is None else out + bias
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # the interpreter (tests): an H100's count
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def fp8_linear_torch(x: torch.Tensor | QuantizedRows, weight: torch.Tensor,

@@ -15,6 +15,7 @@ from llmserve.kernels.fp8_gemm import (
     GEMV_CONFIGS,
     GemmConfig,
     GemvConfig,
+    gemm_config,
     quantize_rows_torch,
     quantize_rows_triton,
     w8a8_gemm,
@@ -30,7 +31,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAVE_FP8, reason="needs an
 def test_fp8_linear_matches_its_twins(tokens: int) -> None:
     """One token weight-only (x as given), more W8A8 (x rounded per token): by the Triton GEMM
     up to TRITON_GEMM_MAX_M tokens, by torch._scaled_mm above."""
-    assert fp8_linear_module.TRITON_GEMM_MAX_M == 64  # both GEMMs among the tokens
+    assert fp8_linear_module.TRITON_GEMM_MAX_M == 256  # both GEMMs among the tokens
     gen = torch.Generator(device="cuda").manual_seed(tokens)
     x = torch.randn(tokens, 256, device="cuda", generator=gen).bfloat16()
     x[0] = 0  # a padding row (CUDA graphs) must come out as the bias alone, not NaN
@@ -115,6 +116,27 @@ def test_the_w8a8_kernel_matches_its_twin_and_scaled_mm_at_8b_shapes(
         ours = w8a8_gemm(x_q, x_scale, w8, scale, None, config).double()
         # Both within that bound of the exact sum, each rounded to bf16 once.
         assert ((ours - cublas).abs() <= 2 * bound + 2**-8 * cublas.abs()).all()
+
+
+@pytest.mark.parametrize("shape", SHAPES_8B, ids=str)
+@pytest.mark.parametrize("rows", [8, 64, 72, 128, 200, 256])
+def test_the_tiles_fp8_linear_picks_match_the_twin_and_repeat_exactly(
+        shape: tuple[int, int], rows: int) -> None:
+    """The tile and K split `gemm_config` gives at decode's row counts: within the fast
+    accumulation bounds, and bit for bit the same output on every run (the split parts are
+    added in a fixed order, whichever program finishes last)."""
+    n, k = shape
+    w8, scale, w = _fp8_weight(n, k)
+    x = torch.randn(rows, k, device="cuda").bfloat16()
+    x_q, x_scale = quantize_rows_triton(x)
+    config = gemm_config(rows, n, k, torch.cuda.get_device_properties(0).multi_processor_count)
+    out = w8a8_gemm(x_q, x_scale, w8, scale, None, config, out_dtype=torch.float32)
+    twin = fp8_linear_torch(x.double(), w, None)
+    assert ((out.double() - twin).abs() <= k / 32 * 2**-13 * _abs_bound(x, w)).all(), config
+    assert (out.double() - twin).norm() <= 2**-8 * twin.norm()
+    for _ in range(20):
+        assert torch.equal(w8a8_gemm(x_q, x_scale, w8, scale, None, config,
+                                     out_dtype=torch.float32), out), config
 
 
 @pytest.mark.parametrize("shape", SHAPES_8B, ids=str)

@@ -120,6 +120,39 @@ def test_the_w8a8_kernel_matches_the_twin(config: fp8_gemm.GemmConfig) -> None:
 
 
 @ON_CPU
+def test_split_parts_add_up_in_a_fixed_order_and_free_their_counters(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """K split over three programs per tile (K = 320 is three blocks of 128, the last short):
+    the same output as one program per tile within fp32 reordering, the same bits on a second
+    run, and every tile's arrival counter back at zero for the next GEMM."""
+    w8, scale, _ = _weight(200, 320)
+    x_q, x_scale = fp8_gemm.quantize_rows_triton(torch.randn(130, 320).bfloat16())
+    whole = fp8_gemm.GemmConfig(64, 64, num_warps=4, num_stages=4)
+    split = fp8_gemm.GemmConfig(64, 64, num_warps=4, num_stages=4, split_k=3)
+    monkeypatch.setattr(fp8_gemm, "_split_counters", {})
+    one = fp8_gemm.w8a8_gemm(x_q, x_scale, w8, scale, None, whole, out_dtype=torch.float32)
+    assert not fp8_gemm._split_counters  # counters are for split tiles only
+    parts = fp8_gemm.w8a8_gemm(x_q, x_scale, w8, scale, None, split, out_dtype=torch.float32)
+    torch.testing.assert_close(parts, one, rtol=1e-5, atol=1e-5)
+    again = fp8_gemm.w8a8_gemm(x_q, x_scale, w8, scale, None, split, out_dtype=torch.float32)
+    assert torch.equal(again, parts)
+    assert not fp8_gemm._split_counters[x_q.device].any()
+
+
+def test_tiles_split_k_until_the_multiprocessors_are_full() -> None:
+    """Qwen3-8B's down projection (N 4096, K 12288) on an H100's 132 multiprocessors: 32 tiles
+    of 128 columns at 64 or 128 rows become 128 programs; at 256 rows 64 tiles, 2 parts each.
+    gate_up's 192 tiles fill them alone; a short K is not split below 4 blocks a part."""
+    sms = 132
+    assert fp8_gemm.gemm_config(64, 4096, 12288, sms) == fp8_gemm.GemmConfig(
+        64, 128, num_warps=4, num_stages=4, split_k=4)
+    assert fp8_gemm.gemm_config(128, 4096, 12288, sms).split_k == 4
+    assert fp8_gemm.gemm_config(256, 4096, 12288, sms).split_k == 2
+    assert fp8_gemm.gemm_config(256, 24576, 4096, sms).split_k == 1
+    assert fp8_gemm.gemm_config(8, 4096, 1024, sms).split_k == 2
+
+
+@ON_CPU
 @pytest.mark.parametrize("shape", [(1, 256), (1, 1, 256), (2, 256), (7, 256), (2, 8, 256),
                                    (64, 256), (65, 256), (300, 256)], ids=str)
 def test_fp8_linear_picks_by_rows(shape: tuple[int, ...],
@@ -164,7 +197,8 @@ from llmserve.kernels import fp8_gemm as g
 
 TYPES = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "q_ptr": "*fp8e4nv", "a_ptr": "*fp8e4nv",
          "b_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "a_scale_ptr": "*fp32",
-         "b_scale_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16", "c_ptr": "*bf16"}
+         "b_scale_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16", "c_ptr": "*bf16",
+         "part_ptr": "*fp32", "count_ptr": "*i32"}
 
 
 def compile_sm90(fn, constants, num_warps, num_stages=1, **types):
@@ -189,7 +223,7 @@ for c in g.GEMV_CONFIGS:
 for c in g.GEMM_CONFIGS:
     compile_sm90(g._w8a8_kernel, dict(
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
-        EVEN_K=True, HAS_BIAS=True), c.num_warps, c.num_stages)
+        SPLIT_K=c.split_k, EVEN_K=True, HAS_BIAS=True), c.num_warps, c.num_stages)
 print("compiled")
 """
 
