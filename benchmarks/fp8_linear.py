@@ -59,12 +59,13 @@ CALLS = (20, 256)  # calls per graph: at least (launch costs amortized), at most
 # per row of the Triton quantizer.
 SMALL_SHAPES = ("8B.gate_up", "8B.down", "0.6B.o")
 SMALL_DIVISOR = 32
-SMALL_TOKEN_COUNTS = (1, 16, 65)
+SMALL_TOKEN_COUNTS = (1, 16, 257)
 SMALL_CALLS = (2, 2)
 SUMMARY_SHAPE, SUMMARY_TOKEN_COUNTS = "8B.gate_up", (1, 256)  # the results table's figures
 # Where torch reports no L2 or memory clock (and on the CPU): an H100 SXM5's.
 H100_L2_BYTES = 50 << 20
 H100_PEAK_BYTES_PER_S = 3.35e12
+H100_MULTIPROCESSORS = 132
 # Norm-wise error over which an op counts as off its twin (bf16 outputs round at 2^-9); the
 # Triton quantizer must match torch's exactly.
 TWIN_TOLERANCE = 1e-2
@@ -84,6 +85,7 @@ class Setup:
     max_calls: int
     l2_bytes: int
     peak_bytes_per_s: float
+    multiprocessors: int
 
     @property
     def cuda(self) -> bool:
@@ -96,14 +98,14 @@ def make_setup(device: str, small: bool) -> Setup:
         shapes = {name: (SHAPES[name][0] // SMALL_DIVISOR, SHAPES[name][1] // SMALL_DIVISOR)
                   for name in SMALL_SHAPES}
         token_counts, (min_calls, max_calls) = SMALL_TOKEN_COUNTS, SMALL_CALLS
-    l2, peak = H100_L2_BYTES, H100_PEAK_BYTES_PER_S
+    l2, peak, sms = H100_L2_BYTES, H100_PEAK_BYTES_PER_S, H100_MULTIPROCESSORS
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
-        l2 = props.L2_cache_size or l2
+        l2, sms = props.L2_cache_size or l2, props.multi_processor_count
         # DDR: two transfers per clock (kHz); a figure outside 1-10 TB/s is a misreport.
         reported = 2 * props.memory_clock_rate * 1e3 * props.memory_bus_width / 8
         peak = reported if 1e12 < reported < 1e13 else peak
-    return Setup(device, shapes, token_counts, min_calls, max_calls, l2, peak)
+    return Setup(device, shapes, token_counts, min_calls, max_calls, l2, peak, sms)
 
 
 def label(config: GemvConfig | GemmConfig) -> str:
@@ -112,9 +114,10 @@ def label(config: GemvConfig | GemmConfig) -> str:
 
     if isinstance(config, GemvConfig):
         return f"fma{config.block_n}x{config.block_k}/w{config.num_warps}"
+    split = f"/k{config.split_k}" if config.split_k > 1 else ""
     return (
         f"{config.block_m}x{config.block_n}x{config.block_k}/g{config.group_m}"
-        f"/w{config.num_warps}s{config.num_stages}"
+        f"/w{config.num_warps}s{config.num_stages}{split}"
     )
 
 
@@ -285,7 +288,10 @@ def bench(name: str, wt: Weights, m: int, sweep: bool, setup: Setup) -> dict:
         for config in g.GEMV_CONFIGS if sweep else (g.GEMV_CONFIG,):
             ops.append((row["gemv"], label(config), gemv(config), w8a16_twin))
     else:
-        for config in g.GEMM_CONFIGS if sweep else (g.GEMM_CONFIG,):
+        # The tile fp8_linear picks for this shape, then (sweeping) the fixed ones.
+        picked = g.gemm_config(m, wt.n, wt.k, setup.multiprocessors)
+        row["gemm_picked"] = label(picked)
+        for config in dict.fromkeys((picked, *(g.GEMM_CONFIGS if sweep else ()))):
             ops.append((row["gemm"], label(config), gemm(config), w8a8_twin))
     for times, key, call, twin in ops:
         try_op(row, times, key, call, wt.calls, cuda, check=checked(call, twin))
@@ -381,7 +387,7 @@ def run(args: argparse.Namespace) -> tuple[dict, dict, str]:
         ),
         "twin_tolerance": TWIN_TOLERANCE,
         "configs": {label(c): repr(c) for c in (*g.GEMV_CONFIGS, *g.GEMM_CONFIGS)},
-        "defaults": {"gemv": label(g.GEMV_CONFIG), "gemm": label(g.GEMM_CONFIG)},
+        "defaults": {"gemv": label(g.GEMV_CONFIG), "gemm": "gemm_config(M, N, K, SMs)"},
         "deadline_s": args.deadline_s,
         "torch": torch.__version__,
         "triton": triton.__version__,
