@@ -59,7 +59,7 @@ CALLS = (20, 256)  # calls per graph: at least (launch costs amortized), at most
 # per row of the Triton quantizer.
 SMALL_SHAPES = ("8B.gate_up", "8B.down", "0.6B.o")
 SMALL_DIVISOR = 32
-SMALL_TOKEN_COUNTS = (1, 16, 257)
+SMALL_TOKEN_COUNTS = (1, 16, 65)
 SMALL_CALLS = (2, 2)
 SUMMARY_SHAPE, SUMMARY_TOKEN_COUNTS = "8B.gate_up", (1, 256)  # the results table's figures
 # Where torch reports no L2 or memory clock (and on the CPU): an H100 SXM5's.

@@ -18,3 +18,19 @@ class QuantizedRows:
 
     values: torch.Tensor
     scale: torch.Tensor
+
+
+@dataclass(frozen=True)
+class UnscaledProduct:
+    """An FP8 linear's output before its scales: values [M, N] (the sums of the e4m3 operands,
+    rounded to bf16), float32 row scales [M, 1] (the input's) and column scales [N, 1] (the
+    weight's). The product is values * row_scale * col_scale^T; the residual add after the
+    linear applies the scales as it reads the values."""
+
+    values: torch.Tensor
+    row_scale: torch.Tensor
+    col_scale: torch.Tensor
+
+    def scaled(self) -> torch.Tensor:
+        """The product in float32, the scales applied in the kernel's order."""
+        return self.values.float() * self.row_scale * self.col_scale.T

@@ -223,19 +223,17 @@ MIN_SPLIT_BLOCKS = 4  # blocks of K each split part sums, at the least
 
 
 def gemm_config(m: int, n: int, k: int, sms: int) -> GemmConfig:
-    """The tile `fp8_linear` launches for x [m, k] @ weight [n, k]^T on a GPU of `sms`
-    multiprocessors: 64 or 128 rows a tile, 128 columns, and K split until the programs fill
-    the multiprocessors once, each still summing at least MIN_SPLIT_BLOCKS blocks of K."""
-    block_m = 64 if m <= 64 else 128
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, 128)
+    """The tile `fp8_linear` launches for x [m, k] @ weight [n, k]^T (m <= 64) on a GPU of `sms`
+    multiprocessors: 64 x 64, and K halved again while that keeps the programs within one per
+    multiprocessor and each part at least MIN_SPLIT_BLOCKS blocks of K (chosen by an H100
+    sweep of 64 or 128 rows, 64 or 128 columns, 1 to 8 parts: docs/benchmarks.md)."""
+    tiles = triton.cdiv(m, 64) * triton.cdiv(n, 64)
     k_blocks = triton.cdiv(k, 128)
     split = 1
     while (tiles * split * 2 <= sms and k_blocks >= 2 * split * MIN_SPLIT_BLOCKS
            and tiles <= MAX_SPLIT_TILES):
         split *= 2
-    if block_m == 64:
-        return GemmConfig(64, 128, num_warps=4, num_stages=4, split_k=split)
-    return GemmConfig(128, 128, num_warps=8, num_stages=4, split_k=split)
+    return GemmConfig(64, 64, num_warps=4, num_stages=4, split_k=split)
 
 
 @triton.jit

@@ -26,7 +26,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from llmserve.kernels.e4m3 import FP8_DTYPE, FP8_MAX, QuantizedRows
+from llmserve.kernels.e4m3 import FP8_DTYPE, FP8_MAX, QuantizedRows, UnscaledProduct
 from llmserve.kernels.fp8_gemm import (
     MIN_SCALE,
     gemm_config,
@@ -36,10 +36,11 @@ from llmserve.kernels.fp8_gemm import (
     w8a16_gemv,
 )
 
-__all__ = ["FP8_DTYPE", "FP8_MAX", "MIN_SCALE", "QuantizedRows", "dequantize_rows",
-           "fp8_linear", "fp8_linear_torch", "quantize_rows", "rounds_input"]
+__all__ = ["FP8_DTYPE", "FP8_MAX", "MIN_SCALE", "QuantizedRows", "UnscaledProduct",
+           "dequantize_rows", "fp8_linear", "fp8_linear_torch", "fp8_linear_unscaled",
+           "quantize_rows", "rounds_input"]
 
-TRITON_GEMM_MAX_M = 256  # rows up to which w8a8_gemm beats torch._scaled_mm (on an H100)
+TRITON_GEMM_MAX_M = 64  # rows up to which w8a8_gemm beats torch._scaled_mm (on an H100)
 
 
 def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,6 +71,33 @@ def fp8_linear(x: torch.Tensor | QuantizedRows, weight: torch.Tensor,
     else:
         out = _w8a8(*quantize_rows(rows), weight, weight_scale, bias)
     return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def fp8_linear_unscaled(x: torch.Tensor | QuantizedRows, weight: torch.Tensor,
+                        weight_scale: torch.Tensor) -> torch.Tensor | UnscaledProduct:
+    """`fp8_linear` without a bias for the op that adds its output to the residual: above one
+    row the scales are left to that op (UnscaledProduct), and cuBLASLt runs the GEMM scaled
+    per tensor (by one), faster at decode's row counts than its row-wise scaling."""
+    if not isinstance(x, QuantizedRows):
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.shape[0] == 1:
+            return fp8_linear(x, weight, weight_scale, None)
+        x = QuantizedRows(*quantize_rows(rows))
+    one = _unit_scale(x.values.device)
+    values = torch._scaled_mm(x.values, weight.t(), scale_a=one, scale_b=one,
+                              out_dtype=torch.bfloat16, use_fast_accum=True)
+    return UnscaledProduct(values, x.scale, weight_scale)
+
+
+_unit_scales: dict[torch.device, torch.Tensor] = {}
+
+
+def _unit_scale(device: torch.device) -> torch.Tensor:
+    # Made at the first eager pass (CudaGraphCapture runs each pass once before capturing):
+    # a fill captured in a graph would not run until that graph's first replay.
+    if device not in _unit_scales:
+        _unit_scales[device] = torch.ones((), device=device)
+    return _unit_scales[device]
 
 
 def _w8a8(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,

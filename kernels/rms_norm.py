@@ -1,12 +1,13 @@
 """RMSNorm, alone and fused with the residual add that precedes it in every decoder layer;
-each also fused with the per-token e4m3 rounding of an FP8 linear's input (`*_fp8`)."""
+each also fused with the per-token e4m3 rounding of an FP8 linear's input (`*_fp8`). The add
+also takes an FP8 linear's output before its scales (UnscaledProduct) and applies them."""
 
 import torch
 import triton
 import triton.language as tl
 
 from llmserve.kernels.dependent_launch import await_previous_kernel, dependent_launch
-from llmserve.kernels.e4m3 import FP8_DTYPE, QuantizedRows
+from llmserve.kernels.e4m3 import FP8_DTYPE, QuantizedRows, UnscaledProduct
 from llmserve.kernels.fp8_gemm import quantize_rows_torch, store_e4m3_row
 
 
@@ -18,10 +19,14 @@ def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 
 
 def add_rms_norm_torch(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor | UnscaledProduct, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (rms_norm(x + residual), x + residual)."""
-    summed = x + residual
+    """Returns (rms_norm(x + residual), x + residual): the sum in fp32, rounded once to the
+    residual stream's dtype."""
+    if isinstance(x, UnscaledProduct):
+        summed = (x.scaled() + residual.float()).to(residual.dtype)
+    else:
+        summed = x + residual
     return rms_norm_torch(summed, weight, eps), summed
 
 
@@ -31,7 +36,7 @@ def rms_norm_fp8_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Qua
 
 
 def add_rms_norm_fp8_torch(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor | UnscaledProduct, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[QuantizedRows, torch.Tensor]:
     normed, summed = add_rms_norm_torch(x, residual, weight, eps)
     return QuantizedRows(*quantize_rows_torch(normed)), summed
@@ -39,16 +44,19 @@ def add_rms_norm_fp8_torch(
 
 @triton.jit
 def _rms_norm_kernel(
-    x_ptr, residual_ptr, weight_ptr, out_ptr, summed_ptr, scale_ptr, eps,
-    stride_x, stride_r, stride_o, stride_s,
+    x_ptr, residual_ptr, weight_ptr, out_ptr, summed_ptr, scale_ptr, x_row_scale_ptr,
+    x_col_scale_ptr, eps, stride_x, stride_r, stride_o, stride_s,
     HIDDEN: tl.constexpr, BLOCK: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
-    QUANTIZE: tl.constexpr, PDL: tl.constexpr,
+    SCALE_X: tl.constexpr, QUANTIZE: tl.constexpr, PDL: tl.constexpr,
 ):
     await_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < HIDDEN
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if SCALE_X:  # an UnscaledProduct's values (only with ADD_RESIDUAL)
+        x = x.to(tl.float32) * tl.load(x_row_scale_ptr + row)
+        x = x * tl.load(x_col_scale_ptr + cols, mask=mask, other=0.0)
     if ADD_RESIDUAL:
         residual = tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0)
         # Rounded to the stream's dtype before the norm reads it, exactly as the twin does.
@@ -68,10 +76,14 @@ def _rms_norm_kernel(
                  mask=mask)
 
 
-def _launch_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                 eps: float, quantize: bool = False
+def _launch_norm(x: torch.Tensor | UnscaledProduct, residual: torch.Tensor | None,
+                 weight: torch.Tensor, eps: float, quantize: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(normed rows, or their e4m3 values; x + residual; the e4m3 rows' scales)."""
+    product = x if isinstance(x, UnscaledProduct) else None
+    if product is not None:
+        assert residual is not None, "an unscaled product is only added to the residual"
+        x = product.values
     hidden = x.shape[-1]
     rows = x.reshape(-1, hidden)
     stream_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
@@ -90,10 +102,13 @@ def _launch_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
         pdl = dependent_launch(x.device)
         _rms_norm_kernel[(rows.shape[0],)](
             rows, res_rows, weight, out, out if summed is None else summed,
-            out if scale is None else scale, eps,
+            out if scale is None else scale,
+            weight if product is None else product.row_scale,
+            weight if product is None else product.col_scale, eps,
             rows.stride(0), res_rows.stride(0), out.stride(0),
             out.stride(0) if summed is None else summed.stride(0),
-            HIDDEN=hidden, BLOCK=block, ADD_RESIDUAL=residual is not None, QUANTIZE=quantize,
+            HIDDEN=hidden, BLOCK=block, ADD_RESIDUAL=residual is not None,
+            SCALE_X=product is not None, QUANTIZE=quantize,
             PDL=pdl, launch_pdl=pdl,
             num_warps=min(max(block // 256, 1), 16),
         )
@@ -106,7 +121,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor | UnscaledProduct, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of add_rms_norm_torch: (rms_norm(x + residual), x + residual) in one pass."""
     normed, summed, _ = _launch_norm(x, residual, weight, eps)
@@ -123,7 +138,7 @@ def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Quantized
 
 
 def add_rms_norm_fp8(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor | UnscaledProduct, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[QuantizedRows, torch.Tensor]:
     """Triton twin of add_rms_norm_fp8_torch, in one pass."""
     values, summed, scale = _launch_norm(x, residual, weight, eps, quantize=True)

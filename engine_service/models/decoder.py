@@ -24,7 +24,7 @@ from llmserve.engine_service.parallel.layers import (
     VocabParallelEmbedding,
     split_evenly,
 )
-from llmserve.kernels.fp8_linear import QuantizedRows, rounds_input
+from llmserve.kernels.fp8_linear import QuantizedRows, UnscaledProduct, rounds_input
 from llmserve.kernels.ops import TORCH_OPS, KernelOps
 from llmserve.kernels.rotary import rotary_cos_sin
 
@@ -43,9 +43,9 @@ class RMSNorm(nn.Module):
         return (self.ops.rms_norm_fp8 if fp8 else self.ops.rms_norm)(x, self.weight, self.eps)
 
     def add_forward(
-        self, x: torch.Tensor, residual: torch.Tensor, fp8: bool = False
+        self, x: torch.Tensor | UnscaledProduct, residual: torch.Tensor, fp8: bool = False
     ) -> tuple[torch.Tensor | QuantizedRows, torch.Tensor]:
-        """(norm(x + residual), x + residual) in one pass."""
+        """(norm(x + residual), x + residual) in one pass (x's scales applied on the way)."""
         add_rms_norm = self.ops.add_rms_norm_fp8 if fp8 else self.ops.add_rms_norm
         return add_rms_norm(x, residual, self.weight, self.eps)
 
@@ -73,7 +73,7 @@ class Attention(nn.Module):
         positions: torch.Tensor,
         cos_sin: torch.Tensor,
         attention: PagedAttention,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | UnscaledProduct:
         qk_norm = None
         if self.q_norm is not None and self.k_norm is not None:
             qk_norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
@@ -92,7 +92,8 @@ class MLP(nn.Module):
         self.gate_up_proj = quant.column(spec.hidden_size, [size, size], False, tp)
         self.down_proj = quant.row(size, spec.hidden_size, tp)
 
-    def forward(self, x: torch.Tensor | QuantizedRows, fp8: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedRows, fp8: bool = False
+                ) -> torch.Tensor | UnscaledProduct:
         """`fp8`: the activation hands the FP8 down projection its input rounded to e4m3."""
         silu_and_mul = self.ops.silu_and_mul_fp8 if fp8 else self.ops.silu_and_mul
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -112,15 +113,18 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,
+        x: torch.Tensor | UnscaledProduct,
         residual: torch.Tensor | None,
         positions: torch.Tensor,
         cos_sin: torch.Tensor,
         attention: PagedAttention,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor | UnscaledProduct, torch.Tensor]:
         # An FP8 layer's input rounded in the op before it, where the layer would round it.
-        fp8 = self.fp8 and rounds_input(x.shape[0], x.device)
+        stream = residual if residual is not None else x
+        assert isinstance(stream, torch.Tensor)
+        fp8 = self.fp8 and rounds_input(stream.shape[0], stream.device)
         if residual is None:
+            assert isinstance(x, torch.Tensor)
             residual, normed = x, self.input_layernorm(x, fp8)
         else:
             normed, residual = self.input_layernorm.add_forward(x, residual, fp8)
@@ -170,7 +174,7 @@ class DecoderModel(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, attention: PagedAttention
     ) -> torch.Tensor:
         """Returns the final hidden states [T, hidden] for the flat batch."""
-        x = self.embed_tokens(input_ids)
+        x: torch.Tensor | UnscaledProduct = self.embed_tokens(input_ids)
         residual: torch.Tensor | None = None
         for layer in self.layers:
             x, residual = layer(x, residual, positions, self.cos_sin, attention)

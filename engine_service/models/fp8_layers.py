@@ -8,7 +8,9 @@ per block (FP8_BLOCK) is read whole with its scales, dequantized and quantized a
 channel, then sharded like the others. On CUDA the matmul runs in FP8 (kernels/fp8_linear.py;
 one token's is weight-only); on the CPU the weight is dequantized once, after loading, and each
 matmul rounds its input per token as the GPU path does for more tokens. Where the input is
-rounded, the norm or activation before the layer may hand it over rounded (QuantizedRows).
+rounded, the norm or activation before the layer may hand it over rounded (QuantizedRows); on
+one GPU the row-parallel layers (o, down) hand their output to the residual add unscaled
+(UnscaledProduct).
 """
 
 import torch
@@ -24,9 +26,11 @@ from llmserve.engine_service.parallel.layers import (
 from llmserve.kernels.fp8_linear import (
     FP8_DTYPE,
     QuantizedRows,
+    UnscaledProduct,
     dequantize_rows,
     fp8_linear,
     fp8_linear_torch,
+    fp8_linear_unscaled,
     quantize_rows,
 )
 
@@ -132,7 +136,12 @@ class Fp8RowParallelLinear(Fp8Weights, RowParallelLinear):
         RowParallelLinear.__init__(self, in_features, out_features, tp)
         self.init_fp8(out_features, self.local_in, quantize_at_load, block)
 
-    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor | UnscaledProduct:
+        """On one GPU the output goes to the residual add unscaled (UnscaledProduct) above one
+        row; under tensor parallelism each rank's partial sums are scaled before the
+        all-reduce, since each rank's input rows have their own scales."""
+        if self.tp.size == 1 and self.weight_scale is not None:
+            return fp8_linear_unscaled(x, self.weight, self.weight_scale)
         return self.tp.all_reduce(self.matmul(x, None))
 
     def load(self, name: str, part: int, source: TensorSource) -> None:

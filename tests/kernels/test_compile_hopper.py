@@ -18,7 +18,8 @@ from llmserve.kernels import activation, paged_decode, paged_extend, qkv_rope_st
 INT_POINTERS = {"seq_lens_ptr", "tables_ptr", "starts_ptr", "slots_ptr", "positions_ptr",
                 "order_ptr"}
 FP32_POINTERS = {"part_out_ptr", "part_lse_ptr", "cos_sin_ptr", "ks_ptr", "vs_ptr",
-                 "k_scales_ptr", "v_scales_ptr", "scale_ptr"}
+                 "k_scales_ptr", "v_scales_ptr", "scale_ptr", "x_row_scale_ptr",
+                 "x_col_scale_ptr"}
 CACHE_POINTERS = {"k_ptr", "v_ptr", "k_cache_ptr", "v_cache_ptr"}
 
 
@@ -74,9 +75,10 @@ for cache, fp8 in [("bf16", False), ("fp8e4nv", True)]:
 compile_sm90(paged_decode._decode_reduce_kernel, dict(
     HEAD_DIM=128, BLOCK_D=128, BLOCK_N=64, NUM_SPLITS=4, MIN_SPLIT=256, BLOCK_S=4))
 for quantize in (False, True):
-    compile_sm90(rms_norm._rms_norm_kernel, dict(HIDDEN=1024, BLOCK=1024, ADD_RESIDUAL=True,
-                                                 QUANTIZE=quantize), num_warps=4,
-                 e4m3=("out_ptr",) if quantize else ())
+    for scale_x in (False, True):
+        compile_sm90(rms_norm._rms_norm_kernel, dict(
+            HIDDEN=1024, BLOCK=1024, ADD_RESIDUAL=True, SCALE_X=scale_x, QUANTIZE=quantize),
+            num_warps=4, e4m3=("out_ptr",) if quantize else ())
 compile_sm90(activation._silu_and_mul_kernel, dict(BLOCK=1024))
 compile_sm90(activation._silu_and_mul_fp8_kernel, dict(BLOCK=16384), num_warps=16,
              e4m3=("q_ptr",))

@@ -139,17 +139,17 @@ def test_split_parts_add_up_in_a_fixed_order_and_free_their_counters(
     assert not fp8_gemm._split_counters[x_q.device].any()
 
 
-def test_tiles_split_k_until_the_multiprocessors_are_full() -> None:
-    """Qwen3-8B's down projection (N 4096, K 12288) on an H100's 132 multiprocessors: 32 tiles
-    of 128 columns at 64 or 128 rows become 128 programs; at 256 rows 64 tiles, 2 parts each.
-    gate_up's 192 tiles fill them alone; a short K is not split below 4 blocks a part."""
+def test_tiles_split_k_while_the_programs_fit_the_multiprocessors() -> None:
+    """On an H100's 132 multiprocessors: Qwen3-8B's down projection (N 4096, K 12288) is 64
+    tiles of 64 columns, two parts each; its qkv (96 tiles) is not split; nor is a K of four
+    blocks (at least 4 a part); Qwen3-0.6B's o projection (16 tiles, K 16 blocks) splits in
+    4."""
     sms = 132
     assert fp8_gemm.gemm_config(64, 4096, 12288, sms) == fp8_gemm.GemmConfig(
-        64, 128, num_warps=4, num_stages=4, split_k=4)
-    assert fp8_gemm.gemm_config(128, 4096, 12288, sms).split_k == 4
-    assert fp8_gemm.gemm_config(256, 4096, 12288, sms).split_k == 2
-    assert fp8_gemm.gemm_config(256, 24576, 4096, sms).split_k == 1
-    assert fp8_gemm.gemm_config(8, 4096, 1024, sms).split_k == 2
+        64, 64, num_warps=4, num_stages=4, split_k=2)
+    assert fp8_gemm.gemm_config(8, 6144, 4096, sms).split_k == 1
+    assert fp8_gemm.gemm_config(8, 1024, 512, sms).split_k == 1
+    assert fp8_gemm.gemm_config(8, 1024, 2048, sms).split_k == 4
 
 
 @ON_CPU

@@ -13,7 +13,7 @@ from llmserve.kernels.activation import (
     silu_and_mul_fp8_torch,
     silu_and_mul_torch,
 )
-from llmserve.kernels.e4m3 import QuantizedRows
+from llmserve.kernels.e4m3 import QuantizedRows, UnscaledProduct
 from llmserve.kernels.fp8_gemm import MAX_ROW_BLOCK, quantize_rows_triton
 from llmserve.kernels.ops import TORCH_OPS, TRITON_OPS, kernel_ops
 from llmserve.kernels.qkv_rope_store import qkv_rope_store, qkv_rope_store_torch
@@ -108,6 +108,34 @@ def test_add_rms_norm(device, scale, shape, dtype) -> None:
         assert torch.equal(summed, ref_summed)
     assert rel_err(summed, ref_summed) < TOLERANCE[dtype]
     assert rel_err(normed, ref_normed) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16_out", "fp8_out"])
+@pytest.mark.parametrize(("device", "scale"), DEVICES)
+def test_add_rms_norm_applies_an_unscaled_products_scales(device, scale, fp8) -> None:
+    """An FP8 linear's output before its scales (sums of e4m3 products, in bf16), added to the
+    residual with its row and column scales applied on the way: the twin's sum within one bf16
+    rounding (the interpreter truncates, and compiled code may fuse the multiply and add), and
+    the exact sum within two."""
+    rows, hidden = 5 * scale, 96 * (8 if scale > 1 else 1)
+    values = (torch.randn(rows, hidden, device=device) * 3000).bfloat16()
+    row_scale = torch.rand(rows, 1, device=device) * 1e-3
+    col_scale = torch.rand(hidden, 1, device=device) * 1e-3
+    product = UnscaledProduct(values, row_scale, col_scale)
+    residual = torch.randn(rows, hidden, device=device).bfloat16()
+    weight = (1 + 0.1 * torch.randn(hidden, device=device)).bfloat16()
+    fused = add_rms_norm_fp8 if fp8 else add_rms_norm
+    twin = add_rms_norm_fp8_torch if fp8 else add_rms_norm_torch
+    out, summed = fused(product, residual, weight, 1e-6)
+    ref_out, ref_summed = twin(product, residual, weight, 1e-6)
+    exact = values.double() * row_scale.double() * col_scale.double().T + residual.double()
+    torch.testing.assert_close(summed.float(), ref_summed.float(), rtol=2**-7, atol=0)
+    assert ((summed.double() - exact).abs() <= 2**-7 * exact.abs() + 1e-30).all()
+    if fp8:
+        out, ref_out = out.values.float() * out.scale, ref_out.values.float() * ref_out.scale
+        assert rel_err(out, ref_out) < 2**-4
+    else:
+        assert rel_err(out, ref_out) < TOLERANCE[torch.bfloat16]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
