@@ -16,9 +16,11 @@ from llmserve.kernels import fp8_linear as fp8_linear_module
 from llmserve.kernels.fp8_linear import (
     FP8_DTYPE,
     FP8_MAX,
+    UnscaledProduct,
     dequantize_rows,
     fp8_linear,
     fp8_linear_torch,
+    fp8_linear_unscaled,
     quantize_rows,
 )
 
@@ -230,3 +232,21 @@ print("compiled")
 
 def test_the_fp8_kernels_compile_for_sm90(compile_for_sm90: Callable[[str], None]) -> None:
     compile_for_sm90(SM90_SCRIPT)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 65])
+def test_the_unscaled_product_carries_the_scales_it_leaves_out(rows: int) -> None:
+    """fp8_linear_unscaled (torch._scaled_mm runs on the CPU too): one row is fp8_linear's
+    tensor; more are the per-tensor sums with the input's row scales and the weight's, which
+    applied give the W8A8 twin within the sums' bf16 rounding."""
+    w8, scale, w = _weight(48, 256)
+    x = torch.randn(rows, 256).bfloat16()
+    out = fp8_linear_unscaled(x, w8, scale)
+    if rows == 1:
+        assert torch.equal(out, fp8_linear(x, w8, scale, None))
+        return
+    assert isinstance(out, UnscaledProduct)
+    assert torch.equal(out.row_scale, quantize_rows(x)[1]) and out.col_scale is scale
+    twin = fp8_linear_torch(x.float(), w, None)
+    magnitude = F.linear(x.float().abs(), w.abs())
+    assert ((out.scaled() - twin).abs() <= 2**-8 * magnitude + 1e-6).all()
