@@ -213,8 +213,8 @@ GEMM_CONFIGS = (  # the sweep (benchmarks/fp8_linear.py)
     GemmConfig(64, 64, num_warps=4, num_stages=4),
     GemmConfig(64, 128, num_warps=4, num_stages=4),
     GemmConfig(128, 128),
+    GemmConfig(64, 64, num_warps=4, num_stages=4, split_k=2),
     GemmConfig(64, 128, num_warps=4, num_stages=4, split_k=4),
-    GemmConfig(128, 128, num_warps=8, num_stages=4, split_k=2),
 )
 GEMM_CONFIG = GEMM_CONFIGS[0]
 # Tiles whose split parts one device can sum at once: the arrival counters allocated for it.

@@ -8,8 +8,13 @@ measured on an H100 (see docs/benchmarks.md); the kernels are in fp8_gemm.py:
   the e4m3 weight is dequantized in registers against x as given: no activation rounding, more
   accurate than W8A8; its twin is `F.linear(x, dequantized weight)`.
 - M > 1: x quantized per token (`quantize_rows`, one Triton kernel), then the FP8 GEMM on the
-  tensor cores: `w8a8_gemm` (Triton) up to TRITON_GEMM_MAX_M rows, `torch._scaled_mm`
+  tensor cores: `w8a8_gemm` (Triton, the tile `gemm_config` picks: K split among several
+  programs when the weight is narrow) up to TRITON_GEMM_MAX_M rows, `torch._scaled_mm`
   (cuBLASLt, row-wise scales: compute capability 8.9+) above.
+
+`fp8_linear_unscaled` is for a linear whose output goes straight into the residual add (o and
+down on one GPU): above one row, cuBLASLt scaled per tensor by one, faster than row-wise at
+decode's row counts, and the scales handed over beside the sums (UnscaledProduct).
 
 Both GEMMs use fast accumulation, as vLLM's FP8 GEMMs do on Hopper: the tensor cores sum all of
 K in their own accumulator (about 14 bits of mantissa) rather than handing a partial sum to an
