@@ -23,17 +23,22 @@ def silu_and_mul_torch(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def _silu_times(gate, up):
+    """silu(gate) * up in fp32, silu(gate) first rounded to gate's dtype as the twin rounds it."""
+    gf = gate.to(tl.float32)
+    return (gf * tl.sigmoid(gf)).to(gate.dtype).to(tl.float32) * up.to(tl.float32)
+
+
+@triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, width, stride_x, stride_o, BLOCK: tl.constexpr,
                          PDL: tl.constexpr):
     await_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < width
-    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(x_ptr + row * stride_x + width + cols, mask=mask, other=0.0).to(tl.float32)
-    # The twin rounds silu(gate) to the input dtype before multiplying by up.
-    act = (gate * tl.sigmoid(gate)).to(out_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, (act * up).to(out_ptr.dtype.element_ty), mask=mask)
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    up = tl.load(x_ptr + row * stride_x + width + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + row * stride_o + cols, _silu_times(gate, up).to(gate.dtype), mask=mask)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -66,11 +71,9 @@ def _silu_and_mul_fp8_kernel(x_ptr, q_ptr, scale_ptr, width, stride_x, stride_q,
     cols = tl.arange(0, BLOCK)
     mask = cols < width
     gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-    up = tl.load(x_ptr + row * stride_x + width + cols, mask=mask, other=0.0).to(tl.float32)
-    # Rounded as the unfused pair rounds: silu(gate) and the product each to x's dtype.
-    gf = gate.to(tl.float32)
-    act = (gf * tl.sigmoid(gf)).to(gate.dtype).to(tl.float32)
-    y = (act * up).to(gate.dtype).to(tl.float32)
+    up = tl.load(x_ptr + row * stride_x + width + cols, mask=mask, other=0.0)
+    # Rounded as the unfused pair rounds: the product to x's dtype before the e4m3 rounding.
+    y = _silu_times(gate, up).to(gate.dtype).to(tl.float32)
     store_e4m3_row(y, q_ptr + row * stride_q + cols, scale_ptr + row, mask)
 
 

@@ -15,6 +15,7 @@ docs/benchmarks.md); `GEMV_CONFIGS` and `GEMM_CONFIGS` are the few that benchmar
 sweeps.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -230,8 +231,7 @@ def gemm_config(m: int, n: int, k: int, sms: int) -> GemmConfig:
     tiles = triton.cdiv(m, 64) * triton.cdiv(n, 64)
     k_blocks = triton.cdiv(k, 128)
     split = 1
-    while (tiles * split * 2 <= sms and k_blocks >= 2 * split * MIN_SPLIT_BLOCKS
-           and tiles <= MAX_SPLIT_TILES):
+    while tiles * split * 2 <= sms and k_blocks >= 2 * split * MIN_SPLIT_BLOCKS:
         split *= 2
     return GemmConfig(64, 64, num_warps=4, num_stages=4, split_k=split)
 
@@ -312,19 +312,21 @@ def _store_output(acc, offs_m, offs_n, M, N, a_scale_ptr, b_scale_ptr, bias_ptr,
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-_split_counters: dict[torch.device, torch.Tensor] = {}
-
-
-def _arrival_counters(device: torch.device) -> torch.Tensor:
-    """The split tiles' arrival counters on `device`: zeroed once, and each tile's returned to
-    zero by the program that completes it. Allocated at the first eager GEMM (CudaGraphCapture
-    runs every pass once before capturing it): a zeroing captured in a graph would not run
-    until that graph's first replay."""
-    if device not in _split_counters:
+def buffer_before_capture(cache: dict[torch.device, torch.Tensor], device: torch.device,
+                          make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """cache[device], made by `make` at its first use, which must not be inside a CUDA graph
+    capture (CudaGraphCapture runs every pass once eagerly first): a fill captured in a graph
+    would not run until that graph's first replay."""
+    if device not in cache:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("split-K counters must be allocated before CUDA graph capture")
-        _split_counters[device] = torch.zeros(MAX_SPLIT_TILES, dtype=torch.int32, device=device)
-    return _split_counters[device]
+            raise RuntimeError("a kernel's buffer must be made before CUDA graph capture")
+        cache[device] = make()
+    return cache[device]
+
+
+# The split tiles' arrival counters per device: zeroed once, and each tile's returned to zero
+# by the program that completes it.
+_split_counters: dict[torch.device, torch.Tensor] = {}
 
 
 def w8a8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
@@ -348,7 +350,8 @@ def w8a8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
     split = triton.cdiv(k, k_per_split) if tiles <= MAX_SPLIT_TILES else 1
     parts = counters = out
     if split > 1:
-        counters = _arrival_counters(x_q.device)
+        counters = buffer_before_capture(_split_counters, x_q.device, lambda: torch.zeros(
+            MAX_SPLIT_TILES, dtype=torch.int32, device=x_q.device))
         parts = torch.empty(tiles * split * c.block_m * c.block_n, dtype=torch.float32,
                             device=x_q.device)
     else:

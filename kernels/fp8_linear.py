@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from llmserve.kernels.e4m3 import FP8_DTYPE, FP8_MAX, QuantizedRows, UnscaledProduct
 from llmserve.kernels.fp8_gemm import (
     MIN_SCALE,
+    buffer_before_capture,
     gemm_config,
     quantize_rows_torch,
     quantize_rows_triton,
@@ -88,21 +89,14 @@ def fp8_linear_unscaled(x: torch.Tensor | QuantizedRows, weight: torch.Tensor,
         if rows.shape[0] == 1:
             return fp8_linear(x, weight, weight_scale, None)
         x = QuantizedRows(*quantize_rows(rows))
-    one = _unit_scale(x.values.device)
+    device = x.values.device
+    one = buffer_before_capture(_unit_scales, device, lambda: torch.ones((), device=device))
     values = torch._scaled_mm(x.values, weight.t(), scale_a=one, scale_b=one,
                               out_dtype=torch.bfloat16, use_fast_accum=True)
     return UnscaledProduct(values, x.scale, weight_scale)
 
 
 _unit_scales: dict[torch.device, torch.Tensor] = {}
-
-
-def _unit_scale(device: torch.device) -> torch.Tensor:
-    # Made at the first eager pass (CudaGraphCapture runs each pass once before capturing):
-    # a fill captured in a graph would not run until that graph's first replay.
-    if device not in _unit_scales:
-        _unit_scales[device] = torch.ones((), device=device)
-    return _unit_scales[device]
 
 
 def _w8a8(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,

@@ -120,9 +120,7 @@ class DecoderLayer(nn.Module):
         attention: PagedAttention,
     ) -> tuple[torch.Tensor | UnscaledProduct, torch.Tensor]:
         # An FP8 layer's input rounded in the op before it, where the layer would round it.
-        stream = residual if residual is not None else x
-        assert isinstance(stream, torch.Tensor)
-        fp8 = self.fp8 and rounds_input(stream.shape[0], stream.device)
+        fp8 = self.fp8 and rounds_input(positions.shape[0], positions.device)
         if residual is None:
             assert isinstance(x, torch.Tensor)
             residual, normed = x, self.input_layernorm(x, fp8)
