@@ -1,5 +1,6 @@
 """SiLU-and-mul: the gated MLP's activation on a fused gate/up projection; also fused with the
-per-token e4m3 rounding of the FP8 down projection's input (`silu_and_mul_fp8`)."""
+per-token e4m3 rounding of the FP8 down projection's input (`silu_and_mul_fp8`), which also
+takes an FP8 gate/up projection's output before its scales (UnscaledProduct)."""
 
 import torch
 import torch.nn.functional as F
@@ -7,13 +8,10 @@ import triton
 import triton.language as tl
 
 from llmserve.kernels.dependent_launch import await_previous_kernel, dependent_launch
-from llmserve.kernels.e4m3 import FP8_DTYPE, QuantizedRows
-from llmserve.kernels.fp8_gemm import (
-    MAX_ROW_BLOCK,
-    quantize_rows_torch,
-    quantize_rows_triton,
-    store_e4m3_row,
-)
+from llmserve.kernels.e4m3 import FP8_DTYPE, QuantizedRows, UnscaledProduct
+from llmserve.kernels.fp8_gemm import quantize_rows_torch, row_scale_of, store_e4m3
+
+SILU_FP8_BLOCK = 4096  # columns per pass of the FP8 kernel (fastest of 1-4k on an H100)
 
 
 def silu_and_mul_torch(x: torch.Tensor) -> torch.Tensor:
@@ -23,10 +21,11 @@ def silu_and_mul_torch(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _silu_times(gate, up):
-    """silu(gate) * up in fp32, silu(gate) first rounded to gate's dtype as the twin rounds it."""
+def _silu_times(gate, up, like):
+    """silu(gate) * up in fp32, silu(gate) first rounded to the dtype of `like` (x's) as the
+    twin rounds it."""
     gf = gate.to(tl.float32)
-    return (gf * tl.sigmoid(gf)).to(gate.dtype).to(tl.float32) * up.to(tl.float32)
+    return (gf * tl.sigmoid(gf)).to(like.dtype).to(tl.float32) * up.to(tl.float32)
 
 
 @triton.jit
@@ -38,7 +37,8 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, width, stride_x, stride_o, BLOCK: tl.co
     mask = cols < width
     gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     up = tl.load(x_ptr + row * stride_x + width + cols, mask=mask, other=0.0)
-    tl.store(out_ptr + row * stride_o + cols, _silu_times(gate, up).to(gate.dtype), mask=mask)
+    tl.store(out_ptr + row * stride_o + cols, _silu_times(gate, up, gate).to(gate.dtype),
+             mask=mask)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -57,42 +57,76 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return out.view(*x.shape[:-1], width)
 
 
-def silu_and_mul_fp8_torch(x: torch.Tensor) -> QuantizedRows:
-    """silu_and_mul_torch's rows rounded to e4m3 per token (quantize_rows_torch)."""
+def silu_and_mul_fp8_torch(x: torch.Tensor | UnscaledProduct) -> QuantizedRows:
+    """silu_and_mul_torch's rows rounded to e4m3 per token (quantize_rows_torch). An unscaled
+    gate/up product has its scales applied in fp32 first; silu(gate) and the product are then
+    rounded to the values' dtype, as for a scaled input."""
+    if isinstance(x, UnscaledProduct):
+        gate, up = x.scaled().chunk(2, dim=-1)
+        act = F.silu(gate).to(x.values.dtype).float()
+        return QuantizedRows(*quantize_rows_torch((act * up).to(x.values.dtype)))
     return QuantizedRows(*quantize_rows_torch(silu_and_mul_torch(x)))
 
 
 @triton.jit
-def _silu_and_mul_fp8_kernel(x_ptr, q_ptr, scale_ptr, width, stride_x, stride_q,
-                             BLOCK: tl.constexpr, PDL: tl.constexpr):
-    # One program per row: the rounding needs the whole row's largest magnitude.
+def _gated_chunk(x_row, row_scale, col_scale_ptr, cols, width, SCALE_X: tl.constexpr):
+    """silu(gate) * up over columns `cols` of one row, rounded to x's dtype, in fp32."""
+    mask = cols < width
+    gate = tl.load(x_row + cols, mask=mask, other=0.0)
+    up = tl.load(x_row + width + cols, mask=mask, other=0.0)
+    if SCALE_X:  # an UnscaledProduct's values: gate and up columns each have their own scale
+        g = gate.to(tl.float32) * row_scale * tl.load(col_scale_ptr + cols, mask=mask, other=0.0)
+        u = up.to(tl.float32) * row_scale * tl.load(col_scale_ptr + width + cols, mask=mask,
+                                                    other=0.0)
+        y = _silu_times(g, u, gate)
+    else:
+        y = _silu_times(gate, up, gate)
+    return y.to(gate.dtype).to(tl.float32)
+
+
+@triton.jit
+def _silu_and_mul_fp8_kernel(x_ptr, q_ptr, scale_ptr, row_scale_ptr, col_scale_ptr, width,
+                             stride_x, stride_q, BLOCK: tl.constexpr, SCALE_X: tl.constexpr,
+                             PDL: tl.constexpr):
+    # One program per row (the rounding needs the row's largest magnitude), in two passes over
+    # BLOCK columns at a time: the second reads the row again, from L2. Faster than holding a
+    # whole 12k-wide row in registers.
     await_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    q_row = q_ptr + row * stride_q
+    row_scale = tl.load(row_scale_ptr + row) if SCALE_X else 1.0
     cols = tl.arange(0, BLOCK)
-    mask = cols < width
-    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-    up = tl.load(x_ptr + row * stride_x + width + cols, mask=mask, other=0.0)
-    # Rounded as the unfused pair rounds: the product to x's dtype before the e4m3 rounding.
-    y = _silu_times(gate, up).to(gate.dtype).to(tl.float32)
-    store_e4m3_row(y, q_ptr + row * stride_q + cols, scale_ptr + row, mask)
+    amax = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, width, BLOCK):
+        y = _gated_chunk(x_row, row_scale, col_scale_ptr, start + cols, width, SCALE_X)
+        amax = tl.maximum(amax, tl.abs(y))
+    scale = row_scale_of(tl.max(amax, 0))
+    for start in range(0, width, BLOCK):
+        y = _gated_chunk(x_row, row_scale, col_scale_ptr, start + cols, width, SCALE_X)
+        store_e4m3(y, scale, q_row + start + cols, start + cols < width)
+    tl.store(scale_ptr + row, scale)
 
 
-def silu_and_mul_fp8(x: torch.Tensor) -> QuantizedRows:
-    """Triton twin of silu_and_mul_fp8_torch (x [M, 2 * I]), in one pass when a row fits one
-    block; the same values (but the sign of zero)."""
-    width = x.shape[-1] // 2
-    rows = x.reshape(-1, 2 * width)
-    if width > MAX_ROW_BLOCK:
-        return QuantizedRows(*quantize_rows_triton(silu_and_mul(rows)))
-    q = torch.empty(rows.shape[0], width, dtype=FP8_DTYPE, device=x.device)
-    scale = torch.empty(rows.shape[0], 1, device=x.device)
+def silu_and_mul_fp8(x: torch.Tensor | UnscaledProduct) -> QuantizedRows:
+    """Triton twin of silu_and_mul_fp8_torch (x [M, 2 * I], or an FP8 gate/up projection's
+    UnscaledProduct): the same values (but the sign of zero) for a tensor; for an unscaled
+    product within an fp32 ulp of silu's (Triton's sigmoid is not torch's)."""
+    product = x if isinstance(x, UnscaledProduct) else None
+    values = x.values if isinstance(x, UnscaledProduct) else x
+    width = values.shape[-1] // 2
+    rows = values.reshape(-1, 2 * width)
+    q = torch.empty(rows.shape[0], width, dtype=FP8_DTYPE, device=values.device)
+    scale = torch.empty(rows.shape[0], 1, device=values.device)
     if rows.shape[0] and width:
         if rows.stride(-1) != 1:
             raise ValueError("silu_and_mul_fp8 needs unit stride in the last dimension")
-        block = triton.next_power_of_2(width)
-        pdl = dependent_launch(x.device)
+        block = min(triton.next_power_of_2(width), SILU_FP8_BLOCK)
+        pdl = dependent_launch(values.device)
         _silu_and_mul_fp8_kernel[(rows.shape[0],)](
-            rows, q, scale, width, rows.stride(0), q.stride(0), BLOCK=block, PDL=pdl,
-            launch_pdl=pdl, num_warps=min(max(block // 1024, 4), 16),
+            rows, q, scale, scale if product is None else product.row_scale,
+            scale if product is None else product.col_scale, width, rows.stride(0),
+            q.stride(0), BLOCK=block, SCALE_X=product is not None, PDL=pdl, launch_pdl=pdl,
+            num_warps=min(max(block // 512, 4), 8),
         )
     return QuantizedRows(q, scale)

@@ -47,7 +47,7 @@ def quantize_rows_torch(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @triton.jit
-def _row_scale(amax):
+def row_scale_of(amax):
     """A row's scale from its largest magnitude, as quantize_rows_torch takes it: the division
     rounded (tl.div_rn, not Triton's approximate `/`), then the clamp, so the scale and every
     value divided by it are torch's bit for bit."""
@@ -55,7 +55,7 @@ def _row_scale(amax):
 
 
 @triton.jit
-def _store_e4m3(y, scale, q_ptrs, mask):
+def store_e4m3(y, scale, q_ptrs, mask):
     # Rounded by hand: Triton's own e4m3 cast rounded otherwise on an H100.
     tl.store(q_ptrs, fp8_values(y, scale, ROUND_BY_HAND=True).to(q_ptrs.dtype.element_ty),
              mask=mask)
@@ -65,8 +65,8 @@ def _store_e4m3(y, scale, q_ptrs, mask):
 def store_e4m3_row(y, q_ptrs, scale_ptr, mask):
     """Stores fp32 row `y` as e4m3 at q_ptrs and its scale at scale_ptr, the values and scale
     quantize_rows_torch gives."""
-    scale = _row_scale(tl.max(tl.abs(y), 0))
-    _store_e4m3(y, scale, q_ptrs, mask)
+    scale = row_scale_of(tl.max(tl.abs(y), 0))
+    store_e4m3(y, scale, q_ptrs, mask)
     tl.store(scale_ptr, scale)
 
 
@@ -89,10 +89,10 @@ def _quantize_rows_kernel(
             x = tl.load(x_row + start + cols, mask=start + cols < K, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(x))
         # As store_e4m3_row, over a row too long for one block.
-        scale = _row_scale(tl.max(amax, 0))
+        scale = row_scale_of(tl.max(amax, 0))
         for start in range(0, K, BLOCK):
             x = tl.load(x_row + start + cols, mask=start + cols < K, other=0.0).to(tl.float32)
-            _store_e4m3(x, scale, q_row + start + cols, start + cols < K)
+            store_e4m3(x, scale, q_row + start + cols, start + cols < K)
         tl.store(scale_ptr + row, scale)
 
 

@@ -12,9 +12,11 @@ measured on an H100 (see docs/benchmarks.md); the kernels are in fp8_gemm.py:
   programs when the weight is narrow) up to TRITON_GEMM_MAX_M rows, `torch._scaled_mm`
   (cuBLASLt, row-wise scales: compute capability 8.9+) above.
 
-`fp8_linear_unscaled` is for a linear whose output goes straight into the residual add (o and
-down on one GPU): above one row, cuBLASLt scaled per tensor by one, faster than row-wise at
-decode's row counts, and the scales handed over beside the sums (UnscaledProduct).
+`fp8_linear_unscaled` is for a linear whose consumer can apply the scales as it reads the sums
+(the residual add after o and down on one GPU, SiLU-and-mul after gate/up): from 2 to
+UNSCALED_MAX_M rows, cuBLASLt scaled per tensor by one, faster than row-wise at decode's row
+counts, and the scales handed over beside the sums (UnscaledProduct); above, where row-wise is
+the faster, the scaled product as `fp8_linear` gives it.
 
 Both GEMMs use fast accumulation, as vLLM's FP8 GEMMs do on Hopper: the tensor cores sum all of
 K in their own accumulator (about 14 bits of mantissa) rather than handing a partial sum to an
@@ -47,6 +49,7 @@ __all__ = ["FP8_DTYPE", "FP8_MAX", "MIN_SCALE", "QuantizedRows", "UnscaledProduc
            "quantize_rows", "rounds_input"]
 
 TRITON_GEMM_MAX_M = 64  # rows up to which w8a8_gemm beats torch._scaled_mm (on an H100)
+UNSCALED_MAX_M = 1024  # rows up to which cuBLASLt per tensor beats row-wise (on an H100)
 
 
 def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,14 +84,14 @@ def fp8_linear(x: torch.Tensor | QuantizedRows, weight: torch.Tensor,
 
 def fp8_linear_unscaled(x: torch.Tensor | QuantizedRows, weight: torch.Tensor,
                         weight_scale: torch.Tensor) -> torch.Tensor | UnscaledProduct:
-    """`fp8_linear` without a bias for the op that adds its output to the residual: above one
-    row the scales are left to that op (UnscaledProduct), and cuBLASLt runs the GEMM scaled
+    """`fp8_linear` without a bias for an op that can apply the scales itself: from 2 to
+    UNSCALED_MAX_M rows they are left to it (UnscaledProduct) and cuBLASLt runs the GEMM scaled
     per tensor (by one), faster at decode's row counts than its row-wise scaling."""
+    rows = x.values.shape[0] if isinstance(x, QuantizedRows) else x.numel() // x.shape[-1]
+    if rows == 1 or rows > UNSCALED_MAX_M:
+        return fp8_linear(x, weight, weight_scale, None)
     if not isinstance(x, QuantizedRows):
-        rows = x.reshape(-1, x.shape[-1])
-        if rows.shape[0] == 1:
-            return fp8_linear(x, weight, weight_scale, None)
-        x = QuantizedRows(*quantize_rows(rows))
+        x = QuantizedRows(*quantize_rows(x.reshape(-1, x.shape[-1])))
     device = x.values.device
     one = buffer_before_capture(_unit_scales, device, lambda: torch.ones((), device=device))
     values = torch._scaled_mm(x.values, weight.t(), scale_a=one, scale_b=one,

@@ -89,12 +89,16 @@ class MLP(nn.Module):
         super().__init__()
         self.ops = ops
         size = spec.intermediate_size
-        self.gate_up_proj = quant.column(spec.hidden_size, [size, size], False, tp)
+        # Its FP8 product goes to silu_and_mul_fp8 unscaled: that kernel applies the scales.
+        self.gate_up_proj = quant.column(spec.hidden_size, [size, size], False, tp,
+                                         unscaled=True)
         self.down_proj = quant.row(size, spec.hidden_size, tp)
 
     def forward(self, x: torch.Tensor | QuantizedRows, fp8: bool = False
                 ) -> torch.Tensor | UnscaledProduct:
-        """`fp8`: the activation hands the FP8 down projection its input rounded to e4m3."""
+        """`fp8`: the activation hands the FP8 down projection its input rounded to e4m3 (and
+        takes gate/up's product unscaled; without `fp8` gate/up's input is one row, whose
+        product comes scaled)."""
         silu_and_mul = self.ops.silu_and_mul_fp8 if fp8 else self.ops.silu_and_mul
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 

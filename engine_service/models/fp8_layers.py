@@ -8,9 +8,9 @@ per block (FP8_BLOCK) is read whole with its scales, dequantized and quantized a
 channel, then sharded like the others. On CUDA the matmul runs in FP8 (kernels/fp8_linear.py;
 one token's is weight-only); on the CPU the weight is dequantized once, after loading, and each
 matmul rounds its input per token as the GPU path does for more tokens. Where the input is
-rounded, the norm or activation before the layer may hand it over rounded (QuantizedRows); on
-one GPU the row-parallel layers (o, down) hand their output to the residual add unscaled
-(UnscaledProduct).
+rounded, the norm or activation before the layer may hand it over rounded (QuantizedRows).
+Gate/up hands its output to the activation unscaled, and on one GPU the row-parallel layers
+(o, down) hand theirs to the residual add unscaled (UnscaledProduct).
 """
 
 import torch
@@ -102,15 +102,19 @@ class Fp8Weights(nn.Module):
 
 class Fp8ColumnParallelLinear(Fp8Weights, ColumnParallelLinear):
     """`ColumnParallelLinear` with FP8 weights: this rank's rows of every fused part, and the
-    same rows of the scales."""
+    same rows of the scales. `unscaled`: the op after it applies the scales (gate/up, whose
+    activation does; any number of ranks, as each rank's columns carry their own scales)."""
 
     def __init__(self, in_features: int, parts: list[int], bias: bool,
                  tp: TensorParallelGroup, quantize_at_load: bool,
-                 block: tuple[int, int] | None = None) -> None:
+                 block: tuple[int, int] | None = None, unscaled: bool = False) -> None:
         ColumnParallelLinear.__init__(self, in_features, parts, bias, tp)
         self.init_fp8(sum(self.local_parts), in_features, quantize_at_load, block)
+        self.unscaled = unscaled and not bias
 
-    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor | UnscaledProduct:
+        if self.unscaled and self.weight_scale is not None:
+            return fp8_linear_unscaled(x, self.weight, self.weight_scale)
         return self.matmul(x, self.bias)
 
     def load(self, name: str, part: int, source: TensorSource) -> None:

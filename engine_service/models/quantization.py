@@ -61,10 +61,11 @@ class WeightQuantization:
     scale_name: str = "weight_scale"
 
     def column(self, in_features: int, parts: list[int], bias: bool,
-               tp: TensorParallelGroup) -> ColumnParallelLinear:
+               tp: TensorParallelGroup, unscaled: bool = False) -> ColumnParallelLinear:
+        """`unscaled`: the op after the layer can take an FP8 product before its scales."""
         if self.fp8:
             return Fp8ColumnParallelLinear(in_features, parts, bias, tp, self.quantize_at_load,
-                                           self.block)
+                                           self.block, unscaled)
         return ColumnParallelLinear(in_features, parts, bias, tp)
 
     def row(self, in_features: int, out_features: int,

@@ -19,7 +19,7 @@ INT_POINTERS = {"seq_lens_ptr", "tables_ptr", "starts_ptr", "slots_ptr", "positi
                 "order_ptr"}
 FP32_POINTERS = {"part_out_ptr", "part_lse_ptr", "cos_sin_ptr", "ks_ptr", "vs_ptr",
                  "k_scales_ptr", "v_scales_ptr", "scale_ptr", "x_row_scale_ptr",
-                 "x_col_scale_ptr"}
+                 "x_col_scale_ptr", "row_scale_ptr", "col_scale_ptr"}
 CACHE_POINTERS = {"k_ptr", "v_ptr", "k_cache_ptr", "v_cache_ptr"}
 
 
@@ -80,8 +80,9 @@ for quantize in (False, True):
             HIDDEN=1024, BLOCK=1024, ADD_RESIDUAL=True, SCALE_X=scale_x, QUANTIZE=quantize),
             num_warps=4, e4m3=("out_ptr",) if quantize else ())
 compile_sm90(activation._silu_and_mul_kernel, dict(BLOCK=1024))
-compile_sm90(activation._silu_and_mul_fp8_kernel, dict(BLOCK=16384), num_warps=16,
-             e4m3=("q_ptr",))
+for scale_x in (False, True):
+    compile_sm90(activation._silu_and_mul_fp8_kernel, dict(BLOCK=4096, SCALE_X=scale_x),
+                 num_warps=8, e4m3=("q_ptr",))
 print("compiled")
 """
 

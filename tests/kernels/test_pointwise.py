@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from llmserve.kernels.activation import (
+    SILU_FP8_BLOCK,
     silu_and_mul,
     silu_and_mul_fp8,
     silu_and_mul_fp8_torch,
     silu_and_mul_torch,
 )
 from llmserve.kernels.e4m3 import QuantizedRows, UnscaledProduct
-from llmserve.kernels.fp8_gemm import MAX_ROW_BLOCK, quantize_rows_triton
+from llmserve.kernels.fp8_gemm import quantize_rows_triton
 from llmserve.kernels.ops import TORCH_OPS, TRITON_OPS, kernel_ops
 from llmserve.kernels.qkv_rope_store import qkv_rope_store, qkv_rope_store_torch
 from llmserve.kernels.rms_norm import (
@@ -187,12 +188,38 @@ def test_rms_norm_fp8_is_the_norm_then_the_rounding(device, scale, with_residual
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("width", [96, 1500, MAX_ROW_BLOCK + 8])  # the last in two kernels
+@pytest.mark.parametrize("width", [96, 1500, 2 * SILU_FP8_BLOCK + 8])  # the last in 3 blocks
 @pytest.mark.parametrize(("device", "scale"), DEVICES)
 def test_silu_and_mul_fp8_is_the_activation_then_the_rounding(device, scale, width,
                                                               dtype) -> None:
     x = torch.randn(3 * scale, 2 * width, device=device).to(dtype) * 3
     _assert_rounding_of(silu_and_mul_fp8(x), silu_and_mul(x), silu_and_mul_fp8_torch(x))
+
+
+@pytest.mark.parametrize("width", [96, SILU_FP8_BLOCK + 8])
+@pytest.mark.parametrize(("device", "scale"), DEVICES)
+def test_silu_and_mul_fp8_applies_an_unscaled_products_scales(device, scale, width) -> None:
+    """Gate/up's product before its scales (sums of e4m3 products in bf16, the input's row
+    scales, each gate and up column's own). With scales that are powers of two, applying them
+    is exact: the kernel's output is then its output on the scaled product, bit for bit. With
+    any scales, within e4m3's precision of the twin and of the exact activation."""
+    rows = 3 * scale
+    values = (torch.randn(rows, 2 * width, device=device) * 3000).bfloat16()
+    values[0] = 0  # a padding row
+    powers = UnscaledProduct(values, 2.0 ** -torch.randint(4, 12, (rows, 1), device=device),
+                             2.0 ** -torch.randint(4, 12, (2 * width, 1), device=device))
+    fused, scaled = silu_and_mul_fp8(powers), silu_and_mul_fp8(powers.scaled().bfloat16())
+    assert torch.equal(fused.values.float(), scaled.values.float())
+    assert torch.equal(fused.scale, scaled.scale)
+    assert not fused.values[0].float().any()
+
+    product = UnscaledProduct(values, torch.rand(rows, 1, device=device) * 1e-3 + 1e-5,
+                              torch.rand(2 * width, 1, device=device) * 2e-3 + 1e-4)
+    fused, twin = silu_and_mul_fp8(product), silu_and_mul_fp8_torch(product)
+    got = fused.values.float() * fused.scale
+    assert rel_err(got, twin.values.float() * twin.scale) < 2**-4
+    gate, up = product.scaled().double().chunk(2, dim=-1)
+    assert rel_err(got, torch.nn.functional.silu(gate) * up) < 2**-5
 
 
 def test_kernel_ops_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
