@@ -3,6 +3,8 @@
 
 Unfused, that was up to six launches per layer (two copies, two norms, rotary, store); a decode
 step at batch 1 is bound by launches, not bytes, so one program per token now does it all.
+The fused projection's output may come from an FP8 GEMM before its scales (UnscaledProduct):
+the kernel applies them as it loads each value, rounded to bf16 as the scaled GEMM rounds.
 """
 
 import torch
@@ -10,6 +12,7 @@ import triton
 import triton.language as tl
 
 from llmserve.kernels.dependent_launch import await_previous_kernel, dependent_launch
+from llmserve.kernels.e4m3 import UnscaledProduct
 from llmserve.kernels.fp8_kv import check_kv_scales, fp8_scale, fp8_values, round_by_hand
 from llmserve.kernels.kv_store import store_kv_torch
 from llmserve.kernels.rms_norm import rms_norm_torch
@@ -17,7 +20,7 @@ from llmserve.kernels.rotary import apply_rotary_torch
 
 
 def qkv_rope_store_torch(
-    qkv: torch.Tensor,
+    qkv: torch.Tensor | UnscaledProduct,
     positions: torch.Tensor,
     cos_sin: torch.Tensor,
     q_weight: torch.Tensor | None,
@@ -31,7 +34,10 @@ def qkv_rope_store_torch(
     """qkv [T, (Hq + 2 Hkv) * D] -> rotated q [T, Hq, D]; k and v go into the caches
     [num_blocks, block_size, Hkv, D] at `slot_mapping` (< 0: nowhere). q_weight/k_weight are
     the per-head RMSNorm scales, or None for models without q/k norm. With `kv_scales` the
-    caches are e4m3 and each stored row's scale goes there (see fp8_kv)."""
+    caches are e4m3 and each stored row's scale goes there (see fp8_kv). An unscaled product
+    is scaled in fp32 and rounded to its values' dtype first."""
+    if isinstance(qkv, UnscaledProduct):
+        qkv = qkv.scaled().to(qkv.values.dtype)
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     kv_size = num_kv_heads * head_dim
     q, k, v = qkv.split([qkv.shape[-1] - 2 * kv_size, kv_size, kv_size], dim=-1)
@@ -61,20 +67,30 @@ def _round_to(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def _rotated_heads(row_ptr, first_head, weight_ptr, eps, cos, sin,
+def _load_scaled(row_ptr, row_scale, col_scale_ptr, offsets, mask, SCALE_X: tl.constexpr):
+    """Values at `offsets` of one token's row in fp32; an unscaled product's scaled and
+    rounded to its dtype (the scaled GEMM's output)."""
+    x = tl.load(row_ptr + offsets, mask=mask, other=0.0)
+    if SCALE_X:
+        col_scale = tl.load(col_scale_ptr + offsets, mask=mask, other=0.0)
+        return _round_to(x.to(tl.float32) * row_scale * col_scale, x.dtype)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _rotated_heads(row_ptr, row_scale, col_scale_ptr, first_head, weight_ptr, eps, cos, sin,
                    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
-                   BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, NORM: tl.constexpr):
+                   BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, NORM: tl.constexpr,
+                   SCALE_X: tl.constexpr):
     """Both halves of NUM_HEADS heads of one token, normed (if NORM) and rotated: fp32 values
     rounded to the input dtype wherever the twin (and Hugging Face) rounds."""
     heads = tl.arange(0, BLOCK_H)[:, None]
     cols = tl.arange(0, BLOCK_HALF)[None, :]
     mask = (heads < NUM_HEADS) & (cols < HALF)
-    src = row_ptr + (first_head + heads) * HEAD_DIM + cols
-    x1 = tl.load(src, mask=mask, other=0.0)
-    x2 = tl.load(src + HALF, mask=mask, other=0.0)
-    dtype = x1.dtype
-    f1 = x1.to(tl.float32)
-    f2 = x2.to(tl.float32)
+    offsets = (first_head + heads) * HEAD_DIM + cols
+    dtype = row_ptr.dtype.element_ty
+    f1 = _load_scaled(row_ptr, row_scale, col_scale_ptr, offsets, mask, SCALE_X)
+    f2 = _load_scaled(row_ptr, row_scale, col_scale_ptr, offsets + HALF, mask, SCALE_X)
     if NORM:
         rstd = tl.rsqrt((tl.sum(f1 * f1, 1) + tl.sum(f2 * f2, 1)) / HEAD_DIM + eps)[:, None]
         w1 = tl.load(weight_ptr + cols, mask=cols < HALF, other=0.0).to(tl.float32)
@@ -94,24 +110,27 @@ def _rotated_heads(row_ptr, first_head, weight_ptr, eps, cos, sin,
 def _qkv_rope_store_kernel(
     qkv_ptr, positions_ptr, cos_sin_ptr, q_weight_ptr, k_weight_ptr, eps,
     q_out_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, k_scales_ptr, v_scales_ptr,
-    stride_t, stride_ot, stride_cs,
+    row_scale_ptr, col_scale_ptr, stride_t, stride_ot, stride_cs,
     stride_kcp, stride_kct, stride_kch, stride_vcp, stride_vct, stride_vch,
     stride_sp, stride_sh,
     NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     HALF: tl.constexpr, BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr,
     BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    NORM: tl.constexpr, FP8: tl.constexpr, ROUND_BY_HAND: tl.constexpr, PDL: tl.constexpr,
+    NORM: tl.constexpr, FP8: tl.constexpr, ROUND_BY_HAND: tl.constexpr, SCALE_X: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     await_previous_kernel(PDL)
     token = tl.program_id(0).to(tl.int64)
     row = qkv_ptr + token * stride_t
+    row_scale = tl.load(row_scale_ptr + token) if SCALE_X else 1.0
     pos = tl.load(positions_ptr + token).to(tl.int64)
     half_cols = tl.arange(0, BLOCK_HALF)[None, :]
     cos = tl.load(cos_sin_ptr + pos * stride_cs + half_cols, mask=half_cols < HALF, other=0.0)
     sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + half_cols, mask=half_cols < HALF,
                   other=0.0)
-    q1, q2, heads, cols, mask = _rotated_heads(row, 0, q_weight_ptr, eps, cos, sin, NUM_Q_HEADS,
-                                               HEAD_DIM, HALF, BLOCK_QH, BLOCK_HALF, NORM)
+    q1, q2, heads, cols, mask = _rotated_heads(
+        row, row_scale, col_scale_ptr, 0, q_weight_ptr, eps, cos, sin, NUM_Q_HEADS, HEAD_DIM,
+        HALF, BLOCK_QH, BLOCK_HALF, NORM, SCALE_X)
     dst = q_out_ptr + token * stride_ot + heads * HEAD_DIM + cols
     tl.store(dst, q1.to(q_out_ptr.dtype.element_ty), mask=mask)
     tl.store(dst + HALF, q2.to(q_out_ptr.dtype.element_ty), mask=mask)
@@ -121,11 +140,13 @@ def _qkv_rope_store_kernel(
         page = slot // PAGE_SIZE
         offset = slot % PAGE_SIZE
         k1, k2, k_heads, k_cols, k_mask = _rotated_heads(
-            row, NUM_Q_HEADS, k_weight_ptr, eps, cos, sin, NUM_KV_HEADS, HEAD_DIM, HALF,
-            BLOCK_KH, BLOCK_HALF, NORM)
+            row, row_scale, col_scale_ptr, NUM_Q_HEADS, k_weight_ptr, eps, cos, sin,
+            NUM_KV_HEADS, HEAD_DIM, HALF, BLOCK_KH, BLOCK_HALF, NORM, SCALE_X)
         dims = tl.arange(0, BLOCK_D)[None, :]
         v_mask = (k_heads < NUM_KV_HEADS) & (dims < HEAD_DIM)
-        v = tl.load(row + (NUM_Q_HEADS + NUM_KV_HEADS + k_heads) * HEAD_DIM + dims, mask=v_mask)
+        v = _load_scaled(row, row_scale, col_scale_ptr,
+                         (NUM_Q_HEADS + NUM_KV_HEADS + k_heads) * HEAD_DIM + dims, v_mask,
+                         SCALE_X)
         if FP8:
             # One scale per (token, KV head) row; masked lanes are 0 and leave the amax alone.
             scale_at = page * stride_sp + k_heads * stride_sh + offset
@@ -134,7 +155,6 @@ def _qkv_rope_store_kernel(
                                            tl.max(tl.abs(k2), 1, keep_dims=True)))
             k1 = fp8_values(k1, k_scale, ROUND_BY_HAND)
             k2 = fp8_values(k2, k_scale, ROUND_BY_HAND)
-            v = v.to(tl.float32)
             v_scale = fp8_scale(tl.max(tl.abs(v), 1, keep_dims=True))
             v = fp8_values(v, v_scale, ROUND_BY_HAND)
             tl.store(k_scales_ptr + scale_at, k_scale, mask=heads_mask)
@@ -148,7 +168,7 @@ def _qkv_rope_store_kernel(
 
 
 def qkv_rope_store(
-    qkv: torch.Tensor,
+    qkv: torch.Tensor | UnscaledProduct,
     positions: torch.Tensor,
     cos_sin: torch.Tensor,
     q_weight: torch.Tensor | None,
@@ -164,6 +184,9 @@ def qkv_rope_store(
     `cos_sin` is the fp32 [max_positions, D] table rotary_cos_sin builds; qkv needs unit stride
     within a row (the projection's output is contiguous).
     """
+    product = qkv if isinstance(qkv, UnscaledProduct) else None
+    if product is not None:
+        qkv = product.values
     num_tokens, width = qkv.shape
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     num_q_heads = width // head_dim - 2 * num_kv_heads
@@ -184,6 +207,8 @@ def qkv_rope_store(
     _qkv_rope_store_kernel[(num_tokens,)](
         qkv, positions, cos_sin, q_weight if norm else qkv, k_weight if norm else qkv, eps,
         q, k_cache, v_cache, slot_mapping, k_scales, v_scales,
+        qkv if product is None else product.row_scale,
+        qkv if product is None else product.col_scale,
         qkv.stride(0), q.stride(0), cos_sin.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -193,7 +218,8 @@ def qkv_rope_store(
         BLOCK_KH=triton.next_power_of_2(num_kv_heads),
         BLOCK_HALF=triton.next_power_of_2(half), BLOCK_D=triton.next_power_of_2(head_dim),
         PAGE_SIZE=k_cache.shape[1], NORM=norm, FP8=kv_scales is not None,
-        ROUND_BY_HAND=kv_scales is not None and round_by_hand(), PDL=pdl, launch_pdl=pdl,
+        ROUND_BY_HAND=kv_scales is not None and round_by_hand(), SCALE_X=product is not None,
+        PDL=pdl, launch_pdl=pdl,
         num_warps=4,
     )
     return q

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from llmserve.engine_service.attention.kv_cache import LayerCache
+from llmserve.kernels.e4m3 import UnscaledProduct
 
 KVScales = tuple[torch.Tensor, torch.Tensor] | None
 
@@ -83,12 +84,13 @@ class PagedAttention:
     def forward(
         self,
         layer: int,
-        qkv: torch.Tensor,
+        qkv: torch.Tensor | UnscaledProduct,
         positions: torch.Tensor,
         cos_sin: torch.Tensor,
         qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None,
     ) -> torch.Tensor:
-        """qkv [T, (Hq + 2 Hkv) * D] from the fused projection -> attention output [T, Hq, D].
+        """qkv [T, (Hq + 2 Hkv) * D] from the fused projection (an FP8 one's maybe before its
+        scales) -> attention output [T, Hq, D].
 
         `qk_norm` is (q scale, k scale, eps) for models with per-head q/k RMSNorm."""
         meta = self.metadata

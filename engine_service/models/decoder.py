@@ -61,8 +61,9 @@ class Attention(nn.Module):
         num_heads = split_evenly(spec.num_heads, tp.size, "the number of attention heads")
         self.q_size = num_heads * spec.head_dim
         q_full, kv_full = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        # An FP8 product goes to qkv_rope_store unscaled: that kernel applies the scales.
         self.qkv_proj = quant.column(spec.hidden_size, [q_full, kv_full, kv_full],
-                                     spec.attention_bias, tp)
+                                     spec.attention_bias, tp, unscaled=True)
         self.o_proj = quant.row(q_full, spec.hidden_size, tp)
         self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, ops) if spec.qk_norm else None
         self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, ops) if spec.qk_norm else None

@@ -84,6 +84,46 @@ def test_qkv_rope_store(device, scale, num_heads, num_kv_heads, head_dim, block_
                            ref.view(-1, num_kv_heads, head_dim)[untouched])
 
 
+@pytest.mark.parametrize("fp8_cache", [False, True], ids=["bf16_cache", "fp8_cache"])
+@pytest.mark.parametrize(("device", "scale"), DEVICES)
+def test_qkv_rope_store_applies_an_unscaled_products_scales(device, scale, fp8_cache) -> None:
+    """The fused QKV projection's FP8 sums before their scales: the kernel scales each value as
+    it loads it and rounds it to bf16, which is the twin's input once scaled; q and the cache
+    then as from that input (bit for bit where the scaled input's test is)."""
+    num_heads, num_kv_heads, head_dim = (16, 8, 128) if scale > 1 else (4, 2, 32)
+    tokens, num_blocks, block_size, eps = 7 * scale, 12 * scale, 16, 1e-6
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, head_dim, 2, device=device) / head_dim))
+    cos_sin = rotary_cos_sin(head_dim, 4096, inv_freq).to(device)
+    positions = torch.randint(0, 4096, (tokens,), device=device)
+    width = (num_heads + 2 * num_kv_heads) * head_dim
+    product = UnscaledProduct((torch.randn(tokens, width, device=device) * 3000).bfloat16(),
+                              torch.rand(tokens, 1, device=device) * 1e-3 + 1e-5,
+                              torch.rand(width, 1, device=device) * 2e-3 + 1e-4)
+    weights = [(1 + 0.1 * torch.randn(head_dim, device=device)).bfloat16() for _ in range(2)]
+    slots = torch.randperm(num_blocks * block_size, device=device)[:tokens].to(torch.int32)
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+
+    def caches() -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        if not fp8_cache:
+            return (torch.zeros(shape, device=device).bfloat16(),
+                    torch.zeros(shape, device=device).bfloat16(), None)
+        scales = tuple(torch.zeros(num_blocks, num_kv_heads, block_size, device=device)
+                       for _ in range(2))
+        return (torch.zeros(shape, device=device).to(torch.float8_e4m3fn),
+                torch.zeros(shape, device=device).to(torch.float8_e4m3fn), scales)
+
+    fused, scaled = caches(), caches()
+    q = qkv_rope_store(product, positions, cos_sin, *weights, eps, *fused[:2], slots, fused[2])
+    ref = qkv_rope_store(product.scaled().bfloat16(), positions, cos_sin, *weights, eps,
+                         *scaled[:2], slots, scaled[2])
+    assert torch.equal(q, ref)
+    for got, want in zip(fused[:2], scaled[:2], strict=True):
+        assert torch.equal(got.float(), want.float())
+    twin = qkv_rope_store_torch(product, positions, cos_sin, *weights, eps, *caches()[:2], slots,
+                                caches()[2])
+    assert rel_err(q, twin) < TOLERANCE[torch.bfloat16]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(5, 64), (3, 4, 128), (2, 96)])
 @pytest.mark.parametrize(("device", "scale"), DEVICES)
