@@ -83,12 +83,14 @@ def fp8_linear(x: torch.Tensor | QuantizedRows, weight: torch.Tensor,
 
 
 def fp8_linear_unscaled(x: torch.Tensor | QuantizedRows, weight: torch.Tensor,
-                        weight_scale: torch.Tensor) -> torch.Tensor | UnscaledProduct:
-    """`fp8_linear` without a bias for an op that can apply the scales itself: from 2 to
-    UNSCALED_MAX_M rows they are left to it (UnscaledProduct) and cuBLASLt runs the GEMM scaled
-    per tensor (by one), faster at decode's row counts than its row-wise scaling."""
+                        weight_scale: torch.Tensor, min_rows: int = 2
+                        ) -> torch.Tensor | UnscaledProduct:
+    """`fp8_linear` without a bias for an op that can apply the scales itself: from `min_rows`
+    (at least 2) to UNSCALED_MAX_M rows they are left to it (UnscaledProduct) and cuBLASLt
+    runs the GEMM scaled per tensor (by one), faster at decode's row counts than its row-wise
+    scaling; other row counts get `fp8_linear`'s scaled product."""
     rows = x.values.shape[0] if isinstance(x, QuantizedRows) else x.numel() // x.shape[-1]
-    if rows == 1 or rows > UNSCALED_MAX_M:
+    if rows < max(min_rows, 2) or rows > UNSCALED_MAX_M:
         return fp8_linear(x, weight, weight_scale, None)
     if not isinstance(x, QuantizedRows):
         x = QuantizedRows(*quantize_rows(x.reshape(-1, x.shape[-1])))

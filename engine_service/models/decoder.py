@@ -28,6 +28,11 @@ from llmserve.kernels.fp8_linear import QuantizedRows, UnscaledProduct, rounds_i
 from llmserve.kernels.ops import TORCH_OPS, KernelOps
 from llmserve.kernels.rotary import rotary_cos_sin
 
+# Token counts from which an FP8 QKV or gate/up projection hands its product to the kernel
+# after it (qkv_rope_store, silu_and_mul_fp8) unscaled, for that kernel to apply the scales.
+QKV_UNSCALED_FROM = 2
+GATE_UP_UNSCALED_FROM = 2
+
 
 class RMSNorm(nn.Module):
     """RMSNorm with a learned scale."""
@@ -61,9 +66,8 @@ class Attention(nn.Module):
         num_heads = split_evenly(spec.num_heads, tp.size, "the number of attention heads")
         self.q_size = num_heads * spec.head_dim
         q_full, kv_full = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-        # An FP8 product goes to qkv_rope_store unscaled: that kernel applies the scales.
         self.qkv_proj = quant.column(spec.hidden_size, [q_full, kv_full, kv_full],
-                                     spec.attention_bias, tp, unscaled=True)
+                                     spec.attention_bias, tp, QKV_UNSCALED_FROM)
         self.o_proj = quant.row(q_full, spec.hidden_size, tp)
         self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, ops) if spec.qk_norm else None
         self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, ops) if spec.qk_norm else None
@@ -90,9 +94,8 @@ class MLP(nn.Module):
         super().__init__()
         self.ops = ops
         size = spec.intermediate_size
-        # Its FP8 product goes to silu_and_mul_fp8 unscaled: that kernel applies the scales.
         self.gate_up_proj = quant.column(spec.hidden_size, [size, size], False, tp,
-                                         unscaled=True)
+                                         GATE_UP_UNSCALED_FROM)
         self.down_proj = quant.row(size, spec.hidden_size, tp)
 
     def forward(self, x: torch.Tensor | QuantizedRows, fp8: bool = False

@@ -102,19 +102,21 @@ class Fp8Weights(nn.Module):
 
 class Fp8ColumnParallelLinear(Fp8Weights, ColumnParallelLinear):
     """`ColumnParallelLinear` with FP8 weights: this rank's rows of every fused part, and the
-    same rows of the scales. `unscaled`: the op after it applies the scales (gate/up, whose
-    activation does; any number of ranks, as each rank's columns carry their own scales)."""
+    same rows of the scales. `unscaled_from`: from this many tokens on, the op after it
+    applies the scales (QKV's and gate/up's do; any number of ranks, as each rank's columns
+    carry their own scales); None: never."""
 
     def __init__(self, in_features: int, parts: list[int], bias: bool,
                  tp: TensorParallelGroup, quantize_at_load: bool,
-                 block: tuple[int, int] | None = None, unscaled: bool = False) -> None:
+                 block: tuple[int, int] | None = None, unscaled_from: int | None = None
+                 ) -> None:
         ColumnParallelLinear.__init__(self, in_features, parts, bias, tp)
         self.init_fp8(sum(self.local_parts), in_features, quantize_at_load, block)
-        self.unscaled = unscaled and not bias
+        self.unscaled_from = None if bias else unscaled_from
 
     def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor | UnscaledProduct:
-        if self.unscaled and self.weight_scale is not None:
-            return fp8_linear_unscaled(x, self.weight, self.weight_scale)
+        if self.unscaled_from is not None and self.weight_scale is not None:
+            return fp8_linear_unscaled(x, self.weight, self.weight_scale, self.unscaled_from)
         return self.matmul(x, self.bias)
 
     def load(self, name: str, part: int, source: TensorSource) -> None:

@@ -61,11 +61,13 @@ class WeightQuantization:
     scale_name: str = "weight_scale"
 
     def column(self, in_features: int, parts: list[int], bias: bool,
-               tp: TensorParallelGroup, unscaled: bool = False) -> ColumnParallelLinear:
-        """`unscaled`: the op after the layer can take an FP8 product before its scales."""
+               tp: TensorParallelGroup, unscaled_from: int | None = None
+               ) -> ColumnParallelLinear:
+        """`unscaled_from`: from this many tokens on, the op after the layer takes an FP8
+        product before its scales."""
         if self.fp8:
             return Fp8ColumnParallelLinear(in_features, parts, bias, tp, self.quantize_at_load,
-                                           self.block, unscaled)
+                                           self.block, unscaled_from)
         return ColumnParallelLinear(in_features, parts, bias, tp)
 
     def row(self, in_features: int, out_features: int,
