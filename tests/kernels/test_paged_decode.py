@@ -8,6 +8,7 @@ import torch
 
 from llmserve.engine_service.attention.backends import TORCH_ATTENTION
 from llmserve.engine_service.attention.layer import AttentionMetadata
+from llmserve.kernels import paged_decode
 from llmserve.kernels.paged_attention import paged_attention_torch
 from llmserve.kernels.paged_common import sm_count
 from llmserve.kernels.paged_decode import choose_num_splits, paged_decode_attention
@@ -194,6 +195,35 @@ def test_decode_fp8_cache_matches_twin(
     ref = paged_attention_torch(q, k8, v8, starts, kv.seq_lens, kv.block_tables, scale,
                                 kv_scales)
     assert out.dtype == dtype and paged.rel_err(out, ref) < FP8_TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize(
+    "device", [pytest.param("cpu", marks=ON_CPU), pytest.param("cuda", marks=ON_GPU)]
+)
+def test_decode_fp8_cache_in_two_splits_of_wide_tiles(
+        paged, device, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over an e4m3 cache a batch that would split, with enough (sequence, KV head) pairs, runs
+    two splits of FP8_SPLIT_TILES (128 keys a tile): lengths either side of a tile and of the
+    split boundary. On the CPU, an H100's SM count and a lower threshold reach it with the
+    interpreter's few programs."""
+    lens, kv_heads, heads, dim = [1, 127, 129, 300, 513], 2, 4, 32
+    if device == "cpu":
+        monkeypatch.setattr(paged_decode, "sm_count", lambda device: 132)
+        monkeypatch.setattr(paged_decode, "FP8_TWO_SPLITS_PAIRS", 2)
+    else:
+        lens, kv_heads, heads, dim = [(97 * i) % 2000 + 1 for i in range(24)], 8, 32, 128
+    sms = paged_decode.sm_count(torch.device(device))
+    assert choose_num_splits(len(lens), kv_heads, 4096, sms)[0] > 1
+    assert len(lens) * kv_heads >= paged_decode.FP8_TWO_SPLITS_PAIRS
+    kv = paged.pool(lens, 16, kv_heads, dim, torch.float32, device)
+    k8, v8, kv_scales = paged.fp8(kv)
+    q = torch.randn(len(lens), heads, dim, device=device).bfloat16()
+    out = paged_decode_attention(q, k8, v8, kv.seq_lens, kv.block_tables, dim**-0.5,
+                                 kv_scales=kv_scales)
+    starts = torch.arange(len(lens) + 1, dtype=torch.int32, device=device)
+    ref = paged_attention_torch(q, k8, v8, starts, kv.seq_lens, kv.block_tables, dim**-0.5,
+                                kv_scales)
+    assert paged.rel_err(out, ref) < FP8_TOLERANCE[torch.bfloat16]
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])
