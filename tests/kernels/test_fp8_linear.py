@@ -234,18 +234,18 @@ def test_the_fp8_kernels_compile_for_sm90(compile_for_sm90: Callable[[str], None
     compile_for_sm90(SM90_SCRIPT)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 65, 66])
+@pytest.mark.parametrize(("rows", "min_rows"), [(1, 2), (2, 2), (65, 2), (66, 2), (2, 3)])
 def test_the_unscaled_product_carries_the_scales_it_leaves_out(
-        rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """fp8_linear_unscaled (torch._scaled_mm runs on the CPU too): one row, or more than
-    UNSCALED_MAX_M (65 here), is fp8_linear's tensor; the rows between are the per-tensor sums
-    with the input's row scales and the weight's, which applied give the W8A8 twin within the
-    sums' bf16 rounding."""
+        rows: int, min_rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp8_linear_unscaled (torch._scaled_mm runs on the CPU too): one row, fewer than
+    `min_rows` or more than UNSCALED_MAX_M (65 here) is fp8_linear's tensor; the rows between
+    are the per-tensor sums with the input's row scales and the weight's, which applied give
+    the W8A8 twin within the sums' bf16 rounding."""
     monkeypatch.setattr(fp8_linear_module, "UNSCALED_MAX_M", 65)
     w8, scale, w = _weight(48, 256)
     x = torch.randn(rows, 256).bfloat16()
-    out = fp8_linear_unscaled(x, w8, scale)
-    if rows in (1, 66):
+    out = fp8_linear_unscaled(x, w8, scale, min_rows)
+    if rows < min_rows or rows in (1, 66):
         assert torch.equal(out, fp8_linear(x, w8, scale, None))
         return
     assert isinstance(out, UnscaledProduct)
