@@ -30,8 +30,11 @@ from llmserve.kernels.rotary import rotary_cos_sin
 
 # Token counts from which an FP8 QKV or gate/up projection hands its product to the kernel
 # after it (qkv_rope_store, silu_and_mul_fp8) unscaled, for that kernel to apply the scales.
+# Gate/up with SiLU-and-mul is faster scaled up to 128 tokens, where cuBLASLt's row-wise
+# scaling costs little and the activation's reading of 24k column scales would (H100 sweep of
+# each projection with its consumer, docs/benchmarks.md).
 QKV_UNSCALED_FROM = 2
-GATE_UP_UNSCALED_FROM = 2
+GATE_UP_UNSCALED_FROM = 129
 
 
 class RMSNorm(nn.Module):
