@@ -13,10 +13,11 @@ measured on an H100 (see docs/benchmarks.md); the kernels are in fp8_gemm.py:
   (cuBLASLt, row-wise scales: compute capability 8.9+) above.
 
 `fp8_linear_unscaled` is for a linear whose consumer can apply the scales as it reads the sums
-(the residual add after o and down on one GPU, SiLU-and-mul after gate/up): from 2 to
-UNSCALED_MAX_M rows, cuBLASLt scaled per tensor by one, faster than row-wise at decode's row
-counts, and the scales handed over beside the sums (UnscaledProduct); above, where row-wise is
-the faster, the scaled product as `fp8_linear` gives it.
+(the residual add after o and down on one GPU, RoPE-and-store after QKV, SiLU-and-mul after
+gate/up): from the layer's smallest row count (2 at least) to UNSCALED_MAX_M rows, cuBLASLt
+scaled per tensor by one, faster than row-wise at decode's row counts, and the scales handed
+over beside the sums (UnscaledProduct); at other row counts the scaled product as
+`fp8_linear` gives it.
 
 Both GEMMs use fast accumulation, as vLLM's FP8 GEMMs do on Hopper: the tensor cores sum all of
 K in their own accumulator (about 14 bits of mantissa) rather than handing a partial sum to an
