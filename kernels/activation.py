@@ -18,8 +18,8 @@ from llmserve.kernels.fp8_gemm import (
 )
 
 # The FP8 kernel's rows in one block up to this many rows (few programs: one round trip to
-# memory each); more rows in two passes of SILU_FP8_BLOCK columns (on an H100 at 16k rows of
-# Qwen3-8B's 12,288: 498 against 811 us, at 256 rows 10.8 against 13.5).
+# memory each); more rows in two passes of SILU_FP8_BLOCK columns, which keep more programs
+# resident (measured on an H100: docs/benchmarks.md).
 SILU_FP8_ONE_PASS_ROWS = 128
 SILU_FP8_BLOCK = 4096
 

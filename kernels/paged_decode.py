@@ -46,8 +46,8 @@ UNSPLIT_TILES = DecodeTiles(block_n=128, num_warps=4, num_stages=3)
 # left room for only 8 warps an SM with the tiles above; smaller programs, deeper pipelines.
 FP8_UNSPLIT_TILES = DecodeTiles(block_n=64, num_warps=2, num_stages=5)
 # Over an e4m3 cache a batch of FP8_TWO_SPLITS_PAIRS (sequence, KV head) pairs or more, but
-# too few to go unsplit, reads fastest in two splits of wide tiles: on an H100 at W1L's decode
-# states (Qwen3-8B's heads) 62 against 77 us at batch 48 in eight splits, 39 against 44 at 23.
+# too few to go unsplit, reads fastest in two splits of wide tiles (an H100 sweep at W1L's
+# decode states: docs/benchmarks.md).
 FP8_SPLIT_TILES = DecodeTiles(block_n=128, num_warps=4, num_stages=3)
 FP8_TWO_SPLITS_PAIRS = 128
 
