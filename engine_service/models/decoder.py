@@ -104,8 +104,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor | QuantizedRows, fp8: bool = False
                 ) -> torch.Tensor | UnscaledProduct:
         """`fp8`: the activation hands the FP8 down projection its input rounded to e4m3 (and
-        takes gate/up's product unscaled; without `fp8` gate/up's input is one row, whose
-        product comes scaled)."""
+        takes gate/up's product unscaled from GATE_UP_UNSCALED_FROM tokens; without `fp8`
+        gate/up's input is one row, whose product comes scaled)."""
         silu_and_mul = self.ops.silu_and_mul_fp8 if fp8 else self.ops.silu_and_mul
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
