@@ -129,7 +129,7 @@ def silu_and_mul_fp8(x: torch.Tensor | UnscaledProduct) -> QuantizedRows:
     SILU_FP8_ONE_PASS_ROWS rows a row is one block; more rows go in SILU_FP8_BLOCK columns at a
     time."""
     product = x if isinstance(x, UnscaledProduct) else None
-    values = x.values if isinstance(x, UnscaledProduct) else x
+    values = x if product is None else product.values
     width = values.shape[-1] // 2
     rows = values.reshape(-1, 2 * width)
     q = torch.empty(rows.shape[0], width, dtype=FP8_DTYPE, device=values.device)

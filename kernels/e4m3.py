@@ -24,8 +24,8 @@ class QuantizedRows:
 class UnscaledProduct:
     """An FP8 linear's output before its scales: values [M, N] (the sums of the e4m3 operands,
     rounded to bf16), float32 row scales [M, 1] (the input's) and column scales [N, 1] (the
-    weight's). The product is values * row_scale * col_scale^T; the residual add after the
-    linear applies the scales as it reads the values."""
+    weight's). The product is values * row_scale * col_scale^T; the op after the linear (the
+    residual add, RoPE-and-store, SiLU-and-mul) applies the scales as it reads the values."""
 
     values: torch.Tensor
     row_scale: torch.Tensor

@@ -29,8 +29,6 @@ quantization of llm-compressor checkpoints): the same activation rounding, then 
 matmul with the dequantized weight. At M = 1 the GPU differs from it by that rounding alone.
 """
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -44,6 +42,7 @@ from llmserve.kernels.fp8_gemm import (
     w8a8_gemm,
     w8a16_gemv,
 )
+from llmserve.kernels.paged_common import sm_count
 
 __all__ = ["FP8_DTYPE", "FP8_MAX", "MIN_SCALE", "QuantizedRows", "UnscaledProduct",
            "dequantize_rows", "fp8_linear", "fp8_linear_torch", "fp8_linear_unscaled",
@@ -108,20 +107,15 @@ _unit_scales: dict[torch.device, torch.Tensor] = {}
 def _w8a8(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
           weight_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if x_q.shape[0] <= TRITON_GEMM_MAX_M:
-        config = gemm_config(x_q.shape[0], *weight.shape, _multiprocessors(x_q.device))
+        # The interpreter (tests) tiles as for an H100's 132 multiprocessors.
+        sms = sm_count(x_q.device) if x_q.is_cuda else 132
+        config = gemm_config(x_q.shape[0], *weight.shape, sms)
         return w8a8_gemm(x_q, x_scale, weight, weight_scale, bias, config)
     # weight.t() is the column-major [K, N] operand cuBLASLt wants; row-wise scales are [M, 1]
     # for the activations and [1, N] for the weight, and need a bf16 output.
     out = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale, scale_b=weight_scale.t(),
                            out_dtype=torch.bfloat16, use_fast_accum=True)
     return out if bias is None else out + bias
-
-
-@functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132  # the interpreter (tests): an H100's count
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def fp8_linear_torch(x: torch.Tensor | QuantizedRows, weight: torch.Tensor,

@@ -9,8 +9,9 @@ channel, then sharded like the others. On CUDA the matmul runs in FP8 (kernels/f
 one token's is weight-only); on the CPU the weight is dequantized once, after loading, and each
 matmul rounds its input per token as the GPU path does for more tokens. Where the input is
 rounded, the norm or activation before the layer may hand it over rounded (QuantizedRows).
-Gate/up hands its output to the activation unscaled, and on one GPU the row-parallel layers
-(o, down) hand theirs to the residual add unscaled (UnscaledProduct).
+QKV and gate/up hand their output unscaled to the op after them (RoPE-and-store,
+SiLU-and-mul), and on one GPU so do the row-parallel layers (o, down) to the residual add
+(UnscaledProduct).
 """
 
 import torch
