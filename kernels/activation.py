@@ -17,9 +17,14 @@ from llmserve.kernels.fp8_gemm import (
     store_e4m3_row,
 )
 
-# The FP8 kernel's rows in one block up to this many rows (few programs: one round trip to
-# memory each); more rows in two passes of SILU_FP8_BLOCK columns, which keep more programs
-# resident (measured on an H100: docs/benchmarks.md).
+# Up to SILU_FP8_SPLIT_MAX_ROWS rows (decode) the FP8 kernel's rows are split into chunks of
+# SILU_FP8_CHUNK columns, each its own program (a row per program was bound by its arithmetic
+# on the few multiprocessors a decode step's rows occupy); a second kernel rounds each chunk
+# once its row's largest magnitude is known. Longer batches keep a row per program: in one
+# block up to SILU_FP8_ONE_PASS_ROWS rows, else in two passes of SILU_FP8_BLOCK columns, which
+# keep more programs resident (measured on an H100: docs/benchmarks.md).
+SILU_FP8_SPLIT_MAX_ROWS = 1024
+SILU_FP8_CHUNK = 1024
 SILU_FP8_ONE_PASS_ROWS = 128
 SILU_FP8_BLOCK = 4096
 
@@ -122,11 +127,46 @@ def _silu_and_mul_fp8_kernel(x_ptr, q_ptr, scale_ptr, row_scale_ptr, col_scale_p
         tl.store(scale_ptr + row, scale)
 
 
+@triton.jit
+def _silu_and_mul_chunk_kernel(x_ptr, y_ptr, amax_ptr, row_scale_ptr, col_scale_ptr, width,
+                               stride_x, stride_y, BLOCK: tl.constexpr, SCALE_X: tl.constexpr,
+                               PDL: tl.constexpr):
+    # Program (chunk, row): the chunk's silu(gate) * up in x's dtype (exact: the rounding
+    # the twin makes) and its largest magnitude.
+    await_previous_kernel(PDL)
+    chunk = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    row_scale = tl.load(row_scale_ptr + row) if SCALE_X else 1.0
+    cols = chunk * BLOCK + tl.arange(0, BLOCK)
+    y = _gated_chunk(x_ptr + row * stride_x, row_scale, col_scale_ptr, cols, width, SCALE_X)
+    tl.store(y_ptr + row * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=cols < width)
+    tl.store(amax_ptr + row * tl.num_programs(0) + chunk, tl.max(tl.abs(y), 0))
+
+
+@triton.jit
+def _round_chunk_kernel(y_ptr, amax_ptr, q_ptr, scale_ptr, width, stride_y, stride_q,
+                        BLOCK: tl.constexpr, CHUNKS: tl.constexpr, PDL: tl.constexpr):
+    # Program (chunk, row): the chunk rounded by its row's scale, from all chunks' maxima.
+    await_previous_kernel(PDL)
+    chunk = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    parts = tl.arange(0, CHUNKS)
+    amax = tl.load(amax_ptr + row * tl.num_programs(0) + parts,
+                   mask=parts < tl.num_programs(0), other=0.0)
+    scale = row_scale_of(tl.max(amax, 0))
+    cols = chunk * BLOCK + tl.arange(0, BLOCK)
+    y = tl.load(y_ptr + row * stride_y + cols, mask=cols < width, other=0.0).to(tl.float32)
+    store_e4m3(y, scale, q_ptr + row * stride_q + cols, cols < width)
+    if chunk == 0:
+        tl.store(scale_ptr + row, scale)
+
+
 def silu_and_mul_fp8(x: torch.Tensor | UnscaledProduct) -> QuantizedRows:
     """Triton twin of silu_and_mul_fp8_torch (x [M, 2 * I], or an FP8 gate/up projection's
     UnscaledProduct), within e4m3's rounding of it (Triton's sigmoid is not torch's): for a
     tensor the values of silu_and_mul then quantize_rows_triton (but the sign of zero). Up to
-    SILU_FP8_ONE_PASS_ROWS rows a row is one block; more rows go in SILU_FP8_BLOCK columns at a
+    SILU_FP8_SPLIT_MAX_ROWS rows in chunks of SILU_FP8_CHUNK columns, two kernels; above, up to
+    SILU_FP8_ONE_PASS_ROWS rows a row is one block, more rows go in SILU_FP8_BLOCK columns at a
     time."""
     product = x if isinstance(x, UnscaledProduct) else None
     values = x if product is None else product.values
@@ -137,14 +177,31 @@ def silu_and_mul_fp8(x: torch.Tensor | UnscaledProduct) -> QuantizedRows:
     if rows.shape[0] and width:
         if rows.stride(-1) != 1:
             raise ValueError("silu_and_mul_fp8 needs unit stride in the last dimension")
+        pdl = dependent_launch(values.device)
+        row_scale = scale if product is None else product.row_scale
+        col_scale = scale if product is None else product.col_scale
+        if rows.shape[0] <= SILU_FP8_SPLIT_MAX_ROWS:
+            chunks = triton.cdiv(width, SILU_FP8_CHUNK)
+            gated = torch.empty(rows.shape[0], width, dtype=values.dtype, device=values.device)
+            amax = torch.empty(rows.shape[0], chunks, device=values.device)
+            grid = (chunks, rows.shape[0])
+            _silu_and_mul_chunk_kernel[grid](
+                rows, gated, amax, row_scale, col_scale, width, rows.stride(0),
+                gated.stride(0), BLOCK=SILU_FP8_CHUNK, SCALE_X=product is not None, PDL=pdl,
+                launch_pdl=pdl, num_warps=4,
+            )
+            _round_chunk_kernel[grid](
+                gated, amax, q, scale, width, gated.stride(0), q.stride(0),
+                BLOCK=SILU_FP8_CHUNK, CHUNKS=triton.next_power_of_2(chunks), PDL=pdl,
+                launch_pdl=pdl, num_warps=4,
+            )
+            return QuantizedRows(q, scale)
         block = triton.next_power_of_2(width)
         warps = min(max(block // 1024, 4), 16)
         if rows.shape[0] > SILU_FP8_ONE_PASS_ROWS or block > MAX_ROW_BLOCK:
             block, warps = min(block, SILU_FP8_BLOCK), 8
-        pdl = dependent_launch(values.device)
         _silu_and_mul_fp8_kernel[(rows.shape[0],)](
-            rows, q, scale, scale if product is None else product.row_scale,
-            scale if product is None else product.col_scale, width, rows.stride(0),
+            rows, q, scale, row_scale, col_scale, width, rows.stride(0),
             q.stride(0), BLOCK=block, ONE_BLOCK=block >= width, SCALE_X=product is not None,
             PDL=pdl, launch_pdl=pdl, num_warps=warps,
         )

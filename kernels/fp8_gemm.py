@@ -24,7 +24,7 @@ import triton.language as tl
 
 from llmserve.kernels.dependent_launch import await_previous_kernel, dependent_launch
 from llmserve.kernels.e4m3 import FP8_DTYPE, FP8_MAX
-from llmserve.kernels.fp8_kv import fp8_values
+from llmserve.kernels.fp8_kv import fp8_values, to_e4m3
 
 # Zero rows (padding in CUDA graphs) get this scale instead of 0, so they quantize to 0, not NaN.
 MIN_SCALE = torch.finfo(torch.float32).tiny
@@ -56,9 +56,7 @@ def row_scale_of(amax):
 
 @triton.jit
 def store_e4m3(y, scale, q_ptrs, mask):
-    # Rounded by hand: Triton's own e4m3 cast rounded otherwise on an H100.
-    tl.store(q_ptrs, fp8_values(y, scale, ROUND_BY_HAND=True).to(q_ptrs.dtype.element_ty),
-             mask=mask)
+    tl.store(q_ptrs, to_e4m3(fp8_values(y, scale, ROUND_BY_HAND=False)), mask=mask)
 
 
 @triton.jit

@@ -2,7 +2,8 @@
 (Qwen3), rotary embedding, and the store of k and v into their paged-cache slots.
 
 Unfused, that was up to six launches per layer (two copies, two norms, rotary, store); a decode
-step at batch 1 is bound by launches, not bytes, so one program per token now does it all.
+step at batch 1 is bound by launches, not bytes, so one kernel now does it all, its programs
+split over a token's heads.
 The fused projection's output may come from an FP8 GEMM before its scales (UnscaledProduct):
 the kernel applies them as it loads each value, rounded to bf16 as the scaled GEMM rounds.
 """
@@ -17,6 +18,11 @@ from llmserve.kernels.fp8_kv import check_kv_scales, fp8_scale, fp8_values, roun
 from llmserve.kernels.kv_store import store_kv_torch
 from llmserve.kernels.rms_norm import rms_norm_torch
 from llmserve.kernels.rotary import apply_rotary_torch
+
+# Query heads per program: a token's heads spread over several programs, so that a decode
+# step's few tokens still occupy many multiprocessors (one program per token was bound by its
+# arithmetic: docs/benchmarks.md).
+Q_PART_HEADS = 8
 
 
 def qkv_rope_store_torch(
@@ -79,7 +85,7 @@ def _load_scaled(row_ptr, row_scale, col_scale_ptr, offsets, mask, SCALE_X: tl.c
 
 @triton.jit
 def _rotated_heads(row_ptr, row_scale, col_scale_ptr, first_head, weight_ptr, eps, cos, sin,
-                   NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
+                   NUM_HEADS, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
                    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, NORM: tl.constexpr,
                    SCALE_X: tl.constexpr):
     """Both halves of NUM_HEADS heads of one token, normed (if NORM) and rotated: fp32 values
@@ -114,13 +120,14 @@ def _qkv_rope_store_kernel(
     stride_kcp, stride_kct, stride_kch, stride_vcp, stride_vct, stride_vch,
     stride_sp, stride_sh,
     NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HALF: tl.constexpr, BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr,
+    HALF: tl.constexpr, Q_PART_HEADS: tl.constexpr, BLOCK_KH: tl.constexpr,
     BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
     NORM: tl.constexpr, FP8: tl.constexpr, ROUND_BY_HAND: tl.constexpr, SCALE_X: tl.constexpr,
     PDL: tl.constexpr,
 ):
     await_previous_kernel(PDL)
     token = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
     row = qkv_ptr + token * stride_t
     row_scale = tl.load(row_scale_ptr + token) if SCALE_X else 1.0
     pos = tl.load(positions_ptr + token).to(tl.int64)
@@ -128,12 +135,16 @@ def _qkv_rope_store_kernel(
     cos = tl.load(cos_sin_ptr + pos * stride_cs + half_cols, mask=half_cols < HALF, other=0.0)
     sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + half_cols, mask=half_cols < HALF,
                   other=0.0)
-    q1, q2, heads, cols, mask = _rotated_heads(
-        row, row_scale, col_scale_ptr, 0, q_weight_ptr, eps, cos, sin, NUM_Q_HEADS, HEAD_DIM,
-        HALF, BLOCK_QH, BLOCK_HALF, NORM, SCALE_X)
-    dst = q_out_ptr + token * stride_ot + heads * HEAD_DIM + cols
-    tl.store(dst, q1.to(q_out_ptr.dtype.element_ty), mask=mask)
-    tl.store(dst + HALF, q2.to(q_out_ptr.dtype.element_ty), mask=mask)
+    if part < tl.num_programs(1) - 1:
+        first = part * Q_PART_HEADS
+        q1, q2, heads, cols, mask = _rotated_heads(
+            row, row_scale, col_scale_ptr, first, q_weight_ptr, eps, cos, sin,
+            tl.minimum(Q_PART_HEADS, NUM_Q_HEADS - first), HEAD_DIM, HALF, Q_PART_HEADS,
+            BLOCK_HALF, NORM, SCALE_X)
+        dst = q_out_ptr + token * stride_ot + (first + heads) * HEAD_DIM + cols
+        tl.store(dst, q1.to(q_out_ptr.dtype.element_ty), mask=mask)
+        tl.store(dst + HALF, q2.to(q_out_ptr.dtype.element_ty), mask=mask)
+        return
 
     slot = tl.load(slots_ptr + token).to(tl.int64)
     if slot >= 0:
@@ -179,7 +190,8 @@ def qkv_rope_store(
     slot_mapping: torch.Tensor,
     kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Triton twin of qkv_rope_store_torch: one program per token handles all its heads.
+    """Triton twin of qkv_rope_store_torch: per token, one program for each Q_PART_HEADS
+    query heads and one for the K/V heads (their store).
 
     `cos_sin` is the fp32 [max_positions, D] table rotary_cos_sin builds; qkv needs unit stride
     within a row (the projection's output is contiguous).
@@ -204,7 +216,7 @@ def qkv_rope_store(
     pdl = dependent_launch(qkv.device)
     # Without an FP8 cache the scale arguments are never read (FP8 is a constexpr).
     k_scales, v_scales = kv_scales if kv_scales is not None else (k_cache, v_cache)
-    _qkv_rope_store_kernel[(num_tokens,)](
+    _qkv_rope_store_kernel[(num_tokens, triton.cdiv(num_q_heads, Q_PART_HEADS) + 1)](
         qkv, positions, cos_sin, q_weight if norm else qkv, k_weight if norm else qkv, eps,
         q, k_cache, v_cache, slot_mapping, k_scales, v_scales,
         qkv if product is None else product.row_scale,
@@ -214,7 +226,7 @@ def qkv_rope_store(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         k_scales.stride(0), k_scales.stride(1),
         NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=half,
-        BLOCK_QH=triton.next_power_of_2(num_q_heads),
+        Q_PART_HEADS=Q_PART_HEADS,
         BLOCK_KH=triton.next_power_of_2(num_kv_heads),
         BLOCK_HALF=triton.next_power_of_2(half), BLOCK_D=triton.next_power_of_2(head_dim),
         PAGE_SIZE=k_cache.shape[1], NORM=norm, FP8=kv_scales is not None,

@@ -13,13 +13,15 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from llmserve.kernels import activation, paged_decode, paged_extend, qkv_rope_store, rms_norm
+from llmserve.kernels import (
+    activation, fp8_gemm, paged_decode, paged_extend, qkv_rope_store, rms_norm,
+)
 
 INT_POINTERS = {"seq_lens_ptr", "tables_ptr", "starts_ptr", "slots_ptr", "positions_ptr",
                 "order_ptr"}
 FP32_POINTERS = {"part_out_ptr", "part_lse_ptr", "cos_sin_ptr", "ks_ptr", "vs_ptr",
                  "k_scales_ptr", "v_scales_ptr", "scale_ptr", "x_row_scale_ptr",
-                 "x_col_scale_ptr", "row_scale_ptr", "col_scale_ptr"}
+                 "x_col_scale_ptr", "row_scale_ptr", "col_scale_ptr", "amax_ptr"}
 CACHE_POINTERS = {"k_ptr", "v_ptr", "k_cache_ptr", "v_cache_ptr"}
 
 
@@ -69,7 +71,7 @@ for cache, fp8 in [("bf16", False), ("fp8e4nv", True)]:
         attention, BLOCK_M=64, BLOCK_Q=32, PAGE_SIZE=16, FP8=fp8, FP16=fp8), cache=cache)
     for norm in (True, False):
         compile_sm90(qkv_rope_store._qkv_rope_store_kernel, dict(
-            NUM_Q_HEADS=16, NUM_KV_HEADS=8, HEAD_DIM=128, HALF=64, BLOCK_QH=16, BLOCK_KH=8,
+            NUM_Q_HEADS=16, NUM_KV_HEADS=8, HEAD_DIM=128, HALF=64, Q_PART_HEADS=8, BLOCK_KH=8,
             BLOCK_HALF=64, BLOCK_D=128, PAGE_SIZE=16, NORM=norm, FP8=fp8, ROUND_BY_HAND=False,
             SCALE_X=norm), cache=cache)
 compile_sm90(paged_decode._decode_reduce_kernel, dict(
@@ -85,6 +87,11 @@ for scale_x in (False, True):
         compile_sm90(activation._silu_and_mul_fp8_kernel, dict(
             BLOCK=block, ONE_BLOCK=block == 16384, SCALE_X=scale_x), num_warps=block // 1024,
             e4m3=("q_ptr",))
+    compile_sm90(activation._silu_and_mul_chunk_kernel, dict(BLOCK=1024, SCALE_X=scale_x))
+compile_sm90(activation._round_chunk_kernel, dict(BLOCK=1024, CHUNKS=16), e4m3=("q_ptr",))
+for warps in (4, 16):
+    compile_sm90(fp8_gemm._quantize_rows_kernel, dict(BLOCK=4096, ONE_BLOCK=True),
+                 num_warps=warps, e4m3=("q_ptr",))
 print("compiled")
 """
 

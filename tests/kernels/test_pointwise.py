@@ -228,29 +228,40 @@ def test_rms_norm_fp8_is_the_norm_then_the_rounding(device, scale, with_residual
     assert not fused.values[0].float().any()
 
 
+def _silu_fp8_path(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """'chunks': each row split over programs (the default for these few rows); 'one block' or
+    'two passes' (blocks of SILU_FP8_BLOCK columns): a row per program, as for long batches."""
+    if path != "chunks":
+        monkeypatch.setattr(activation, "SILU_FP8_SPLIT_MAX_ROWS", 0)
+    if path == "two passes":
+        monkeypatch.setattr(activation, "SILU_FP8_ONE_PASS_ROWS", 0)
+
+
+SILU_FP8_PATHS = ["chunks", "one block", "two passes"]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("width", [96, 1500, 2 * SILU_FP8_BLOCK + 8])  # the last in 3 blocks
-@pytest.mark.parametrize("passes", [1, 2])
+# the last in 3 blocks, and 9 chunks of SILU_FP8_CHUNK
+@pytest.mark.parametrize("width", [96, 1500, 2 * SILU_FP8_BLOCK + 8])
+@pytest.mark.parametrize("path", SILU_FP8_PATHS)
 @pytest.mark.parametrize(("device", "scale"), DEVICES)
 def test_silu_and_mul_fp8_is_the_activation_then_the_rounding(
-        device, scale, passes, width, dtype, monkeypatch: pytest.MonkeyPatch) -> None:
-    if passes == 2:  # every row in blocks of SILU_FP8_BLOCK columns, two passes over them
-        monkeypatch.setattr(activation, "SILU_FP8_ONE_PASS_ROWS", 0)
+        device, scale, path, width, dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    _silu_fp8_path(path, monkeypatch)
     x = torch.randn(3 * scale, 2 * width, device=device).to(dtype) * 3
     _assert_rounding_of(silu_and_mul_fp8(x), silu_and_mul(x), silu_and_mul_fp8_torch(x))
 
 
 @pytest.mark.parametrize("width", [96, SILU_FP8_BLOCK + 8])
-@pytest.mark.parametrize("passes", [1, 2])
+@pytest.mark.parametrize("path", SILU_FP8_PATHS)
 @pytest.mark.parametrize(("device", "scale"), DEVICES)
 def test_silu_and_mul_fp8_applies_an_unscaled_products_scales(
-        device, scale, passes, width, monkeypatch: pytest.MonkeyPatch) -> None:
+        device, scale, path, width, monkeypatch: pytest.MonkeyPatch) -> None:
     """Gate/up's product before its scales (sums of e4m3 products in bf16, the input's row
     scales, each gate and up column's own). With scales that are powers of two, applying them
     is exact: the kernel's output is then its output on the scaled product, bit for bit. With
     any scales, within e4m3's precision of the twin and of the exact activation."""
-    if passes == 2:
-        monkeypatch.setattr(activation, "SILU_FP8_ONE_PASS_ROWS", 0)
+    _silu_fp8_path(path, monkeypatch)
     rows = 3 * scale
     values = (torch.randn(rows, 2 * width, device=device) * 3000).bfloat16()
     values[0] = 0  # a padding row
