@@ -13,13 +13,6 @@ import triton
 import triton.language as tl
 
 from llmserve.kernels.dependent_launch import await_previous_kernel, dependent_launch
-from llmserve.kernels.e4m3 import FP8_DTYPE, QuantizedRows
-from llmserve.kernels.fp8_gemm import (
-    buffer_before_capture,
-    quantize_rows_triton,
-    row_scale_of,
-    store_e4m3,
-)
 from llmserve.kernels.paged_common import (
     LOG2E,
     check_paged_inputs,
@@ -34,11 +27,6 @@ from llmserve.kernels.paged_common import (
 MIN_SPLIT_TOKENS = 256  # a full batch's splits: below this their fixed cost stops paying
 SPLIT_TOKENS = 512  # the longest share of one sequence that one program should stream
 MAX_SPLITS = 64
-# Rows whose output the kernels can round to e4m3 as they finish (arrival counters per device);
-# a larger batch is rounded after them. Columns the last program rounds at a time.
-MAX_ROUNDED_ROWS = 4096
-ROUND_CHUNK = 1024
-_ROUND_CHUNK = tl.constexpr(ROUND_CHUNK)  # the kernels' copy (Triton reads constexpr globals)
 
 
 @dataclass(frozen=True)
@@ -98,40 +86,15 @@ def _split_len(seq_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
-def _round_row_when_complete(out_row, q_row, scale_ptr, count_ptr, arrivals, ROW: tl.constexpr):
-    """Called by each of the `arrivals` programs writing parts of one output row (bf16 at
-    out_row): the last to arrive rounds the row to e4m3 per token (the values and scale
-    quantize_rows gives) and resets the counter. The barrier puts the program's stores before
-    its releasing arrival; the last one's loads bypass L1."""
-    tl.debug_barrier()
-    arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
-    if arrived == arrivals - 1:
-        cols = tl.arange(0, _ROUND_CHUNK)
-        amax = tl.zeros([_ROUND_CHUNK], tl.float32)
-        for start in range(0, ROW, _ROUND_CHUNK):
-            x = tl.load(out_row + start + cols, mask=start + cols < ROW, other=0.0,
-                        cache_modifier=".cg")
-            amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
-        scale = row_scale_of(tl.max(amax, 0))
-        for start in range(0, ROW, _ROUND_CHUNK):
-            x = tl.load(out_row + start + cols, mask=start + cols < ROW, other=0.0,
-                        cache_modifier=".cg")
-            store_e4m3(x.to(tl.float32), scale, q_row + start + cols, start + cols < ROW)
-        tl.store(scale_ptr, scale)
-        tl.store(count_ptr, 0)
-
-
-@triton.jit
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, seq_lens_ptr, tables_ptr, order_ptr, out_ptr,
-    part_out_ptr, part_lse_ptr, rounded_ptr, rounded_scale_ptr, count_ptr, qk_scale,
+    part_out_ptr, part_lse_ptr, qk_scale,
     stride_qb, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
     stride_sp, stride_sh, stride_table, stride_ob, stride_oh,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
     MIN_SPLIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, FP8: tl.constexpr,
-    FP16: tl.constexpr, ORDERED: tl.constexpr, ROUND_OUT: tl.constexpr, ROW: tl.constexpr,
-    PDL: tl.constexpr,
+    FP16: tl.constexpr, ORDERED: tl.constexpr, PDL: tl.constexpr,
 ):
     await_previous_kernel(PDL)
     # KV heads vary fastest over the grid: the programs reading the neighbouring heads of the
@@ -176,10 +139,6 @@ def _decode_split_kernel(
     if NUM_SPLITS == 1:
         tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
-        if ROUND_OUT:
-            _round_row_when_complete(out_ptr + seq * stride_ob, rounded_ptr + seq * ROW,
-                                     rounded_scale_ptr + seq, count_ptr + seq,
-                                     tl.num_programs(0), ROW)
     else:
         # Partials are [B, Hq, NUM_SPLITS, BLOCK_D] fp32 and [B, Hq, NUM_SPLITS].
         part = (seq * tl.num_programs(0) * GROUP + heads) * NUM_SPLITS + split
@@ -190,11 +149,10 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_reduce_kernel(
-    part_out_ptr, part_lse_ptr, seq_lens_ptr, out_ptr, rounded_ptr, rounded_scale_ptr,
-    count_ptr, stride_ob, stride_oh,
+    part_out_ptr, part_lse_ptr, seq_lens_ptr, out_ptr,
+    stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr, BLOCK_S: tl.constexpr,
-    ROUND_OUT: tl.constexpr, ROW: tl.constexpr, PDL: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
 ):
     await_previous_kernel(PDL)
     head = tl.program_id(0)
@@ -214,10 +172,6 @@ def _decode_reduce_kernel(
     out = tl.sum(parts * weight[:, None], 0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + seq * stride_ob + head * stride_oh + offs_d,
              out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
-    if ROUND_OUT:
-        _round_row_when_complete(out_ptr + seq * stride_ob, rounded_ptr + seq * ROW,
-                                 rounded_scale_ptr + seq, count_ptr + seq, tl.num_programs(0),
-                                 ROW)
 
 
 def paged_decode_attention(
@@ -231,8 +185,7 @@ def paged_decode_attention(
     tiles: DecodeTiles | None = None,
     kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     order: torch.Tensor | None = None,
-    round_out: bool = False,
-) -> torch.Tensor | QuantizedRows:
+) -> torch.Tensor:
     """Decode attention over a paged KV cache: q [B, Hq, D] -> [B, Hq, D] in q's dtype.
 
     k_cache/v_cache [num_blocks, block_size, Hkv, D] (block_size a power of two), seq_lens [B]
@@ -246,10 +199,7 @@ def paged_decode_attention(
     FP8_SPLIT_TILES. `kv_scales` ([num_blocks, Hkv,
     block_size] fp32, K's and V's) come with an e4m3 cache (see fp8_kv). `order` ([B] int32,
     a permutation of the rows) is the order their programs start in: longest first keeps a long
-    row from starting in the last wave and running on alone. `round_out`: the output comes as
-    each token's row [B, Hq * D] rounded to e4m3 (the values and scales quantize_rows gives),
-    for an FP8 linear: the last program to finish a row rounds it (up to MAX_ROUNDED_ROWS
-    rows; a larger batch is rounded after the kernels).
+    row from starting in the last wave and running on alone.
     """
     check_paged_inputs(q, k_cache, v_cache, block_tables, kv_scales)
     batch, num_heads, head_dim = q.shape
@@ -268,15 +218,9 @@ def paged_decode_attention(
         tiles = unsplit if chosen and num_splits == 1 else DecodeTiles()
     if not chosen or num_splits == 1:
         min_split = tiles.block_n
-    out = torch.empty(batch, num_heads, head_dim, dtype=q.dtype, device=q.device)
-    fused = round_out and batch <= MAX_ROUNDED_ROWS
-    rounded = torch.empty(batch if fused else 0, num_heads * head_dim, dtype=FP8_DTYPE,
-                          device=q.device)
-    rounded_scale = torch.empty(batch if fused else 0, 1, dtype=torch.float32, device=q.device)
-    counters = (buffer_before_capture(_row_counters, q.device, lambda: torch.zeros(
-        MAX_ROUNDED_ROWS, dtype=torch.int32, device=q.device)) if fused else seq_lens)
+    out = torch.empty_like(q)
     if batch == 0:
-        return QuantizedRows(rounded, rounded_scale) if round_out else out
+        return out
     block_d = triton.next_power_of_2(head_dim)
     precision, upcast = dot_modes(q.dtype)
     pdl = dependent_launch(q.device)
@@ -290,32 +234,21 @@ def paged_decode_attention(
     _decode_split_kernel[(num_kv_heads, batch, num_splits)](
         q, k_cache, v_cache, k_scales, v_scales, seq_lens, block_tables,
         order if order is not None else seq_lens, out, part_out,
-        part_lse, rounded, rounded_scale, counters, scale * LOG2E,
+        part_lse, scale * LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), k_scales.stride(0),
         k_scales.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_D=block_d, BLOCK_N=tiles.block_n, PAGE_SIZE=block_size, NUM_SPLITS=num_splits,
         MIN_SPLIT=min_split, PRECISION=precision, UPCAST=upcast, FP8=kv_scales is not None,
-        FP16=fp16_products(q, kv_scales), ORDERED=order is not None,
-        ROUND_OUT=fused and num_splits == 1, ROW=num_heads * head_dim, PDL=pdl, launch_pdl=pdl,
+        FP16=fp16_products(q, kv_scales), ORDERED=order is not None, PDL=pdl, launch_pdl=pdl,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_heads, batch)](
-            part_out, part_lse, seq_lens, out, rounded, rounded_scale, counters, out.stride(0),
-            out.stride(1), HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=tiles.block_n,
-            NUM_SPLITS=num_splits, MIN_SPLIT=min_split,
-            BLOCK_S=triton.next_power_of_2(num_splits), ROUND_OUT=fused, ROW=num_heads * head_dim,
-            PDL=pdl, launch_pdl=pdl, num_warps=4,
+            part_out, part_lse, seq_lens, out, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=tiles.block_n, NUM_SPLITS=num_splits,
+            MIN_SPLIT=min_split, BLOCK_S=triton.next_power_of_2(num_splits), PDL=pdl,
+            launch_pdl=pdl, num_warps=4,
         )
-    if not round_out:
-        return out
-    if fused:
-        return QuantizedRows(rounded, rounded_scale)
-    return QuantizedRows(*quantize_rows_triton(out.reshape(batch, -1)))
-
-
-# Each row's arrival counter per device: zeroed once, returned to zero by the program that
-# rounds the row.
-_row_counters: dict[torch.device, torch.Tensor] = {}
+    return out

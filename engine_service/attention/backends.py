@@ -15,7 +15,6 @@ from llmserve.engine_service.attention.layer import (
     BackendUnavailableError,
     KVScales,
 )
-from llmserve.kernels.e4m3 import QuantizedRows
 from llmserve.kernels.paged_attention import paged_attention_torch
 from llmserve.kernels.paged_decode import paged_decode_attention
 from llmserve.kernels.paged_extend import paged_extend_attention
@@ -55,19 +54,11 @@ def _triton_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
                                   kv_scales=kv_scales, order=meta.decode_order)
 
 
-def _triton_decode_rounded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           meta: AttentionMetadata, scale: float, kv_scales: KVScales = None
-                           ) -> QuantizedRows:
-    return paged_decode_attention(q, k_cache, v_cache, meta.seq_lens, meta.block_tables, scale,
-                                  kv_scales=kv_scales, order=meta.decode_order, round_out=True)
-
-
 # The torch twin reads query_start_loc and seq_lens on the host: correct anywhere, but a sync
 # per layer, so never inside a CUDA graph.
 TORCH_ATTENTION = AttentionKernels("torch", _torch_prefill, _torch_decode, graph_safe=False)
 TRITON_ATTENTION = AttentionKernels("triton", _triton_prefill, _triton_decode,
-                                    varlen_graph_safe=True,
-                                    decode_rounded=_triton_decode_rounded)
+                                    varlen_graph_safe=True)
 
 
 def phase_backends(requested: str, prefill: str | None, decode: str | None,

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from llmserve.engine_service.attention.kv_cache import LayerCache
-from llmserve.kernels.e4m3 import QuantizedRows, UnscaledProduct
+from llmserve.kernels.e4m3 import UnscaledProduct
 
 KVScales = tuple[torch.Tensor, torch.Tensor] | None
 
@@ -53,7 +53,6 @@ class AttentionKernels:
     decode: AttendFn
     graph_safe: bool = True
     varlen_graph_safe: bool = False
-    decode_rounded: Callable[..., QuantizedRows] | None = None
 
 
 class PagedAttention:
@@ -89,21 +88,16 @@ class PagedAttention:
         positions: torch.Tensor,
         cos_sin: torch.Tensor,
         qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None,
-        rounded: bool = False,
-    ) -> torch.Tensor | QuantizedRows:
+    ) -> torch.Tensor:
         """qkv [T, (Hq + 2 Hkv) * D] from the fused projection (an FP8 one's maybe before its
         scales) -> attention output [T, Hq, D].
 
-        `qk_norm` is (q scale, k scale, eps) for models with per-head q/k RMSNorm. `rounded`:
-        the output is for an FP8 linear that rounds its input per token; a decode backend that
-        can round it as it finishes hands it over so (QuantizedRows)."""
+        `qk_norm` is (q scale, k scale, eps) for models with per-head q/k RMSNorm."""
         meta = self.metadata
         assert meta is not None, "set metadata before the forward pass"
         k_cache, v_cache, kv_scales = self.kv_caches[layer]
         q_weight, k_weight, eps = qk_norm if qk_norm is not None else (None, None, 0.0)
         q = self.qkv_rope_store(qkv, positions, cos_sin, q_weight, k_weight, eps, k_cache,
                                 v_cache, meta.slot_mapping, kv_scales)
-        if meta.decode_only and rounded and self.decode.decode_rounded is not None:
-            return self.decode.decode_rounded(q, k_cache, v_cache, meta, self.scale, kv_scales)
         attend = self.decode.decode if meta.decode_only else self.prefill.prefill
         return attend(q, k_cache, v_cache, meta, self.scale, kv_scales)

@@ -81,16 +81,11 @@ class Attention(nn.Module):
         positions: torch.Tensor,
         cos_sin: torch.Tensor,
         attention: PagedAttention,
-        fp8: bool = False,
     ) -> torch.Tensor | UnscaledProduct:
-        """`fp8`: the FP8 o projection rounds its input, which the attention may hand over
-        rounded."""
         qk_norm = None
         if self.q_norm is not None and self.k_norm is not None:
             qk_norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
-        out = attention.forward(self.layer, self.qkv_proj(x), positions, cos_sin, qk_norm, fp8)
-        if isinstance(out, QuantizedRows):
-            return self.o_proj(out)
+        out = attention.forward(self.layer, self.qkv_proj(x), positions, cos_sin, qk_norm)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
@@ -142,7 +137,7 @@ class DecoderLayer(nn.Module):
             residual, normed = x, self.input_layernorm(x, fp8)
         else:
             normed, residual = self.input_layernorm.add_forward(x, residual, fp8)
-        x = self.self_attn(normed, positions, cos_sin, attention, fp8)
+        x = self.self_attn(normed, positions, cos_sin, attention)
         normed, residual = self.post_attention_layernorm.add_forward(x, residual, fp8)
         return self.mlp(normed, fp8), residual
 

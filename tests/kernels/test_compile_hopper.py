@@ -18,11 +18,10 @@ from llmserve.kernels import (
 )
 
 INT_POINTERS = {"seq_lens_ptr", "tables_ptr", "starts_ptr", "slots_ptr", "positions_ptr",
-                "order_ptr", "count_ptr"}
+                "order_ptr"}
 FP32_POINTERS = {"part_out_ptr", "part_lse_ptr", "cos_sin_ptr", "ks_ptr", "vs_ptr",
                  "k_scales_ptr", "v_scales_ptr", "scale_ptr", "x_row_scale_ptr",
-                 "x_col_scale_ptr", "row_scale_ptr", "col_scale_ptr", "amax_ptr",
-                 "rounded_scale_ptr"}
+                 "x_col_scale_ptr", "row_scale_ptr", "col_scale_ptr", "amax_ptr"}
 CACHE_POINTERS = {"k_ptr", "v_ptr", "k_cache_ptr", "v_cache_ptr"}
 
 
@@ -62,17 +61,12 @@ for cache, fp8 in [("bf16", False), ("fp8e4nv", True)]:
     for page, splits in [(16, 1), (64, 4)]:
         compile_sm90(paged_decode._decode_split_kernel, dict(
             attention, BLOCK_H=16, PAGE_SIZE=page, NUM_SPLITS=splits, MIN_SPLIT=64, FP8=fp8,
-            FP16=fp8, ORDERED=splits == 1, ROUND_OUT=splits == 1, ROW=2048),
-            cache=cache, e4m3=("rounded_ptr",))
+            FP16=fp8, ORDERED=splits == 1),
+            cache=cache)
     compile_sm90(paged_decode._decode_split_kernel, dict(
         attention, BLOCK_H=16, PAGE_SIZE=16, NUM_SPLITS=2, MIN_SPLIT=32, BLOCK_N=32, FP8=fp8,
-        FP16=fp8, ORDERED=False, ROUND_OUT=False, ROW=2048),
-        num_stages=5, cache=cache, e4m3=("rounded_ptr",))
-    # The unsplit FP8 tiles, rounding each row as it completes.
-    compile_sm90(paged_decode._decode_split_kernel, dict(
-        attention, BLOCK_H=16, PAGE_SIZE=128, NUM_SPLITS=1, MIN_SPLIT=64, FP8=fp8,
-        FP16=fp8, ORDERED=True, ROUND_OUT=True, ROW=2048),
-        num_warps=2, num_stages=5, cache=cache, e4m3=("rounded_ptr",))
+        FP16=fp8, ORDERED=False),
+        num_stages=5, cache=cache)
     compile_sm90(paged_extend._extend_kernel, dict(
         attention, BLOCK_M=64, BLOCK_Q=32, PAGE_SIZE=16, FP8=fp8, FP16=fp8), cache=cache)
     for norm in (True, False):
@@ -80,10 +74,8 @@ for cache, fp8 in [("bf16", False), ("fp8e4nv", True)]:
             NUM_Q_HEADS=16, NUM_KV_HEADS=8, HEAD_DIM=128, HALF=64, Q_PART_HEADS=8, BLOCK_KH=8,
             BLOCK_HALF=64, BLOCK_D=128, PAGE_SIZE=16, NORM=norm, FP8=fp8, ROUND_BY_HAND=False,
             SCALE_X=norm), cache=cache)
-for round_out in (False, True):
-    compile_sm90(paged_decode._decode_reduce_kernel, dict(
-        HEAD_DIM=128, BLOCK_D=128, BLOCK_N=64, NUM_SPLITS=4, MIN_SPLIT=256, BLOCK_S=4,
-        ROUND_OUT=round_out, ROW=4096), e4m3=("rounded_ptr",))
+compile_sm90(paged_decode._decode_reduce_kernel, dict(
+    HEAD_DIM=128, BLOCK_D=128, BLOCK_N=64, NUM_SPLITS=4, MIN_SPLIT=256, BLOCK_S=4))
 for quantize in (False, True):
     for scale_x in (False, True):
         compile_sm90(rms_norm._rms_norm_kernel, dict(

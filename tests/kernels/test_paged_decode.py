@@ -9,8 +9,6 @@ import torch
 from llmserve.engine_service.attention.backends import TORCH_ATTENTION
 from llmserve.engine_service.attention.layer import AttentionMetadata
 from llmserve.kernels import paged_decode
-from llmserve.kernels.e4m3 import QuantizedRows
-from llmserve.kernels.fp8_gemm import quantize_rows_torch
 from llmserve.kernels.paged_attention import paged_attention_torch
 from llmserve.kernels.paged_common import sm_count
 from llmserve.kernels.paged_decode import choose_num_splits, paged_decode_attention
@@ -226,38 +224,6 @@ def test_decode_fp8_cache_in_two_splits_of_wide_tiles(
     ref = paged_attention_torch(q, k8, v8, starts, kv.seq_lens, kv.block_tables, dim**-0.5,
                                 kv_scales)
     assert paged.rel_err(out, ref) < FP8_TOLERANCE[torch.bfloat16]
-
-
-@pytest.mark.parametrize("num_splits", [1, 3])
-@pytest.mark.parametrize("after_kernels", [False, True])
-@pytest.mark.parametrize(
-    "device", [pytest.param("cpu", marks=ON_CPU), pytest.param("cuda", marks=ON_GPU)]
-)
-def test_decode_output_rounded_per_token(
-        paged, device, num_splits, after_kernels, monkeypatch: pytest.MonkeyPatch) -> None:
-    """round_out: each token's output row rounded to e4m3 by the program that completes it
-    (the split kernel's, or the reduction's), or after the kernels for a batch over
-    MAX_ROUNDED_ROWS: bit for bit quantize_rows of the plain output, twice in a row (the
-    arrival counters return to zero), an empty row included."""
-    if after_kernels:
-        monkeypatch.setattr(paged_decode, "MAX_ROUNDED_ROWS", 2)
-    lens, kv_heads, heads, dim = [0, 5, 40, 300], 2, 4, 32
-    if device == "cuda":
-        lens, kv_heads, heads, dim = [0] + [(97 * i) % 2000 + 1 for i in range(40)], 8, 32, 128
-    kv = paged.pool([max(n, 1) for n in lens], 16, kv_heads, dim, torch.float32, device)
-    k8, v8, kv_scales = paged.fp8(kv)
-    seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
-    q = torch.randn(len(lens), heads, dim, device=device).bfloat16()
-    plain = paged_decode_attention(q, k8, v8, seq_lens, kv.block_tables, 0.2,
-                                   num_splits=num_splits, kv_scales=kv_scales)
-    values, scale = quantize_rows_torch(plain.reshape(len(lens), -1))
-    for _ in range(2):
-        rounded = paged_decode_attention(q, k8, v8, seq_lens, kv.block_tables, 0.2,
-                                         num_splits=num_splits, kv_scales=kv_scales,
-                                         round_out=True)
-        assert isinstance(rounded, QuantizedRows)
-        assert torch.equal(rounded.values.view(torch.uint8), values.view(torch.uint8))
-        assert torch.equal(rounded.scale, scale)
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])
