@@ -29,6 +29,8 @@ from llmserve.kernels.paged_common import (
 
 BLOCK_M = 64  # query rows (tokens x group heads) per program
 BLOCK_N = 64  # keys per tile
+NUM_WARPS = 4
+NUM_STAGES = 2
 
 
 @triton.jit(do_not_specialize=["num_seqs"])
@@ -146,6 +148,6 @@ def paged_extend_attention(
         BLOCK_D=triton.next_power_of_2(head_dim), PAGE_SIZE=block_size,
         PRECISION=precision, UPCAST=upcast, FP8=kv_scales is not None,
         FP16=fp16_products(q, kv_scales), PDL=pdl, launch_pdl=pdl,
-        num_warps=4, num_stages=2,
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     return out
