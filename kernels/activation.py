@@ -10,7 +10,6 @@ import triton.language as tl
 from llmserve.kernels.dependent_launch import await_previous_kernel, dependent_launch
 from llmserve.kernels.e4m3 import FP8_DTYPE, QuantizedRows, UnscaledProduct
 from llmserve.kernels.fp8_gemm import (
-    MAX_ROW_BLOCK,
     quantize_rows_torch,
     row_scale_of,
     store_e4m3,
@@ -20,12 +19,11 @@ from llmserve.kernels.fp8_gemm import (
 # Up to SILU_FP8_SPLIT_MAX_ROWS rows (decode) the FP8 kernel's rows are split into chunks of
 # SILU_FP8_CHUNK columns, each its own program (a row per program was bound by its arithmetic
 # on the few multiprocessors a decode step's rows occupy); a second kernel rounds each chunk
-# once its row's largest magnitude is known. Longer batches keep a row per program: in one
-# block up to SILU_FP8_ONE_PASS_ROWS rows, else in two passes of SILU_FP8_BLOCK columns, which
-# keep more programs resident (measured on an H100: docs/benchmarks.md).
+# once its row's largest magnitude is known. Longer batches keep a row per program, in two
+# passes of SILU_FP8_BLOCK columns, the second reading the row again from L2 (measured on an
+# H100: docs/benchmarks.md).
 SILU_FP8_SPLIT_MAX_ROWS = 1024
 SILU_FP8_CHUNK = 1024
-SILU_FP8_ONE_PASS_ROWS = 128
 SILU_FP8_BLOCK = 4096
 
 
@@ -103,9 +101,8 @@ def _gated_chunk(x_row, row_scale, col_scale_ptr, cols, width, SCALE_X: tl.const
 def _silu_and_mul_fp8_kernel(x_ptr, q_ptr, scale_ptr, row_scale_ptr, col_scale_ptr, width,
                              stride_x, stride_q, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr,
                              SCALE_X: tl.constexpr, PDL: tl.constexpr):
-    # One program per row (the rounding needs the row's largest magnitude): the whole row in
-    # one block, or in two passes over BLOCK columns at a time, the second reading the row
-    # again from L2 (faster where many rows keep the SMs busy: see silu_and_mul_fp8).
+    # One program per row (the rounding needs the row's largest magnitude): a row that fits
+    # one block in one pass, a longer one in two passes over BLOCK columns at a time.
     await_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
@@ -165,9 +162,8 @@ def silu_and_mul_fp8(x: torch.Tensor | UnscaledProduct) -> QuantizedRows:
     """Triton twin of silu_and_mul_fp8_torch (x [M, 2 * I], or an FP8 gate/up projection's
     UnscaledProduct), within e4m3's rounding of it (Triton's sigmoid is not torch's): for a
     tensor the values of silu_and_mul then quantize_rows_triton (but the sign of zero). Up to
-    SILU_FP8_SPLIT_MAX_ROWS rows in chunks of SILU_FP8_CHUNK columns, two kernels; above, up to
-    SILU_FP8_ONE_PASS_ROWS rows a row is one block, more rows go in SILU_FP8_BLOCK columns at a
-    time."""
+    SILU_FP8_SPLIT_MAX_ROWS rows in chunks of SILU_FP8_CHUNK columns, two kernels; more rows
+    a row per program, SILU_FP8_BLOCK columns at a time."""
     product = x if isinstance(x, UnscaledProduct) else None
     values = x if product is None else product.values
     width = values.shape[-1] // 2
@@ -196,13 +192,10 @@ def silu_and_mul_fp8(x: torch.Tensor | UnscaledProduct) -> QuantizedRows:
                 launch_pdl=pdl, num_warps=4,
             )
             return QuantizedRows(q, scale)
-        block = triton.next_power_of_2(width)
-        warps = min(max(block // 1024, 4), 16)
-        if rows.shape[0] > SILU_FP8_ONE_PASS_ROWS or block > MAX_ROW_BLOCK:
-            block, warps = min(block, SILU_FP8_BLOCK), 8
+        block = min(triton.next_power_of_2(width), SILU_FP8_BLOCK)
         _silu_and_mul_fp8_kernel[(rows.shape[0],)](
             rows, q, scale, row_scale, col_scale, width, rows.stride(0),
             q.stride(0), BLOCK=block, ONE_BLOCK=block >= width, SCALE_X=product is not None,
-            PDL=pdl, launch_pdl=pdl, num_warps=warps,
+            PDL=pdl, launch_pdl=pdl, num_warps=8,
         )
     return QuantizedRows(q, scale)

@@ -83,10 +83,9 @@ for quantize in (False, True):
             num_warps=4, e4m3=("out_ptr",) if quantize else ())
 compile_sm90(activation._silu_and_mul_kernel, dict(BLOCK=1024))
 for scale_x in (False, True):
-    for block in (4096, 16384):
+    for one_block in (False, True):
         compile_sm90(activation._silu_and_mul_fp8_kernel, dict(
-            BLOCK=block, ONE_BLOCK=block == 16384, SCALE_X=scale_x), num_warps=block // 1024,
-            e4m3=("q_ptr",))
+            BLOCK=4096, ONE_BLOCK=one_block, SCALE_X=scale_x), num_warps=8, e4m3=("q_ptr",))
     compile_sm90(activation._silu_and_mul_chunk_kernel, dict(BLOCK=1024, SCALE_X=scale_x))
 compile_sm90(activation._round_chunk_kernel, dict(BLOCK=1024, CHUNKS=16), e4m3=("q_ptr",))
 for warps in (4, 16):

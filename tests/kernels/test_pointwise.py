@@ -229,19 +229,17 @@ def test_rms_norm_fp8_is_the_norm_then_the_rounding(device, scale, with_residual
 
 
 def _silu_fp8_path(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """'chunks': each row split over programs (the default for these few rows); 'one block' or
-    'two passes' (blocks of SILU_FP8_BLOCK columns): a row per program, as for long batches."""
-    if path != "chunks":
+    """'chunks': each row split over programs (the default for these few rows); 'rows': a row
+    per program, as for long batches (in blocks of SILU_FP8_BLOCK columns)."""
+    if path == "rows":
         monkeypatch.setattr(activation, "SILU_FP8_SPLIT_MAX_ROWS", 0)
-    if path == "two passes":
-        monkeypatch.setattr(activation, "SILU_FP8_ONE_PASS_ROWS", 0)
 
 
-SILU_FP8_PATHS = ["chunks", "one block", "two passes"]
+SILU_FP8_PATHS = ["chunks", "rows"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-# the last in 3 blocks, and 9 chunks of SILU_FP8_CHUNK
+# the last in 3 blocks (two passes), and 9 chunks of SILU_FP8_CHUNK
 @pytest.mark.parametrize("width", [96, 1500, 2 * SILU_FP8_BLOCK + 8])
 @pytest.mark.parametrize("path", SILU_FP8_PATHS)
 @pytest.mark.parametrize(("device", "scale"), DEVICES)
