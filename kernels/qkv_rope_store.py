@@ -135,6 +135,7 @@ def _qkv_rope_store_kernel(
     cos = tl.load(cos_sin_ptr + pos * stride_cs + half_cols, mask=half_cols < HALF, other=0.0)
     sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + half_cols, mask=half_cols < HALF,
                   other=0.0)
+    # Programs 0.. rotate Q_PART_HEADS query heads each; the token's last one its K and V.
     if part < tl.num_programs(1) - 1:
         first = part * Q_PART_HEADS
         q1, q2, heads, cols, mask = _rotated_heads(
