@@ -105,13 +105,13 @@ def quantize_rows_triton(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = torch.empty(rows.shape[0], 1, dtype=torch.float32, device=t.device)
     if rows.shape[0] and k:
         block = min(triton.next_power_of_2(k), MAX_ROW_BLOCK)
-        # A warp per 256 columns, as the RMSNorm: a decode step's few rows, one program each,
-        # are bound by each program's arithmetic (docs/benchmarks.md).
         pdl = dependent_launch(t.device)
         _quantize_rows_kernel[(rows.shape[0],)](
             rows, q, scale, k, rows.stride(0), q.stride(0),
-            BLOCK=block, ONE_BLOCK=block >= k, PDL=pdl,
-            launch_pdl=pdl, num_warps=min(max(block // 256, 4), 16),
+            BLOCK=block, ONE_BLOCK=block >= k, PDL=pdl, launch_pdl=pdl,
+            # A warp per 256 columns, as the RMSNorm: a decode step's few rows, one program
+            # each, are bound by each program's arithmetic (docs/benchmarks.md).
+            num_warps=min(max(block // 256, 4), 16),
         )
     return q.view(t.shape), scale.view(*t.shape[:-1], 1)
 
