@@ -39,13 +39,10 @@ def prefetch_bytes() -> int:
 
 
 @triton.jit
-def _prefetch_l2_kernel(base, nbytes, CHUNK: tl.constexpr, PER_PROGRAM: tl.constexpr,
-                        AFTER: tl.constexpr):
-    # Dependents may start at once: their own wait covers this kernel, whose wait covers the
-    # kernel before it.
+def _prefetch_l2_kernel(base, nbytes, CHUNK: tl.constexpr, PER_PROGRAM: tl.constexpr):
+    # Dependents may start at once: their own wait covers this kernel, whose wait below covers
+    # the kernel before it.
     tl.extra.cuda.gdc_launch_dependents()
-    if AFTER:
-        tl.extra.cuda.gdc_wait()
     offsets = (tl.program_id(0) * PER_PROGRAM + tl.arange(0, PER_PROGRAM)).to(tl.int64) * CHUNK
     # Lanes past the end repeat the last chunk (the size stays a multiple of 16 bytes).
     offsets = tl.minimum(offsets, nbytes - CHUNK)
@@ -53,8 +50,7 @@ def _prefetch_l2_kernel(base, nbytes, CHUNK: tl.constexpr, PER_PROGRAM: tl.const
         f"cp.async.bulk.prefetch.L2.global [$1], {CHUNK}; mov.u32 $0, 0;",
         "=r,l", [base + offsets], dtype=tl.int32, is_pure=False, pack=1,
     )
-    if not AFTER:
-        tl.extra.cuda.gdc_wait()
+    tl.extra.cuda.gdc_wait()
 
 
 def prefetch_l2(weight: torch.Tensor) -> None:
@@ -66,5 +62,4 @@ def prefetch_l2(weight: torch.Tensor) -> None:
     bytes_view = weight.view(-1).view(torch.uint8)
     grid = (triton.cdiv(nbytes, CHUNK * CHUNKS_PER_PROGRAM),)
     _prefetch_l2_kernel[grid](bytes_view, nbytes, CHUNK=CHUNK, PER_PROGRAM=CHUNKS_PER_PROGRAM,
-                              AFTER=os.environ.get("LLMSERVE_L2_PREFETCH_AFTER") == "1",
                               launch_pdl=True, num_warps=1)

@@ -92,7 +92,7 @@ for warps in (4, 16):
     compile_sm90(fp8_gemm._quantize_rows_kernel, dict(BLOCK=4096, ONE_BLOCK=True),
                  num_warps=warps, e4m3=("q_ptr",))
 # The L2 prefetch's inline assembly (cp.async.bulk.prefetch.L2) through ptxas; no PDL switch.
-prefetch = dict(CHUNK=l2_prefetch.CHUNK, PER_PROGRAM=l2_prefetch.CHUNKS_PER_PROGRAM, AFTER=False)
+prefetch = dict(CHUNK=l2_prefetch.CHUNK, PER_PROGRAM=l2_prefetch.CHUNKS_PER_PROGRAM)
 triton.compile(ASTSource(l2_prefetch._prefetch_l2_kernel,
                          {"base": "*u8", "nbytes": "i64", **dict.fromkeys(prefetch, "constexpr")},
                          prefetch, {(0,): [["tt.divisibility", 16]]}),
