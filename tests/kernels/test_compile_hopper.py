@@ -14,7 +14,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from llmserve.kernels import (
-    activation, fp8_gemm, l2_prefetch, paged_decode, paged_extend, qkv_rope_store, rms_norm,
+    activation, fp8_gemm, paged_decode, paged_extend, qkv_rope_store, rms_norm,
 )
 
 INT_POINTERS = {"seq_lens_ptr", "tables_ptr", "starts_ptr", "slots_ptr", "positions_ptr",
@@ -91,12 +91,6 @@ compile_sm90(activation._round_chunk_kernel, dict(BLOCK=1024, CHUNKS=16), e4m3=(
 for warps in (4, 16):
     compile_sm90(fp8_gemm._quantize_rows_kernel, dict(BLOCK=4096, ONE_BLOCK=True),
                  num_warps=warps, e4m3=("q_ptr",))
-# The L2 prefetch's inline assembly (cp.async.bulk.prefetch.L2) through ptxas; no PDL switch.
-prefetch = dict(CHUNK=l2_prefetch.CHUNK, PER_PROGRAM=l2_prefetch.CHUNKS_PER_PROGRAM)
-triton.compile(ASTSource(l2_prefetch._prefetch_l2_kernel,
-                         {"base": "*u8", "nbytes": "i64", **dict.fromkeys(prefetch, "constexpr")},
-                         prefetch, {(0,): [["tt.divisibility", 16]]}),
-               target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
 print("compiled")
 """
 
