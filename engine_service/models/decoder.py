@@ -25,7 +25,6 @@ from llmserve.engine_service.parallel.layers import (
     split_evenly,
 )
 from llmserve.kernels.fp8_linear import QuantizedRows, UnscaledProduct, rounds_input
-from llmserve.kernels.l2_prefetch import prefetch_l2
 from llmserve.kernels.ops import TORCH_OPS, KernelOps
 from llmserve.kernels.rotary import rotary_cos_sin
 
@@ -87,7 +86,6 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             qk_norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
         out = attention.forward(self.layer, self.qkv_proj(x), positions, cos_sin, qk_norm)
-        prefetch_l2(self.o_proj.weight)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
@@ -109,9 +107,7 @@ class MLP(nn.Module):
         takes gate/up's product unscaled from GATE_UP_UNSCALED_FROM tokens; without `fp8`
         gate/up's input is one row, whose product comes scaled)."""
         silu_and_mul = self.ops.silu_and_mul_fp8 if fp8 else self.ops.silu_and_mul
-        gate_up = self.gate_up_proj(x)
-        prefetch_l2(self.down_proj.weight)
-        return self.down_proj(silu_and_mul(gate_up))
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -136,14 +132,12 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor | UnscaledProduct, torch.Tensor]:
         # An FP8 layer's input rounded in the op before it, where the layer would round it.
         fp8 = self.fp8 and rounds_input(positions.shape[0], positions.device)
-        prefetch_l2(self.self_attn.qkv_proj.weight)
         if residual is None:
             assert isinstance(x, torch.Tensor)
             residual, normed = x, self.input_layernorm(x, fp8)
         else:
             normed, residual = self.input_layernorm.add_forward(x, residual, fp8)
         x = self.self_attn(normed, positions, cos_sin, attention)
-        prefetch_l2(self.mlp.gate_up_proj.weight)
         normed, residual = self.post_attention_layernorm.add_forward(x, residual, fp8)
         return self.mlp(normed, fp8), residual
 
