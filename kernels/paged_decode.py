@@ -47,9 +47,12 @@ UNSPLIT_TILES = DecodeTiles(block_n=128, num_warps=4, num_stages=3)
 FP8_UNSPLIT_TILES = DecodeTiles(block_n=64, num_warps=2, num_stages=5)
 # Over an e4m3 cache a batch of FP8_TWO_SPLITS_PAIRS (sequence, KV head) pairs or more, but
 # too few to go unsplit, reads fastest in two splits of wide tiles (an H100 sweep at W1L's
-# decode states: docs/benchmarks.md).
+# decode states: docs/benchmarks.md). So does one with fewer than FP8_UNSPLIT_PAIRS_PER_SM
+# pairs per SM, which choose_num_splits leaves unsplit: FP8_UNSPLIT_TILES' programs would then
+# end in a second, partial wave.
 FP8_SPLIT_TILES = DecodeTiles(block_n=128, num_warps=4, num_stages=3)
 FP8_TWO_SPLITS_PAIRS = 128
+FP8_UNSPLIT_PAIRS_PER_SM = 6
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, sms: int,
@@ -74,6 +77,17 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, sms: int,
     balance = triton.cdiv(max_context, SPLIT_TOKENS)
     splits = max(1, min(max(fill, balance), max_context // min_split, MAX_SPLITS))
     return splits, min_split
+
+
+def fp8_two_splits(batch: int, num_kv_heads: int, max_context: int, sms: int,
+                   num_splits: int) -> bool:
+    """Whether a batch over an e4m3 cache, for which choose_num_splits gave `num_splits`, runs
+    two splits of FP8_SPLIT_TILES instead (a context must be able to fill both)."""
+    pairs = batch * num_kv_heads
+    if pairs < FP8_TWO_SPLITS_PAIRS:
+        return False
+    return num_splits > 1 or (pairs < FP8_UNSPLIT_PAIRS_PER_SM * sms
+                              and max_context > MIN_SPLIT_TOKENS)
 
 
 @triton.jit
@@ -194,9 +208,8 @@ def paged_decode_attention(
     None picks a count with choose_num_splits from the batch, the KV heads, the SM count and the
     longest context the block table can hold (no device sync, so CUDA-graph capture is safe).
     With both the split count and the tiles left to it, a batch that does not split runs
-    UNSPLIT_TILES (FP8_UNSPLIT_TILES over an e4m3 cache); over an e4m3 cache a batch that
-    would split with at least FP8_TWO_SPLITS_PAIRS (sequence, KV head) pairs runs two splits of
-    FP8_SPLIT_TILES. `kv_scales` ([num_blocks, Hkv,
+    UNSPLIT_TILES (FP8_UNSPLIT_TILES over an e4m3 cache); over an e4m3 cache some batches run
+    two splits of FP8_SPLIT_TILES instead (fp8_two_splits). `kv_scales` ([num_blocks, Hkv,
     block_size] fp32, K's and V's) come with an e4m3 cache (see fp8_kv). `order` ([B] int32,
     a permutation of the rows) is the order their programs start in: longest first keeps a long
     row from starting in the last wave and running on alone.
@@ -207,11 +220,11 @@ def paged_decode_attention(
     group = num_heads // num_kv_heads
     chosen = num_splits is None
     if chosen:
+        sms, max_context = sm_count(q.device), block_tables.shape[1] * block_size
         num_splits, min_split = choose_num_splits(
-            batch, num_kv_heads, block_tables.shape[1] * block_size, sm_count(q.device),
-            (tiles or DecodeTiles()).block_n)
-        if (kv_scales is not None and tiles is None and num_splits > 1
-                and batch * num_kv_heads >= FP8_TWO_SPLITS_PAIRS):
+            batch, num_kv_heads, max_context, sms, (tiles or DecodeTiles()).block_n)
+        if (kv_scales is not None and tiles is None
+                and fp8_two_splits(batch, num_kv_heads, max_context, sms, num_splits)):
             num_splits, tiles = 2, FP8_SPLIT_TILES
     if tiles is None:
         unsplit = FP8_UNSPLIT_TILES if kv_scales is not None else UNSPLIT_TILES

@@ -11,7 +11,11 @@ from llmserve.engine_service.attention.layer import AttentionMetadata
 from llmserve.kernels import paged_decode
 from llmserve.kernels.paged_attention import paged_attention_torch
 from llmserve.kernels.paged_common import sm_count
-from llmserve.kernels.paged_decode import choose_num_splits, paged_decode_attention
+from llmserve.kernels.paged_decode import (
+    choose_num_splits,
+    fp8_two_splits,
+    paged_decode_attention,
+)
 
 ON_CPU = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1",
@@ -198,23 +202,27 @@ def test_decode_fp8_cache_matches_twin(
 
 
 @pytest.mark.parametrize(
-    "device", [pytest.param("cpu", marks=ON_CPU), pytest.param("cuda", marks=ON_GPU)]
+    ("device", "sms"), [pytest.param("cpu", 132, marks=ON_CPU),
+                        pytest.param("cpu", 2, marks=ON_CPU),
+                        pytest.param("cuda", None, marks=ON_GPU)]
 )
 def test_decode_fp8_cache_in_two_splits_of_wide_tiles(
-        paged, device, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Over an e4m3 cache a batch that would split, with enough (sequence, KV head) pairs, runs
-    two splits of FP8_SPLIT_TILES (128 keys a tile): lengths either side of a tile and of the
-    split boundary. On the CPU, an H100's SM count and a lower threshold reach it with the
-    interpreter's few programs."""
+        paged, device, sms, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over an e4m3 cache a batch that would split, or one too small to go unsplit in balanced
+    waves, with enough (sequence, KV head) pairs, runs two splits of FP8_SPLIT_TILES (128 keys a
+    tile): lengths either side of a tile and of the split boundary. On the CPU, an H100's SM
+    count (choose_num_splits splits) or two SMs (it does not) and a lower threshold reach it with
+    the interpreter's few programs."""
     lens, kv_heads, heads, dim = [1, 127, 129, 300, 513], 2, 4, 32
     if device == "cpu":
-        monkeypatch.setattr(paged_decode, "sm_count", lambda device: 132)
+        monkeypatch.setattr(paged_decode, "sm_count", lambda device: sms)
         monkeypatch.setattr(paged_decode, "FP8_TWO_SPLITS_PAIRS", 2)
     else:
         lens, kv_heads, heads, dim = [(97 * i) % 2000 + 1 for i in range(24)], 8, 32, 128
-    sms = paged_decode.sm_count(torch.device(device))
-    assert choose_num_splits(len(lens), kv_heads, 4096, sms)[0] > 1
-    assert len(lens) * kv_heads >= paged_decode.FP8_TWO_SPLITS_PAIRS
+        sms = paged_decode.sm_count(torch.device(device))
+    splits = choose_num_splits(len(lens), kv_heads, 4096, sms)[0]
+    assert splits == 1 if sms == 2 else splits > 1
+    assert fp8_two_splits(len(lens), kv_heads, 4096, sms, splits)
     kv = paged.pool(lens, 16, kv_heads, dim, torch.float32, device)
     k8, v8, kv_scales = paged.fp8(kv)
     q = torch.randn(len(lens), heads, dim, device=device).bfloat16()
@@ -278,6 +286,18 @@ def test_choose_num_splits() -> None:
     assert choose_num_splits(1, 8, 32768, 132) == (64, 64)
     assert choose_num_splits(1, 8, 300, 132) == (4, 64)
     assert choose_num_splits(1, 8, 50, 132) == (1, 64)
+
+
+def test_fp8_two_splits() -> None:
+    # Batches that choose_num_splits splits, with enough (sequence, KV head) pairs.
+    assert fp8_two_splits(48, 8, 4096, 132, 8)
+    assert not fp8_two_splits(8, 8, 4096, 132, 9)
+    # Unsplit batches with too few programs per SM for FP8_UNSPLIT_TILES' waves to balance.
+    assert fp8_two_splits(82, 8, 4096, 132, 1)
+    assert not fp8_two_splits(101, 8, 4096, 132, 1)
+    assert not fp8_two_splits(256, 8, 4096, 132, 1)
+    # Contexts too short to fill two splits.
+    assert not fp8_two_splits(82, 8, 256, 132, 1)
 
 
 def test_torch_backend_decodes_as_its_varlen_path(paged) -> None:
