@@ -175,10 +175,12 @@ def _qkv_rope_store_kernel(
                  + k_cols)
         tl.store(k_dst, k1.to(k_cache_ptr.dtype.element_ty), mask=k_mask)
         tl.store(k_dst + HALF, k2.to(k_cache_ptr.dtype.element_ty), mask=k_mask)
-        if not FP8:
-            stride_vcd = 1  # an e4m3 V is token-major (fp8_kv), any other dimension-major
-        tl.store(v_cache_ptr + page * stride_vcp + offset * stride_vct + k_heads * stride_vch
-                 + dims * stride_vcd, v.to(v_cache_ptr.dtype.element_ty), mask=v_mask)
+        v_dst = v_cache_ptr + page * stride_vcp + offset * stride_vct + k_heads * stride_vch
+        if FP8:  # an e4m3 V is token-major (fp8_kv), any other dimension-major
+            v_dst += dims * stride_vcd
+        else:
+            v_dst += dims
+        tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=v_mask)
 
 
 def qkv_rope_store(
