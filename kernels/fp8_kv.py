@@ -8,12 +8,6 @@ on 448 (docs/operations.md, "FP8 KV cache", has the measured errors). It costs 4
 head row (3 % at head_dim 128) and a multiply per score, not per element: scores are scaled
 after q @ k^T and probabilities before p @ v.
 
-An e4m3 V page is token-major: each (block, KV head) holds V as [head_dim, block_size], handed
-out as the usual [num_blocks, block_size, Hkv, D] view with unit stride over tokens. P @ V
-reduces over tokens, and the tensor cores take 8-bit operands only with the reduced dimension
-contiguous: over a dimension-major V a compiled kernel gathered its tile a byte at a time
-(docs/benchmarks.md has the measurement). K is reduced over head_dim and keeps it contiguous.
-
 The torch form here is the twin of the Triton store (`qkv_rope_store`) and the reference the
 paged-attention kernels dequantize against; the Triton helpers are the kernels' shared math.
 """
@@ -43,20 +37,10 @@ def dequantize_kv_torch(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x.float() * scale[..., None]
 
 
-def token_major(values: torch.Tensor) -> torch.Tensor:
-    """e4m3 V pages [num_blocks, block_size, Hkv, D] copied into an e4m3 V cache's layout
-    (token-major, see above), viewed with the same shape."""
-    pages = torch.empty(values.shape[0], values.shape[2], values.shape[3], values.shape[1],
-                        dtype=values.dtype, device=values.device)
-    pages.view(torch.uint8).copy_(values.view(torch.uint8).permute(0, 2, 3, 1))
-    return pages.permute(0, 3, 1, 2)
-
-
 def check_kv_scales(k_cache: torch.Tensor, v_cache: torch.Tensor,
                     kv_scales: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-    """The layout the kernels rely on: e4m3 caches exactly when scales are given, a token-major
-    e4m3 V, and K's and V's scales [num_blocks, Hkv, block_size] fp32 with the same strides,
-    unit in the slot."""
+    """The layout the kernels rely on: e4m3 caches exactly when scales are given, and K's and
+    V's scales [num_blocks, Hkv, block_size] fp32 with the same strides, unit in the slot."""
     if kv_scales is None:
         if FP8_DTYPE in (k_cache.dtype, v_cache.dtype):
             raise ValueError("an e4m3 KV cache needs its kv_scales")
@@ -68,8 +52,6 @@ def check_kv_scales(k_cache: torch.Tensor, v_cache: torch.Tensor,
         raise ValueError(f"kv_scales need e4m3 caches and fp32 scales of shape {expected}")
     if k_scales.stride() != v_scales.stride() or k_scales.stride(-1) != 1:
         raise ValueError("K's and V's scales need the same strides, unit in the slot")
-    if v_cache.stride(1) != 1:
-        raise ValueError("an e4m3 V cache needs unit stride in the slot (fp8_kv.token_major)")
 
 
 def round_by_hand() -> bool:

@@ -47,11 +47,10 @@ def sm_count(device: torch.device) -> int:
 def check_paged_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        block_tables: torch.Tensor,
                        kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-    """The layout both kernels rely on: unit stride in head_dim (an e4m3 V: in the slot),
-    int32 tables, GQA-divisible, scales beside an e4m3 cache."""
+    """The layout both kernels rely on: unit stride in head_dim, int32 tables, GQA-divisible,
+    scales beside an e4m3 cache."""
     check_kv_scales(k_cache, v_cache, kv_scales)
-    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or (
-            kv_scales is None and v_cache.stride(-1) != 1):
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("q, k_cache and v_cache need unit stride in head_dim")
     if k_cache.shape != v_cache.shape or q.shape[-1] != k_cache.shape[-1]:
         raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, "
@@ -88,37 +87,24 @@ def tile_pages(table_row, start, tok, tok_mask, PAGE_SIZE: tl.constexpr, BLOCK_N
 @triton.jit
 def load_kv_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, table_row, start, kv_head, tok_end, offs_n,
                  offs_d, d_mask, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt,
-                 stride_vh, stride_vd, stride_sp, stride_sh,
+                 stride_vh, stride_sp, stride_sh,
                  PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr):
     """K and V [BLOCK_N, BLOCK_D] for tokens start.. (zeros at and past tok_end), as stored,
-    and with FP8 their tokens' scales [BLOCK_N] (1.0 without FP8, unused).
-
-    Over an e4m3 cache no token is masked: rows at and past tok_end hold whatever their page (or,
-    past the table's pages, page 0) holds, which is finite (the pool is zeroed and only ever
-    gets finite values), and the caller masks their scores. A mask over tokens would split the
-    token-major V tile's 16-byte loads into single bytes.
+    and with FP8 their tokens' scales [BLOCK_N] (zeros past tok_end; 1.0 without FP8, unused).
     """
     tok = start + offs_n
     tok_mask = tok < tok_end
     page, slot = tile_pages(table_row, start, tok, tok_mask, PAGE_SIZE, BLOCK_N)
+    mask = tok_mask[:, None] & d_mask[None, :]
+    k = tl.load(k_ptr + (page * stride_kp + slot * stride_kt + kv_head * stride_kh)[:, None]
+                + offs_d[None, :], mask=mask, other=0.0)
+    v = tl.load(v_ptr + (page * stride_vp + slot * stride_vt + kv_head * stride_vh)[:, None]
+                + offs_d[None, :], mask=mask, other=0.0)
     if FP8:
-        # Runs of min(PAGE_SIZE, BLOCK_N) tokens share a page, tiles start page-aligned: the
-        # offsets of V's and the scales' tokens are contiguous runs from multiples of 16.
-        RUN: tl.constexpr = PAGE_SIZE if PAGE_SIZE < BLOCK_N else BLOCK_N
-        v_at = tl.max_contiguous(tl.multiple_of(page * stride_vp + slot, 16), RUN)
-        scale_at = tl.max_contiguous(tl.multiple_of(page * stride_sp + slot, 16), RUN)
-        k = tl.load(k_ptr + (page * stride_kp + slot * stride_kt + kv_head * stride_kh)[:, None]
-                    + offs_d[None, :], mask=d_mask[None, :], other=0.0)
-        v = tl.load(v_ptr + kv_head * stride_vh + v_at[:, None] + offs_d[None, :] * stride_vd,
-                    mask=d_mask[None, :], other=0.0)
-        ks = tl.load(ks_ptr + kv_head * stride_sh + scale_at)
-        vs = tl.load(vs_ptr + kv_head * stride_sh + scale_at)
+        scale_at = page * stride_sp + kv_head * stride_sh + slot
+        ks = tl.load(ks_ptr + scale_at, mask=tok_mask, other=0.0)
+        vs = tl.load(vs_ptr + scale_at, mask=tok_mask, other=0.0)
     else:
-        mask = tok_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_ptr + (page * stride_kp + slot * stride_kt + kv_head * stride_kh)[:, None]
-                    + offs_d[None, :], mask=mask, other=0.0)
-        v = tl.load(v_ptr + (page * stride_vp + slot * stride_vt + kv_head * stride_vh)[:, None]
-                    + offs_d[None, :], mask=mask, other=0.0)
         ks = 1.0
         vs = 1.0
     return k, v, ks, vs, tok

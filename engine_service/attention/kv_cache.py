@@ -5,8 +5,7 @@ beside the pages, [num_blocks, Hkv, block_size] (kernels/fp8_kv.py says why that
 An e4m3 page is stored head by head (each KV head's block_size rows together) and handed out
 as the same [num_blocks, block_size, Hkv, D] view with other strides: the kernels address pages
 by strides, and a decode program, which reads one KV head, then streams one contiguous run per
-page instead of 128-byte rows 1 KB apart (docs/benchmarks.md has the measurement). Within its
-head, K is stored row by row and V token-major, [D, block_size] (kernels/fp8_kv.py says why).
+page instead of 128-byte rows 1 KB apart (docs/benchmarks.md has the measurement).
 
 Blocks are the unit of everything above (prefix caching, preemption, tensor parallel shards by
 KV head), and a block's scales sit at the same block index, so none of it sees the dtype.
@@ -54,15 +53,11 @@ def allocate(num_layers: int, num_blocks: int, block_size: int, kv_heads: int, h
         pool = torch.zeros(num_layers, 2, num_blocks, block_size, kv_heads, head_dim,
                            dtype=dtype, device=device)
         return [LayerCache(pool[layer, 0], pool[layer, 1]) for layer in range(num_layers)]
-    pages = torch.zeros(num_layers, 2, num_blocks, kv_heads, block_size * head_dim,
-                        dtype=FP8_DTYPE, device=device)
+    pages = torch.zeros(num_layers, 2, num_blocks, kv_heads, block_size, head_dim,
+                        dtype=FP8_DTYPE, device=device).transpose(3, 4)
     scales = torch.zeros(num_layers, 2, num_blocks, kv_heads, block_size, dtype=SCALE_DTYPE,
                          device=device)
-    shape = (num_blocks, kv_heads, block_size, head_dim)
-    token_major = (num_blocks, kv_heads, head_dim, block_size)
-    return [LayerCache(pages[layer, 0].view(shape).transpose(1, 2),
-                       pages[layer, 1].view(token_major).permute(0, 3, 1, 2),
-                       (scales[layer, 0], scales[layer, 1]))
+    return [LayerCache(pages[layer, 0], pages[layer, 1], (scales[layer, 0], scales[layer, 1]))
             for layer in range(num_layers)]
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from llmserve.kernels.fp8_kv import quantize_kv_torch, token_major
+from llmserve.kernels.fp8_kv import quantize_kv_torch
 
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     # Triton picks interpreter or compiler when a kernel is decorated, its own library's kernels
@@ -115,7 +115,7 @@ class Paged:
         """The pool as an e4m3 cache: K, V and their scales [num_blocks, Hkv, block_size]."""
         k8, k_scales = quantize_kv_torch(kv.k_cache)
         v8, v_scales = quantize_kv_torch(kv.v_cache)
-        return k8, token_major(v8), (k_scales.transpose(1, 2).contiguous(),
+        return k8, v8, (k_scales.transpose(1, 2).contiguous(),
                         v_scales.transpose(1, 2).contiguous())
 
     @staticmethod

@@ -73,9 +73,7 @@ for cache, fp8 in [("bf16", False), ("fp8e4nv", True)]:
         compile_sm90(qkv_rope_store._qkv_rope_store_kernel, dict(
             NUM_Q_HEADS=16, NUM_KV_HEADS=8, HEAD_DIM=128, HALF=64, Q_PART_HEADS=8, BLOCK_KH=8,
             BLOCK_HALF=64, BLOCK_D=128, PAGE_SIZE=16, NORM=norm, FP8=fp8, ROUND_BY_HAND=False,
-            SCALE_X=norm,
-            # A bf16 V's unit stride in head_dim, which the launcher specializes to a constant.
-            **({} if fp8 else {"stride_vcd": 1})), cache=cache)
+            SCALE_X=norm), cache=cache)
 compile_sm90(paged_decode._decode_reduce_kernel, dict(
     HEAD_DIM=128, BLOCK_D=128, BLOCK_N=64, NUM_SPLITS=4, MIN_SPLIT=256, BLOCK_S=4))
 for quantize in (False, True):

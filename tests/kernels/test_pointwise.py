@@ -17,7 +17,6 @@ from llmserve.kernels.activation import (
 )
 from llmserve.kernels.e4m3 import QuantizedRows, UnscaledProduct
 from llmserve.kernels.fp8_gemm import quantize_rows_triton
-from llmserve.kernels.fp8_kv import token_major
 from llmserve.kernels.ops import TORCH_OPS, TRITON_OPS, kernel_ops
 from llmserve.kernels.qkv_rope_store import qkv_rope_store, qkv_rope_store_torch
 from llmserve.kernels.rms_norm import (
@@ -112,7 +111,7 @@ def test_qkv_rope_store_applies_an_unscaled_products_scales(device, scale, fp8_c
         scales = tuple(torch.zeros(num_blocks, num_kv_heads, block_size, device=device)
                        for _ in range(2))
         return (torch.zeros(shape, device=device).to(torch.float8_e4m3fn),
-                token_major(torch.zeros(shape, device=device).to(torch.float8_e4m3fn)), scales)
+                torch.zeros(shape, device=device).to(torch.float8_e4m3fn), scales)
 
     fused, scaled = caches(), caches()
     q = qkv_rope_store(product, positions, cos_sin, *weights, eps, *fused[:2], slots, fused[2])

@@ -27,9 +27,8 @@ def test_fp8_pool_layout() -> None:
     assert k.dtype == v.dtype == torch.float8_e4m3fn and k.shape == (5, 16, 2, 32)
     assert scales is not None and all(s.shape == (5, 2, 16) for s in scales)
     assert scales[0].stride() == scales[1].stride() and scales[0].stride(-1) == 1
-    # Head-major inside a page: one KV head's 16 rows are one contiguous run; V token-major.
-    assert k.stride() == (2 * 16 * 32, 32, 16 * 32, 1)
-    assert v.stride() == (2 * 16 * 32, 1, 16 * 32, 16)
+    # Head-major inside a page: one KV head's 16 rows are one contiguous run.
+    assert k.stride() == (2 * 16 * 32, 32, 16 * 32, 1) and v.stride() == k.stride()
     plain = kv_cache.allocate(2, 5, 16, 2, 32, torch.float32, "auto", torch.device("cpu"))
     assert plain[0].k.dtype == torch.float32 and plain[0].scales is None
 
