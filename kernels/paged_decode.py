@@ -31,11 +31,14 @@ MAX_SPLITS = 64
 
 @dataclass(frozen=True)
 class DecodeTiles:
-    """Launch shape of the split kernel: keys per tile, warps, software-pipelining depth."""
+    """Launch shape of the split kernel: keys per tile, warps, software-pipelining depth, and
+    a cap on registers per thread (None: the compiler's choice), which sets how many programs
+    an SM holds at once."""
 
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 2
+    maxnreg: int | None = None
 
 
 # Batches large enough not to split stream long runs of keys per program; wider, deeper tiles
@@ -255,7 +258,7 @@ def paged_decode_attention(
         BLOCK_D=block_d, BLOCK_N=tiles.block_n, PAGE_SIZE=block_size, NUM_SPLITS=num_splits,
         MIN_SPLIT=min_split, PRECISION=precision, UPCAST=upcast, FP8=kv_scales is not None,
         FP16=fp16_products(q, kv_scales), ORDERED=order is not None, PDL=pdl, launch_pdl=pdl,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages, maxnreg=tiles.maxnreg,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_heads, batch)](
