@@ -62,7 +62,12 @@ FA4_PAGE_SIZES = [16, 64, 128, 256]
 FA4_SPLITS = [1, 0]  # 0: flash-attn's own heuristic
 # --sweep-tiles: the unsplit kernel over every (block_n, num_warps, num_stages) here, then these
 # split counts with the default tiles.
-SWEEP_TILES = list(product((64, 128, 256), (2, 4, 8), (2, 3, 4, 5)))
+SWEEP_TILES: list[tuple[int, ...]] = list(product((64, 128, 256), (2, 4, 8), (2, 3, 4, 5)))
+# ... and under register caps (the fourth number, maxnreg): each of these compiles for sm_90
+# without spilling and fits more warps an SM than it would uncapped, which the FP8 kernel's
+# occupancy (its registers' limit) asked to be measured.
+SWEEP_TILES += [(32, 2, 5, 128), (32, 4, 5, 72), (32, 4, 5, 96), (64, 4, 5, 96), (64, 4, 6, 96),
+                (64, 8, 5, 80), (128, 8, 3, 128)]
 SWEEP_SPLITS = [2, 3, 4]
 SWEEP_PAGE_SIZE = 128  # W1's KV page (throughput.py --block-size)
 
@@ -218,7 +223,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.small:  # interpreter-sized: a few short sequences, one page size
         contexts = [c % 61 + 1 for c in contexts[:4]]
         heads, dim, page_sizes, splits, tiles_list = 2, 32, [16], [1, 3, None], TILES[:2]
-        sweep_page_size, sweep_tiles, sweep_splits = 16, [(16, 4, 2), (32, 4, 2)], [2]
+        sweep_page_size, sweep_tiles, sweep_splits = 16, [(16, 4, 2), (32, 4, 2, 96)], [2]
         runs = 2
     dtypes = KV_CACHE_DTYPES[args.kv_cache_dtype]
     kv_bytes = {d: sum(contexts) * heads * ROW_BYTES[d](dim) * 2 for d in dtypes}
@@ -237,7 +242,9 @@ def run(args: argparse.Namespace) -> dict:
 
     def progress(row: dict) -> None:
         tiles = row.get("tiles")
-        shape = f" tiles {'/'.join(str(v) for v in tiles.values())}" if tiles else ""
+        shape = (
+            f" tiles {'/'.join(str(v) for v in tiles.values() if v is not None)}" if tiles else ""
+        )
         figures = (
             f"{row['median_us']:.1f} us, {row['tb_per_s']:.3f} TB/s "
             f"= {row['fraction_of_copy']:.1%} of copy"
@@ -570,10 +577,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.sweep_tiles:
         result["parameters"].update(
             page_size=sweep_page_size,
-            tile_grid=[
-                dict(zip(("block_n", "num_warps", "num_stages"), t, strict=True))
-                for t in sweep_tiles
-            ],
+            tile_grid=[asdict(DecodeTiles(*t)) for t in sweep_tiles],
             unsplit_num_splits=1,
             split_counts_with_default_tiles=sweep_splits,
             engine_choice=engine_choice,
