@@ -63,9 +63,9 @@ FA4_SPLITS = [1, 0]  # 0: flash-attn's own heuristic
 # --sweep-tiles: the unsplit kernel over every (block_n, num_warps, num_stages) here, then these
 # split counts with the default tiles.
 SWEEP_TILES: list[tuple[int, ...]] = list(product((64, 128, 256), (2, 4, 8), (2, 3, 4, 5)))
-# ... and under register caps (the fourth number, maxnreg): each of these compiles for sm_90
-# without spilling and fits more warps an SM than it would uncapped, which the FP8 kernel's
-# occupancy (its registers' limit) asked to be measured.
+# ... and under register caps (the fourth number, maxnreg): each compiles for sm_90 without
+# spilling and fits more warps an SM than it would uncapped (docs/benchmarks.md has what the
+# FP8 kernel made of them).
 SWEEP_TILES += [(32, 2, 5, 128), (32, 4, 5, 72), (32, 4, 5, 96), (64, 4, 5, 96), (64, 4, 6, 96),
                 (64, 8, 5, 80), (128, 8, 3, 128)]
 SWEEP_SPLITS = [2, 3, 4]
