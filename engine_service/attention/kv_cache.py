@@ -2,10 +2,12 @@
 dtype, or with --kv-cache-dtype fp8_e4m3 in e4m3 with one fp32 scale per (token, KV head) row
 beside the pages, [num_blocks, Hkv, block_size] (kernels/fp8_kv.py says why that scheme).
 
-An e4m3 page is stored head by head (each KV head's block_size rows together) and handed out
-as the same [num_blocks, block_size, Hkv, D] view with other strides: the kernels address pages
-by strides, and a decode program, which reads one KV head, then streams one contiguous run per
-page instead of 128-byte rows 1 KB apart (docs/benchmarks.md has the measurement).
+An e4m3 page is stored head by head and handed out as the same [num_blocks, block_size, Hkv,
+D] view with other strides (the kernels address pages and scales by strides): per (layer,
+block, KV head), K's block_size rows, their scales, V's rows and theirs lie side by side. A
+decode program reads one KV head, so each page it visits is one contiguous run of rows and
+scales, not 128-byte rows 1 KB apart with the scales in another tensor (docs/benchmarks.md has
+the measurements).
 
 Blocks are the unit of everything above (prefix caching, preemption, tensor parallel shards by
 KV head), and a block's scales sit at the same block index, so none of it sees the dtype.
@@ -44,7 +46,7 @@ def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: i
 
 def allocate(num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
              dtype: torch.dtype, kv_cache_dtype: str, device: torch.device) -> list[LayerCache]:
-    """The zeroed pool, one tensor for the pages and one for the scales, viewed per layer.
+    """The zeroed pool, one tensor (an e4m3 cache's scales inside it), viewed per layer.
 
     Zeroed, not empty: kernels that load whole pages multiply masked-out rows by zero, and
     0 * NaN from uninitialized memory would still be NaN.
@@ -53,12 +55,27 @@ def allocate(num_layers: int, num_blocks: int, block_size: int, kv_heads: int, h
         pool = torch.zeros(num_layers, 2, num_blocks, block_size, kv_heads, head_dim,
                            dtype=dtype, device=device)
         return [LayerCache(pool[layer, 0], pool[layer, 1]) for layer in range(num_layers)]
-    pages = torch.zeros(num_layers, 2, num_blocks, kv_heads, block_size, head_dim,
-                        dtype=FP8_DTYPE, device=device).transpose(3, 4)
-    scales = torch.zeros(num_layers, 2, num_blocks, kv_heads, block_size, dtype=SCALE_DTYPE,
-                         device=device)
-    return [LayerCache(pages[layer, 0], pages[layer, 1], (scales[layer, 0], scales[layer, 1]))
-            for layer in range(num_layers)]
+    # Per (layer, block, KV head), side by side: K's rows, their scales, V's rows, theirs.
+    rows = block_size * head_dim  # e4m3 bytes of one head's rows in a page
+    part = rows + block_size * SCALE_DTYPE.itemsize
+    unit = 2 * part
+    pool = torch.zeros(num_layers * num_blocks * kv_heads * unit, dtype=torch.uint8,
+                       device=device)
+    values, scales = pool.view(FP8_DTYPE), pool.view(SCALE_DTYPE)
+    step = SCALE_DTYPE.itemsize
+
+    def view(layer: int, which: int) -> tuple[torch.Tensor, torch.Tensor]:
+        at = layer * num_blocks * kv_heads * unit + which * part
+        return (values.as_strided((num_blocks, block_size, kv_heads, head_dim),
+                                  (kv_heads * unit, head_dim, unit, 1), at),
+                scales.as_strided((num_blocks, kv_heads, block_size),
+                                  (kv_heads * unit // step, unit // step, 1), (at + rows) // step))
+
+    caches = []
+    for layer in range(num_layers):
+        (k, k_scales), (v, v_scales) = view(layer, 0), view(layer, 1)
+        caches.append(LayerCache(k, v, (k_scales, v_scales)))
+    return caches
 
 
 def check_kv_cache_dtype(kv_cache_dtype: str, device: torch.device) -> None:

@@ -27,8 +27,18 @@ def test_fp8_pool_layout() -> None:
     assert k.dtype == v.dtype == torch.float8_e4m3fn and k.shape == (5, 16, 2, 32)
     assert scales is not None and all(s.shape == (5, 2, 16) for s in scales)
     assert scales[0].stride() == scales[1].stride() and scales[0].stride(-1) == 1
-    # Head-major inside a page: one KV head's 16 rows are one contiguous run.
-    assert k.stride() == (2 * 16 * 32, 32, 16 * 32, 1) and v.stride() == k.stride()
+    # Per (block, KV head): K's 16 rows of 32, their 16 scales, V's rows, theirs; one run.
+    unit = 2 * (16 * 32 + 16 * 4)
+    assert k.stride() == (2 * unit, 32, unit, 1) and v.stride() == k.stride()
+    assert scales[0].stride() == (2 * unit // 4, unit // 4, 1)
+    base = k.untyped_storage().data_ptr()
+    assert k.untyped_storage().data_ptr() == scales[1].untyped_storage().data_ptr()
+    assert [t.data_ptr() - base for t in (layers[0].k, layers[0].scales[0], layers[0].v,
+                                          layers[0].scales[1], k)] == [0, 512, 576, 1088,
+                                                                       5 * 2 * unit]
+    # Writes through one view land nowhere another view reads.
+    k.view(torch.uint8).fill_(1)
+    assert int(v.view(torch.uint8).sum()) == 0 and float(scales[0].sum()) == 0.0
     plain = kv_cache.allocate(2, 5, 16, 2, 32, torch.float32, "auto", torch.device("cpu"))
     assert plain[0].k.dtype == torch.float32 and plain[0].scales is None
 
