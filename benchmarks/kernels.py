@@ -207,11 +207,9 @@ def run(args: argparse.Namespace) -> dict:
     from llmserve.kernels.paged_attention import paged_attention_torch
     from llmserve.kernels.paged_common import sm_count
     from llmserve.kernels.paged_decode import (
-        FP8_UNSPLIT_TILES,
-        UNSPLIT_TILES,
         DecodeTiles,
-        choose_num_splits,
         paged_decode_attention,
+        resolve_launch,
     )
 
     cuda = args.device == "cuda"
@@ -294,14 +292,31 @@ def run(args: argparse.Namespace) -> dict:
     def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
         return float((out.float() - ref).norm() / ref.norm())
 
+    def engine_launch(
+        page: int, dtype: str, num_splits: int | None, tiles: DecodeTiles | None
+    ) -> tuple[int, int, DecodeTiles]:
+        """(splits, fewest keys per split, tiles) the kernel launches with, as the engine
+        resolves what is left open, for K1's batch over `page`-token pages."""
+        max_pages = max(-(-c // page) for c in contexts)
+        return resolve_launch(
+            len(contexts),
+            heads,
+            max_pages * page,
+            sm_count(torch.device(args.device)),
+            dtype == "fp8_e4m3",
+            num_splits,
+            tiles,
+        )
+
     def sweep_page(
         page: int,
-        configs: dict[str, list[tuple[int | None, DecodeTiles]]],
+        configs: dict[str, list[tuple[int | None, DecodeTiles | None]]],
         with_fa4: bool,
         check: bool = True,
     ) -> None:
         """Times `configs[dtype]` for each dtype at one page size, config by config (both dtypes
-        of a config back to back); `check` asserts the default config matches the twin."""
+        of a config back to back); `check` asserts the engine's choice matches the twin. Tiles
+        None are the engine's for the split count (its choice with the count None too)."""
         bf16_pools = [kv_pool(contexts, page, heads, dim, args.device) for _ in range(2)]
         pools = {"bfloat16": bf16_pools}
         if "fp8_e4m3" in configs:
@@ -324,7 +339,7 @@ def run(args: argparse.Namespace) -> dict:
                 ).float()
         # Every page size's answer is checked against the torch twin before it is timed.
         for dtype in configs:
-            out = ours(pools[dtype][0], None, DecodeTiles())
+            out = ours(pools[dtype][0], None, None)
             err = rel_err(out, refs[dtype])
             if check:
                 assert err < TWIN_TOLERANCE[dtype], (
@@ -333,24 +348,19 @@ def run(args: argparse.Namespace) -> dict:
             twin_errors[dtype][page] = round(err, 5)
             if dtype == "fp8_e4m3":
                 fp8_vs_bf16_errors[page] = round(rel_err(out, refs["bfloat16"]), 5)
-        auto, _ = choose_num_splits(
-            len(contexts),
-            heads,
-            bf16_pools[0]["tables"].shape[1] * page,
-            sm_count(bf16_pools[0]["q"].device),
-        )
         ordered = list(
             dict.fromkeys(c for dtype_configs in configs.values() for c in dtype_configs)
         )
         for num_splits, tiles in ordered:
-            split_info = (
-                {"num_splits": num_splits}
-                if num_splits is not None
-                else {"num_splits": "auto", "auto_num_splits": auto}
-            )
-            config = {**split_info, "tiles": asdict(tiles)}
             bf16_us = None
             for dtype in [d for d in configs if (num_splits, tiles) in configs[d]]:
+                launch = engine_launch(page, dtype, num_splits, tiles)
+                split_info = (
+                    {"num_splits": num_splits}
+                    if num_splits is not None
+                    else {"num_splits": "auto", "auto_num_splits": launch[0]}
+                )
+                config = {**split_info, "tiles": asdict(launch[2])}
                 row = time_config(dtype, page, config, pools[dtype], refs, num_splits, tiles)
                 if dtype == "bfloat16" and "median_us" in row:
                     bf16_us = row["median_us"]
@@ -367,7 +377,7 @@ def run(args: argparse.Namespace) -> dict:
         dtype_pools: list[dict],
         refs: dict,
         num_splits: int | None,
-        tiles: DecodeTiles,
+        tiles: DecodeTiles | None,
     ) -> dict:
         """One config: its first call (Triton compiles it there) checked against the twin,
         then timed; a config that fails to compile or run is recorded with its error."""
@@ -422,7 +432,7 @@ def run(args: argparse.Namespace) -> dict:
         for num_splits in FA4_SPLITS:
             try:
                 theirs = call(pools[0], num_splits).float()
-                mine = ours(pools[0], None, DecodeTiles()).float()
+                mine = ours(pools[0], None, None).float()
                 err = float((theirs - mine).norm() / theirs.norm())
                 us = median_us(tuple(partial(call, p, num_splits) for p in pools), runs, cuda)
             except Exception as exc:  # a page size or split setting this build rejects
@@ -462,27 +472,15 @@ def run(args: argparse.Namespace) -> dict:
         configs = [(1, DecodeTiles(*t)) for t in sweep_tiles]
         configs += [(s, DecodeTiles()) for s in sweep_splits]
         sweep_page(sweep_page_size, {d: configs for d in dtypes}, with_fa4=False, check=False)
-        # What the engine runs here (no split count, no tiles given), resolved as
-        # paged_decode_attention resolves it; its row is the grid's.
-        max_pages = max(-(-c // sweep_page_size) for c in contexts)
-        engine_splits, _ = choose_num_splits(
-            len(contexts), heads, max_pages * sweep_page_size, sm_count(torch.device(args.device))
-        )
-        engine_choice = {
-            dtype: {
-                "num_splits": engine_splits,
-                "tiles": asdict(
-                    (FP8_UNSPLIT_TILES if dtype == "fp8_e4m3" else UNSPLIT_TILES)
-                    if engine_splits == 1
-                    else DecodeTiles()
-                ),
-            }
-            for dtype in dtypes
-        }
+        # What the engine runs here (no split count, no tiles given); its row is the grid's.
+        engine_choice = {}
+        for dtype in dtypes:
+            engine_splits, _, engine_tiles = engine_launch(sweep_page_size, dtype, None, None)
+            engine_choice[dtype] = {"num_splits": engine_splits, "tiles": asdict(engine_tiles)}
     else:
         for page in page_sizes:
             sweep_page(
-                page, {d: [(s, DecodeTiles()) for s in splits] for d in dtypes}, with_fa4=True
+                page, {d: [(s, None) for s in splits] for d in dtypes}, with_fa4=True
             )
             if cuda:
                 torch.cuda.empty_cache()

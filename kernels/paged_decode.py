@@ -93,6 +93,26 @@ def fp8_two_splits(batch: int, num_kv_heads: int, max_context: int, sms: int,
                               and max_context > MIN_SPLIT_TOKENS)
 
 
+def resolve_launch(batch: int, num_kv_heads: int, max_context: int, sms: int, fp8: bool,
+                   num_splits: int | None = None, tiles: DecodeTiles | None = None
+                   ) -> tuple[int, int, DecodeTiles]:
+    """(splits per sequence, fewest keys per split, tiles) of a decode launch, as
+    paged_decode_attention picks them from what the caller left open (None)."""
+    chosen = num_splits is None
+    if num_splits is None:
+        num_splits, min_split = choose_num_splits(
+            batch, num_kv_heads, max_context, sms, (tiles or DecodeTiles()).block_n)
+        if fp8 and tiles is None and fp8_two_splits(batch, num_kv_heads, max_context, sms,
+                                                    num_splits):
+            num_splits, tiles = 2, FP8_SPLIT_TILES
+    if tiles is None:
+        unsplit = FP8_UNSPLIT_TILES if fp8 else UNSPLIT_TILES
+        tiles = unsplit if chosen and num_splits == 1 else DecodeTiles()
+    if not chosen or num_splits == 1:
+        min_split = tiles.block_n
+    return num_splits, min_split, tiles
+
+
 @triton.jit
 def _split_len(seq_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
                MIN_SPLIT: tl.constexpr):
@@ -221,19 +241,9 @@ def paged_decode_attention(
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
-    chosen = num_splits is None
-    if chosen:
-        sms, max_context = sm_count(q.device), block_tables.shape[1] * block_size
-        num_splits, min_split = choose_num_splits(
-            batch, num_kv_heads, max_context, sms, (tiles or DecodeTiles()).block_n)
-        if (kv_scales is not None and tiles is None
-                and fp8_two_splits(batch, num_kv_heads, max_context, sms, num_splits)):
-            num_splits, tiles = 2, FP8_SPLIT_TILES
-    if tiles is None:
-        unsplit = FP8_UNSPLIT_TILES if kv_scales is not None else UNSPLIT_TILES
-        tiles = unsplit if chosen and num_splits == 1 else DecodeTiles()
-    if not chosen or num_splits == 1:
-        min_split = tiles.block_n
+    num_splits, min_split, tiles = resolve_launch(
+        batch, num_kv_heads, block_tables.shape[1] * block_size, sm_count(q.device),
+        kv_scales is not None, num_splits, tiles)
     out = torch.empty_like(q)
     if batch == 0:
         return out
