@@ -1,15 +1,12 @@
-"""FP8 (e4m3) KV cache: each (token, KV head) row of K or V is stored as e4m3 with one scale,
-amax(|row|) / 448 rounded up to a bfloat16, kept beside the pages in [num_blocks, Hkv,
-block_size].
+"""FP8 (e4m3) KV cache: each (token, KV head) row of K or V is stored as e4m3 with one fp32
+scale, amax(|row|) / 448, kept beside the pages in [num_blocks, Hkv, block_size].
 
 Why per row and dynamic: e4m3 keeps 3 mantissa bits over 2^-9..448, so a fixed per-tensor
 scale (scale 1.0, or a checkpoint's calibrated k_scale/v_scale) saturates rows larger than the
 scale expected and pushes small rows into the subnormals, while a row's own amax always lands
-within 2^-7 below 448, where e4m3 rounds it to 448 (docs/operations.md, "FP8 KV cache", has the
-measured errors). Why bfloat16, rounded up: 2 bytes per head row (1.6 % at head_dim 128; the
-decode kernel's time follows its bytes), fp32's range, and the row's largest element still
-within 2^-7 of exact, never saturating. A multiply per score, not per element: scores are
-scaled after q @ k^T and probabilities before p @ v.
+on 448 (docs/operations.md, "FP8 KV cache", has the measured errors). It costs 4 bytes per
+head row (3 % at head_dim 128) and a multiply per score, not per element: scores are scaled
+after q @ k^T and probabilities before p @ v.
 
 The torch form here is the twin of the Triton store (`qkv_rope_store`) and the reference the
 paged-attention kernels dequantize against; the Triton helpers are the kernels' shared math.
@@ -23,38 +20,27 @@ import triton.language as tl
 
 from llmserve.kernels.e4m3 import FP8_DTYPE, FP8_MAX
 
-SCALE_DTYPE = torch.bfloat16
 MIN_AMAX = 1e-12  # an all-zero row gets a tiny scale, not 0 (0 / 0 would store NaN)
 _MAX = tl.constexpr(FP8_MAX)  # the kernels' copies (Triton reads only constexpr globals)
 _MIN_AMAX = tl.constexpr(MIN_AMAX)
 
 
-def scale_of_amax_torch(amax: torch.Tensor) -> torch.Tensor:
-    """The scale of rows whose largest magnitude is `amax` (fp32): amax / 448, rounded up to
-    the next bfloat16 (exact in either dtype), as SCALE_DTYPE."""
-    bits = (amax.float().clamp_min(MIN_AMAX) / FP8_MAX).view(torch.int32)
-    bits = (bits & -0x10000) + ((bits & 0xFFFF) != 0).to(torch.int32) * 0x10000
-    return bits.view(torch.float32).to(SCALE_DTYPE)
-
-
 def quantize_kv_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., D] -> (e4m3 [..., D], scale [...] in SCALE_DTYPE) with x ~= e4m3 * scale."""
+    """x [..., D] -> (e4m3 [..., D], fp32 scale [...]) with x ~= e4m3 * scale."""
     x = x.float()
-    scale = scale_of_amax_torch(x.abs().amax(-1))
-    values = (x / scale.float()[..., None]).clamp(-FP8_MAX, FP8_MAX)
-    return values.to(FP8_DTYPE), scale
+    scale = x.abs().amax(-1).clamp_min(MIN_AMAX) / FP8_MAX
+    return (x / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
 def dequantize_kv_torch(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """e4m3 [..., D] and its scales [...] -> fp32 [..., D]."""
-    return x.float() * scale.float()[..., None]
+    return x.float() * scale[..., None]
 
 
 def check_kv_scales(k_cache: torch.Tensor, v_cache: torch.Tensor,
                     kv_scales: tuple[torch.Tensor, torch.Tensor] | None) -> None:
     """The layout the kernels rely on: e4m3 caches exactly when scales are given, and K's and
-    V's scales [num_blocks, Hkv, block_size] in SCALE_DTYPE with the same strides, unit in the
-    slot."""
+    V's scales [num_blocks, Hkv, block_size] fp32 with the same strides, unit in the slot."""
     if kv_scales is None:
         if FP8_DTYPE in (k_cache.dtype, v_cache.dtype):
             raise ValueError("an e4m3 KV cache needs its kv_scales")
@@ -62,9 +48,8 @@ def check_kv_scales(k_cache: torch.Tensor, v_cache: torch.Tensor,
     k_scales, v_scales = kv_scales
     expected = (k_cache.shape[0], k_cache.shape[2], k_cache.shape[1])
     if (k_cache.dtype, v_cache.dtype) != (FP8_DTYPE, FP8_DTYPE) or any(
-            s.shape != expected or s.dtype != SCALE_DTYPE for s in kv_scales):
-        raise ValueError(
-            f"kv_scales need e4m3 caches and {SCALE_DTYPE} scales of shape {expected}")
+            s.shape != expected or s.dtype != torch.float32 for s in kv_scales):
+        raise ValueError(f"kv_scales need e4m3 caches and fp32 scales of shape {expected}")
     if k_scales.stride() != v_scales.stride() or k_scales.stride(-1) != 1:
         raise ValueError("K's and V's scales need the same strides, unit in the slot")
 
@@ -110,11 +95,8 @@ def to_e4m3(y):
 
 @triton.jit
 def fp8_scale(amax):
-    """The dequantization scale of rows whose largest magnitude is `amax`, as the twin
-    (scale_of_amax_torch): fp32, exactly a bfloat16."""
-    bits = tl.div_rn(tl.maximum(amax, _MIN_AMAX), _MAX).to(tl.uint32, bitcast=True)
-    bits = (bits & 0xFFFF0000) + tl.where((bits & 0xFFFF) != 0, 0x10000, 0).to(tl.uint32)
-    return bits.to(tl.float32, bitcast=True)
+    """The dequantization scale of rows whose largest magnitude is `amax` (as the twin)."""
+    return tl.div_rn(tl.maximum(amax, _MIN_AMAX), _MAX)
 
 
 @triton.jit

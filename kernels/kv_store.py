@@ -18,8 +18,8 @@ def store_kv_torch(
 ) -> None:
     """k/v [T, Hkv, D] into caches [num_blocks, block_size, Hkv, D]; slots < 0 are padding.
 
-    With `kv_scales` ([num_blocks, Hkv, block_size] each, bf16) the caches are e4m3: each row
-    is quantized with its own scale, stored there (see fp8_kv)."""
+    With `kv_scales` ([num_blocks, Hkv, block_size] fp32 each) the caches are e4m3: each row is
+    quantized with its own scale, stored there (see fp8_kv)."""
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()  # index_copy_ takes only int64; int32 maps are common
     if kv_scales is None:

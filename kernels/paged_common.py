@@ -102,8 +102,8 @@ def load_kv_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, table_row, start, kv_head, tok_en
                 + offs_d[None, :], mask=mask, other=0.0)
     if FP8:
         scale_at = page * stride_sp + kv_head * stride_sh + slot
-        ks = tl.load(ks_ptr + scale_at, mask=tok_mask, other=0.0).to(tl.float32)
-        vs = tl.load(vs_ptr + scale_at, mask=tok_mask, other=0.0).to(tl.float32)
+        ks = tl.load(ks_ptr + scale_at, mask=tok_mask, other=0.0)
+        vs = tl.load(vs_ptr + scale_at, mask=tok_mask, other=0.0)
     else:
         ks = 1.0
         vs = 1.0

@@ -233,7 +233,7 @@ def paged_decode_attention(
     With both the split count and the tiles left to it, a batch that does not split runs
     UNSPLIT_TILES (FP8_UNSPLIT_TILES over an e4m3 cache); over an e4m3 cache some batches run
     two splits of FP8_SPLIT_TILES instead (fp8_two_splits). `kv_scales` ([num_blocks, Hkv,
-    block_size] bf16, K's and V's) come with an e4m3 cache (see fp8_kv). `order` ([B] int32,
+    block_size] fp32, K's and V's) come with an e4m3 cache (see fp8_kv). `order` ([B] int32,
     a permutation of the rows) is the order their programs start in: longest first keeps a long
     row from starting in the last wave and running on alone.
     """

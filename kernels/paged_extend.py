@@ -122,7 +122,7 @@ def paged_extend_attention(
     query_start_loc[b]:query_start_loc[b+1] of q, at its last positions before seq_lens[b]; its
     keys (prefix and this step's alike) must already be in the cache. Each sequence needs
     q_len <= seq_len. Reads no tensor on the host, so it never syncs. `kv_scales`
-    ([num_blocks, Hkv, block_size] bf16, K's and V's) come with an e4m3 cache (see fp8_kv).
+    ([num_blocks, Hkv, block_size] fp32, K's and V's) come with an e4m3 cache (see fp8_kv).
     """
     check_paged_inputs(q, k_cache, v_cache, block_tables, kv_scales)
     num_tokens, num_heads, head_dim = q.shape

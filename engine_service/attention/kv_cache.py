@@ -1,6 +1,6 @@
 """The paged KV cache: per layer, K and V pages [num_blocks, block_size, Hkv, D] in the weights'
-dtype, or with --kv-cache-dtype fp8_e4m3 in e4m3 with one bfloat16 scale per (token, KV head)
-row beside the pages, [num_blocks, Hkv, block_size] (kernels/fp8_kv.py says why that scheme).
+dtype, or with --kv-cache-dtype fp8_e4m3 in e4m3 with one fp32 scale per (token, KV head) row
+beside the pages, [num_blocks, Hkv, block_size] (kernels/fp8_kv.py says why that scheme).
 
 An e4m3 page is stored head by head and handed out as the same [num_blocks, block_size, Hkv,
 D] view with other strides (the kernels address pages and scales by strides): per (layer,
@@ -18,7 +18,8 @@ from typing import NamedTuple
 import torch
 
 from llmserve.kernels.e4m3 import FP8_DTYPE, FP8_MIN_CAPABILITY
-from llmserve.kernels.fp8_kv import SCALE_DTYPE
+
+SCALE_DTYPE = torch.float32
 
 
 class LayerCache(NamedTuple):

@@ -19,9 +19,9 @@ from llmserve.kernels import (
 
 INT_POINTERS = {"seq_lens_ptr", "tables_ptr", "starts_ptr", "slots_ptr", "positions_ptr",
                 "order_ptr"}
-FP32_POINTERS = {"part_out_ptr", "part_lse_ptr", "cos_sin_ptr", "scale_ptr", "x_row_scale_ptr",
+FP32_POINTERS = {"part_out_ptr", "part_lse_ptr", "cos_sin_ptr", "ks_ptr", "vs_ptr",
+                 "k_scales_ptr", "v_scales_ptr", "scale_ptr", "x_row_scale_ptr",
                  "x_col_scale_ptr", "row_scale_ptr", "col_scale_ptr", "amax_ptr"}
-KV_SCALE_POINTERS = {"ks_ptr", "vs_ptr", "k_scales_ptr", "v_scales_ptr"}  # fp8_kv.SCALE_DTYPE
 CACHE_POINTERS = {"k_ptr", "v_ptr", "k_cache_ptr", "v_cache_ptr"}
 
 
@@ -37,8 +37,6 @@ def compile_sm90(fn, constants, dtype="bf16", num_warps=4, num_stages=2, cache="
             return "*i32"
         if name in FP32_POINTERS:
             return "*fp32"
-        if name in KV_SCALE_POINTERS:
-            return "*bf16"
         if name in CACHE_POINTERS:
             return "*" + cache
         if name in e4m3:

@@ -15,9 +15,9 @@ def test_an_fp8_block_takes_about_half_the_bytes() -> None:
     bf16 = kv_cache.bytes_per_block(28, 16, 8, 128, torch.bfloat16, "auto")
     fp8 = kv_cache.bytes_per_block(28, 16, 8, 128, torch.bfloat16, "fp8_e4m3")
     assert bf16 == 2 * 28 * 16 * 8 * 128 * 2
-    # A byte per element plus a 2-byte scale per 128-element row: 1.97x the blocks per GiB.
-    assert fp8 == 2 * 28 * 16 * 8 * (128 + 2)
-    assert bf16 / fp8 == pytest.approx(256 / 130)
+    # A byte per element plus a 4-byte scale per 128-element row: 1.94x the blocks per GiB.
+    assert fp8 == 2 * 28 * 16 * 8 * (128 + 4)
+    assert bf16 / fp8 == pytest.approx(256 / 132)
 
 
 def test_fp8_pool_layout() -> None:
@@ -27,17 +27,15 @@ def test_fp8_pool_layout() -> None:
     assert k.dtype == v.dtype == torch.float8_e4m3fn and k.shape == (5, 16, 2, 32)
     assert scales is not None and all(s.shape == (5, 2, 16) for s in scales)
     assert scales[0].stride() == scales[1].stride() and scales[0].stride(-1) == 1
-    # Per (block, KV head): K's 16 rows of 32, their 16 bf16 scales, V's rows, theirs; one run.
-    part = 16 * 32 + 16 * 2
-    unit = 2 * part
+    # Per (block, KV head): K's 16 rows of 32, their 16 scales, V's rows, theirs; one run.
+    unit = 2 * (16 * 32 + 16 * 4)
     assert k.stride() == (2 * unit, 32, unit, 1) and v.stride() == k.stride()
-    assert scales[0].dtype == torch.bfloat16
-    assert scales[0].stride() == (2 * unit // 2, unit // 2, 1)
+    assert scales[0].stride() == (2 * unit // 4, unit // 4, 1)
     base = k.untyped_storage().data_ptr()
     assert k.untyped_storage().data_ptr() == scales[1].untyped_storage().data_ptr()
     assert [t.data_ptr() - base for t in (layers[0].k, layers[0].scales[0], layers[0].v,
-                                          layers[0].scales[1], k)] == [
-        0, 16 * 32, part, part + 16 * 32, 5 * 2 * unit]
+                                          layers[0].scales[1], k)] == [0, 512, 576, 1088,
+                                                                       5 * 2 * unit]
     # Writes through one view land nowhere another view reads.
     k.view(torch.uint8).fill_(1)
     assert int(v.view(torch.uint8).sum()) == 0 and float(scales[0].sum()) == 0.0
