@@ -50,10 +50,8 @@ def check_paged_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     """The layout both kernels rely on: unit stride in head_dim, int32 tables, GQA-divisible,
     scales beside an e4m3 cache."""
     check_kv_scales(k_cache, v_cache, kv_scales)
-    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or not (
-            v_cache.stride(-1) == 1 or (kv_scales is not None and token_major_v(v_cache))):
-        raise ValueError("q, k_cache and v_cache need unit stride in head_dim (an e4m3 V: in "
-                         "head_dim or in the slot)")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("q, k_cache and v_cache need unit stride in head_dim")
     if k_cache.shape != v_cache.shape or q.shape[-1] != k_cache.shape[-1]:
         raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, "
                          f"v_cache {tuple(v_cache.shape)}")
@@ -89,16 +87,10 @@ def tile_pages(table_row, start, tok, tok_mask, PAGE_SIZE: tl.constexpr, BLOCK_N
 @triton.jit
 def load_kv_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, table_row, start, kv_head, tok_end, offs_n,
                  offs_d, d_mask, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt,
-                 stride_vh, stride_vd, stride_sp, stride_sh,
-                 PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr,
-                 V_TOKEN_MAJOR: tl.constexpr):
+                 stride_vh, stride_sp, stride_sh,
+                 PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr):
     """K and V [BLOCK_N, BLOCK_D] for tokens start.. (zeros at and past tok_end), as stored,
     and with FP8 their tokens' scales [BLOCK_N] (zeros past tok_end; 1.0 without FP8, unused).
-
-    A token-major V (unit stride over tokens: the engine's e4m3 cache, see kv_cache) is read
-    in 16-byte runs of tokens, masked 16 tokens at a time: rows just past tok_end may then hold
-    whatever their page holds (finite: pools are zeroed and only get finite values), and
-    their scales and probabilities are zero.
     """
     tok = start + offs_n
     tok_mask = tok < tok_end
@@ -106,18 +98,8 @@ def load_kv_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, table_row, start, kv_head, tok_en
     mask = tok_mask[:, None] & d_mask[None, :]
     k = tl.load(k_ptr + (page * stride_kp + slot * stride_kt + kv_head * stride_kh)[:, None]
                 + offs_d[None, :], mask=mask, other=0.0)
-    if V_TOKEN_MAJOR:
-        # Tiles start page-aligned, so runs of min(PAGE_SIZE, BLOCK_N) tokens are contiguous.
-        RUN: tl.constexpr = PAGE_SIZE if PAGE_SIZE < BLOCK_N else BLOCK_N
-        GROUP: tl.constexpr = 16 if RUN > 16 else RUN
-        rows = tl.max_contiguous(tl.multiple_of(page * stride_vp + kv_head * stride_vh + slot,
-                                                GROUP), RUN)
-        group_mask = (start + offs_n // GROUP * GROUP) < tok_end
-        v = tl.load(v_ptr + rows[:, None] + offs_d[None, :] * stride_vd,
-                    mask=group_mask[:, None] & d_mask[None, :], other=0.0)
-    else:
-        v = tl.load(v_ptr + (page * stride_vp + slot * stride_vt + kv_head * stride_vh)[:, None]
-                    + offs_d[None, :] * stride_vd, mask=mask, other=0.0)
+    v = tl.load(v_ptr + (page * stride_vp + slot * stride_vt + kv_head * stride_vh)[:, None]
+                + offs_d[None, :], mask=mask, other=0.0)
     if FP8:
         scale_at = page * stride_sp + kv_head * stride_sh + slot
         ks = tl.load(ks_ptr + scale_at, mask=tok_mask, other=0.0)
@@ -126,12 +108,6 @@ def load_kv_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, table_row, start, kv_head, tok_en
         ks = 1.0
         vs = 1.0
     return k, v, ks, vs, tok
-
-
-def token_major_v(v_cache: torch.Tensor) -> bool:
-    """Whether a cache [num_blocks, block_size, Hkv, D] is stored token-major (unit stride
-    over the slots, as the engine's e4m3 V is)."""
-    return v_cache.stride(1) == 1 and v_cache.shape[1] > 1
 
 
 def fp16_products(q: torch.Tensor, kv_scales: tuple[torch.Tensor, torch.Tensor] | None) -> bool:

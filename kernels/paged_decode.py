@@ -22,7 +22,6 @@ from llmserve.kernels.paged_common import (
     load_kv_tile,
     sm_count,
     softmax_step,
-    token_major_v,
 )
 
 MIN_SPLIT_TOKENS = 256  # a full batch's splits: below this their fixed cost stops paying
@@ -128,12 +127,11 @@ def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, seq_lens_ptr, tables_ptr, order_ptr, out_ptr,
     part_out_ptr, part_lse_ptr, qk_scale,
     stride_qb, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
-    stride_vd, stride_sp, stride_sh, stride_table, stride_ob, stride_oh,
+    stride_sp, stride_sh, stride_table, stride_ob, stride_oh,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
     MIN_SPLIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, FP8: tl.constexpr,
-    FP16: tl.constexpr, ORDERED: tl.constexpr, V_TOKEN_MAJOR: tl.constexpr,
-    PDL: tl.constexpr,
+    FP16: tl.constexpr, ORDERED: tl.constexpr, PDL: tl.constexpr,
 ):
     await_previous_kernel(PDL)
     # KV heads vary fastest over the grid: the programs reading the neighbouring heads of the
@@ -168,8 +166,8 @@ def _decode_split_kernel(
     for start in range(lo, hi, BLOCK_N):
         k, v, ks, vs, tok = load_kv_tile(
             k_ptr, v_ptr, ks_ptr, vs_ptr, table_row, start, kv_head, hi, offs_n, offs_d, d_mask,
-            stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, stride_vd, stride_sp,
-            stride_sh, PAGE_SIZE, BLOCK_N, FP8, V_TOKEN_MAJOR)
+            stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, stride_sp,
+            stride_sh, PAGE_SIZE, BLOCK_N, FP8)
         m_i, l_i, acc = softmax_step(q, k, v, ks, vs, tok[None, :] < hi, m_i, l_i, acc,
                                      qk_scale, True, PRECISION, UPCAST, FP8)
 
@@ -264,14 +262,12 @@ def paged_decode_attention(
         order if order is not None else seq_lens, out, part_out,
         part_lse, scale * LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
-        k_scales.stride(0), k_scales.stride(1), block_tables.stride(0), out.stride(0),
-        out.stride(1),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), k_scales.stride(0),
+        k_scales.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_D=block_d, BLOCK_N=tiles.block_n, PAGE_SIZE=block_size, NUM_SPLITS=num_splits,
         MIN_SPLIT=min_split, PRECISION=precision, UPCAST=upcast, FP8=kv_scales is not None,
-        FP16=fp16_products(q, kv_scales), ORDERED=order is not None,
-        V_TOKEN_MAJOR=kv_scales is not None and token_major_v(v_cache), PDL=pdl, launch_pdl=pdl,
+        FP16=fp16_products(q, kv_scales), ORDERED=order is not None, PDL=pdl, launch_pdl=pdl,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages, maxnreg=tiles.maxnreg,
     )
     if num_splits > 1:

@@ -25,7 +25,6 @@ from llmserve.kernels.paged_common import (
     fp16_query,
     load_kv_tile,
     softmax_step,
-    token_major_v,
 )
 
 BLOCK_M = 64  # query rows (tokens x group heads) per program
@@ -39,11 +38,11 @@ def _extend_kernel(
     q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, out_ptr, starts_ptr, seq_lens_ptr, tables_ptr,
     qk_scale, num_seqs,
     stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
-    stride_vd, stride_sp, stride_sh, stride_table, stride_ot, stride_oh,
+    stride_sp, stride_sh, stride_table, stride_ot, stride_oh,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, FP8: tl.constexpr, FP16: tl.constexpr,
-    V_TOKEN_MAJOR: tl.constexpr, PDL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     await_previous_kernel(PDL)
     kv_head = tl.program_id(0)  # fastest over the grid: neighbouring heads share DRAM pages
@@ -89,14 +88,14 @@ def _extend_kernel(
         k, v, ks, vs, _ = load_kv_tile(
             k_ptr, v_ptr, ks_ptr, vs_ptr, table_row, start, kv_head, open_end, offs_n, offs_d,
             d_mask, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
-            stride_vd, stride_sp, stride_sh, PAGE_SIZE, BLOCK_N, FP8, V_TOKEN_MAJOR)
+            stride_sp, stride_sh, PAGE_SIZE, BLOCK_N, FP8)
         m_i, l_i, acc = softmax_step(q, k, v, ks, vs, None, m_i, l_i, acc, qk_scale,
                                      False, PRECISION, UPCAST, FP8)
     for start in range(open_end, last_pos + 1, BLOCK_N):
         k, v, ks, vs, tok = load_kv_tile(
             k_ptr, v_ptr, ks_ptr, vs_ptr, table_row, start, kv_head, last_pos + 1, offs_n,
             offs_d, d_mask, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
-            stride_vd, stride_sp, stride_sh, PAGE_SIZE, BLOCK_N, FP8, V_TOKEN_MAJOR)
+            stride_sp, stride_sh, PAGE_SIZE, BLOCK_N, FP8)
         # Rows past our queries (padding) also see the zero keys past last_pos: never stored.
         visible = tok[None, :] <= pos[:, None]
         m_i, l_i, acc = softmax_step(q, k, v, ks, vs, visible, m_i, l_i, acc, qk_scale,
@@ -143,14 +142,12 @@ def paged_extend_attention(
         q, k_cache, v_cache, k_scales, v_scales, out, query_start_loc, seq_lens, block_tables,
         scale * LOG2E, num_seqs,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
-        k_scales.stride(0), k_scales.stride(1), block_tables.stride(0), out.stride(0),
-        out.stride(1),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), k_scales.stride(0),
+        k_scales.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=BLOCK_N, HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim), PAGE_SIZE=block_size,
         PRECISION=precision, UPCAST=upcast, FP8=kv_scales is not None,
-        FP16=fp16_products(q, kv_scales),
-        V_TOKEN_MAJOR=kv_scales is not None and token_major_v(v_cache), PDL=pdl, launch_pdl=pdl,
+        FP16=fp16_products(q, kv_scales), PDL=pdl, launch_pdl=pdl,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     return out

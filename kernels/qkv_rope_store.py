@@ -16,7 +16,6 @@ from llmserve.kernels.dependent_launch import await_previous_kernel, dependent_l
 from llmserve.kernels.e4m3 import UnscaledProduct
 from llmserve.kernels.fp8_kv import check_kv_scales, fp8_scale, fp8_values, round_by_hand
 from llmserve.kernels.kv_store import store_kv_torch
-from llmserve.kernels.paged_common import token_major_v
 from llmserve.kernels.rms_norm import rms_norm_torch
 from llmserve.kernels.rotary import apply_rotary_torch
 
@@ -118,7 +117,7 @@ def _qkv_rope_store_kernel(
     qkv_ptr, positions_ptr, cos_sin_ptr, q_weight_ptr, k_weight_ptr, eps,
     q_out_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, k_scales_ptr, v_scales_ptr,
     row_scale_ptr, col_scale_ptr, stride_t, stride_ot, stride_cs,
-    stride_kcp, stride_kct, stride_kch, stride_vcp, stride_vct, stride_vch, stride_vcd,
+    stride_kcp, stride_kct, stride_kch, stride_vcp, stride_vct, stride_vch,
     stride_sp, stride_sh,
     NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     HALF: tl.constexpr, Q_PART_HEADS: tl.constexpr, BLOCK_KH: tl.constexpr,
@@ -177,7 +176,7 @@ def _qkv_rope_store_kernel(
         tl.store(k_dst, k1.to(k_cache_ptr.dtype.element_ty), mask=k_mask)
         tl.store(k_dst + HALF, k2.to(k_cache_ptr.dtype.element_ty), mask=k_mask)
         tl.store(v_cache_ptr + page * stride_vcp + offset * stride_vct + k_heads * stride_vch
-                 + dims * stride_vcd, v.to(v_cache_ptr.dtype.element_ty), mask=v_mask)
+                 + dims, v.to(v_cache_ptr.dtype.element_ty), mask=v_mask)
 
 
 def qkv_rope_store(
@@ -207,11 +206,9 @@ def qkv_rope_store(
     if cos_sin.shape[-1] != head_dim or head_dim % 2:
         raise ValueError(
             f"cos_sin width {cos_sin.shape[-1]} must equal the even head_dim {head_dim}")
+    if qkv.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("qkv and the caches need unit stride in their last dimension")
     check_kv_scales(k_cache, v_cache, kv_scales)
-    if qkv.stride(-1) != 1 or k_cache.stride(-1) != 1 or not (
-            v_cache.stride(-1) == 1 or (kv_scales is not None and token_major_v(v_cache))):
-        raise ValueError("qkv and the caches need unit stride in their last dimension (an e4m3 "
-                         "V: or in the slot)")
     q = torch.empty(num_tokens, num_q_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     if num_tokens == 0:
         return q
@@ -227,7 +224,7 @@ def qkv_rope_store(
         qkv if product is None else product.col_scale,
         qkv.stride(0), q.stride(0), cos_sin.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         k_scales.stride(0), k_scales.stride(1),
         NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=half,
         Q_PART_HEADS=Q_PART_HEADS,

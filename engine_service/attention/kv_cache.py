@@ -66,11 +66,8 @@ def allocate(num_layers: int, num_blocks: int, block_size: int, kv_heads: int, h
 
     def view(layer: int, which: int) -> tuple[torch.Tensor, torch.Tensor]:
         at = layer * num_blocks * kv_heads * unit + which * part
-        # K's rows are token by token; V's are transposed, dimension by dimension, each a
-        # run of block_size tokens (P @ V reduces over tokens: see kernels/paged_common.py).
-        slot, dim = (head_dim, 1) if which == 0 else (1, block_size)
         return (values.as_strided((num_blocks, block_size, kv_heads, head_dim),
-                                  (kv_heads * unit, slot, unit, dim), at),
+                                  (kv_heads * unit, head_dim, unit, 1), at),
                 scales.as_strided((num_blocks, kv_heads, block_size),
                                   (kv_heads * unit // step, unit // step, 1), (at + rows) // step))
 

@@ -61,15 +61,14 @@ for cache, fp8 in [("bf16", False), ("fp8e4nv", True)]:
     for page, splits in [(16, 1), (64, 4)]:
         compile_sm90(paged_decode._decode_split_kernel, dict(
             attention, BLOCK_H=16, PAGE_SIZE=page, NUM_SPLITS=splits, MIN_SPLIT=64, FP8=fp8,
-            FP16=fp8, ORDERED=splits == 1, V_TOKEN_MAJOR=fp8),
+            FP16=fp8, ORDERED=splits == 1),
             cache=cache)
     compile_sm90(paged_decode._decode_split_kernel, dict(
         attention, BLOCK_H=16, PAGE_SIZE=16, NUM_SPLITS=2, MIN_SPLIT=32, BLOCK_N=32, FP8=fp8,
-        FP16=fp8, ORDERED=False, V_TOKEN_MAJOR=fp8),
+        FP16=fp8, ORDERED=False),
         num_stages=5, cache=cache)
     compile_sm90(paged_extend._extend_kernel, dict(
-        attention, BLOCK_M=64, BLOCK_Q=32, PAGE_SIZE=16, FP8=fp8, FP16=fp8,
-        V_TOKEN_MAJOR=fp8), cache=cache)
+        attention, BLOCK_M=64, BLOCK_Q=32, PAGE_SIZE=16, FP8=fp8, FP16=fp8), cache=cache)
     for norm in (True, False):
         compile_sm90(qkv_rope_store._qkv_rope_store_kernel, dict(
             NUM_Q_HEADS=16, NUM_KV_HEADS=8, HEAD_DIM=128, HALF=64, Q_PART_HEADS=8, BLOCK_KH=8,

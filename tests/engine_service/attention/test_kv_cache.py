@@ -29,9 +29,7 @@ def test_fp8_pool_layout() -> None:
     assert scales[0].stride() == scales[1].stride() and scales[0].stride(-1) == 1
     # Per (block, KV head): K's 16 rows of 32, their 16 scales, V's rows, theirs; one run.
     unit = 2 * (16 * 32 + 16 * 4)
-    assert k.stride() == (2 * unit, 32, unit, 1)
-    # V token-major: each of its 32 dimensions a run of the page's 16 tokens.
-    assert v.stride() == (2 * unit, 1, unit, 16)
+    assert k.stride() == (2 * unit, 32, unit, 1) and v.stride() == k.stride()
     assert scales[0].stride() == (2 * unit // 4, unit // 4, 1)
     base = k.untyped_storage().data_ptr()
     assert k.untyped_storage().data_ptr() == scales[1].untyped_storage().data_ptr()
