@@ -99,7 +99,7 @@ def resolve_launch(batch: int, num_kv_heads: int, max_context: int, sms: int, fp
     """(splits per sequence, fewest keys per split, tiles) of a decode launch, as
     paged_decode_attention picks them from what the caller left open (None)."""
     chosen = num_splits is None
-    if num_splits is None:
+    if chosen:
         num_splits, min_split = choose_num_splits(
             batch, num_kv_heads, max_context, sms, (tiles or DecodeTiles()).block_n)
         if fp8 and tiles is None and fp8_two_splits(batch, num_kv_heads, max_context, sms,

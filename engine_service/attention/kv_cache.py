@@ -57,12 +57,12 @@ def allocate(num_layers: int, num_blocks: int, block_size: int, kv_heads: int, h
         return [LayerCache(pool[layer, 0], pool[layer, 1]) for layer in range(num_layers)]
     # Per (layer, block, KV head), side by side: K's rows, their scales, V's rows, theirs.
     rows = block_size * head_dim  # e4m3 bytes of one head's rows in a page
-    part = rows + block_size * SCALE_DTYPE.itemsize
+    step = SCALE_DTYPE.itemsize
+    part = rows + block_size * step
     unit = 2 * part
     pool = torch.zeros(num_layers * num_blocks * kv_heads * unit, dtype=torch.uint8,
                        device=device)
     values, scales = pool.view(FP8_DTYPE), pool.view(SCALE_DTYPE)
-    step = SCALE_DTYPE.itemsize
 
     def view(layer: int, which: int) -> tuple[torch.Tensor, torch.Tensor]:
         at = layer * num_blocks * kv_heads * unit + which * part
