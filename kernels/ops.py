@@ -30,7 +30,6 @@ from llmserve.kernels.rms_norm import (
     rms_norm_fp8_torch,
     rms_norm_torch,
 )
-from llmserve.kernels.sealed_groups import seal_new_groups, seal_new_groups_torch
 
 
 @dataclass(frozen=True)
@@ -46,14 +45,13 @@ class KernelOps:
     rms_norm_fp8: Callable[..., QuantizedRows]
     add_rms_norm_fp8: Callable[..., tuple[QuantizedRows, torch.Tensor]]
     silu_and_mul_fp8: Callable[..., QuantizedRows]
-    seal_new_groups: Callable[..., None]
 
 
 TORCH_OPS = KernelOps("torch", qkv_rope_store_torch, rms_norm_torch, add_rms_norm_torch,
                       silu_and_mul_torch, rms_norm_fp8_torch, add_rms_norm_fp8_torch,
-                      silu_and_mul_fp8_torch, seal_new_groups_torch)
+                      silu_and_mul_fp8_torch)
 TRITON_OPS = KernelOps("triton", qkv_rope_store, rms_norm, add_rms_norm, silu_and_mul,
-                       rms_norm_fp8, add_rms_norm_fp8, silu_and_mul_fp8, seal_new_groups)
+                       rms_norm_fp8, add_rms_norm_fp8, silu_and_mul_fp8)
 
 
 def kernel_ops(device: torch.device | str) -> KernelOps:

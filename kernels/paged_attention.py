@@ -8,21 +8,13 @@ An e4m3 cache comes with per-row scales [num_blocks, Hkv, block_size] (see fp8_k
 
 import torch
 
-from llmserve.kernels.sealed_groups import GROUP, sealed_view
 
-
-def gather_paged(cache: torch.Tensor, block_table: torch.Tensor, length: int,
-                 sealed: int = 0) -> torch.Tensor:
-    """Returns the first `length` tokens of one sequence's pages as [length, heads, head_dim];
-    its first `sealed` tokens of V (a multiple of GROUP) are sealed
-    (kernels/sealed_groups.py)."""
+def gather_paged(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """Returns the first `length` tokens of one sequence's pages as [length, heads, head_dim]."""
     block_size = cache.shape[1]
     num_pages = (length + block_size - 1) // block_size
-    index = block_table[:num_pages].long()
-    tokens = cache[index].reshape(-1, *cache.shape[2:])
-    if sealed:
-        tokens[:sealed] = sealed_view(cache)[index].reshape(tokens.shape)[:sealed]
-    return tokens[:length]
+    pages = cache[block_table[:num_pages].long()]
+    return pages.reshape(-1, *cache.shape[2:])[:length]
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
@@ -66,10 +58,8 @@ def paged_attention_torch(
     block_tables: torch.Tensor,
     scale: float,
     kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
-    sealed: bool = False,
 ) -> torch.Tensor:
-    """Reference paged attention: q [T, Hq, D] (flat varlen) -> [T, Hq, D]. `sealed`: the e4m3
-    cache's groups full before each sequence's first query are sealed.
+    """Reference paged attention: q [T, Hq, D] (flat varlen) -> [T, Hq, D].
 
     Single-token queries (decode) are batched into one padded computation; longer ones (prefill
     chunks) run one sequence at a time so padding never multiplies by the longest prompt.
@@ -86,19 +76,13 @@ def paged_attention_torch(
     caches = [k_cache, v_cache]
     if kv_scales is not None:
         caches += [s.transpose(1, 2) for s in kv_scales]
-
-    def gather(which: int, b: int) -> torch.Tensor:
-        num_q = starts[b + 1] - starts[b]
-        sealed_tokens = (lens[b] - num_q) // GROUP * GROUP if sealed and which == 1 else 0
-        return gather_paged(caches[which], block_tables[b], lens[b], sealed_tokens)
-
     if decode_rows:
         max_len = max(lens[b] for b in decode_rows)
         padded = [torch.zeros(len(decode_rows), max_len, *c.shape[2:], dtype=c.dtype,
                               device=device) for c in caches]
         for i, b in enumerate(decode_rows):
-            for which, dense in enumerate(padded):
-                dense[i, : lens[b]] = gather(which, b)
+            for dense, cache in zip(padded, caches, strict=True):
+                dense[i, : lens[b]] = gather_paged(cache, block_tables[b], lens[b])
         token_rows = torch.tensor([starts[b] for b in decode_rows], device=device)
         row_lens = torch.tensor([lens[b] for b in decode_rows], device=device)
         valid = torch.arange(max_len, device=device)[None, :] < row_lens[:, None]
@@ -108,7 +92,7 @@ def paged_attention_torch(
         num_q = starts[b + 1] - starts[b]
         if num_q <= 1:
             continue
-        dense = [gather(which, b)[None] for which in range(len(caches))]
+        dense = [gather_paged(c, block_tables[b], lens[b])[None] for c in caches]
         q_pos = torch.arange(lens[b] - num_q, lens[b], device=device)
         mask = torch.arange(lens[b], device=device)[None, :] <= q_pos[:, None]
         out[starts[b] : starts[b + 1]] = _attend(

@@ -110,34 +110,6 @@ def load_kv_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, table_row, start, kv_head, tok_en
     return k, v, ks, vs, tok
 
 
-@triton.jit
-def load_sealed_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, table_row, start, kv_head, tok_end, offs_n,
-                     offs_d, d_mask, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt,
-                     stride_vh, stride_sp, stride_sh,
-                     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """As load_kv_tile over an e4m3 cache whose tokens before tok_end (a multiple of 16)
-    are sealed (kernels/sealed_groups.py): V comes as runs of 16 tokens per dimension, one
-    16-byte load each, masked a group at a time."""
-    tok = start + offs_n
-    tok_mask = tok < tok_end
-    page, slot = tile_pages(table_row, start, tok, tok_mask, PAGE_SIZE, BLOCK_N)
-    mask = tok_mask[:, None] & d_mask[None, :]
-    k = tl.load(k_ptr + (page * stride_kp + slot * stride_kt + kv_head * stride_kh)[:, None]
-                + offs_d[None, :], mask=mask, other=0.0)
-    # Groups start at multiples of 16 of a page, so each is a contiguous run of 16 bytes.
-    rows = tl.max_contiguous(tl.multiple_of(
-        page * stride_vp + kv_head * stride_vh + slot // 16 * 16 * stride_vt + slot % 16, 16),
-        16)
-    # tok_end is a multiple of 16: the same mask, constant over each group's run.
-    group_mask = start + offs_n // 16 * 16 < tok_end
-    v = tl.load(v_ptr + rows[:, None] + offs_d[None, :] * 16,
-                mask=group_mask[:, None] & d_mask[None, :], other=0.0)
-    scale_at = page * stride_sp + kv_head * stride_sh + slot
-    ks = tl.load(ks_ptr + scale_at, mask=tok_mask, other=0.0)
-    vs = tl.load(vs_ptr + scale_at, mask=tok_mask, other=0.0)
-    return k, v, ks, vs, tok
-
-
 def fp16_products(q: torch.Tensor, kv_scales: tuple[torch.Tensor, torch.Tensor] | None) -> bool:
     """Whether the kernels' tile products run in fp16: with an e4m3 cache and a bf16 q. e4m3
     keys and values widen to fp16 in one instruction per pair, to bf16 in three, which bounded

@@ -20,11 +20,9 @@ from llmserve.kernels.paged_common import (
     fp16_products,
     fp16_query,
     load_kv_tile,
-    load_sealed_tile,
     sm_count,
     softmax_step,
 )
-from llmserve.kernels.sealed_groups import check_sealed_launch
 
 MIN_SPLIT_TOKENS = 256  # a full batch's splits: below this their fixed cost stops paying
 SPLIT_TOKENS = 512  # the longest share of one sequence that one program should stream
@@ -133,7 +131,7 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
     MIN_SPLIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, FP8: tl.constexpr,
-    FP16: tl.constexpr, ORDERED: tl.constexpr, SEALED: tl.constexpr, PDL: tl.constexpr,
+    FP16: tl.constexpr, ORDERED: tl.constexpr, PDL: tl.constexpr,
 ):
     await_previous_kernel(PDL)
     # KV heads vary fastest over the grid: the programs reading the neighbouring heads of the
@@ -165,37 +163,13 @@ def _decode_split_kernel(
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    if SEALED:
-        # Tokens before the group holding this step's token are sealed
-        # (kernels/sealed_groups.py). That open group (1 to 16 tokens) is loaded first and
-        # folded in last, so its loads overlap the sealed tiles' instead of following them.
-        sealed_end = tl.maximum(seq_len - 1, 0) // 16 * 16
-        offs_g = tl.arange(0, 16)
-        k_g, v_g, ks_g, vs_g, tok_g = load_kv_tile(
-            k_ptr, v_ptr, ks_ptr, vs_ptr, table_row, sealed_end, kv_head, hi, offs_g, offs_d,
-            d_mask, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, stride_sp,
-            stride_sh, PAGE_SIZE, 16, FP8)
-        end = tl.minimum(hi, sealed_end)
-        for start in range(lo, end, BLOCK_N):
-            k, v, ks, vs, tok = load_sealed_tile(
-                k_ptr, v_ptr, ks_ptr, vs_ptr, table_row, start, kv_head, end, offs_n, offs_d,
-                d_mask, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
-                stride_sp, stride_sh, PAGE_SIZE, BLOCK_N)
-            m_i, l_i, acc = softmax_step(q, k, v, ks, vs, tok[None, :] < end, m_i, l_i, acc,
-                                         qk_scale, True, PRECISION, UPCAST, FP8)
-        if lo < hi:  # a padded row's empty sequence folds nothing (its max stays -inf)
-            # Only the split holding the open group sees it.
-            visible = (tok_g >= lo) & (tok_g < hi)
-            m_i, l_i, acc = softmax_step(q, k_g, v_g, ks_g, vs_g, visible[None, :], m_i, l_i,
-                                         acc, qk_scale, True, PRECISION, UPCAST, FP8)
-    else:
-        for start in range(lo, hi, BLOCK_N):
-            k, v, ks, vs, tok = load_kv_tile(
-                k_ptr, v_ptr, ks_ptr, vs_ptr, table_row, start, kv_head, hi, offs_n, offs_d,
-                d_mask, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
-                stride_sp, stride_sh, PAGE_SIZE, BLOCK_N, FP8)
-            m_i, l_i, acc = softmax_step(q, k, v, ks, vs, tok[None, :] < hi, m_i, l_i, acc,
-                                         qk_scale, True, PRECISION, UPCAST, FP8)
+    for start in range(lo, hi, BLOCK_N):
+        k, v, ks, vs, tok = load_kv_tile(
+            k_ptr, v_ptr, ks_ptr, vs_ptr, table_row, start, kv_head, hi, offs_n, offs_d, d_mask,
+            stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, stride_sp,
+            stride_sh, PAGE_SIZE, BLOCK_N, FP8)
+        m_i, l_i, acc = softmax_step(q, k, v, ks, vs, tok[None, :] < hi, m_i, l_i, acc,
+                                     qk_scale, True, PRECISION, UPCAST, FP8)
 
     # An empty sequence (a padded batch slot) gets zeros rather than 0/0.
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -248,7 +222,6 @@ def paged_decode_attention(
     tiles: DecodeTiles | None = None,
     kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     order: torch.Tensor | None = None,
-    sealed: bool = False,
 ) -> torch.Tensor:
     """Decode attention over a paged KV cache: q [B, Hq, D] -> [B, Hq, D] in q's dtype.
 
@@ -262,8 +235,7 @@ def paged_decode_attention(
     two splits of FP8_SPLIT_TILES instead (fp8_two_splits). `kv_scales` ([num_blocks, Hkv,
     block_size] fp32, K's and V's) come with an e4m3 cache (see fp8_kv). `order` ([B] int32,
     a permutation of the rows) is the order their programs start in: longest first keeps a long
-    row from starting in the last wave and running on alone. `sealed`: the e4m3 cache's groups
-    before each row's last one are sealed (kernels/sealed_groups.py).
+    row from starting in the last wave and running on alone.
     """
     check_paged_inputs(q, k_cache, v_cache, block_tables, kv_scales)
     batch, num_heads, head_dim = q.shape
@@ -272,8 +244,6 @@ def paged_decode_attention(
     num_splits, min_split, tiles = resolve_launch(
         batch, num_kv_heads, block_tables.shape[1] * block_size, sm_count(q.device),
         kv_scales is not None, num_splits, tiles)
-    if sealed:
-        check_sealed_launch(v_cache, kv_scales is not None)
     out = torch.empty_like(q)
     if batch == 0:
         return out
@@ -297,8 +267,7 @@ def paged_decode_attention(
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_D=block_d, BLOCK_N=tiles.block_n, PAGE_SIZE=block_size, NUM_SPLITS=num_splits,
         MIN_SPLIT=min_split, PRECISION=precision, UPCAST=upcast, FP8=kv_scales is not None,
-        FP16=fp16_products(q, kv_scales), ORDERED=order is not None, SEALED=sealed, PDL=pdl,
-        launch_pdl=pdl,
+        FP16=fp16_products(q, kv_scales), ORDERED=order is not None, PDL=pdl, launch_pdl=pdl,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages, maxnreg=tiles.maxnreg,
     )
     if num_splits > 1:

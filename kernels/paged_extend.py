@@ -24,10 +24,8 @@ from llmserve.kernels.paged_common import (
     fp16_products,
     fp16_query,
     load_kv_tile,
-    load_sealed_tile,
     softmax_step,
 )
-from llmserve.kernels.sealed_groups import check_sealed_launch
 
 BLOCK_M = 64  # query rows (tokens x group heads) per program
 BLOCK_N = 64  # keys per tile
@@ -44,7 +42,7 @@ def _extend_kernel(
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, FP8: tl.constexpr, FP16: tl.constexpr,
-    SEALED: tl.constexpr, PDL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     await_previous_kernel(PDL)
     kv_head = tl.program_id(0)  # fastest over the grid: neighbouring heads share DRAM pages
@@ -86,29 +84,7 @@ def _extend_kernel(
     last_pos = seq_len - q_len + tl.minimum(first + BLOCK_Q, q_len) - 1
     # Keys below first_pos + 1 are visible to every row: those whole tiles need no mask.
     open_end = (first_pos + 1) // BLOCK_N * BLOCK_N
-    # Keys of the groups full before the step's first token are sealed
-    # (kernels/sealed_groups.py): read as such, then the rest of the tile holding their end.
-    sealed_end = 0
-    unmasked_from = 0
-    if SEALED:
-        sealed_end = (seq_len - q_len) // 16 * 16
-        for start in range(0, sealed_end, BLOCK_N):
-            k, v, ks, vs, tok = load_sealed_tile(
-                k_ptr, v_ptr, ks_ptr, vs_ptr, table_row, start, kv_head, sealed_end, offs_n,
-                offs_d, d_mask, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt,
-                stride_vh, stride_sp, stride_sh, PAGE_SIZE, BLOCK_N)
-            m_i, l_i, acc = softmax_step(q, k, v, ks, vs, tok[None, :] < sealed_end, m_i, l_i,
-                                         acc, qk_scale, True, PRECISION, UPCAST, FP8)
-        unmasked_from = tl.cdiv(sealed_end, BLOCK_N) * BLOCK_N
-        for start in range(sealed_end // BLOCK_N * BLOCK_N, tl.minimum(unmasked_from, open_end),
-                           BLOCK_N):
-            k, v, ks, vs, tok = load_kv_tile(
-                k_ptr, v_ptr, ks_ptr, vs_ptr, table_row, start, kv_head, open_end, offs_n,
-                offs_d, d_mask, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt,
-                stride_vh, stride_sp, stride_sh, PAGE_SIZE, BLOCK_N, FP8)
-            m_i, l_i, acc = softmax_step(q, k, v, ks, vs, tok[None, :] >= sealed_end, m_i, l_i,
-                                         acc, qk_scale, True, PRECISION, UPCAST, FP8)
-    for start in range(unmasked_from, open_end, BLOCK_N):
+    for start in range(0, open_end, BLOCK_N):
         k, v, ks, vs, _ = load_kv_tile(
             k_ptr, v_ptr, ks_ptr, vs_ptr, table_row, start, kv_head, open_end, offs_n, offs_d,
             d_mask, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
@@ -122,8 +98,6 @@ def _extend_kernel(
             stride_sp, stride_sh, PAGE_SIZE, BLOCK_N, FP8)
         # Rows past our queries (padding) also see the zero keys past last_pos: never stored.
         visible = tok[None, :] <= pos[:, None]
-        if SEALED:
-            visible = visible & (tok[None, :] >= sealed_end)
         m_i, l_i, acc = softmax_step(q, k, v, ks, vs, visible, m_i, l_i, acc, qk_scale,
                                      True, PRECISION, UPCAST, FP8)
 
@@ -141,7 +115,6 @@ def paged_extend_attention(
     block_tables: torch.Tensor,
     scale: float,
     kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
-    sealed: bool = False,
 ) -> torch.Tensor:
     """Causal varlen attention over a paged KV cache: q [T, Hq, D] -> [T, Hq, D] in q's dtype.
 
@@ -149,13 +122,9 @@ def paged_extend_attention(
     query_start_loc[b]:query_start_loc[b+1] of q, at its last positions before seq_lens[b]; its
     keys (prefix and this step's alike) must already be in the cache. Each sequence needs
     q_len <= seq_len. Reads no tensor on the host, so it never syncs. `kv_scales`
-    ([num_blocks, Hkv, block_size] fp32, K's and V's) come with an e4m3 cache (see fp8_kv);
-    `sealed`: its groups full before each sequence's first query are sealed
-    (kernels/sealed_groups.py).
+    ([num_blocks, Hkv, block_size] fp32, K's and V's) come with an e4m3 cache (see fp8_kv).
     """
     check_paged_inputs(q, k_cache, v_cache, block_tables, kv_scales)
-    if sealed:
-        check_sealed_launch(v_cache, kv_scales is not None)
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs = seq_lens.shape[0]
@@ -178,7 +147,7 @@ def paged_extend_attention(
         GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=BLOCK_N, HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim), PAGE_SIZE=block_size,
         PRECISION=precision, UPCAST=upcast, FP8=kv_scales is not None,
-        FP16=fp16_products(q, kv_scales), SEALED=sealed, PDL=pdl, launch_pdl=pdl,
+        FP16=fp16_products(q, kv_scales), PDL=pdl, launch_pdl=pdl,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     return out

@@ -23,35 +23,35 @@ BACKENDS = ("torch", "triton", "flash_attn")
 
 
 def _torch_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   meta: AttentionMetadata, scale: float, kv_scales: KVScales = None,
-                   sealed: bool = False) -> torch.Tensor:
+                   meta: AttentionMetadata, scale: float, kv_scales: KVScales = None
+                   ) -> torch.Tensor:
     return paged_attention_torch(q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens,
-                                 meta.block_tables, scale, kv_scales, sealed)
+                                 meta.block_tables, scale, kv_scales)
 
 
 def _torch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  meta: AttentionMetadata, scale: float, kv_scales: KVScales = None,
-                  sealed: bool = False) -> torch.Tensor:
+                  meta: AttentionMetadata, scale: float, kv_scales: KVScales = None
+                  ) -> torch.Tensor:
     # One query per row, as the Triton decode path assumes (it takes no query_start_loc).
     starts = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
     return paged_attention_torch(q, k_cache, v_cache, starts, meta.seq_lens, meta.block_tables,
-                                 scale, kv_scales, sealed)
+                                 scale, kv_scales)
 
 
 def _triton_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float, kv_scales: KVScales = None,
-                    sealed: bool = False) -> torch.Tensor:
+                    meta: AttentionMetadata, scale: float, kv_scales: KVScales = None
+                    ) -> torch.Tensor:
     return paged_extend_attention(q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens,
-                                  meta.block_tables, scale, kv_scales, sealed)
+                                  meta.block_tables, scale, kv_scales)
 
 
 def _triton_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   meta: AttentionMetadata, scale: float, kv_scales: KVScales = None,
-                   sealed: bool = False) -> torch.Tensor:
+                   meta: AttentionMetadata, scale: float, kv_scales: KVScales = None
+                   ) -> torch.Tensor:
     # The split count comes from shapes only (batch rows, block-table width, SM count): inside
     # a CUDA graph it is fixed per captured batch size, never read from device data.
     return paged_decode_attention(q, k_cache, v_cache, meta.seq_lens, meta.block_tables, scale,
-                                  kv_scales=kv_scales, order=meta.decode_order, sealed=sealed)
+                                  kv_scales=kv_scales, order=meta.decode_order)
 
 
 # The torch twin reads query_start_loc and seq_lens on the host: correct anywhere, but a sync

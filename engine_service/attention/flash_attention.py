@@ -25,8 +25,8 @@ PREFILL_SPLITS = 1
 
 def _attend(fa4: Callable, num_splits: int, q: torch.Tensor, k_cache: torch.Tensor,
             v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-            kv_scales: KVScales = None, sealed: bool = False) -> torch.Tensor:
-    assert kv_scales is None and not sealed, "flash-attn 4 reads no e4m3 KV cache"
+            kv_scales: KVScales = None) -> torch.Tensor:
+    assert kv_scales is None, "flash-attn 4 reads no e4m3 KV cache"
     out = fa4(q, k_cache, v_cache, cu_seqlens_q=meta.query_start_loc,
               max_seqlen_q=meta.max_query_len, seqused_k=meta.seq_lens,
               page_table=meta.block_tables, softmax_scale=scale, causal=True,

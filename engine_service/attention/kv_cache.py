@@ -11,10 +11,6 @@ the measurements).
 
 Blocks are the unit of everything above (prefix caching, preemption, tensor parallel shards by
 KV head), and a block's scales sit at the same block index, so none of it sees the dtype.
-
-Where `seals_groups` says so, an e4m3 cache holds V transposed in each full group of 16 tokens
-(kernels/sealed_groups.py): the attention layer seals each group once the step that fills it
-has run.
 """
 
 from typing import NamedTuple
@@ -22,7 +18,6 @@ from typing import NamedTuple
 import torch
 
 from llmserve.kernels.e4m3 import FP8_DTYPE, FP8_MIN_CAPABILITY
-from llmserve.kernels.sealed_groups import GROUP
 
 SCALE_DTYPE = torch.float32
 
@@ -37,13 +32,6 @@ class LayerCache(NamedTuple):
 
 def is_fp8(kv_cache_dtype: str) -> bool:
     return kv_cache_dtype == "fp8_e4m3"
-
-
-def seals_groups(kv_cache_dtype: str, block_size: int, speculating: bool) -> bool:
-    """Whether full groups are sealed: an e4m3 cache of pages of whole groups, and no
-    speculative decoding (rejected guesses would take back tokens of a group that a step
-    filled and sealed)."""
-    return is_fp8(kv_cache_dtype) and block_size % GROUP == 0 and not speculating
 
 
 def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int,

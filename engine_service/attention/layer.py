@@ -32,10 +32,10 @@ class AttentionMetadata:
     decode_order: torch.Tensor | None = None
 
 
-# q [T, Hq, D], k_cache, v_cache [num_blocks, block_size, Hkv, D], metadata, scale, an e4m3
-# cache's scales (None otherwise) and whether its full pages are sealed -> [T, Hq, D]
+# q [T, Hq, D], k_cache, v_cache [num_blocks, block_size, Hkv, D], metadata, scale, and an
+# e4m3 cache's scales (None otherwise) -> [T, Hq, D]
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float,
-                     KVScales, bool], torch.Tensor]
+                     KVScales], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -60,9 +60,7 @@ class PagedAttention:
     op), then the prefill or decode backend.
 
     `metadata` is set by the runner before each forward pass (and before each graph capture,
-    which freezes the choice of phase into the graph). With `sealed` (an e4m3 cache, see
-    kv_cache.seals_groups) the backends read full groups sealed, and after the last layer's
-    attention `seal_new_groups` seals the groups the step filled.
+    which freezes the choice of phase into the graph).
     """
 
     def __init__(
@@ -70,13 +68,10 @@ class PagedAttention:
         prefill: AttentionKernels,
         decode: AttentionKernels,
         qkv_rope_store: Callable[..., torch.Tensor],
-        seal_new_groups: Callable[..., None],
         scale: float,
-        sealed: bool = False,
     ) -> None:
         self.prefill, self.decode, self.scale = prefill, decode, scale
-        self.qkv_rope_store, self.seal_new_groups = qkv_rope_store, seal_new_groups
-        self.sealed = sealed
+        self.qkv_rope_store = qkv_rope_store
         self.kv_caches: list[LayerCache] = []
         self.metadata: AttentionMetadata | None = None
 
@@ -105,8 +100,4 @@ class PagedAttention:
         q = self.qkv_rope_store(qkv, positions, cos_sin, q_weight, k_weight, eps, k_cache,
                                 v_cache, meta.slot_mapping, kv_scales)
         attend = self.decode.decode if meta.decode_only else self.prefill.prefill
-        out = attend(q, k_cache, v_cache, meta, self.scale, kv_scales, self.sealed)
-        if self.sealed and layer == len(self.kv_caches) - 1:
-            self.seal_new_groups([cache.v for cache in self.kv_caches], meta.query_start_loc,
-                                meta.seq_lens, meta.block_tables)
-        return out
+        return attend(q, k_cache, v_cache, meta, self.scale, kv_scales)

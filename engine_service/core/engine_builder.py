@@ -123,7 +123,6 @@ def build_engine(config: EngineConfig) -> tuple[EngineCore, EngineInfo]:
         block_size=config.block_size,
         bytes=num_blocks * block_bytes,
         kv_cache_dtype=config.kv_cache_dtype,
-        sealed_groups=runner.attention.sealed,
         max_model_len=config.max_model_len,
         seconds=round(time.monotonic() - started, 2),
     )

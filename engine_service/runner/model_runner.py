@@ -114,11 +114,8 @@ class ModelRunner:
             self.model = DecoderModel(spec, self.ops, self.tp, quant)
         self.model.load_weights(iter_safetensors(config.model))
         self.model.eval()
-        sealed = kv_cache.seals_groups(config.kv_cache_dtype, config.block_size,
-                                       config.max_draft_tokens > 0)
         self.attention = PagedAttention(prefill, decode, self.ops.qkv_rope_store,
-                                        self.ops.seal_new_groups, 1.0 / math.sqrt(spec.head_dim),
-                                        sealed)
+                                        1.0 / math.sqrt(spec.head_dim))
         max_pages = -(-config.max_model_len // config.block_size)
         self.inputs = StepInputs(max(config.max_num_batched_tokens, config.max_num_seqs),
                                  config.max_num_seqs, max_pages, config.block_size, device,

@@ -14,9 +14,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from llmserve.engine_service.attention import kv_cache
 from llmserve.kernels.fp8_kv import quantize_kv_torch
-from llmserve.kernels.sealed_groups import GROUP, seal_new_groups_torch
 
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     # Triton picks interpreter or compiler when a kernel is decorated, its own library's kernels
@@ -114,27 +112,11 @@ class Paged:
 
     @staticmethod
     def fp8(kv: PagedKV) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """The pool as the engine's e4m3 cache (kv_cache.allocate's layout, no page sealed): K,
-        V and their scales [num_blocks, Hkv, block_size]."""
-        num_blocks, block_size, heads, dim = kv.k_cache.shape
-        cache = kv_cache.allocate(1, num_blocks, block_size, heads, dim, kv.k_cache.dtype,
-                                  "fp8_e4m3", kv.k_cache.device)[0]
-        assert cache.scales is not None
-        for src, values, scales in zip((kv.k_cache, kv.v_cache), (cache.k, cache.v),
-                                       cache.scales, strict=True):
-            x8, scale = quantize_kv_torch(src)
-            values.copy_(x8)
-            scales.copy_(scale.transpose(1, 2))
-        return cache.k, cache.v, cache.scales
-
-    @staticmethod
-    def seal(v_cache: torch.Tensor, kv: PagedKV, q_lens: Sequence[int]) -> None:
-        """Seals what the engine would have sealed before this step: each sequence's groups
-        full before its first query (kernels/sealed_groups.py), by the torch twin."""
-        for b, (length, q_len) in enumerate(zip(kv.seq_lens.tolist(), q_lens, strict=True)):
-            sealed = (length - q_len) // GROUP * GROUP
-            seal_new_groups_torch([v_cache], torch.tensor([0, sealed]), torch.tensor([sealed]),
-                                  kv.block_tables[b : b + 1])
+        """The pool as an e4m3 cache: K, V and their scales [num_blocks, Hkv, block_size]."""
+        k8, k_scales = quantize_kv_torch(kv.k_cache)
+        v8, v_scales = quantize_kv_torch(kv.v_cache)
+        return k8, v8, (k_scales.transpose(1, 2).contiguous(),
+                        v_scales.transpose(1, 2).contiguous())
 
     @staticmethod
     def starts(q_lens: Sequence[int], device: str) -> torch.Tensor:

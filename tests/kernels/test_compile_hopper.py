@@ -14,7 +14,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from llmserve.kernels import (
-    activation, fp8_gemm, paged_decode, paged_extend, qkv_rope_store, rms_norm, sealed_groups,
+    activation, fp8_gemm, paged_decode, paged_extend, qkv_rope_store, rms_norm,
 )
 
 INT_POINTERS = {"seq_lens_ptr", "tables_ptr", "starts_ptr", "slots_ptr", "positions_ptr",
@@ -61,33 +61,19 @@ for cache, fp8 in [("bf16", False), ("fp8e4nv", True)]:
     for page, splits in [(16, 1), (64, 4)]:
         compile_sm90(paged_decode._decode_split_kernel, dict(
             attention, BLOCK_H=16, PAGE_SIZE=page, NUM_SPLITS=splits, MIN_SPLIT=64, FP8=fp8,
-            FP16=fp8, ORDERED=splits == 1, SEALED=False),
+            FP16=fp8, ORDERED=splits == 1),
             cache=cache)
     compile_sm90(paged_decode._decode_split_kernel, dict(
         attention, BLOCK_H=16, PAGE_SIZE=16, NUM_SPLITS=2, MIN_SPLIT=32, BLOCK_N=32, FP8=fp8,
-        FP16=fp8, ORDERED=False, SEALED=False),
+        FP16=fp8, ORDERED=False),
         num_stages=5, cache=cache)
     compile_sm90(paged_extend._extend_kernel, dict(
-        attention, BLOCK_M=64, BLOCK_Q=32, PAGE_SIZE=16, FP8=fp8, FP16=fp8, SEALED=False),
-        cache=cache)
+        attention, BLOCK_M=64, BLOCK_Q=32, PAGE_SIZE=16, FP8=fp8, FP16=fp8), cache=cache)
     for norm in (True, False):
         compile_sm90(qkv_rope_store._qkv_rope_store_kernel, dict(
             NUM_Q_HEADS=16, NUM_KV_HEADS=8, HEAD_DIM=128, HALF=64, Q_PART_HEADS=8, BLOCK_KH=8,
             BLOCK_HALF=64, BLOCK_D=128, PAGE_SIZE=16, NORM=norm, FP8=fp8, ROUND_BY_HAND=False,
             SCALE_X=norm), cache=cache)
-# Sealed groups over the e4m3 cache: the engine's tiles (unsplit, two splits of wide tiles),
-# pages of one group and of eight.
-for page, splits, block_n, warps, stages in [(128, 1, 64, 2, 5), (16, 2, 128, 4, 3)]:
-    compile_sm90(paged_decode._decode_split_kernel, dict(
-        attention, BLOCK_H=16, PAGE_SIZE=page, NUM_SPLITS=splits, MIN_SPLIT=block_n,
-        BLOCK_N=block_n, FP8=True, FP16=True, ORDERED=splits == 1, SEALED=True),
-        num_warps=warps, num_stages=stages, cache="fp8e4nv")
-for page in (16, 128):
-    compile_sm90(paged_extend._extend_kernel, dict(
-        attention, BLOCK_M=64, BLOCK_Q=32, PAGE_SIZE=page, FP8=True, FP16=True, SEALED=True),
-        cache="fp8e4nv")
-compile_sm90(sealed_groups._seal_kernel, dict(
-    NUM_KV_HEADS=8, ROWS=16, PAGE_SIZE=128, HEAD_DIM=128, BLOCK_D=128), cache="u8")
 compile_sm90(paged_decode._decode_reduce_kernel, dict(
     HEAD_DIM=128, BLOCK_D=128, BLOCK_N=64, NUM_SPLITS=4, MIN_SPLIT=256, BLOCK_S=4))
 for quantize in (False, True):

@@ -30,8 +30,7 @@ def side_by_side(kernels: AttentionKernels, errors: list[float]) -> AttentionKer
     layer's output alone, on the same inputs (none carried over from earlier layers)."""
 
     def wrap(attend: AttendFn) -> AttendFn:
-        def both(q, k_cache, v_cache, meta, scale, kv_scales=None, sealed=False):
-            assert not sealed  # a bf16 cache
+        def both(q, k_cache, v_cache, meta, scale, kv_scales=None):
             out = attend(q, k_cache, v_cache, meta, scale, kv_scales)
             (k8, k_scales), (v8, v_scales) = map(quantize_kv_torch, (k_cache, v_cache))
             scales = (k_scales.transpose(1, 2).contiguous(), v_scales.transpose(1, 2).contiguous())
