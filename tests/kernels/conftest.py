@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from llmserve.engine_service.attention import kv_cache
 from llmserve.kernels.fp8_kv import quantize_kv_torch
 
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
@@ -112,11 +113,19 @@ class Paged:
 
     @staticmethod
     def fp8(kv: PagedKV) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """The pool as an e4m3 cache: K, V and their scales [num_blocks, Hkv, block_size]."""
-        k8, k_scales = quantize_kv_torch(kv.k_cache)
-        v8, v_scales = quantize_kv_torch(kv.v_cache)
-        return k8, v8, (k_scales.transpose(1, 2).contiguous(),
-                        v_scales.transpose(1, 2).contiguous())
+        """The pool as the engine's e4m3 cache, in kv_cache.allocate's layout (each page's K
+        rows, their scales, V rows and theirs side by side per KV head): K, V and their scales
+        [num_blocks, Hkv, block_size]."""
+        num_blocks, block_size, heads, dim = kv.k_cache.shape
+        cache = kv_cache.allocate(1, num_blocks, block_size, heads, dim, kv.k_cache.dtype,
+                                  "fp8_e4m3", kv.k_cache.device)[0]
+        assert cache.scales is not None
+        for src, values, scales in zip((kv.k_cache, kv.v_cache), (cache.k, cache.v),
+                                       cache.scales, strict=True):
+            x8, scale = quantize_kv_torch(src)
+            values.copy_(x8)
+            scales.copy_(scale.transpose(1, 2))
+        return cache.k, cache.v, cache.scales
 
     @staticmethod
     def starts(q_lens: Sequence[int], device: str) -> torch.Tensor:
