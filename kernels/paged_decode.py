@@ -261,7 +261,7 @@ def paged_decode_attention(
     if tiles.programs_per_sm is not None:
         return paged_decode_balanced(
             q, k_cache, v_cache, seq_lens, block_tables, scale, tiles.block_n, tiles.num_warps,
-            tiles.num_stages, tiles.programs_per_sm, kv_scales)
+            tiles.num_stages, tiles.programs_per_sm, kv_scales, tiles.maxnreg)
     out = torch.empty_like(q)
     if batch == 0:
         return out

@@ -174,9 +174,11 @@ def paged_decode_balanced(
     num_stages: int = 5,
     programs_per_sm: int = 5,
     kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+    maxnreg: int | None = None,
 ) -> torch.Tensor:
     """Decode attention as paged_decode_attention computes it (same arguments and result), its
-    keys dealt out evenly over programs_per_sm x SMs programs of `block_n`-key tiles."""
+    keys dealt out evenly over programs_per_sm x SMs programs of `block_n`-key tiles (`maxnreg`
+    caps the registers a thread, None leaves them to the compiler)."""
     check_paged_inputs(q, k_cache, v_cache, block_tables, kv_scales)
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -203,6 +205,6 @@ def paged_decode_balanced(
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, PAGE_SIZE=block_size,
         BLOCK_B=max(256, triton.next_power_of_2(batch)), PRECISION=precision, UPCAST=upcast,
         FP8=kv_scales is not None, FP16=fp16_products(q, kv_scales), PDL=pdl, launch_pdl=pdl,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg,
     )
     return out
