@@ -15,6 +15,7 @@ docs/benchmarks.md); `GEMV_CONFIGS` and `GEMM_CONFIGS` are the few that benchmar
 sweeps.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,6 @@ import triton.language as tl
 from llmserve.kernels.dependent_launch import await_previous_kernel, dependent_launch
 from llmserve.kernels.e4m3 import FP8_DTYPE, FP8_MAX
 from llmserve.kernels.fp8_kv import fp8_values, to_e4m3
-from llmserve.kernels.graph_buffers import buffer_before_capture
 
 # Zero rows (padding in CUDA graphs) get this scale instead of 0, so they quantize to 0, not NaN.
 MIN_SCALE = torch.finfo(torch.float32).tiny
@@ -310,6 +310,18 @@ def _store_output(acc, offs_m, offs_n, M, N, a_scale_ptr, b_scale_ptr, bias_ptr,
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def buffer_before_capture(cache: dict[torch.device, torch.Tensor], device: torch.device,
+                          make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """cache[device], made by `make` at its first use, which must not be inside a CUDA graph
+    capture (CudaGraphCapture runs every pass once eagerly first): a fill captured in a graph
+    would not run until that graph's first replay."""
+    if device not in cache:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("a kernel's buffer must be made before CUDA graph capture")
+        cache[device] = make()
+    return cache[device]
 
 
 # The split tiles' arrival counters per device: zeroed once, and each tile's returned to zero

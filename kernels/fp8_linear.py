@@ -35,13 +35,13 @@ import torch.nn.functional as F
 from llmserve.kernels.e4m3 import FP8_DTYPE, FP8_MAX, QuantizedRows, UnscaledProduct
 from llmserve.kernels.fp8_gemm import (
     MIN_SCALE,
+    buffer_before_capture,
     gemm_config,
     quantize_rows_torch,
     quantize_rows_triton,
     w8a8_gemm,
     w8a16_gemv,
 )
-from llmserve.kernels.graph_buffers import buffer_before_capture
 from llmserve.kernels.paged_common import sm_count
 
 __all__ = ["FP8_DTYPE", "FP8_MAX", "MIN_SCALE", "QuantizedRows", "UnscaledProduct",

@@ -23,7 +23,6 @@ from llmserve.kernels.paged_common import (
     sm_count,
     softmax_step,
 )
-from llmserve.kernels.paged_decode_balanced import paged_decode_balanced
 
 MIN_SPLIT_TOKENS = 256  # a full batch's splits: below this their fixed cost stops paying
 SPLIT_TOKENS = 512  # the longest share of one sequence that one program should stream
@@ -40,7 +39,6 @@ class DecodeTiles:
     num_warps: int = 4
     num_stages: int = 2
     maxnreg: int | None = None
-    programs_per_sm: int | None = None  # set: the balanced kernel, this many programs an SM
 
 
 # Batches large enough not to split stream long runs of keys per program; wider, deeper tiles
@@ -58,11 +56,6 @@ FP8_UNSPLIT_TILES = DecodeTiles(block_n=64, num_warps=2, num_stages=5)
 FP8_SPLIT_TILES = DecodeTiles(block_n=128, num_warps=4, num_stages=3)
 FP8_TWO_SPLITS_PAIRS = 128
 FP8_UNSPLIT_PAIRS_PER_SM = 6
-FP8_BALANCED_TILES = DecodeTiles(block_n=64, num_warps=2, num_stages=5, programs_per_sm=4)
-FP8_BALANCED_MAX_PAIRS_PER_SM = 1 << 30
-FP8_CHUNK_TOKENS = 0
-FP8_CHUNK_MAX_PAIRS_PER_SM = 6
-FP8_CHUNK_TILES = DecodeTiles(block_n=128, num_warps=4, num_stages=3)
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, sms: int,
@@ -106,13 +99,6 @@ def resolve_launch(batch: int, num_kv_heads: int, max_context: int, sms: int, fp
     """(splits per sequence, fewest keys per split, tiles) of a decode launch, as
     paged_decode_attention picks them from what the caller left open (None)."""
     chosen = num_splits is None
-    if chosen and fp8 and tiles is None and (
-            batch * num_kv_heads < FP8_BALANCED_MAX_PAIRS_PER_SM * sms):
-        return 1, FP8_BALANCED_TILES.block_n, FP8_BALANCED_TILES
-    if chosen and fp8 and tiles is None and FP8_CHUNK_TOKENS and (
-            batch * num_kv_heads < FP8_CHUNK_MAX_PAIRS_PER_SM * sms):
-        return (min(MAX_SPLITS, triton.cdiv(max_context, FP8_CHUNK_TOKENS)), FP8_CHUNK_TOKENS,
-                FP8_CHUNK_TILES)
     if chosen:
         num_splits, min_split = choose_num_splits(
             batch, num_kv_heads, max_context, sms, (tiles or DecodeTiles()).block_n)
@@ -258,10 +244,6 @@ def paged_decode_attention(
     num_splits, min_split, tiles = resolve_launch(
         batch, num_kv_heads, block_tables.shape[1] * block_size, sm_count(q.device),
         kv_scales is not None, num_splits, tiles)
-    if tiles.programs_per_sm is not None:
-        return paged_decode_balanced(
-            q, k_cache, v_cache, seq_lens, block_tables, scale, tiles.block_n, tiles.num_warps,
-            tiles.num_stages, tiles.programs_per_sm, kv_scales, tiles.maxnreg)
     out = torch.empty_like(q)
     if batch == 0:
         return out

@@ -14,12 +14,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from llmserve.kernels import (
-    activation, fp8_gemm, paged_decode, paged_decode_balanced, paged_extend, qkv_rope_store,
-    rms_norm,
+    activation, fp8_gemm, paged_decode, paged_extend, qkv_rope_store, rms_norm,
 )
 
 INT_POINTERS = {"seq_lens_ptr", "tables_ptr", "starts_ptr", "slots_ptr", "positions_ptr",
-                "order_ptr", "count_ptr"}
+                "order_ptr"}
 FP32_POINTERS = {"part_out_ptr", "part_lse_ptr", "cos_sin_ptr", "ks_ptr", "vs_ptr",
                  "k_scales_ptr", "v_scales_ptr", "scale_ptr", "x_row_scale_ptr",
                  "x_col_scale_ptr", "row_scale_ptr", "col_scale_ptr", "amax_ptr"}
@@ -68,9 +67,6 @@ for cache, fp8 in [("bf16", False), ("fp8e4nv", True)]:
         attention, BLOCK_H=16, PAGE_SIZE=16, NUM_SPLITS=2, MIN_SPLIT=32, BLOCK_N=32, FP8=fp8,
         FP16=fp8, ORDERED=False),
         num_stages=5, cache=cache)
-    compile_sm90(paged_decode_balanced._decode_balanced_kernel, dict(
-        attention, NUM_KV_HEADS=8, BLOCK_H=16, PAGE_SIZE=128, BLOCK_B=256, FP8=fp8, FP16=fp8),
-        num_warps=2, num_stages=5, cache=cache)
     compile_sm90(paged_extend._extend_kernel, dict(
         attention, BLOCK_M=64, BLOCK_Q=32, PAGE_SIZE=16, FP8=fp8, FP16=fp8), cache=cache)
     for norm in (True, False):
