@@ -56,13 +56,6 @@ FP8_UNSPLIT_TILES = DecodeTiles(block_n=64, num_warps=2, num_stages=5)
 FP8_SPLIT_TILES = DecodeTiles(block_n=128, num_warps=4, num_stages=3)
 FP8_TWO_SPLITS_PAIRS = 128
 FP8_UNSPLIT_PAIRS_PER_SM = 6
-# Over an e4m3 cache a batch of fewer than FP8_CHUNK_MAX_PAIRS_PER_SM pairs per SM (and at
-# least FP8_CHUNK_MIN_PAIRS) splits every sequence into chunks of FP8_CHUNK_TOKENS keys, so
-# each program streams the same share whatever its sequence's length (0: off).
-FP8_CHUNK_TOKENS = 0
-FP8_CHUNK_MIN_PAIRS = 128
-FP8_CHUNK_MAX_PAIRS_PER_SM = 8
-FP8_CHUNK_TILES = DecodeTiles(block_n=128, num_warps=4, num_stages=3)
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, sms: int,
@@ -106,11 +99,6 @@ def resolve_launch(batch: int, num_kv_heads: int, max_context: int, sms: int, fp
     """(splits per sequence, fewest keys per split, tiles) of a decode launch, as
     paged_decode_attention picks them from what the caller left open (None)."""
     chosen = num_splits is None
-    pairs = batch * num_kv_heads
-    if (chosen and fp8 and tiles is None and FP8_CHUNK_TOKENS
-            and FP8_CHUNK_MIN_PAIRS <= pairs < FP8_CHUNK_MAX_PAIRS_PER_SM * sms):
-        return (min(MAX_SPLITS, triton.cdiv(max_context, FP8_CHUNK_TOKENS)), FP8_CHUNK_TOKENS,
-                FP8_CHUNK_TILES)
     if chosen:
         num_splits, min_split = choose_num_splits(
             batch, num_kv_heads, max_context, sms, (tiles or DecodeTiles()).block_n)
