@@ -53,7 +53,7 @@ FP8_UNSPLIT_TILES = DecodeTiles(block_n=64, num_warps=2, num_stages=5)
 # decode states: docs/benchmarks.md). So does one with fewer than FP8_UNSPLIT_PAIRS_PER_SM
 # pairs per SM, which choose_num_splits leaves unsplit: FP8_UNSPLIT_TILES' programs would then
 # end in a second, partial wave.
-FP8_SPLIT_TILES = DecodeTiles(block_n=64, num_warps=2, num_stages=5)
+FP8_SPLIT_TILES = DecodeTiles(block_n=128, num_warps=4, num_stages=3)
 FP8_TWO_SPLITS_PAIRS = 128
 FP8_UNSPLIT_PAIRS_PER_SM = 6
 
@@ -238,12 +238,6 @@ def paged_decode_attention(
     row from starting in the last wave and running on alone.
     """
     check_paged_inputs(q, k_cache, v_cache, block_tables, kv_scales)
-    if (kv_scales is not None and q.is_cuda and q.shape[-1] == 128
-            and k_cache.stride(1) == 128 and k_cache.shape[1] >= 128):
-        from llmserve.kernels.paged_decode_tma import paged_decode_tma
-
-        return paged_decode_tma(q, k_cache, v_cache, seq_lens, block_tables, scale, kv_scales,
-                                order, num_splits, tiles)
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
