@@ -8,13 +8,6 @@ on 448 (docs/operations.md, "FP8 KV cache", has the measured errors). It costs 4
 head row (3 % at head_dim 128) and a multiply per score, not per element: scores are scaled
 after q @ k^T and probabilities before p @ v.
 
-V's rows are stored packed: within a page's block of one KV head, the e4m3 bytes of V_PACK
-consecutive tokens sit together per dimension ([block_size / V_PACK, D, V_PACK]), so that P @ V
-reads each dimension's tokens as whole 4-byte words instead of gathering them byte by byte, and
-a token's store still lands in one 4 * D-byte run. The cache's V tensor keeps the
-[num_blocks, block_size, Hkv, D] shape and the page and head strides; `packed_v` is the view of
-what its bytes hold.
-
 The torch form here is the twin of the Triton store (`qkv_rope_store`) and the reference the
 paged-attention kernels dequantize against; the Triton helpers are the kernels' shared math.
 """
@@ -27,10 +20,8 @@ import triton.language as tl
 
 from llmserve.kernels.e4m3 import FP8_DTYPE, FP8_MAX
 
-V_PACK = 4  # tokens whose V bytes are interleaved per dimension (see above)
 MIN_AMAX = 1e-12  # an all-zero row gets a tiny scale, not 0 (0 / 0 would store NaN)
 _MAX = tl.constexpr(FP8_MAX)  # the kernels' copies (Triton reads only constexpr globals)
-V_LANES = tl.constexpr(V_PACK)
 _MIN_AMAX = tl.constexpr(MIN_AMAX)
 
 
@@ -44,30 +35,6 @@ def quantize_kv_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize_kv_torch(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """e4m3 [..., D] and its scales [...] -> fp32 [..., D]."""
     return x.float() * scale[..., None]
-
-
-def packed_v(v_cache: torch.Tensor) -> torch.Tensor:
-    """An e4m3 V cache [num_blocks, block_size, Hkv, D] as the bytes lie:
-    [num_blocks, block_size / V_PACK, Hkv, D, V_PACK] (token = V_PACK * group + lane)."""
-    num_blocks, block_size, num_kv_heads, head_dim = v_cache.shape
-    return v_cache.as_strided(
-        (num_blocks, block_size // V_PACK, num_kv_heads, head_dim, V_PACK),
-        (v_cache.stride(0), V_PACK * head_dim, v_cache.stride(2), V_PACK, 1))
-
-
-def pack_v(rows: torch.Tensor) -> torch.Tensor:
-    """V rows [..., block_size, Hkv, D] in packed_v's order [..., block_size / V_PACK, Hkv, D,
-    V_PACK]."""
-    *lead, block_size, num_kv_heads, head_dim = rows.shape
-    grouped = rows.reshape(*lead, block_size // V_PACK, V_PACK, num_kv_heads, head_dim)
-    return grouped.movedim(-3, -1)
-
-
-def unpack_v(packed: torch.Tensor) -> torch.Tensor:
-    """packed_v's order [..., G, Hkv, D, V_PACK] back to rows [..., G * V_PACK, Hkv, D]."""
-    *lead, groups, num_kv_heads, head_dim, _ = packed.shape
-    rows = packed.movedim(-1, -3).reshape(*lead, groups * V_PACK, num_kv_heads, head_dim)
-    return rows
 
 
 def check_kv_scales(k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -85,9 +52,6 @@ def check_kv_scales(k_cache: torch.Tensor, v_cache: torch.Tensor,
         raise ValueError(f"kv_scales need e4m3 caches and fp32 scales of shape {expected}")
     if k_scales.stride() != v_scales.stride() or k_scales.stride(-1) != 1:
         raise ValueError("K's and V's scales need the same strides, unit in the slot")
-    if v_cache.shape[1] % V_PACK or v_cache.stride(1) != v_cache.shape[3]:
-        raise ValueError(f"an e4m3 V cache needs pages of a multiple of {V_PACK} tokens, rows "
-                         "contiguous in the page (see fp8_kv.packed_v)")
 
 
 def round_by_hand() -> bool:

@@ -5,7 +5,7 @@ The torch form; on the GPU the store is part of the fused `qkv_rope_store` kerne
 
 import torch
 
-from llmserve.kernels.fp8_kv import V_PACK, packed_v, quantize_kv_torch
+from llmserve.kernels.fp8_kv import quantize_kv_torch
 
 
 def store_kv_torch(
@@ -27,13 +27,9 @@ def store_kv_torch(
         v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v[keep])
         return
     block_size = k_cache.shape[1]
-    pages, offsets = slots // block_size, slots % block_size
-    # No float8 indexing kernels on the CPU: copy the bytes (the e4m3 pool is a strided view,
-    # see kv_cache.allocate, so by page and slot rather than through a flat view).
-    k8, k_scale = quantize_kv_torch(k[keep])
-    k_cache.view(torch.uint8)[pages, offsets] = k8.view(torch.uint8)
-    v8, v_scale = quantize_kv_torch(v[keep])
-    packed_v(v_cache).view(torch.uint8)[pages, offsets // V_PACK, :, :, offsets % V_PACK] = (
-        v8.view(torch.uint8))
-    kv_scales[0][pages, :, offsets] = k_scale
-    kv_scales[1][pages, :, offsets] = v_scale
+    for x, cache, scales in ((k, k_cache, kv_scales[0]), (v, v_cache, kv_scales[1])):
+        x8, scale = quantize_kv_torch(x[keep])
+        # No float8 indexing kernels on the CPU: copy the bytes (the e4m3 pool is a strided
+        # view, see kv_cache.allocate, so by page and slot rather than through a flat view).
+        cache.view(torch.uint8)[slots // block_size, slots % block_size] = x8.view(torch.uint8)
+        scales[slots // block_size, :, slots % block_size] = scale

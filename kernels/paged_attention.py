@@ -3,27 +3,17 @@
 Layout: `k_cache`/`v_cache` are [num_blocks, block_size, num_kv_heads, head_dim]; sequence b owns
 the pages `block_tables[b, :]`, holds `seq_lens[b]` tokens after this step, and its queries
 `q[query_start_loc[b]:query_start_loc[b+1]]` are its last positions (causal inside the step).
-An e4m3 cache comes with per-row scales [num_blocks, Hkv, block_size] and its V rows packed
-(see fp8_kv).
+An e4m3 cache comes with per-row scales [num_blocks, Hkv, block_size] (see fp8_kv).
 """
 
 import torch
 
-from llmserve.kernels.fp8_kv import packed_v, unpack_v
 
-
-def gather_paged(cache: torch.Tensor, block_table: torch.Tensor, length: int,
-                 packed: bool = False) -> torch.Tensor:
-    """Returns the first `length` tokens of one sequence's pages as [length, heads, head_dim];
-    `packed`: the cache is an e4m3 V, its rows as fp8_kv.packed_v lays them."""
+def gather_paged(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """Returns the first `length` tokens of one sequence's pages as [length, heads, head_dim]."""
     block_size = cache.shape[1]
     num_pages = (length + block_size - 1) // block_size
-    table = block_table[:num_pages].long()
-    if packed:
-        # Through bytes: no float8 permute kernels on the CPU.
-        pages = unpack_v(packed_v(cache).view(torch.uint8)[table]).view(cache.dtype)
-    else:
-        pages = cache[table]
+    pages = cache[block_table[:num_pages].long()]
     return pages.reshape(-1, *cache.shape[2:])[:length]
 
 
@@ -84,18 +74,15 @@ def paged_attention_torch(
     device = q.device
     # K, V and (for e4m3) their scales, the scales viewed as pages [num_blocks, block_size, Hkv]
     caches = [k_cache, v_cache]
-    packed_at = -1  # the cache whose rows are packed: an e4m3 V
     if kv_scales is not None:
         caches += [s.transpose(1, 2) for s in kv_scales]
-        packed_at = 1
     if decode_rows:
         max_len = max(lens[b] for b in decode_rows)
         padded = [torch.zeros(len(decode_rows), max_len, *c.shape[2:], dtype=c.dtype,
                               device=device) for c in caches]
         for i, b in enumerate(decode_rows):
-            for c, (dense, cache) in enumerate(zip(padded, caches, strict=True)):
-                dense[i, : lens[b]] = gather_paged(cache, block_tables[b], lens[b],
-                                                   packed_at == c)
+            for dense, cache in zip(padded, caches, strict=True):
+                dense[i, : lens[b]] = gather_paged(cache, block_tables[b], lens[b])
         token_rows = torch.tensor([starts[b] for b in decode_rows], device=device)
         row_lens = torch.tensor([lens[b] for b in decode_rows], device=device)
         valid = torch.arange(max_len, device=device)[None, :] < row_lens[:, None]
@@ -105,8 +92,7 @@ def paged_attention_torch(
         num_q = starts[b + 1] - starts[b]
         if num_q <= 1:
             continue
-        dense = [gather_paged(cache, block_tables[b], lens[b], packed_at == c)[None]
-                 for c, cache in enumerate(caches)]
+        dense = [gather_paged(c, block_tables[b], lens[b])[None] for c in caches]
         q_pos = torch.arange(lens[b] - num_q, lens[b], device=device)
         mask = torch.arange(lens[b], device=device)[None, :] <= q_pos[:, None]
         out[starts[b] : starts[b + 1]] = _attend(

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmserve.kernels.fp8_kv import V_LANES, check_kv_scales
+from llmserve.kernels.fp8_kv import check_kv_scales
 
 LOG2E = math.log2(math.e)
 _F16_MAX = tl.constexpr(65504.0)
@@ -85,26 +85,6 @@ def tile_pages(table_row, start, tok, tok_mask, PAGE_SIZE: tl.constexpr, BLOCK_N
 
 
 @triton.jit
-def _load_packed_v(v_ptr, table_row, start, kv_head, tok_end, offs_d, d_mask, stride_vp,
-                   stride_vt, stride_vh, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """An e4m3 V tile [BLOCK_N, BLOCK_D] from its packed rows (fp8_kv.packed_v): loaded as
-    [groups, BLOCK_D, V_LANES], a whole word per dimension and group, then put in token order.
-    A group never spans two pages (pages hold a multiple of V_LANES tokens)."""
-    first = start + tl.arange(0, BLOCK_N // V_LANES) * V_LANES  # each group's first token
-    page, slot = tile_pages(table_row, start, first, first < tok_end, PAGE_SIZE, BLOCK_N)
-    group_at = (page * stride_vp + kv_head * stride_vh
-                + (slot // V_LANES) * (V_LANES * stride_vt))
-    lanes = tl.arange(0, V_LANES)
-    at = group_at[:, None, None] + offs_d[None, :, None] * V_LANES + lanes[None, None, :]
-    # Masked by whole groups, so that each word loads whole: a group's tokens at or past
-    # tok_end are read as they lie in the page (finite e4m3, zero or stale), and their
-    # probabilities and scales are zero.
-    mask = (first < tok_end)[:, None, None] & d_mask[None, :, None]
-    v = tl.load(v_ptr + at, mask=mask, other=0.0)
-    return tl.reshape(tl.permute(v, (0, 2, 1)), (BLOCK_N, offs_d.shape[0]))
-
-
-@triton.jit
 def load_kv_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, table_row, start, kv_head, tok_end, offs_n,
                  offs_d, d_mask, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt,
                  stride_vh, stride_sp, stride_sh,
@@ -118,12 +98,8 @@ def load_kv_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, table_row, start, kv_head, tok_en
     mask = tok_mask[:, None] & d_mask[None, :]
     k = tl.load(k_ptr + (page * stride_kp + slot * stride_kt + kv_head * stride_kh)[:, None]
                 + offs_d[None, :], mask=mask, other=0.0)
-    if FP8:
-        v = _load_packed_v(v_ptr, table_row, start, kv_head, tok_end, offs_d, d_mask,
-                           stride_vp, stride_vt, stride_vh, PAGE_SIZE, BLOCK_N)
-    else:
-        v = tl.load(v_ptr + (page * stride_vp + slot * stride_vt + kv_head * stride_vh)[:, None]
-                    + offs_d[None, :], mask=mask, other=0.0)
+    v = tl.load(v_ptr + (page * stride_vp + slot * stride_vt + kv_head * stride_vh)[:, None]
+                + offs_d[None, :], mask=mask, other=0.0)
     if FP8:
         scale_at = page * stride_sp + kv_head * stride_sh + slot
         ks = tl.load(ks_ptr + scale_at, mask=tok_mask, other=0.0)

@@ -14,13 +14,7 @@ import triton.language as tl
 
 from llmserve.kernels.dependent_launch import await_previous_kernel, dependent_launch
 from llmserve.kernels.e4m3 import UnscaledProduct
-from llmserve.kernels.fp8_kv import (
-    V_LANES,
-    check_kv_scales,
-    fp8_scale,
-    fp8_values,
-    round_by_hand,
-)
+from llmserve.kernels.fp8_kv import check_kv_scales, fp8_scale, fp8_values, round_by_hand
 from llmserve.kernels.kv_store import store_kv_torch
 from llmserve.kernels.rms_norm import rms_norm_torch
 from llmserve.kernels.rotary import apply_rotary_torch
@@ -181,15 +175,8 @@ def _qkv_rope_store_kernel(
                  + k_cols)
         tl.store(k_dst, k1.to(k_cache_ptr.dtype.element_ty), mask=k_mask)
         tl.store(k_dst + HALF, k2.to(k_cache_ptr.dtype.element_ty), mask=k_mask)
-        if FP8:
-            # V's rows packed (fp8_kv.packed_v): the token's byte of each dimension sits
-            # beside those of the tokens it is grouped with.
-            v_row = ((offset // V_LANES) * (V_LANES * HEAD_DIM) + dims * V_LANES
-                     + offset % V_LANES)
-        else:
-            v_row = offset * stride_vct + dims
-        tl.store(v_cache_ptr + page * stride_vcp + k_heads * stride_vch + v_row,
-                 v.to(v_cache_ptr.dtype.element_ty), mask=v_mask)
+        tl.store(v_cache_ptr + page * stride_vcp + offset * stride_vct + k_heads * stride_vch
+                 + dims, v.to(v_cache_ptr.dtype.element_ty), mask=v_mask)
 
 
 def qkv_rope_store(

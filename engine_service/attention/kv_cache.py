@@ -1,7 +1,6 @@
 """The paged KV cache: per layer, K and V pages [num_blocks, block_size, Hkv, D] in the weights'
 dtype, or with --kv-cache-dtype fp8_e4m3 in e4m3 with one fp32 scale per (token, KV head) row
-beside the pages, [num_blocks, Hkv, block_size], and V's rows packed four tokens to a word per
-dimension (kernels/fp8_kv.py says why both).
+beside the pages, [num_blocks, Hkv, block_size] (kernels/fp8_kv.py says why that scheme).
 
 An e4m3 page is stored head by head and handed out as the same [num_blocks, block_size, Hkv,
 D] view with other strides (the kernels address pages and scales by strides): per (layer,
@@ -19,7 +18,6 @@ from typing import NamedTuple
 import torch
 
 from llmserve.kernels.e4m3 import FP8_DTYPE, FP8_MIN_CAPABILITY
-from llmserve.kernels.fp8_kv import pack_v, packed_v, quantize_kv_torch
 
 SCALE_DTYPE = torch.float32
 
@@ -78,23 +76,6 @@ def allocate(num_layers: int, num_blocks: int, block_size: int, kv_heads: int, h
         (k, k_scales), (v, v_scales) = view(layer, 0), view(layer, 1)
         caches.append(LayerCache(k, v, (k_scales, v_scales)))
     return caches
-
-
-def quantize_pages(k: torch.Tensor, v: torch.Tensor, chunk: int = 256) -> LayerCache:
-    """One layer's e4m3 cache holding K/V pages [num_blocks, block_size, Hkv, D] as the store
-    writes them (a row's scale from its own amax, V packed), a few blocks at a time: for
-    measuring and testing the kernels on given values."""
-    num_blocks, block_size, kv_heads, head_dim = k.shape
-    cache = allocate(1, num_blocks, block_size, kv_heads, head_dim, k.dtype, "fp8_e4m3",
-                     k.device)[0]
-    assert cache.scales is not None
-    for src, values, scales, pack in ((k, cache.k, cache.scales[0], False),
-                                      (v, packed_v(cache.v), cache.scales[1], True)):
-        for lo in range(0, num_blocks, chunk):
-            x8, scale = quantize_kv_torch(src[lo : lo + chunk])
-            values[lo : lo + chunk] = pack_v(x8) if pack else x8
-            scales[lo : lo + chunk] = scale.transpose(1, 2)
-    return cache
 
 
 def check_kv_cache_dtype(kv_cache_dtype: str, device: torch.device) -> None:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from llmserve.kernels.fp8_kv import dequantize_kv_torch, packed_v, unpack_v
+from llmserve.kernels.fp8_kv import dequantize_kv_torch
 from llmserve.kernels.paged_attention import paged_attention_torch
 
 GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -71,8 +71,7 @@ def test_twin_on_fp8_cache_is_attention_over_the_dequantized_cache(paged, lens, 
     starts = paged.starts(q_lens, "cpu")
     out = paged_attention_torch(q, k8, v8, starts, kv.seq_lens, kv.block_tables, 0.25,
                                 kv_scales)
-    v8_rows = unpack_v(packed_v(v8).view(torch.uint8)).view(v8.dtype)  # tokens in order
-    k, v = (dequantize_kv_torch(c, s.transpose(1, 2)) for c, s in zip((k8, v8_rows), kv_scales,
+    k, v = (dequantize_kv_torch(c, s.transpose(1, 2)) for c, s in zip((k8, v8), kv_scales,
                                                                          strict=True))
     ref = paged_attention_torch(q, k, v, starts, kv.seq_lens, kv.block_tables, 0.25)
     assert paged.rel_err(out, ref) < 1e-5

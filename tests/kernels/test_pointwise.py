@@ -7,7 +7,6 @@ import os
 import pytest
 import torch
 
-from llmserve.engine_service.attention import kv_cache
 from llmserve.kernels import activation
 from llmserve.kernels.activation import (
     SILU_FP8_BLOCK,
@@ -109,9 +108,10 @@ def test_qkv_rope_store_applies_an_unscaled_products_scales(device, scale, fp8_c
         if not fp8_cache:
             return (torch.zeros(shape, device=device).bfloat16(),
                     torch.zeros(shape, device=device).bfloat16(), None)
-        pool = kv_cache.allocate(1, num_blocks, block_size, num_kv_heads, head_dim,
-                                 torch.bfloat16, "fp8_e4m3", device)[0]
-        return pool.k, pool.v, pool.scales
+        scales = tuple(torch.zeros(num_blocks, num_kv_heads, block_size, device=device)
+                       for _ in range(2))
+        return (torch.zeros(shape, device=device).to(torch.float8_e4m3fn),
+                torch.zeros(shape, device=device).to(torch.float8_e4m3fn), scales)
 
     fused, scaled = caches(), caches()
     q = qkv_rope_store(product, positions, cos_sin, *weights, eps, *fused[:2], slots, fused[2])

@@ -12,8 +12,8 @@ from dataclasses import replace
 
 import torch
 
-from llmserve.engine_service.attention import kv_cache
 from llmserve.engine_service.attention.layer import AttendFn, AttentionKernels
+from llmserve.kernels.fp8_kv import quantize_kv_torch
 
 LAYER_BOUND = 2.0**-3
 LOGITS_MAX_BOUND = 2.0**-3
@@ -32,8 +32,9 @@ def side_by_side(kernels: AttentionKernels, errors: list[float]) -> AttentionKer
     def wrap(attend: AttendFn) -> AttendFn:
         def both(q, k_cache, v_cache, meta, scale, kv_scales=None):
             out = attend(q, k_cache, v_cache, meta, scale, kv_scales)
-            e4m3 = kv_cache.quantize_pages(k_cache, v_cache)
-            errors.append(rel_err(attend(q, e4m3.k, e4m3.v, meta, scale, e4m3.scales), out))
+            (k8, k_scales), (v8, v_scales) = map(quantize_kv_torch, (k_cache, v_cache))
+            scales = (k_scales.transpose(1, 2).contiguous(), v_scales.transpose(1, 2).contiguous())
+            errors.append(rel_err(attend(q, k8, v8, meta, scale, scales), out))
             return out
 
         return both
