@@ -170,24 +170,12 @@ def kv_pool(contexts: list[int], page: int, heads: int, dim: int, device: str) -
     }
 
 
-def fp8_pool(pool: dict, chunk: int = 256) -> dict:
-    """The pool's K/V values as the engine's FP8 cache, in the layout kv_cache.allocate gives it
-    (e4m3 pages [num_blocks, block_size, Hkv, D] stored head by head inside a page, and fp32
-    scales per row [num_blocks, Hkv, block_size]), quantized by fp8_kv's quantize_kv_torch (the
-    twin of the engine's store) a few blocks at a time."""
+def fp8_pool(pool: dict) -> dict:
+    """The pool's K/V values as the engine's FP8 cache (kv_cache.quantize_pages: e4m3 pages
+    stored head by head inside a page, fp32 scales per row [num_blocks, Hkv, block_size])."""
     from llmserve.engine_service.attention import kv_cache
-    from llmserve.kernels.fp8_kv import quantize_kv_torch
 
-    num_blocks, page, heads, dim = pool["k"].shape
-    cache = kv_cache.allocate(1, num_blocks, page, heads, dim, pool["k"].dtype, "fp8_e4m3",
-                              pool["k"].device)[0]
-    assert cache.scales is not None
-    for src, values, row_scales in zip((pool["k"], pool["v"]), (cache.k, cache.v), cache.scales,
-                                       strict=True):
-        for lo in range(0, num_blocks, chunk):
-            x8, scale = quantize_kv_torch(src[lo : lo + chunk])
-            values[lo : lo + chunk] = x8
-            row_scales[lo : lo + chunk] = scale.transpose(1, 2)
+    cache = kv_cache.quantize_pages(pool["k"], pool["v"])
     return {**pool, "k": cache.k, "v": cache.v, "scales": cache.scales}
 
 

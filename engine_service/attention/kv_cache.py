@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 
 from llmserve.kernels.e4m3 import FP8_DTYPE, FP8_MIN_CAPABILITY
+from llmserve.kernels.fp8_kv import quantize_kv_torch
 
 SCALE_DTYPE = torch.float32
 
@@ -76,6 +77,22 @@ def allocate(num_layers: int, num_blocks: int, block_size: int, kv_heads: int, h
         (k, k_scales), (v, v_scales) = view(layer, 0), view(layer, 1)
         caches.append(LayerCache(k, v, (k_scales, v_scales)))
     return caches
+
+
+def quantize_pages(k: torch.Tensor, v: torch.Tensor, chunk: int = 256) -> LayerCache:
+    """One layer's e4m3 cache in allocate's layout holding K/V pages [num_blocks, block_size,
+    Hkv, D] as the store writes them (each row scaled by its own amax), `chunk` blocks at a
+    time: the kernels' tests and benchmarks measure the cache the engine reads."""
+    num_blocks, block_size, kv_heads, head_dim = k.shape
+    cache = allocate(1, num_blocks, block_size, kv_heads, head_dim, k.dtype, "fp8_e4m3",
+                     k.device)[0]
+    assert cache.scales is not None
+    for src, values, scales in zip((k, v), (cache.k, cache.v), cache.scales, strict=True):
+        for lo in range(0, num_blocks, chunk):
+            x8, scale = quantize_kv_torch(src[lo : lo + chunk])
+            values[lo : lo + chunk] = x8
+            scales[lo : lo + chunk] = scale.transpose(1, 2)
+    return cache
 
 
 def check_kv_cache_dtype(kv_cache_dtype: str, device: torch.device) -> None:

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from llmserve.engine_service.attention import kv_cache
-from llmserve.kernels.fp8_kv import quantize_kv_torch
 
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     # Triton picks interpreter or compiler when a kernel is decorated, its own library's kernels
@@ -113,18 +112,10 @@ class Paged:
 
     @staticmethod
     def fp8(kv: PagedKV) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """The pool as the engine's e4m3 cache, in kv_cache.allocate's layout (each page's K
-        rows, their scales, V rows and theirs side by side per KV head): K, V and their scales
+        """The pool as the engine's e4m3 cache (kv_cache.quantize_pages): K, V and their scales
         [num_blocks, Hkv, block_size]."""
-        num_blocks, block_size, heads, dim = kv.k_cache.shape
-        cache = kv_cache.allocate(1, num_blocks, block_size, heads, dim, kv.k_cache.dtype,
-                                  "fp8_e4m3", kv.k_cache.device)[0]
+        cache = kv_cache.quantize_pages(kv.k_cache, kv.v_cache)
         assert cache.scales is not None
-        for src, values, scales in zip((kv.k_cache, kv.v_cache), (cache.k, cache.v),
-                                       cache.scales, strict=True):
-            x8, scale = quantize_kv_torch(src)
-            values.copy_(x8)
-            scales.copy_(scale.transpose(1, 2))
         return cache.k, cache.v, cache.scales
 
     @staticmethod

@@ -43,6 +43,22 @@ def test_fp8_pool_layout() -> None:
     assert plain[0].k.dtype == torch.float32 and plain[0].scales is None
 
 
+def test_quantize_pages_holds_each_row_within_half_an_e4m3_step() -> None:
+    k, v = (torch.randn(5, 16, 2, 32) * torch.logspace(-3, 2, 32) for _ in range(2))
+    cache = kv_cache.quantize_pages(k, v, chunk=2)  # chunks that do not divide the blocks
+    assert cache.scales is not None
+    assert cache.k.stride() == kv_cache.allocate(1, 5, 16, 2, 32, torch.float32, "fp8_e4m3",
+                                                 torch.device("cpu"))[0].k.stride()
+    for pages, values, scales in zip((k, v), (cache.k, cache.v), cache.scales, strict=True):
+        row_scales = scales.transpose(1, 2)  # [blocks, slots, heads], as the pages' rows
+        assert torch.allclose(row_scales, pages.abs().amax(-1) / 448)
+        restored = values.float() * row_scales[..., None]
+        # 3 mantissa bits: half a step is 1/16 of a value, and the subnormals' steps are
+        # 2^-9 of the scale.
+        bound = pages.abs() / 16 + row_scales[..., None] * 2.0**-10
+        assert bool(((restored - pages).abs() <= bound * 1.0001).all())
+
+
 def test_the_flag_refuses_flash_attn_naming_both_flags() -> None:
     with pytest.raises(ValueError, match=r"--kv-cache-dtype fp8_e4m3.*--attention-backend"):
         EngineConfig(kv_cache_dtype="fp8_e4m3", attention_backend="flash_attn")
