@@ -4,6 +4,7 @@ The twin is `paged_attention_torch` with one query per sequence. A program owns 
 (sequence, KV head, split): it loads each K/V tile once for all query heads of that KV head
 (GQA), padded to at least 16 rows so the tile products run on tl.dot. With several splits each
 program writes a normalized partial output and its log-sum-exp, and a second kernel merges them.
+Over an e4m3 cache the GPU runs the same scheme written in Gluon (paged_decode_fp8).
 """
 
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from llmserve.kernels import paged_decode_fp8
 from llmserve.kernels.dependent_launch import await_previous_kernel, dependent_launch
 from llmserve.kernels.paged_common import (
     LOG2E,
@@ -45,17 +47,32 @@ class DecodeTiles:
 # read K1's step faster. Split batches keep the default, which their split lengths were
 # measured with.
 UNSPLIT_TILES = DecodeTiles(block_n=128, num_warps=4, num_stages=3)
-# The same batches over an e4m3 cache: half the bytes a tile, and the widened tiles' registers
-# left room for only 8 warps an SM with the tiles above; smaller programs, deeper pipelines.
-FP8_UNSPLIT_TILES = DecodeTiles(block_n=64, num_warps=2, num_stages=5)
-# Over an e4m3 cache a batch of FP8_TWO_SPLITS_PAIRS (sequence, KV head) pairs or more, but
-# too few to go unsplit, reads fastest in two splits of wide tiles (an H100 sweep at W1L's
-# decode states: docs/benchmarks.md). So does one with fewer than FP8_UNSPLIT_PAIRS_PER_SM
-# pairs per SM, which choose_num_splits leaves unsplit: FP8_UNSPLIT_TILES' programs would then
-# end in a second, partial wave.
-FP8_SPLIT_TILES = DecodeTiles(block_n=128, num_warps=4, num_stages=3)
-FP8_TWO_SPLITS_PAIRS = 128
-FP8_UNSPLIT_PAIRS_PER_SM = 6
+
+
+@dataclass(frozen=True)
+class Fp8Band:
+    """Batches over an e4m3 cache with at least `min_pairs_per_sm` (sequence, KV head) pairs
+    per SM, and how they launch: `num_splits` (0: choose_num_splits's count) and `tiles`,
+    whose num_stages counts the Gluon kernel's K/V buffers."""
+
+    min_pairs_per_sm: float
+    num_splits: int
+    tiles: DecodeTiles
+
+
+# The Gluon kernel's launch by batch, the fastest per band in a sweep of split counts and tiles
+# at 24 of W1's decode states on an H100 (docs/benchmarks.md). Where the pairs fill a few waves,
+# which tiles end in the fewest partial waves decides; below one pair per SM, splits fill the
+# SMs as for bf16.
+FP8_BANDS = (
+    Fp8Band(10.0, 1, DecodeTiles(block_n=64, num_warps=4, num_stages=2)),
+    Fp8Band(8.0, 1, DecodeTiles(block_n=64, num_warps=2, num_stages=3)),
+    Fp8Band(5.8, 1, DecodeTiles(block_n=64, num_warps=2, num_stages=2)),
+    Fp8Band(4.8, 1, DecodeTiles(block_n=64, num_warps=4, num_stages=3)),
+    Fp8Band(3.8, 2, DecodeTiles(block_n=64, num_warps=4, num_stages=3)),
+    Fp8Band(1.0, 2, DecodeTiles(block_n=64, num_warps=2, num_stages=2)),
+    Fp8Band(0.0, 0, DecodeTiles(block_n=64, num_warps=2, num_stages=2)),
+)
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, sms: int,
@@ -82,15 +99,10 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, sms: int,
     return splits, min_split
 
 
-def fp8_two_splits(batch: int, num_kv_heads: int, max_context: int, sms: int,
-                   num_splits: int) -> bool:
-    """Whether a batch over an e4m3 cache, for which choose_num_splits gave `num_splits`, runs
-    two splits of FP8_SPLIT_TILES instead (a context must be able to fill both)."""
+def fp8_band(batch: int, num_kv_heads: int, sms: int) -> Fp8Band:
+    """The FP8_BANDS row a batch over an e4m3 cache launches by."""
     pairs = batch * num_kv_heads
-    if pairs < FP8_TWO_SPLITS_PAIRS:
-        return False
-    return num_splits > 1 or (pairs < FP8_UNSPLIT_PAIRS_PER_SM * sms
-                              and max_context > MIN_SPLIT_TOKENS)
+    return next(b for b in FP8_BANDS if pairs >= b.min_pairs_per_sm * sms)
 
 
 def resolve_launch(batch: int, num_kv_heads: int, max_context: int, sms: int, fp8: bool,
@@ -98,16 +110,15 @@ def resolve_launch(batch: int, num_kv_heads: int, max_context: int, sms: int, fp
                    ) -> tuple[int, int, DecodeTiles]:
     """(splits per sequence, fewest keys per split, tiles) of a decode launch, as
     paged_decode_attention picks them from what the caller left open (None)."""
+    if fp8 and num_splits is None and tiles is None:
+        band = fp8_band(batch, num_kv_heads, sms)
+        num_splits, tiles = band.num_splits or None, band.tiles
     chosen = num_splits is None
     if chosen:
         num_splits, min_split = choose_num_splits(
             batch, num_kv_heads, max_context, sms, (tiles or DecodeTiles()).block_n)
-        if fp8 and tiles is None and fp8_two_splits(batch, num_kv_heads, max_context, sms,
-                                                    num_splits):
-            num_splits, tiles = 2, FP8_SPLIT_TILES
     if tiles is None:
-        unsplit = FP8_UNSPLIT_TILES if fp8 else UNSPLIT_TILES
-        tiles = unsplit if chosen and num_splits == 1 else DecodeTiles()
+        tiles = UNSPLIT_TILES if chosen and num_splits == 1 else DecodeTiles()
     if not chosen or num_splits == 1:
         min_split = tiles.block_n
     return num_splits, min_split, tiles
@@ -231,9 +242,9 @@ def paged_decode_attention(
     None picks a count with choose_num_splits from the batch, the KV heads, the SM count and the
     longest context the block table can hold (no device sync, so CUDA-graph capture is safe).
     With both the split count and the tiles left to it, a batch that does not split runs
-    UNSPLIT_TILES (FP8_UNSPLIT_TILES over an e4m3 cache); over an e4m3 cache some batches run
-    two splits of FP8_SPLIT_TILES instead (fp8_two_splits). `kv_scales` ([num_blocks, Hkv,
-    block_size] fp32, K's and V's) come with an e4m3 cache (see fp8_kv). `order` ([B] int32,
+    UNSPLIT_TILES. `kv_scales` ([num_blocks, Hkv, block_size] fp32, K's and V's) come with an
+    e4m3 cache (see fp8_kv): on the GPU with a bf16 q the Gluon kernel (paged_decode_fp8) reads
+    it, launched by FP8_BANDS when neither split count nor tiles is given. `order` ([B] int32,
     a permutation of the rows) is the order their programs start in: longest first keeps a long
     row from starting in the last wave and running on alone.
     """
@@ -257,19 +268,25 @@ def paged_decode_attention(
     else:
         part_out = part_lse = out  # never touched with one split
     k_scales, v_scales = kv_scales if kv_scales is not None else (k_cache, v_cache)  # unread
-    _decode_split_kernel[(num_kv_heads, batch, num_splits)](
+    args = (
         q, k_cache, v_cache, k_scales, v_scales, seq_lens, block_tables,
-        order if order is not None else seq_lens, out, part_out,
-        part_lse, scale * LOG2E,
+        order if order is not None else seq_lens, out, part_out, part_lse, scale * LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), k_scales.stride(0),
         k_scales.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
-        GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_D=block_d, BLOCK_N=tiles.block_n, PAGE_SIZE=block_size, NUM_SPLITS=num_splits,
-        MIN_SPLIT=min_split, PRECISION=precision, UPCAST=upcast, FP8=kv_scales is not None,
-        FP16=fp16_products(q, kv_scales), ORDERED=order is not None, PDL=pdl, launch_pdl=pdl,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages, maxnreg=tiles.maxnreg,
     )
+    shape = dict(GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+                 BLOCK_N=tiles.block_n, PAGE_SIZE=block_size, NUM_SPLITS=num_splits,
+                 MIN_SPLIT=min_split, ORDERED=order is not None, PDL=pdl, launch_pdl=pdl,
+                 num_warps=tiles.num_warps, maxnreg=tiles.maxnreg)
+    grid = (num_kv_heads, batch, num_splits)
+    if kv_scales is not None and paged_decode_fp8.supports(q, head_dim):
+        paged_decode_fp8._decode_fp8_kernel[grid](*args, **shape, STAGES=tiles.num_stages)
+    else:
+        _decode_split_kernel[grid](
+            *args, **shape, BLOCK_D=block_d, PRECISION=precision, UPCAST=upcast,
+            FP8=kv_scales is not None, FP16=fp16_products(q, kv_scales),
+            num_stages=tiles.num_stages)
     if num_splits > 1:
         _decode_reduce_kernel[(num_heads, batch)](
             part_out, part_lse, seq_lens, out, out.stride(0), out.stride(1),

@@ -12,9 +12,11 @@ SCRIPT = r"""
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.experimental.gluon._runtime import GluonASTSource
 
 from llmserve.kernels import (
-    activation, fp8_gemm, paged_decode, paged_extend, qkv_rope_store, rms_norm,
+    activation, fp8_gemm, paged_decode, paged_decode_fp8, paged_extend, qkv_rope_store,
+    rms_norm,
 )
 
 INT_POINTERS = {"seq_lens_ptr", "tables_ptr", "starts_ptr", "slots_ptr", "positions_ptr",
@@ -26,9 +28,11 @@ CACHE_POINTERS = {"k_ptr", "v_ptr", "k_cache_ptr", "v_cache_ptr"}
 
 
 def compile_sm90(fn, constants, dtype="bf16", num_warps=4, num_stages=2, cache="bf16",
-                 e4m3=()):
+                 e4m3=(), gluon=False):
     # Every kernel as the GPU runs it: launched with programmatic dependent launch.
     constants = {**constants, "PDL": True}
+    if gluon:  # a Gluon kernel takes its warps as a parameter too
+        constants["num_warps"] = num_warps
 
     def arg_type(name):
         if name in constants:
@@ -50,7 +54,7 @@ def compile_sm90(fn, constants, dtype="bf16", num_warps=4, num_stages=2, cache="
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
                if name not in constants
                and name.startswith(("stride", "q_", "k_", "v_", "out_", "qkv_"))}
-    source = ASTSource(fn, signature, constants, aligned)
+    source = (GluonASTSource if gluon else ASTSource)(fn, signature, constants, aligned)
     triton.compile(source, target=GPUTarget("cuda", 90, 32),
                    options={"num_warps": num_warps, "num_stages": num_stages})
 
@@ -74,6 +78,14 @@ for cache, fp8 in [("bf16", False), ("fp8e4nv", True)]:
             NUM_Q_HEADS=16, NUM_KV_HEADS=8, HEAD_DIM=128, HALF=64, Q_PART_HEADS=8, BLOCK_KH=8,
             BLOCK_HALF=64, BLOCK_D=128, PAGE_SIZE=16, NORM=norm, FP8=fp8, ROUND_BY_HAND=False,
             SCALE_X=norm), cache=cache)
+# The Gluon e4m3 decode kernel: each head dim, pages longer and shorter than a tile, splits.
+for dim, page, block_n, warps, stages, splits in [
+        (128, 128, 64, 2, 2, 1), (128, 16, 64, 4, 3, 2), (32, 16, 32, 2, 3, 1),
+        (64, 64, 64, 4, 2, 2), (256, 128, 32, 4, 2, 1)]:
+    compile_sm90(paged_decode_fp8._decode_fp8_kernel, dict(
+        GROUP=2, BLOCK_H=16, HEAD_DIM=dim, BLOCK_N=block_n, PAGE_SIZE=page, NUM_SPLITS=splits,
+        MIN_SPLIT=block_n, STAGES=stages, ORDERED=splits == 1),
+        num_warps=warps, cache="fp8e4nv", gluon=True)
 compile_sm90(paged_decode._decode_reduce_kernel, dict(
     HEAD_DIM=128, BLOCK_D=128, BLOCK_N=64, NUM_SPLITS=4, MIN_SPLIT=256, BLOCK_S=4))
 for quantize in (False, True):

@@ -12,9 +12,12 @@ from llmserve.kernels import paged_decode
 from llmserve.kernels.paged_attention import paged_attention_torch
 from llmserve.kernels.paged_common import sm_count
 from llmserve.kernels.paged_decode import (
+    FP8_BANDS,
+    DecodeTiles,
     choose_num_splits,
-    fp8_two_splits,
+    fp8_band,
     paged_decode_attention,
+    resolve_launch,
 )
 
 ON_CPU = pytest.mark.skipif(
@@ -201,37 +204,68 @@ def test_decode_fp8_cache_matches_twin(
     assert out.dtype == dtype and paged.rel_err(out, ref) < FP8_TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize(
-    ("device", "sms"), [pytest.param("cpu", 132, marks=ON_CPU),
-                        pytest.param("cpu", 2, marks=ON_CPU),
-                        pytest.param("cuda", None, marks=ON_GPU)]
-)
-def test_decode_fp8_cache_in_two_splits_of_wide_tiles(
-        paged, device, sms, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Over an e4m3 cache a batch that would split, or one too small to go unsplit in balanced
-    waves, with enough (sequence, KV head) pairs, runs two splits of FP8_SPLIT_TILES (128 keys a
-    tile): lengths either side of a tile and of the split boundary. On the CPU, an H100's SM
-    count (choose_num_splits splits) or two SMs (it does not) and a lower threshold reach it with
-    the interpreter's few programs."""
-    lens, kv_heads, heads, dim = [1, 127, 129, 300, 513], 2, 4, 32
-    if device == "cpu":
-        monkeypatch.setattr(paged_decode, "sm_count", lambda device: sms)
-        monkeypatch.setattr(paged_decode, "FP8_TWO_SPLITS_PAIRS", 2)
-    else:
-        lens, kv_heads, heads, dim = [(97 * i) % 2000 + 1 for i in range(24)], 8, 32, 128
-        sms = paged_decode.sm_count(torch.device(device))
-    splits = choose_num_splits(len(lens), kv_heads, 4096, sms)[0]
-    assert splits == 1 if sms == 2 else splits > 1
-    assert fp8_two_splits(len(lens), kv_heads, 4096, sms, splits)
-    kv = paged.pool(lens, 16, kv_heads, dim, torch.float32, device)
+def check_fp8_decode(paged, lens, block_size, num_heads, num_kv_heads, head_dim, device,
+                     num_splits=None, tiles=None, order=False) -> None:
+    """paged_decode_attention over an e4m3 cache with a bf16 q (on the GPU, the Gluon kernel)
+    against the twin."""
+    kv = paged.pool(lens, block_size, num_kv_heads, head_dim, torch.float32, device)
     k8, v8, kv_scales = paged.fp8(kv)
-    q = torch.randn(len(lens), heads, dim, device=device).bfloat16()
-    out = paged_decode_attention(q, k8, v8, kv.seq_lens, kv.block_tables, dim**-0.5,
-                                 kv_scales=kv_scales)
+    q = torch.randn(len(lens), num_heads, head_dim, device=device).bfloat16()
+    rows = torch.argsort(kv.seq_lens, descending=True).to(torch.int32) if order else None
+    out = paged_decode_attention(q, k8, v8, kv.seq_lens, kv.block_tables, head_dim**-0.5,
+                                 num_splits=num_splits, tiles=tiles, kv_scales=kv_scales,
+                                 order=rows)
     starts = torch.arange(len(lens) + 1, dtype=torch.int32, device=device)
-    ref = paged_attention_torch(q, k8, v8, starts, kv.seq_lens, kv.block_tables, dim**-0.5,
-                                kv_scales)
+    ref = paged_attention_torch(q, k8, v8, starts, kv.seq_lens, kv.block_tables,
+                                head_dim**-0.5, kv_scales)
     assert paged.rel_err(out, ref) < FP8_TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("band", range(len(FP8_BANDS)))
+@pytest.mark.parametrize(
+    "device", [pytest.param("cpu", marks=ON_CPU), pytest.param("cuda", marks=ON_GPU)]
+)
+def test_decode_fp8_cache_in_each_band(paged, device, band,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch in each FP8_BANDS row launches as that row says and matches the twin: lengths
+    either side of a tile and of a split boundary. On the CPU, four SMs and two KV heads keep
+    the batches small."""
+    row = FP8_BANDS[band]
+    if device == "cpu":
+        kv_heads, heads, dim, sms = 2, 4, 32, 4
+        monkeypatch.setattr(paged_decode, "sm_count", lambda device: sms)
+    else:
+        kv_heads, heads, dim = 8, 16, 128
+        sms = sm_count(torch.device(device))
+    batch = max(1, int(row.min_pairs_per_sm * sms / kv_heads) + 1)
+    lens = [(97 * i) % 700 + 1 for i in range(batch)]
+    lens[:3] = [1, 64, 129][:batch]
+    assert fp8_band(batch, kv_heads, sms) == row
+    splits, _, tiles = resolve_launch(batch, kv_heads, 4096, sms, True)
+    assert tiles == row.tiles and (row.num_splits == 0 or splits == row.num_splits)
+    check_fp8_decode(paged, lens, 16 if band % 2 else 128, heads, kv_heads, dim, device)
+
+
+@pytest.mark.parametrize(
+    ("lens", "block_size", "num_heads", "num_kv_heads", "head_dim", "num_splits", "tiles",
+     "order"),
+    [
+        ([1, 63, 64, 65, 300, 0], 16, 8, 8, 32, 1, (32, 2, 3), True),
+        ([1, 63, 64, 65, 300, 0], 64, 16, 2, 64, 2, (64, 4, 2), False),
+        ([1, 127, 128, 129, 1000], 128, 32, 8, 128, 3, (64, 2, 4), True),
+        ([1, 127, 128, 129, 1000], 32, 32, 4, 128, None, (128, 4, 2), False),
+        ([1, 255, 256, 600], 128, 16, 8, 256, 1, (32, 4, 2), False),
+        ([2048, 17, 0, 5], 16, 64, 4, 128, 4, (64, 2, 2), True),
+    ],
+)
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gluon_fp8_decode_shapes_match_twin(paged, lens, block_size, num_heads, num_kv_heads,
+                                            head_dim, num_splits, tiles, order) -> None:
+    """The Gluon kernel over head dims 32-256, pages shorter and longer than its tiles, GQA
+    groups 1-16, split counts, buffer counts, row orders and empty rows."""
+    check_fp8_decode(paged, lens, block_size, num_heads, num_kv_heads, head_dim, "cuda",
+                     num_splits, DecodeTiles(*tiles), order)
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])
@@ -288,16 +322,13 @@ def test_choose_num_splits() -> None:
     assert choose_num_splits(1, 8, 50, 132) == (1, 64)
 
 
-def test_fp8_two_splits() -> None:
-    # Batches that choose_num_splits splits, with enough (sequence, KV head) pairs.
-    assert fp8_two_splits(48, 8, 4096, 132, 8)
-    assert not fp8_two_splits(8, 8, 4096, 132, 9)
-    # Unsplit batches with too few programs per SM for FP8_UNSPLIT_TILES' waves to balance.
-    assert fp8_two_splits(82, 8, 4096, 132, 1)
-    assert not fp8_two_splits(101, 8, 4096, 132, 1)
-    assert not fp8_two_splits(256, 8, 4096, 132, 1)
-    # Contexts too short to fill two splits.
-    assert not fp8_two_splits(82, 8, 256, 132, 1)
+def test_fp8_bands_cover_every_batch() -> None:
+    floors = [row.min_pairs_per_sm for row in FP8_BANDS]
+    assert floors == sorted(floors, reverse=True) and floors[-1] == 0
+    assert fp8_band(256, 8, 132) == FP8_BANDS[0]
+    assert fp8_band(1, 8, 132) == FP8_BANDS[-1]
+    # Split counts left open take choose_num_splits's, with the band's tiles.
+    assert resolve_launch(4, 8, 4096, 132, True)[:2] == (17, 64)
 
 
 def test_torch_backend_decodes_as_its_varlen_path(paged) -> None:
