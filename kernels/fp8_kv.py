@@ -26,10 +26,16 @@ _MIN_AMAX = tl.constexpr(MIN_AMAX)
 
 
 def quantize_kv_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., D] -> (e4m3 [..., D], fp32 scale [...]) with x ~= e4m3 * scale."""
+    """x [..., D] -> (e4m3 [..., D], fp32 scale [...]) with x ~= e4m3 * scale.
+
+    Each row is multiplied by 448 / amax rather than divided by its scale: one division a
+    row instead of one a value in the store kernel, whose fp32 steps these are (tensor by
+    tensor, so correctly rounded on any device)."""
     x = x.float()
-    scale = x.abs().amax(-1).clamp_min(MIN_AMAX) / FP8_MAX
-    return (x / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+    amax = x.abs().amax(-1).clamp_min(MIN_AMAX)
+    inverse = torch.full_like(amax, FP8_MAX) / amax
+    scale = amax / FP8_MAX
+    return (x * inverse[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
 def dequantize_kv_torch(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -97,6 +103,17 @@ def to_e4m3(y):
 def fp8_scale(amax):
     """The dequantization scale of rows whose largest magnitude is `amax` (as the twin)."""
     return tl.div_rn(tl.maximum(amax, _MIN_AMAX), _MAX)
+
+
+@triton.jit
+def fp8_kv_values(x, amax, ROUND_BY_HAND: tl.constexpr):
+    """fp32 rows x times 448 / their `amax`, saturated to +-448, to be cast to e4m3 on store:
+    quantize_kv_torch's values."""
+    inverse = tl.div_rn(_MAX + tl.zeros_like(amax), tl.maximum(amax, _MIN_AMAX))
+    y = tl.minimum(tl.maximum(x * inverse, -_MAX), _MAX)
+    if ROUND_BY_HAND:
+        y = _round_e4m3(y)
+    return y
 
 
 @triton.jit

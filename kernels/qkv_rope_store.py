@@ -14,7 +14,7 @@ import triton.language as tl
 
 from llmserve.kernels.dependent_launch import await_previous_kernel, dependent_launch
 from llmserve.kernels.e4m3 import UnscaledProduct
-from llmserve.kernels.fp8_kv import check_kv_scales, fp8_scale, fp8_values, round_by_hand
+from llmserve.kernels.fp8_kv import check_kv_scales, fp8_kv_values, fp8_scale, round_by_hand
 from llmserve.kernels.kv_store import store_kv_torch
 from llmserve.kernels.rms_norm import rms_norm_torch
 from llmserve.kernels.rotary import apply_rotary_torch
@@ -163,12 +163,14 @@ def _qkv_rope_store_kernel(
             # One scale per (token, KV head) row; masked lanes are 0 and leave the amax alone.
             scale_at = page * stride_sp + k_heads * stride_sh + offset
             heads_mask = k_heads < NUM_KV_HEADS
-            k_scale = fp8_scale(tl.maximum(tl.max(tl.abs(k1), 1, keep_dims=True),
-                                           tl.max(tl.abs(k2), 1, keep_dims=True)))
-            k1 = fp8_values(k1, k_scale, ROUND_BY_HAND)
-            k2 = fp8_values(k2, k_scale, ROUND_BY_HAND)
-            v_scale = fp8_scale(tl.max(tl.abs(v), 1, keep_dims=True))
-            v = fp8_values(v, v_scale, ROUND_BY_HAND)
+            k_amax = tl.maximum(tl.max(tl.abs(k1), 1, keep_dims=True),
+                                tl.max(tl.abs(k2), 1, keep_dims=True))
+            v_amax = tl.max(tl.abs(v), 1, keep_dims=True)
+            k_scale = fp8_scale(k_amax)
+            v_scale = fp8_scale(v_amax)
+            k1 = fp8_kv_values(k1, k_amax, ROUND_BY_HAND)
+            k2 = fp8_kv_values(k2, k_amax, ROUND_BY_HAND)
+            v = fp8_kv_values(v, v_amax, ROUND_BY_HAND)
             tl.store(k_scales_ptr + scale_at, k_scale, mask=heads_mask)
             tl.store(v_scales_ptr + scale_at, v_scale, mask=heads_mask)
         k_dst = (k_cache_ptr + page * stride_kcp + offset * stride_kct + k_heads * stride_kch
