@@ -9,7 +9,7 @@ and tile shapes, and flash-attn 4's paged `flash_attn_varlen_func` at its page s
 median of >= 40 CUDA-event-timed runs alternating two input sets; measures device-to-device
 copy bandwidth in the same run.
 
-`--kv-cache-dtype fp8_e4m3` times the engine's FP8 KV cache instead (e4m3 pages and fp32 scales
+`--kv-cache-dtype fp8_e4m3` times the engine's FP8 KV cache instead (e4m3 pages and bfloat16 scales
 per (token, KV head), quantized from the same random bf16 values by fp8_kv's quantizer), `both`
 times bf16 and FP8 side by side, config by config, and reports FP8's time over bf16's. Bandwidth
 counts the bytes the kernel actually reads: K and V in their cache dtype, and FP8's scales
@@ -79,11 +79,11 @@ KV_CACHE_DTYPES = {
 }
 # Bytes per (token, KV head) row of K or of V that the kernel reads, and how they are counted.
 # q, the output, the block tables and seq_lens (under 0.5 % at K1's size) are not counted.
-ROW_BYTES = {"bfloat16": lambda dim: dim * 2, "fp8_e4m3": lambda dim: dim * 1 + 4}
+ROW_BYTES = {"bfloat16": lambda dim: dim * 2, "fp8_e4m3": lambda dim: dim * 1 + 2}
 BYTES_READ = {
     "bfloat16": "sum(context) x num_kv_heads x head_dim x 2 bytes x 2 (K and V)",
     "fp8_e4m3": "sum(context) x num_kv_heads x head_dim x 1 byte x 2 (K and V) "
-    "+ sum(context) x num_kv_heads x 4 bytes x 2 (K's and V's fp32 scales)",
+    "+ sum(context) x num_kv_heads x 2 bytes x 2 (K's and V's bfloat16 scales)",
 }
 # A config whose output is further than this from the torch twin of its dtype (as
 # tests/kernels/test_paged_decode.py bounds it), or an FP8 one further than FP8_VS_BF16 from
@@ -172,7 +172,7 @@ def kv_pool(contexts: list[int], page: int, heads: int, dim: int, device: str) -
 
 def fp8_pool(pool: dict) -> dict:
     """The pool's K/V values as the engine's FP8 cache (kv_cache.quantize_pages: e4m3 pages
-    stored head by head inside a page, fp32 scales per row [num_blocks, Hkv, block_size])."""
+    stored head by head inside a page, bfloat16 scales per row [num_blocks, Hkv, block_size])."""
     from llmserve.engine_service.attention import kv_cache
 
     cache = kv_cache.quantize_pages(pool["k"], pool["v"])
@@ -556,7 +556,7 @@ def run(args: argparse.Namespace) -> dict:
     if "fp8_e4m3" in dtypes:
         result["parameters"]["fp8_kv_cache"] = (
             "e4m3 pages [num_blocks, block_size, Hkv, D] stored head by head inside a page "
-            "(the engine's layout) and fp32 scales [num_blocks, Hkv, block_size] for K and for "
+            "(the engine's layout) and bfloat16 scales [num_blocks, Hkv, block_size] for K and for "
             "V, from the bf16 pool by fp8_kv.quantize_kv_torch"
         )
         result["parameters"]["fp8_tolerance_vs_bf16"] = FP8_VS_BF16

@@ -1,12 +1,16 @@
-"""FP8 (e4m3) KV cache: each (token, KV head) row of K or V is stored as e4m3 with one fp32
-scale, amax(|row|) / 448, kept beside the pages in [num_blocks, Hkv, block_size].
+"""FP8 (e4m3) KV cache: each (token, KV head) row of K or V is stored as e4m3 with one scale,
+amax(|row|) / 448 rounded up to bfloat16, kept beside the pages in [num_blocks, Hkv,
+block_size].
 
 Why per row and dynamic: e4m3 keeps 3 mantissa bits over 2^-9..448, so a fixed per-tensor
 scale (scale 1.0, or a checkpoint's calibrated k_scale/v_scale) saturates rows larger than the
 scale expected and pushes small rows into the subnormals, while a row's own amax always lands
-on 448 (docs/operations.md, "FP8 KV cache", has the measured errors). It costs 4 bytes per
-head row (3 % at head_dim 128) and a multiply per score, not per element: scores are scaled
-after q @ k^T and probabilities before p @ v.
+on 448 (docs/operations.md, "FP8 KV cache", has the measured errors). It costs 2 bytes per
+head row (1.6 % at head_dim 128) and a multiply per score, not per element: scores are scaled
+after q @ k^T and probabilities before p @ v. bfloat16 rather than fp32 halves what decode
+reads for scales; rounded up, so that the largest value lands within 2^-7 of 448 and never
+past it. The kernels read the scales as 32-bit words, two slots each (`kv_scale`): cp.async
+moves no less than 4 bytes, and 2-byte loads would leave their software pipelines.
 
 The torch form here is the twin of the Triton store (`qkv_rope_store`) and the reference the
 paged-attention kernels dequantize against; the Triton helpers are the kernels' shared math.
@@ -20,22 +24,25 @@ import triton.language as tl
 
 from llmserve.kernels.e4m3 import FP8_DTYPE, FP8_MAX
 
+KV_SCALE_DTYPE = torch.bfloat16
 MIN_AMAX = 1e-12  # an all-zero row gets a tiny scale, not 0 (0 / 0 would store NaN)
 _MAX = tl.constexpr(FP8_MAX)  # the kernels' copies (Triton reads only constexpr globals)
 _MIN_AMAX = tl.constexpr(MIN_AMAX)
 
 
 def quantize_kv_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., D] -> (e4m3 [..., D], fp32 scale [...]) with x ~= e4m3 * scale.
+    """x [..., D] -> (e4m3 [..., D], bfloat16 scale [...]) with x ~= e4m3 * scale.
 
-    Each row is multiplied by 448 / amax rather than divided by its scale: one division a
-    row instead of one a value in the store kernel, whose fp32 steps these are (tensor by
-    tensor, so correctly rounded on any device)."""
+    The store kernel's fp32 steps (tensor by tensor, so correctly rounded on any device): the
+    scale amax / 448 rounded up to bfloat16, then each row multiplied by its reciprocal (one
+    division a row rather than one a value)."""
     x = x.float()
     amax = x.abs().amax(-1).clamp_min(MIN_AMAX)
-    inverse = torch.full_like(amax, FP8_MAX) / amax
-    scale = amax / FP8_MAX
-    return (x * inverse[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+    bits = (amax / torch.full_like(amax, FP8_MAX)).view(torch.int32)
+    scale = ((bits + 0xFFFF) & -0x10000).view(torch.float32)
+    inverse = torch.ones_like(scale) / scale
+    values = (x * inverse[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return values, scale.to(KV_SCALE_DTYPE)
 
 
 def dequantize_kv_torch(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -46,7 +53,8 @@ def dequantize_kv_torch(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def check_kv_scales(k_cache: torch.Tensor, v_cache: torch.Tensor,
                     kv_scales: tuple[torch.Tensor, torch.Tensor] | None) -> None:
     """The layout the kernels rely on: e4m3 caches exactly when scales are given, and K's and
-    V's scales [num_blocks, Hkv, block_size] fp32 with the same strides, unit in the slot."""
+    V's scales [num_blocks, Hkv, block_size] bfloat16 with the same strides, unit in the slot,
+    in whole 32-bit words (see kv_scale_words)."""
     if kv_scales is None:
         if FP8_DTYPE in (k_cache.dtype, v_cache.dtype):
             raise ValueError("an e4m3 KV cache needs its kv_scales")
@@ -54,10 +62,22 @@ def check_kv_scales(k_cache: torch.Tensor, v_cache: torch.Tensor,
     k_scales, v_scales = kv_scales
     expected = (k_cache.shape[0], k_cache.shape[2], k_cache.shape[1])
     if (k_cache.dtype, v_cache.dtype) != (FP8_DTYPE, FP8_DTYPE) or any(
-            s.shape != expected or s.dtype != torch.float32 for s in kv_scales):
-        raise ValueError(f"kv_scales need e4m3 caches and fp32 scales of shape {expected}")
+            s.shape != expected or s.dtype != KV_SCALE_DTYPE for s in kv_scales):
+        raise ValueError(
+            f"kv_scales need e4m3 caches and bfloat16 scales of shape {expected}")
     if k_scales.stride() != v_scales.stride() or k_scales.stride(-1) != 1:
         raise ValueError("K's and V's scales need the same strides, unit in the slot")
+    if expected[2] % 2 or any(st % 2 for st in k_scales.stride()[:2]) or any(
+            s.storage_offset() % 2 for s in kv_scales):
+        raise ValueError("an e4m3 cache's scales must pair up into 32-bit words: even block "
+                         "size, strides and offsets")
+
+
+def kv_scale_words(scales: torch.Tensor) -> torch.Tensor:
+    """A bfloat16 scale tensor [num_blocks, Hkv, block_size] viewed as the 32-bit words the
+    kernels load, [num_blocks, Hkv, block_size / 2] (slot s in word s // 2, its low half when
+    s is even)."""
+    return scales.view(torch.int32)
 
 
 def round_by_hand() -> bool:
@@ -101,19 +121,28 @@ def to_e4m3(y):
 
 @triton.jit
 def fp8_scale(amax):
-    """The dequantization scale of rows whose largest magnitude is `amax` (as the twin)."""
-    return tl.div_rn(tl.maximum(amax, _MIN_AMAX), _MAX)
+    """The dequantization scale of rows whose largest magnitude is `amax` (as the twin): fp32,
+    amax / 448 rounded up to the nearest bfloat16, which it therefore stores exactly."""
+    bits = tl.div_rn(tl.maximum(amax, _MIN_AMAX), _MAX).to(tl.uint32, bitcast=True)
+    return ((bits + 0xFFFF) & 0xFFFF0000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def fp8_kv_values(x, amax, ROUND_BY_HAND: tl.constexpr):
-    """fp32 rows x times 448 / their `amax`, saturated to +-448, to be cast to e4m3 on store:
-    quantize_kv_torch's values."""
-    inverse = tl.div_rn(_MAX + tl.zeros_like(amax), tl.maximum(amax, _MIN_AMAX))
+def fp8_kv_values(x, scale, ROUND_BY_HAND: tl.constexpr):
+    """fp32 rows x times the reciprocal of their `scale`, saturated to +-448, to be cast to
+    e4m3 on store: quantize_kv_torch's values."""
+    inverse = tl.div_rn(1.0 + tl.zeros_like(scale), scale)
     y = tl.minimum(tl.maximum(x * inverse, -_MAX), _MAX)
     if ROUND_BY_HAND:
         y = _round_e4m3(y)
     return y
+
+
+@triton.jit
+def kv_scale(word, slot):
+    """The fp32 value of the bfloat16 scale of `slot`, from the 32-bit word holding it."""
+    bits = tl.where(slot % 2 == 0, word << 16, word & -0x10000)
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit

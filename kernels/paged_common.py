@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmserve.kernels.fp8_kv import check_kv_scales
+from llmserve.kernels.fp8_kv import check_kv_scales, kv_scale
 
 LOG2E = math.log2(math.e)
 _F16_MAX = tl.constexpr(65504.0)
@@ -101,9 +101,10 @@ def load_kv_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, table_row, start, kv_head, tok_en
     v = tl.load(v_ptr + (page * stride_vp + slot * stride_vt + kv_head * stride_vh)[:, None]
                 + offs_d[None, :], mask=mask, other=0.0)
     if FP8:
-        scale_at = page * stride_sp + kv_head * stride_sh + slot
-        ks = tl.load(ks_ptr + scale_at, mask=tok_mask, other=0.0)
-        vs = tl.load(vs_ptr + scale_at, mask=tok_mask, other=0.0)
+        # 32-bit words of two bfloat16 scales each (fp8_kv.kv_scale_words).
+        word_at = page * stride_sp + kv_head * stride_sh + slot // 2
+        ks = kv_scale(tl.load(ks_ptr + word_at, mask=tok_mask, other=0), slot)
+        vs = kv_scale(tl.load(vs_ptr + word_at, mask=tok_mask, other=0), slot)
     else:
         ks = 1.0
         vs = 1.0

@@ -15,6 +15,7 @@ import triton.language as tl
 
 from llmserve.kernels import paged_decode_fp8
 from llmserve.kernels.dependent_launch import await_previous_kernel, dependent_launch
+from llmserve.kernels.fp8_kv import kv_scale_words
 from llmserve.kernels.paged_common import (
     LOG2E,
     check_paged_inputs,
@@ -242,7 +243,7 @@ def paged_decode_attention(
     None picks a count with choose_num_splits from the batch, the KV heads, the SM count and the
     longest context the block table can hold (no device sync, so CUDA-graph capture is safe).
     With both the split count and the tiles left to it, a batch that does not split runs
-    UNSPLIT_TILES. `kv_scales` ([num_blocks, Hkv, block_size] fp32, K's and V's) come with an
+    UNSPLIT_TILES. `kv_scales` ([num_blocks, Hkv, block_size] bfloat16, K's and V's) come with an
     e4m3 cache (see fp8_kv): on the GPU with a bf16 q the Gluon kernel (paged_decode_fp8) reads
     it, launched by FP8_BANDS when neither split count nor tiles is given. `order` ([B] int32,
     a permutation of the rows) is the order their programs start in: longest first keeps a long
@@ -267,7 +268,10 @@ def paged_decode_attention(
         part_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # never touched with one split
-    k_scales, v_scales = kv_scales if kv_scales is not None else (k_cache, v_cache)  # unread
+    # Scales go in as 32-bit words of two (paged_common.load_kv_tile); without an e4m3 cache
+    # they are never read (FP8 is a constexpr).
+    k_scales, v_scales = ((kv_scale_words(kv_scales[0]), kv_scale_words(kv_scales[1]))
+                          if kv_scales is not None else (k_cache, v_cache))
     args = (
         q, k_cache, v_cache, k_scales, v_scales, seq_lens, block_tables,
         order if order is not None else seq_lens, out, part_out, part_lse, scale * LOG2E,

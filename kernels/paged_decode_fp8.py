@@ -12,8 +12,9 @@ H100 measurements).
 Everything else follows the split kernel: one program per (KV head, sequence, split), K/V tiles
 of BLOCK_N tokens streamed through STAGES shared-memory buffers by cp.async (rows past the
 split's end zero-filled, never read), scores scaled by K's per-row scales and probabilities by
-V's, fp16 tile products with fp32 accumulation, and the same partial outputs for
-paged_decode's reduce kernel. The interpreter has no Gluon: on the CPU the Triton kernel runs.
+V's (bfloat16, loaded as 32-bit words of two), fp16 tile products with fp32 accumulation, and
+the same partial outputs for paged_decode's reduce kernel. The interpreter has no Gluon: on
+the CPU the Triton kernel runs.
 """
 
 import torch
@@ -78,9 +79,18 @@ def _load_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, k_smem, v_smem, ks_smem, vs_smem, s
     v_at = page * stride_vp + slot * stride_vt + kv_head * stride_vh
     _async_load(k_smem.index(stage), k_ptr + k_at[:, None] + offs_d[None, :], mask=ok[:, None])
     _async_load(v_smem.index(stage), v_ptr + v_at[:, None] + offs_d[None, :], mask=ok[:, None])
-    scale_at = scale_page * stride_sp + kv_head * stride_sh + scale_slot
-    _async_load(ks_smem.index(stage), ks_ptr + scale_at, mask=scale_ok)
-    _async_load(vs_smem.index(stage), vs_ptr + scale_at, mask=scale_ok)
+    # Each slot's 32-bit word of two bfloat16 scales (fp8_kv.kv_scale_words).
+    word_at = scale_page * stride_sp + kv_head * stride_sh + scale_slot // 2
+    _async_load(ks_smem.index(stage), ks_ptr + word_at, mask=scale_ok)
+    _async_load(vs_smem.index(stage), vs_ptr + word_at, mask=scale_ok)
+
+
+@gluon.jit
+def _scales(words, cols):
+    """fp8_kv.kv_scale in Gluon: a tile's fp32 scales from the words holding them (a tile
+    starts at an even slot, so a column's parity is its slot's)."""
+    bits = gl.where(cols % 2 == 0, words << 16, words & -0x10000)
+    return bits.to(gl.float32, bitcast=True)
 
 
 @gluon.jit
@@ -131,8 +141,8 @@ def _decode_fp8_kernel(
 
     k_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_N, HEAD_DIM], tile_smem)
     v_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_N, HEAD_DIM], tile_smem)
-    ks_bufs = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_N], scale_smem)
-    vs_bufs = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_N], scale_smem)
+    ks_bufs = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N], scale_smem)
+    vs_bufs = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N], scale_smem)
     v_wide = gl.allocate_shared_memory(gl.float16, [BLOCK_N, HEAD_DIM], wide_smem)
 
     rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, rows_layout))
@@ -182,8 +192,8 @@ def _decode_fp8_kernel(
 
         k = k_bufs.index(stage).permute((1, 0)).load(k_op).to(gl.float16)
         s = mma_v2(q, k, gl.zeros([BLOCK_H, BLOCK_N], gl.float32, mma))
-        ks = ks_bufs.index(stage).load(gl.SliceLayout(0, mma))
-        vs = vs_bufs.index(stage).load(gl.SliceLayout(0, mma))
+        ks = _scales(ks_bufs.index(stage).load(gl.SliceLayout(0, mma)), cols)
+        vs = _scales(vs_bufs.index(stage).load(gl.SliceLayout(0, mma)), cols)
         s = s * qk_scale * ks[None, :]
         s = gl.where((lo + tile * BLOCK_N + cols < hi)[None, :], s, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, axis=1))

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from llmserve.kernels.dependent_launch import await_previous_kernel, dependent_launch
+from llmserve.kernels.fp8_kv import kv_scale_words
 from llmserve.kernels.paged_common import (
     LOG2E,
     check_paged_inputs,
@@ -122,7 +123,7 @@ def paged_extend_attention(
     query_start_loc[b]:query_start_loc[b+1] of q, at its last positions before seq_lens[b]; its
     keys (prefix and this step's alike) must already be in the cache. Each sequence needs
     q_len <= seq_len. Reads no tensor on the host, so it never syncs. `kv_scales`
-    ([num_blocks, Hkv, block_size] fp32, K's and V's) come with an e4m3 cache (see fp8_kv).
+    ([num_blocks, Hkv, block_size] bfloat16, K's and V's) come with an e4m3 cache (see fp8_kv).
     """
     check_paged_inputs(q, k_cache, v_cache, block_tables, kv_scales)
     num_tokens, num_heads, head_dim = q.shape
@@ -137,7 +138,10 @@ def paged_extend_attention(
     precision, upcast = dot_modes(q.dtype)
     grid = (num_kv_heads, num_tokens // block_q + num_seqs)
     pdl = dependent_launch(q.device)
-    k_scales, v_scales = kv_scales if kv_scales is not None else (k_cache, v_cache)  # unread
+    # Scales go in as 32-bit words of two (paged_common.load_kv_tile); without an e4m3 cache
+    # they are never read (FP8 is a constexpr).
+    k_scales, v_scales = ((kv_scale_words(kv_scales[0]), kv_scale_words(kv_scales[1]))
+                          if kv_scales is not None else (k_cache, v_cache))
     _extend_kernel[grid](
         q, k_cache, v_cache, k_scales, v_scales, out, query_start_loc, seq_lens, block_tables,
         scale * LOG2E, num_seqs,

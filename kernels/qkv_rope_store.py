@@ -168,9 +168,9 @@ def _qkv_rope_store_kernel(
             v_amax = tl.max(tl.abs(v), 1, keep_dims=True)
             k_scale = fp8_scale(k_amax)
             v_scale = fp8_scale(v_amax)
-            k1 = fp8_kv_values(k1, k_amax, ROUND_BY_HAND)
-            k2 = fp8_kv_values(k2, k_amax, ROUND_BY_HAND)
-            v = fp8_kv_values(v, v_amax, ROUND_BY_HAND)
+            k1 = fp8_kv_values(k1, k_scale, ROUND_BY_HAND)
+            k2 = fp8_kv_values(k2, k_scale, ROUND_BY_HAND)
+            v = fp8_kv_values(v, v_scale, ROUND_BY_HAND)
             tl.store(k_scales_ptr + scale_at, k_scale, mask=heads_mask)
             tl.store(v_scales_ptr + scale_at, v_scale, mask=heads_mask)
         k_dst = (k_cache_ptr + page * stride_kcp + offset * stride_kct + k_heads * stride_kch

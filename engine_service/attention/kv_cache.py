@@ -1,5 +1,5 @@
 """The paged KV cache: per layer, K and V pages [num_blocks, block_size, Hkv, D] in the weights'
-dtype, or with --kv-cache-dtype fp8_e4m3 in e4m3 with one fp32 scale per (token, KV head) row
+dtype, or with --kv-cache-dtype fp8_e4m3 in e4m3 with one bfloat16 scale per (token, KV head) row
 beside the pages, [num_blocks, Hkv, block_size] (kernels/fp8_kv.py says why that scheme).
 
 An e4m3 page is stored head by head and handed out as the same [num_blocks, block_size, Hkv,
@@ -18,9 +18,7 @@ from typing import NamedTuple
 import torch
 
 from llmserve.kernels.e4m3 import FP8_DTYPE, FP8_MIN_CAPABILITY
-from llmserve.kernels.fp8_kv import quantize_kv_torch
-
-SCALE_DTYPE = torch.float32
+from llmserve.kernels.fp8_kv import KV_SCALE_DTYPE, quantize_kv_torch
 
 
 class LayerCache(NamedTuple):
@@ -39,7 +37,7 @@ def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: i
                     dtype: torch.dtype, kv_cache_dtype: str) -> int:
     """Bytes of one block over every layer, K and V, scales included."""
     if is_fp8(kv_cache_dtype):
-        row = head_dim * FP8_DTYPE.itemsize + SCALE_DTYPE.itemsize
+        row = head_dim * FP8_DTYPE.itemsize + KV_SCALE_DTYPE.itemsize
     else:
         row = head_dim * dtype.itemsize
     return 2 * num_layers * block_size * kv_heads * row
@@ -58,12 +56,12 @@ def allocate(num_layers: int, num_blocks: int, block_size: int, kv_heads: int, h
         return [LayerCache(pool[layer, 0], pool[layer, 1]) for layer in range(num_layers)]
     # Per (layer, block, KV head), side by side: K's rows, their scales, V's rows, theirs.
     rows = block_size * head_dim  # e4m3 bytes of one head's rows in a page
-    step = SCALE_DTYPE.itemsize
+    step = KV_SCALE_DTYPE.itemsize
     part = rows + block_size * step
     unit = 2 * part
     pool = torch.zeros(num_layers * num_blocks * kv_heads * unit, dtype=torch.uint8,
                        device=device)
-    values, scales = pool.view(FP8_DTYPE), pool.view(SCALE_DTYPE)
+    values, scales = pool.view(FP8_DTYPE), pool.view(KV_SCALE_DTYPE)
 
     def view(layer: int, which: int) -> tuple[torch.Tensor, torch.Tensor]:
         at = layer * num_blocks * kv_heads * unit + which * part

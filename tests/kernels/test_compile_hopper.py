@@ -19,10 +19,11 @@ from llmserve.kernels import (
     rms_norm,
 )
 
+# The attention kernels read an e4m3 cache's bfloat16 scales as 32-bit words (ks_ptr, vs_ptr);
+# the store writes them (k_scales_ptr, v_scales_ptr: bf16, the default).
 INT_POINTERS = {"seq_lens_ptr", "tables_ptr", "starts_ptr", "slots_ptr", "positions_ptr",
-                "order_ptr"}
-FP32_POINTERS = {"part_out_ptr", "part_lse_ptr", "cos_sin_ptr", "ks_ptr", "vs_ptr",
-                 "k_scales_ptr", "v_scales_ptr", "scale_ptr", "x_row_scale_ptr",
+                "order_ptr", "ks_ptr", "vs_ptr"}
+FP32_POINTERS = {"part_out_ptr", "part_lse_ptr", "cos_sin_ptr", "scale_ptr", "x_row_scale_ptr",
                  "x_col_scale_ptr", "row_scale_ptr", "col_scale_ptr", "amax_ptr"}
 CACHE_POINTERS = {"k_ptr", "v_ptr", "k_cache_ptr", "v_cache_ptr"}
 

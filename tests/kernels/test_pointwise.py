@@ -108,8 +108,8 @@ def test_qkv_rope_store_applies_an_unscaled_products_scales(device, scale, fp8_c
         if not fp8_cache:
             return (torch.zeros(shape, device=device).bfloat16(),
                     torch.zeros(shape, device=device).bfloat16(), None)
-        scales = tuple(torch.zeros(num_blocks, num_kv_heads, block_size, device=device)
-                       for _ in range(2))
+        scales = tuple(torch.zeros(num_blocks, num_kv_heads, block_size, dtype=torch.bfloat16,
+                                   device=device) for _ in range(2))
         return (torch.zeros(shape, device=device).to(torch.float8_e4m3fn),
                 torch.zeros(shape, device=device).to(torch.float8_e4m3fn), scales)
 
