@@ -61,7 +61,7 @@ def test_sweep_both_dtypes_counts_bytes_and_skips_broken_configs() -> None:
     heads, dim, total = p["num_kv_heads"], p["head_dim"], p["sum_context"]
     by_dtype = result["by_kv_cache_dtype"]
     assert by_dtype["bfloat16"]["kv_bytes"] == total * heads * dim * 2 * 2
-    assert by_dtype["fp8_e4m3"]["kv_bytes"] == total * heads * (dim + 4) * 2
+    assert by_dtype["fp8_e4m3"]["kv_bytes"] == total * heads * (dim + 2) * 2
     assert set(p["bytes_read"]) == {"bfloat16", "fp8_e4m3"}
 
     rows = result["configs"]
