@@ -560,6 +560,10 @@ def run(args: argparse.Namespace) -> dict:
             "V, from the bf16 pool by fp8_kv.quantize_kv_torch"
         )
         result["parameters"]["fp8_tolerance_vs_bf16"] = FP8_VS_BF16
+        # The "triton" rows time paged_decode_attention, which runs the Gluon kernel for an
+        # e4m3 cache on the GPU.
+        result["parameters"]["fp8_decode_kernel"] = (
+            "Gluon (kernels/paged_decode_fp8.py)" if cuda else "Triton, interpreted")
     if args.sweep_tiles:
         result["parameters"].update(
             page_size=sweep_page_size,
