@@ -285,7 +285,7 @@ def paged_decode_attention(
                  num_warps=tiles.num_warps, maxnreg=tiles.maxnreg)
     grid = (num_kv_heads, batch, num_splits)
     if kv_scales is not None and paged_decode_fp8.supports(q, head_dim):
-        paged_decode_fp8._decode_fp8_kernel[grid](*args, **shape, STAGES=tiles.num_stages)
+        paged_decode_fp8.decode_fp8_kernel[grid](*args, **shape, STAGES=tiles.num_stages)
     else:
         _decode_split_kernel[grid](
             *args, **shape, BLOCK_D=block_d, PRECISION=precision, UPCAST=upcast,

@@ -94,7 +94,7 @@ def _scales(words, cols):
 
 
 @gluon.jit
-def _decode_fp8_kernel(
+def decode_fp8_kernel(
     q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, seq_lens_ptr, tables_ptr, order_ptr, out_ptr,
     part_out_ptr, part_lse_ptr, qk_scale,
     stride_qb, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,

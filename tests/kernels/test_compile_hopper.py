@@ -83,7 +83,7 @@ for cache, fp8 in [("bf16", False), ("fp8e4nv", True)]:
 for dim, page, block_n, warps, stages, splits in [
         (128, 128, 64, 2, 2, 1), (128, 16, 64, 4, 3, 2), (32, 16, 32, 2, 3, 1),
         (64, 64, 64, 4, 2, 2), (256, 128, 32, 4, 2, 1)]:
-    compile_sm90(paged_decode_fp8._decode_fp8_kernel, dict(
+    compile_sm90(paged_decode_fp8.decode_fp8_kernel, dict(
         GROUP=2, BLOCK_H=16, HEAD_DIM=dim, BLOCK_N=block_n, PAGE_SIZE=page, NUM_SPLITS=splits,
         MIN_SPLIT=block_n, STAGES=stages, ORDERED=splits == 1),
         num_warps=warps, cache="fp8e4nv", gluon=True)
