@@ -73,11 +73,16 @@ def check_kv_scales(k_cache: torch.Tensor, v_cache: torch.Tensor,
                          "size, strides and offsets")
 
 
-def kv_scale_words(scales: torch.Tensor) -> torch.Tensor:
-    """A bfloat16 scale tensor [num_blocks, Hkv, block_size] viewed as the 32-bit words the
-    kernels load, [num_blocks, Hkv, block_size / 2] (slot s in word s // 2, its low half when
-    s is even)."""
-    return scales.view(torch.int32)
+def kv_scale_words(k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   kv_scales: tuple[torch.Tensor, torch.Tensor] | None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scale arguments of an attention kernel: an e4m3 cache's bfloat16 scales [num_blocks,
+    Hkv, block_size] viewed as the 32-bit words the kernels load, [num_blocks, Hkv,
+    block_size / 2] (slot s in word s // 2, its low half when s is even); without scales the
+    caches themselves, never read (the kernels' FP8 is a constexpr)."""
+    if kv_scales is None:
+        return k_cache, v_cache
+    return kv_scales[0].view(torch.int32), kv_scales[1].view(torch.int32)
 
 
 def round_by_hand() -> bool:

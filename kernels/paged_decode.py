@@ -268,10 +268,7 @@ def paged_decode_attention(
         part_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # never touched with one split
-    # Scales go in as 32-bit words of two (paged_common.load_kv_tile); without an e4m3 cache
-    # they are never read (FP8 is a constexpr).
-    k_scales, v_scales = ((kv_scale_words(kv_scales[0]), kv_scale_words(kv_scales[1]))
-                          if kv_scales is not None else (k_cache, v_cache))
+    k_scales, v_scales = kv_scale_words(k_cache, v_cache, kv_scales)
     args = (
         q, k_cache, v_cache, k_scales, v_scales, seq_lens, block_tables,
         order if order is not None else seq_lens, out, part_out, part_lse, scale * LOG2E,

@@ -138,10 +138,7 @@ def paged_extend_attention(
     precision, upcast = dot_modes(q.dtype)
     grid = (num_kv_heads, num_tokens // block_q + num_seqs)
     pdl = dependent_launch(q.device)
-    # Scales go in as 32-bit words of two (paged_common.load_kv_tile); without an e4m3 cache
-    # they are never read (FP8 is a constexpr).
-    k_scales, v_scales = ((kv_scale_words(kv_scales[0]), kv_scale_words(kv_scales[1]))
-                          if kv_scales is not None else (k_cache, v_cache))
+    k_scales, v_scales = kv_scale_words(k_cache, v_cache, kv_scales)
     _extend_kernel[grid](
         q, k_cache, v_cache, k_scales, v_scales, out, query_start_loc, seq_lens, block_tables,
         scale * LOG2E, num_seqs,
