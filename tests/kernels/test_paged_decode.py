@@ -174,6 +174,23 @@ def test_decode_unsplit_batch_runs_wide_tiles(paged, lens, block_size, dtype, de
     check_decode(paged, lens, block_size, heads, kv_heads, dim, dtype, device, None)
 
 
+def check_fp8_decode(paged, lens, block_size, num_heads, num_kv_heads, head_dim, device,
+                     num_splits=None, tiles=None, order=False, dtype=torch.bfloat16) -> None:
+    """paged_decode_attention over an e4m3 cache (on the GPU with a bf16 q, the Gluon kernel)
+    against the twin."""
+    kv = paged.pool(lens, block_size, num_kv_heads, head_dim, torch.float32, device)
+    k8, v8, kv_scales = paged.fp8(kv)
+    q = torch.randn(len(lens), num_heads, head_dim, device=device).to(dtype)
+    rows = torch.argsort(kv.seq_lens, descending=True).to(torch.int32) if order else None
+    out = paged_decode_attention(q, k8, v8, kv.seq_lens, kv.block_tables, head_dim**-0.5,
+                                 num_splits=num_splits, tiles=tiles, kv_scales=kv_scales,
+                                 order=rows)
+    starts = torch.arange(len(lens) + 1, dtype=torch.int32, device=device)
+    ref = paged_attention_torch(q, k8, v8, starts, kv.seq_lens, kv.block_tables,
+                                head_dim**-0.5, kv_scales)
+    assert out.dtype == dtype and paged.rel_err(out, ref) < FP8_TOLERANCE[dtype]
+
+
 @pytest.mark.parametrize(
     ("lens", "block_size", "num_heads", "num_kv_heads", "head_dim", "dtype", "num_splits",
      "device"),
@@ -192,33 +209,8 @@ def test_decode_fp8_cache_matches_twin(
     paged, lens, block_size, num_heads, num_kv_heads, head_dim, dtype, num_splits, device
 ) -> None:
     """An e4m3 cache with per-row scales: the kernel dequantizes as the twin does."""
-    kv = paged.pool(lens, block_size, num_kv_heads, head_dim, torch.float32, device)
-    k8, v8, kv_scales = paged.fp8(kv)
-    q = torch.randn(len(lens), num_heads, head_dim, device=device).to(dtype)
-    scale = head_dim**-0.5
-    out = paged_decode_attention(q, k8, v8, kv.seq_lens, kv.block_tables, scale,
-                                 num_splits=num_splits, kv_scales=kv_scales)
-    starts = torch.arange(len(lens) + 1, dtype=torch.int32, device=device)
-    ref = paged_attention_torch(q, k8, v8, starts, kv.seq_lens, kv.block_tables, scale,
-                                kv_scales)
-    assert out.dtype == dtype and paged.rel_err(out, ref) < FP8_TOLERANCE[dtype]
-
-
-def check_fp8_decode(paged, lens, block_size, num_heads, num_kv_heads, head_dim, device,
-                     num_splits=None, tiles=None, order=False) -> None:
-    """paged_decode_attention over an e4m3 cache with a bf16 q (on the GPU, the Gluon kernel)
-    against the twin."""
-    kv = paged.pool(lens, block_size, num_kv_heads, head_dim, torch.float32, device)
-    k8, v8, kv_scales = paged.fp8(kv)
-    q = torch.randn(len(lens), num_heads, head_dim, device=device).bfloat16()
-    rows = torch.argsort(kv.seq_lens, descending=True).to(torch.int32) if order else None
-    out = paged_decode_attention(q, k8, v8, kv.seq_lens, kv.block_tables, head_dim**-0.5,
-                                 num_splits=num_splits, tiles=tiles, kv_scales=kv_scales,
-                                 order=rows)
-    starts = torch.arange(len(lens) + 1, dtype=torch.int32, device=device)
-    ref = paged_attention_torch(q, k8, v8, starts, kv.seq_lens, kv.block_tables,
-                                head_dim**-0.5, kv_scales)
-    assert paged.rel_err(out, ref) < FP8_TOLERANCE[torch.bfloat16]
+    check_fp8_decode(paged, lens, block_size, num_heads, num_kv_heads, head_dim, device,
+                     num_splits, dtype=dtype)
 
 
 @pytest.mark.parametrize("band", range(len(FP8_BANDS)))
