@@ -137,10 +137,7 @@ def fp8_kv_values(x, scale, ROUND_BY_HAND: tl.constexpr):
     """fp32 rows x times the reciprocal of their `scale`, saturated to +-448, to be cast to
     e4m3 on store: quantize_kv_torch's values."""
     inverse = tl.div_rn(1.0 + tl.zeros_like(scale), scale)
-    y = tl.minimum(tl.maximum(x * inverse, -_MAX), _MAX)
-    if ROUND_BY_HAND:
-        y = _round_e4m3(y)
-    return y
+    return _saturated(x * inverse, ROUND_BY_HAND)
 
 
 @triton.jit
@@ -153,7 +150,13 @@ def kv_scale(word, slot):
 @triton.jit
 def fp8_values(x, scale, ROUND_BY_HAND: tl.constexpr):
     """fp32 x / scale, saturated to +-448, to be cast to e4m3 on store."""
-    y = tl.minimum(tl.maximum(tl.div_rn(x, scale), -_MAX), _MAX)
+    return _saturated(tl.div_rn(x, scale), ROUND_BY_HAND)
+
+
+@triton.jit
+def _saturated(y, ROUND_BY_HAND: tl.constexpr):
+    """fp32 y clamped to +-448 (and rounded to e4m3's values by hand where the cast cannot)."""
+    y = tl.minimum(tl.maximum(y, -_MAX), _MAX)
     if ROUND_BY_HAND:
         y = _round_e4m3(y)
     return y
