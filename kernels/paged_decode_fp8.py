@@ -4,10 +4,11 @@ language): paged_decode's split kernel with the layouts and the pipeline spelled
 Why not the Triton kernel: P @ V takes V with consecutive tokens side by side in each register,
 but a page stores each token's row of head_dim bytes. Triton lets the tensor cores' operand
 layout reach back to the shared-memory load of the 8-bit tile, which then gathers V one byte
-per load (128 loads a tile per thread, whatever the kernel's source asks). Here V is read as
-rows, widened to fp16 in registers, stored to shared memory and read back transposed by
-`ldmatrix`: no byte gathers, about half the instructions a tile (docs/benchmarks.md has the
-H100 measurements).
+per load (128 loads a tile per thread, whatever the kernel's source asks). Here V's tile is
+read as 16-bit pairs (a token's even and odd dim side by side) and transposed by `ldmatrix`, so
+that each register holds one pair for two consecutive tokens; a byte permute sorts them into
+the even dims' and the odd dims' operands, each widened to fp16 in one instruction, and P @ V
+runs as two products over half the dims each (docs/benchmarks.md has the H100 measurements).
 
 Everything else follows the split kernel: one program per (KV head, sequence, split), K/V tiles
 of BLOCK_N tokens streamed through STAGES shared-memory buffers by cp.async (rows past the
@@ -26,6 +27,7 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 # Gluon is experimental and renamed these between Triton 3.6 (torch 2.11's) and 3.9.
 _barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier
 _async_load = getattr(cp, "async_load", None) or cp.async_copy_global_to_shared
+_OLD_REINTERPRET = gl.constexpr(not hasattr(gl.shared_memory_descriptor, "reinterpret"))
 
 HEAD_DIMS = (32, 64, 128, 256)  # rows of 16-byte vectors that a warp's lanes tile evenly
 _F16_MAX = gl.constexpr(65504.0)
@@ -86,6 +88,35 @@ def _load_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, k_smem, v_smem, ks_smem, vs_smem, s
 
 
 @gluon.jit
+def _pairs_view(tile, PAIRS_LAYOUT: gl.constexpr):
+    """An e4m3 [tokens, head_dim] tile seen as [tokens, head_dim / 2] 16-bit pairs."""
+    shape: gl.constexpr = [tile.shape[0], tile.shape[1] // 2]
+    if _OLD_REINTERPRET:
+        return tile._reinterpret(gl.int16, shape, PAIRS_LAYOUT)
+    else:
+        return tile.reinterpret(gl.int16, shape, PAIRS_LAYOUT)
+
+
+@gluon.jit
+def _widen_pairs(pairs):
+    """Each 16-bit pair of e4m3 values (even dim low, odd dim high) as two fp16 tensors. The
+    operand layout holds a column's consecutive tokens side by side, so one byte permute per two
+    tokens gathers the even dims' bytes, another the odd dims', and each widens in one cvt."""
+    return gl.inline_asm_elementwise(
+        """{
+        .reg .b32 e, o;
+        .reg .b16 e16, o16, x;
+        prmt.b32 e, $2, 0, 0x5520;
+        prmt.b32 o, $2, 0, 0x5531;
+        mov.b32 {e16, x}, e;
+        mov.b32 {o16, x}, o;
+        cvt.rn.f16x2.e4m3x2 $0, e16;
+        cvt.rn.f16x2.e4m3x2 $1, o16;
+        }""",
+        "=r,=r,r", [pairs], dtype=(gl.float16, gl.float16), is_pure=True, pack=2)
+
+
+@gluon.jit
 def _scales(words, cols):
     """fp8_kv.kv_scale in Gluon: a tile's fp32 scales from the words holding them (a tile
     starts at an even slot, so a column's parity is its slot's)."""
@@ -120,8 +151,9 @@ def decode_fp8_kernel(
     v_op: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
     tile_smem: gl.constexpr = gl.SwizzledSharedLayout(vec=16, per_phase=1, max_phase=8,
                                                       order=[1, 0])
-    wide_smem: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8,
-                                                      order=[1, 0])
+    # The same bytes as tile_smem, in 16-bit units.
+    pairs_smem: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8,
+                                                       order=[1, 0])
     scale_smem: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1,
                                                        order=[0])
 
@@ -143,7 +175,6 @@ def decode_fp8_kernel(
     v_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_N, HEAD_DIM], tile_smem)
     ks_bufs = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N], scale_smem)
     vs_bufs = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N], scale_smem)
-    v_wide = gl.allocate_shared_memory(gl.float16, [BLOCK_N, HEAD_DIM], wide_smem)
 
     rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, rows_layout))
     offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, rows_layout))
@@ -174,12 +205,14 @@ def decode_fp8_kernel(
     cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
     m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, gl.SliceLayout(1, mma))
     l_i = gl.zeros([BLOCK_H], gl.float32, gl.SliceLayout(1, mma))
-    acc = gl.zeros([BLOCK_H, HEAD_DIM], gl.float32, mma)
+    # P @ V in two halves: the even dims' columns and the odd dims'.
+    acc_even = gl.zeros([BLOCK_H, HEAD_DIM // 2], gl.float32, mma)
+    acc_odd = gl.zeros([BLOCK_H, HEAD_DIM // 2], gl.float32, mma)
     for tile in range(num_tiles):
         stage = tile % STAGES
         cp.wait_group(STAGES - 2)
         # Every thread's copies of this tile have landed, and every thread is done with the
-        # buffer refilled next (the previous tile's) and with v_wide.
+        # buffer refilled next (the previous tile's).
         _barrier()
         ahead = tile + STAGES - 1
         if ahead < num_tiles:
@@ -202,22 +235,26 @@ def decode_fp8_kernel(
         l_i = l_i * alpha + gl.sum(p, axis=1)
         m_i = m_new
         p = gl.convert_layout((p * vs[None, :]).to(gl.float16), p_op)
-        v_wide.store(v_bufs.index(stage).load(rows_layout).to(gl.float16))
-        _barrier()
-        acc = mma_v2(p, v_wide.load(v_op), acc * alpha[:, None])
+        v_even, v_odd = _widen_pairs(_pairs_view(v_bufs.index(stage), pairs_smem).load(v_op))
+        acc_even = mma_v2(p, v_even, acc_even * alpha[:, None])
+        acc_odd = mma_v2(p, v_odd, acc_odd * alpha[:, None])
     cp.wait_group(0)
 
     # An empty sequence (a padded batch slot) gets zeros rather than 0/0.
-    out = acc / gl.where(l_i > 0, l_i, 1.0)[:, None]
+    l_safe = gl.where(l_i > 0, l_i, 1.0)[:, None]
     out_rows = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, mma))
-    dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, mma))
+    even_dims = 2 * gl.arange(0, HEAD_DIM // 2, layout=gl.SliceLayout(0, mma))
     heads = kv_head * GROUP + out_rows
     row_mask = (out_rows < GROUP)[:, None]
     if NUM_SPLITS == 1:
-        gl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + dims[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=row_mask)
+        at = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + even_dims[None, :]
+        dtype: gl.constexpr = out_ptr.dtype.element_ty
+        gl.store(at, (acc_even / l_safe).to(dtype), mask=row_mask)
+        gl.store(at + 1, (acc_odd / l_safe).to(dtype), mask=row_mask)
     else:
         # Partials are [B, Hq, NUM_SPLITS, HEAD_DIM] fp32 and [B, Hq, NUM_SPLITS].
         part = (seq * gl.num_programs(0) * GROUP + heads) * NUM_SPLITS + split
-        gl.store(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], out, mask=row_mask)
+        at = part_out_ptr + part[:, None] * HEAD_DIM + even_dims[None, :]
+        gl.store(at, acc_even / l_safe, mask=row_mask)
+        gl.store(at + 1, acc_odd / l_safe, mask=row_mask)
         gl.store(part_lse_ptr + part, m_i + gl.log2(l_i), mask=out_rows < GROUP)
