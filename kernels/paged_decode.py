@@ -62,16 +62,16 @@ class Fp8Band:
 
 
 # The Gluon kernel's launch by batch, the fastest per band in a sweep of split counts and tiles
-# at 24 of W1's decode states on an H100 (docs/benchmarks.md). Where the pairs fill a few waves,
-# which tiles end in the fewest partial waves decides; below one pair per SM, splits fill the
-# SMs as for bf16.
+# at 12 of W1's decode states on an H100, two calls (docs/benchmarks.md). Where the pairs fill a
+# few waves, which tiles end in the fewest partial waves decides; below one pair per SM, splits
+# fill the SMs as for bf16.
 FP8_BANDS = (
-    Fp8Band(10.0, 1, DecodeTiles(block_n=64, num_warps=4, num_stages=2)),
-    Fp8Band(8.0, 1, DecodeTiles(block_n=64, num_warps=2, num_stages=3)),
-    Fp8Band(5.8, 1, DecodeTiles(block_n=64, num_warps=2, num_stages=2)),
-    Fp8Band(4.8, 1, DecodeTiles(block_n=64, num_warps=4, num_stages=3)),
-    Fp8Band(3.8, 2, DecodeTiles(block_n=64, num_warps=4, num_stages=3)),
-    Fp8Band(1.0, 2, DecodeTiles(block_n=64, num_warps=2, num_stages=2)),
+    Fp8Band(8.5, 1, DecodeTiles(block_n=128, num_warps=4, num_stages=2)),
+    Fp8Band(6.0, 1, DecodeTiles(block_n=64, num_warps=4, num_stages=2)),
+    Fp8Band(4.0, 1, DecodeTiles(block_n=128, num_warps=4, num_stages=2)),
+    Fp8Band(3.0, 2, DecodeTiles(block_n=64, num_warps=4, num_stages=2)),
+    Fp8Band(2.0, 2, DecodeTiles(block_n=128, num_warps=4, num_stages=2)),
+    Fp8Band(1.0, 2, DecodeTiles(block_n=64, num_warps=4, num_stages=2)),
     Fp8Band(0.0, 0, DecodeTiles(block_n=64, num_warps=2, num_stages=2)),
 )
 

@@ -79,10 +79,11 @@ for cache, fp8 in [("bf16", False), ("fp8e4nv", True)]:
             NUM_Q_HEADS=16, NUM_KV_HEADS=8, HEAD_DIM=128, HALF=64, Q_PART_HEADS=8, BLOCK_KH=8,
             BLOCK_HALF=64, BLOCK_D=128, PAGE_SIZE=16, NORM=norm, FP8=fp8, ROUND_BY_HAND=False,
             SCALE_X=norm), cache=cache)
-# The Gluon e4m3 decode kernel: each head dim, pages longer and shorter than a tile, splits.
+# The Gluon e4m3 decode kernel: each head dim, pages longer and shorter than a tile, splits,
+# FP8_BANDS's 128-key tiles.
 for dim, page, block_n, warps, stages, splits in [
-        (128, 128, 64, 2, 2, 1), (128, 16, 64, 4, 3, 2), (32, 16, 32, 2, 3, 1),
-        (64, 64, 64, 4, 2, 2), (256, 128, 32, 4, 2, 1)]:
+        (128, 128, 64, 2, 2, 1), (128, 128, 128, 4, 2, 2), (128, 16, 64, 4, 3, 2),
+        (32, 16, 32, 2, 3, 1), (64, 64, 64, 4, 2, 2), (256, 128, 32, 4, 2, 1)]:
     compile_sm90(paged_decode_fp8.decode_fp8_kernel, dict(
         GROUP=2, BLOCK_H=16, HEAD_DIM=dim, BLOCK_N=block_n, PAGE_SIZE=page, NUM_SPLITS=splits,
         MIN_SPLIT=block_n, STAGES=stages, ORDERED=splits == 1),
